@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Import `launch` for the backend entry points."""

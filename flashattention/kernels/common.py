@@ -1,0 +1,67 @@
+"""@triton.jit helpers shared by the forward and backward kernels.
+
+Visibility: along one axis ("self", e.g. queries) a row s sees the other axis' rows t with
+    s + lo_off <= t <= s + hi_off          (each bound only when HAS_LO / HAS_HI).
+Forward / dQ: self = query i, other = key j, lo_off = off - left, hi_off = off + right (off = Sk - Sq).
+dK/dV:        self = key j, other = query i, lo_off = -off - right, hi_off = -off + left.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_range(
+    start, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr, len_other, lo_off, hi_off,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+):
+    """Splits the other axis, for the self block [start, start + BLOCK_SELF), into tile-aligned ranges:
+    [lo, full_lo) and [full_hi, hi) need element masks, [full_lo, full_hi) is visible for every row and
+    inside len_other; tiles outside [lo, hi) are fully masked and never visited."""
+    if HAS_LO:
+        lo = tl.maximum(start + lo_off, 0)
+        lo = tl.minimum(lo, len_other) // BLOCK_OTHER * BLOCK_OTHER
+        # every row of the block (the last one is the strictest) sees t >= start + BLOCK_SELF - 1 + lo_off
+        full_lo = tl.maximum(start + BLOCK_SELF - 1 + lo_off, 0)
+        full_lo = (full_lo + BLOCK_OTHER - 1) // BLOCK_OTHER * BLOCK_OTHER
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_HI:
+        hi = tl.minimum(tl.maximum(start + BLOCK_SELF + hi_off, 0), len_other)
+        # every row (the first one is the strictest) sees t <= start + hi_off
+        full_hi = tl.minimum(tl.maximum(start + hi_off + 1, 0), len_other)
+    else:
+        hi = len_other
+        full_hi = len_other
+    full_hi = full_hi // BLOCK_OTHER * BLOCK_OTHER
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def visible(
+    offs_self, offs_other, len_other, lo_off, hi_off, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+):
+    """[len(offs_self), len(offs_other)] bool: which pairs are visible (and inside len_other)."""
+    mask = offs_other[None, :] < len_other
+    if HAS_LO:
+        mask = mask & (offs_other[None, :] >= offs_self[:, None] + lo_off)
+    if HAS_HI:
+        mask = mask & (offs_other[None, :] <= offs_self[:, None] + hi_off)
+    return mask
+
+
+@triton.jit
+def load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Loads a tile, applying only the masks that are needed (zeros where masked)."""
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=row_mask & col_mask, other=0.0)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=row_mask, other=0.0)
+    elif MASK_COLS:
+        return tl.load(ptrs, mask=col_mask, other=0.0)
+    else:
+        return tl.load(ptrs)

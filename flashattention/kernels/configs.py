@@ -1,0 +1,100 @@
+"""Autotune tables per architecture, keyed by padded head dim. The first config of each list is the
+default (used when FLASHATTN_AUTOTUNE=0 and in the interpreter). Every config listed here must pass the
+GPU correctness test (tests/test_gpu.py runs each one) before it enters a table.
+
+Autotune keys hold only what changes the compiled code: head dim, mask flags, precision, GQA group and
+(added by Triton) the dtypes; never sequence lengths or batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group"]
+
+
+def _c(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# kernel -> arch -> largest padded head dim -> configs (first = default)
+TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
+    "fwd": {
+        "sm90": {
+            64: [_c(128, 128, 8, 3), _c(128, 64, 4, 3), _c(128, 128, 4, 3)],
+            128: [_c(128, 128, 8, 3), _c(128, 64, 8, 3), _c(128, 64, 4, 3)],
+            256: [_c(128, 64, 8, 2), _c(64, 64, 4, 2), _c(128, 32, 8, 2)],
+        },
+        "sm80": {
+            64: [_c(128, 64, 4, 3), _c(128, 128, 8, 3)],
+            128: [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
+            256: [_c(64, 64, 4, 2), _c(64, 32, 4, 2)],
+        },
+        # odd block sizes exercise partial tiles and BLOCK_M != BLOCK_N on small CPU tests
+        "interpret": {256: [_c(32, 16, 4, 1)]},
+    },
+    "bwd_dkdv": {
+        "sm90": {
+            64: [_c(64, 128, 8, 3), _c(32, 128, 4, 3), _c(64, 64, 4, 3)],
+            128: [_c(64, 128, 8, 3), _c(32, 128, 4, 3), _c(64, 64, 4, 2)],
+            256: [_c(32, 64, 4, 2), _c(64, 64, 8, 1), _c(32, 32, 4, 2)],
+        },
+        "sm80": {
+            64: [_c(32, 128, 4, 3), _c(64, 64, 4, 3)],
+            128: [_c(32, 128, 4, 3), _c(64, 64, 4, 2)],
+            256: [_c(32, 64, 4, 2), _c(32, 32, 4, 2)],
+        },
+        "interpret": {256: [_c(16, 32, 4, 1)]},
+    },
+    "bwd_dq": {
+        "sm90": {
+            64: [_c(128, 64, 8, 3), _c(128, 32, 4, 3), _c(64, 64, 4, 3)],
+            128: [_c(128, 64, 8, 3), _c(128, 32, 4, 3), _c(64, 64, 4, 2)],
+            256: [_c(64, 32, 4, 2), _c(64, 64, 8, 1), _c(32, 32, 4, 2)],
+        },
+        "sm80": {
+            64: [_c(128, 32, 4, 3), _c(64, 64, 4, 3)],
+            128: [_c(128, 32, 4, 3), _c(64, 64, 4, 2)],
+            256: [_c(64, 32, 4, 2), _c(32, 32, 4, 2)],
+        },
+        "interpret": {256: [_c(32, 16, 4, 1)]},
+    },
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FLASHATTN_AUTOTUNE", "1") not in ("", "0") and not interpreting()
+
+
+def arch(device: torch.device) -> str:
+    if device.type != "cuda" or interpreting():
+        return "interpret"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def configs_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
+    """The configs of `kernel` for one architecture and padded head dim (the smallest table entry >= it)."""
+    table = TABLES[kernel][arch_name]
+    return table[min(d for d in table if d >= head_dim_pad)]
+
+
+def all_configs() -> list[tuple[str, str, int, triton.Config]]:
+    """Every (kernel, arch, head_dim_pad, config) in the tables: the GPU tests run each one."""
+    return [(kern, a, d, c) for kern, archs in TABLES.items() for a, dims in archs.items()
+            for d, cs in dims.items() for c in cs]
+
+
+@functools.cache
+def autotuner(kernel_fn, kernel: str, arch_name: str, head_dim_pad: int):
+    """An autotuned wrapper of `kernel_fn` over this table entry (cached per entry)."""
+    return triton.autotune(configs=configs_for(kernel, arch_name, head_dim_pad), key=AUTOTUNE_KEY)(kernel_fn)

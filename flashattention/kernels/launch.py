@@ -1,0 +1,124 @@
+"""Thin launchers: allocate outputs, pick the config (autotuned, default or forced) and the grid, launch.
+Entry points match flashattention.blockwise: attention_forward / attention_backward."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import configs
+from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .fwd import attn_fwd_kernel
+
+LOG2E = 1.4426950408889634
+
+if configs.interpreting():
+    from ._interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
+
+
+def _poison() -> bool:
+    return os.environ.get("FLASHATTN_POISON", "0") not in ("", "0")
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation; NaN-filled under FLASHATTN_POISON=1 so that an unwritten element shows."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if _poison() else t
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, config=None) -> None:
+    """Launches with `config` if given, else the table's first config or the autotuner over the table."""
+    if config is None:
+        arch = configs.arch(device)
+        if not configs.autotune_enabled() or len(configs.configs_for(name, arch, head_dim_pad)) == 1:
+            config = configs.configs_for(name, arch, head_dim_pad)[0]
+        else:
+            configs.autotuner(kernel_fn, name, arch, head_dim_pad)[grid](**args)
+            return
+    kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _mask_flags(left: int, right: int) -> dict:
+    return dict(window_left=max(left, 0), window_right=max(right, 0), HAS_LO=left >= 0, HAS_HI=right >= 0)
+
+
+def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
+    """out [B, H, Sq, D] (q.dtype, contiguous), lse [B, H, Sq] float32 (natural log)."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
+    lse = _empty((batch, heads, seqlen_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    if seqlen_k == 0:  # no keys: every row is empty
+        return out.zero_(), lse.fill_(-math.inf)
+    args = dict(
+        Q=q, K=k, V=v, O=out, LSE=lse,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        num_heads=heads, group=heads // kv_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        qk_scale=softmax_scale * LOG2E, HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        PRECISION=_precision(q.dtype), **_mask_flags(left, right),
+    )
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+    _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, config)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: int, right: int,
+                       configs_override: dict | None = None):
+    """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    forced = configs_override or {}
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:  # nothing flows: zero grads
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    head_dim_pad = _head_dim_pad(head_dim)
+    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, seqlen_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=pre_block,
+    )
+    common = dict(
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
+        num_heads=heads, group=heads // kv_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        qk_scale=softmax_scale * LOG2E, softmax_scale=softmax_scale, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad, PRECISION=_precision(q.dtype), **_mask_flags(left, right),
+    )
+    dkdv_args = dict(
+        common, DK=dk, DV=dv, num_kv_heads=kv_heads,
+        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
+        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
+    )
+    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
+    _launch(attn_bwd_dkdv_kernel, "bwd_dkdv", grid, dkdv_args, head_dim_pad, q.device,
+            forced.get("bwd_dkdv"))
+    dq_args = dict(common, DQ=dq, stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2))
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+    _launch(attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, forced.get("bwd_dq"))
+    return dq, dk, dv
