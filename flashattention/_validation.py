@@ -79,10 +79,10 @@ def check_scale(softmax_scale: object, head_dim: int) -> float:
             f"flash_attention: `softmax_scale` must be a float or None, got {type(softmax_scale).__name__}. "
             f"Pass a Python float, e.g. `softmax_scale=float(scale)`."
         )
-    if not math.isfinite(softmax_scale):
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(
-            f"flash_attention: `softmax_scale` must be finite, got {softmax_scale}. Use None for the "
-            f"default 1/sqrt(head_dim)."
+            f"flash_attention: `softmax_scale` must be a finite number > 0, got {softmax_scale}. Use None "
+            f"for the default 1/sqrt(head_dim); for a negative scale pass -q with scale -softmax_scale."
         )
     return float(softmax_scale)
 

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .common import load_tile, tile_range, visible
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .common import load_tile, tile_range, visible
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -25,17 +25,17 @@ def _fwd_tiles(
         kv_mask = offs_n < seqlen_k
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
         k = load_tile(k_ptrs, kv_mask[None, :], d_mask[:, None], MASKED, HEAD_DIM != HEAD_DIM_PAD)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        qk = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
             qk = tl.where(vis, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with it
             m_shift = m_new
-        p = tl.math.exp2(qk - m_shift[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
