@@ -1,0 +1,211 @@
+"""Output of the benchmark: markdown table with ratios, error summary, JSON, PNG plot, RESULTS.md entry.
+
+A row is a dict (also what the JSON holds): dtype, batch, heads, seqlen, head_dim, causal, pass, flops,
+check (ours against a peer, or None) and results: {provider: {ms, tflops, error, wrong}}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RATIO_PEERS = (("sdpa-flash", "ours/sdpa-flash"), ("sdpa-cudnn", "ours/cudnn"))
+
+
+def environment_meta(device: torch.device, command: str) -> dict:
+    """Card, versions, date and commit: what a result needs to be compared with another."""
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "commit": git_commit(),
+        "command": command.strip(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta.update(
+            card=torch.cuda.get_device_name(device),
+            capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    else:
+        cpu = platform.processor() or platform.machine()
+        meta.update(card=f"CPU ({cpu}, {torch.get_num_threads()} threads)")
+    return meta
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def git_commit() -> str | None:
+    """Short hash of the checkout's HEAD, "+dirty" when tracked files changed; None outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _cell(result: dict | None, unit: str) -> str:
+    if result is None:
+        return ""
+    if result.get("wrong"):
+        return "WRONG"
+    if result.get("ms") is None:
+        return "-"
+    return f"{result['tflops']:.1f}" if unit == "TFLOP/s" else f"{result['ms']:.2f}"
+
+
+def _ratio(ours: dict | None, peer_ms: float | None) -> str:
+    """Speed of ours over a peer's (same FLOPs, so the inverse ratio of times); "-" if either is missing."""
+    if not ours or ours.get("ms") is None or not peer_ms:
+        return "-"
+    return f"{peer_ms / ours['ms']:.2f}"
+
+
+def format_table(rows: list[dict], providers: list[str], unit: str) -> str:
+    """Markdown tables, one per dtype: D, causal, S, pass, each provider's speed, and ours' ratios."""
+    peers = [p for p in providers if p != "ours"]
+    ratio_cols = []
+    if "ours" in providers and peers:
+        ratio_cols.append(("best", "ours/best peer"))
+        ratio_cols += [(name, title) for name, title in RATIO_PEERS if name in providers]
+    what = "TFLOP/s, higher is better" if unit == "TFLOP/s" else "milliseconds, lower is better"
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        header = ["D", "causal", "S", "pass", *providers, *(title for _, title in ratio_cols)]
+        out += [f"{dtype}, {what}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in (r for r in rows if r["dtype"] == dtype):
+            res = r["results"]
+            cells = [str(r["head_dim"]), "yes" if r["causal"] else "no", str(r["seqlen"]), r["pass"]]
+            cells += [_cell(res.get(p), unit) for p in providers]
+            ours = res.get("ours")
+            for name, _ in ratio_cols:
+                if name == "best":
+                    times = [res[p]["ms"] for p in peers if res.get(p) and res[p].get("ms") is not None]
+                    cells.append(_ratio(ours, min(times) if times else None))
+                else:
+                    cells.append(_ratio(ours, (res.get(name) or {}).get("ms")))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _row_label(r: dict) -> str:
+    return f"{r['dtype']} D{r['head_dim']} S{r['seqlen']} {'causal' if r['causal'] else 'full'} {r['pass']}"
+
+
+def format_problems(rows: list[dict], max_labels: int = 8) -> str:
+    """What shows as WRONG or "-", grouped by provider and message so that a run of failures reads as one."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in rows:
+        for name, res in r["results"].items():
+            if res.get("wrong"):
+                groups[(name, "WRONG: " + res["wrong"])].append(_row_label(r))
+            elif res.get("error"):
+                groups[(name, res["error"])].append(_row_label(r))
+    if not groups:
+        return ""
+    lines = ["Not measured (WRONG: ours differs from the reference peer; -: failed, reason below):"]
+    for (name, message), labels in groups.items():
+        shown = ", ".join(labels[:max_labels])
+        if len(labels) > max_labels:
+            shown += f" and {len(labels) - max_labels} more"
+        lines.append(f"- {name} ({shown}): {message}")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def write_plot(path: str, rows: list[dict], providers: list[str], unit: str, title: str) -> str:
+    """One subplot per (dtype, D, causal, pass): speed against S, a line per provider. Returns a message."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"plot skipped: matplotlib is not installed (pip install matplotlib), {path} not written"
+    panels = list(dict.fromkeys((r["dtype"], r["head_dim"], r["causal"], r["pass"]) for r in rows))
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):
+        dtype, head_dim, causal, pass_ = key
+        panel = [r for r in rows if (r["dtype"], r["head_dim"], r["causal"], r["pass"]) == key]
+        for name in providers:
+            points = [
+                (r["seqlen"], r["results"][name]["tflops" if unit == "TFLOP/s" else "ms"])
+                for r in panel
+                if r["results"].get(name, {}).get("ms") is not None
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", label=name, linewidth=2.2 if name == "ours" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{dtype} D={head_dim} {'causal' if causal else 'full'} {pass_}", fontsize=9)
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel(unit)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written to {path}"
+
+
+def results_header(meta: dict, settings: str) -> str:
+    versions = f"torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}"
+    if meta.get("cuda"):
+        versions += f", CUDA {meta['cuda']}, cuDNN {meta['cudnn']}"
+    return "\n".join(
+        [
+            f"## {meta['card']}, {meta['date']}",
+            "",
+            f"- versions: {versions}",
+            f"- commit: {meta['commit'] or 'unknown (not a git checkout)'}",
+            f"- command: `{meta['command']}`",
+            f"- {settings}",
+            "",
+        ]
+    )
+
+
+def append_results_md(path: str, header: str, table: str, problems: str) -> None:
+    with open(path, "a") as f:
+        f.write("\n" + header + "\n" + table + "\n" + (problems + "\n" if problems else ""))
