@@ -62,7 +62,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
         q1 = min(q0 + BLOCK_Q, seqlen_q)
         qb = qg[:, :, :, q0:q1].to(acc_dtype) * softmax_scale
         m = torch.full(qb.shape[:-1], float("-inf"), dtype=acc_dtype, device=q.device)
-        l = torch.zeros_like(m)
+        row_sum = torch.zeros_like(m)
         acc = torch.zeros(qb.shape, dtype=acc_dtype, device=q.device)
         lo, hi = _key_range(q0, q1, seqlen_q, seqlen_k, left, right)
         for k0 in range(lo, hi, BLOCK_K):
@@ -75,12 +75,12 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - m_safe[..., None])
             alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(dim=-1)
+            row_sum = row_sum * alpha + p.sum(dim=-1)
             acc = acc * alpha[..., None] + torch.matmul(p, vg[:, :, :, k0:k1].to(acc_dtype))
             m = m_new
-        empty = l == 0
-        out[:, :, :, q0:q1] = (acc / torch.where(empty, torch.ones_like(l), l)[..., None]).to(q.dtype)
-        lse[:, :, :, q0:q1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(l)).float()
+        empty = row_sum == 0
+        out[:, :, :, q0:q1] = (acc / torch.where(empty, torch.ones_like(row_sum), row_sum)[..., None]).to(q.dtype)
+        lse[:, :, :, q0:q1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(row_sum)).float()
     return out.view(b, h, seqlen_q, d), lse.view(b, h, seqlen_q)
 
 

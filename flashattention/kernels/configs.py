@@ -15,34 +15,38 @@ import torch
 import triton
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
-AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group"]
+AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_TMA"]
 
 
-def _c(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
+    """flags (forward only): USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps,
+                         num_stages=stages)
 
 
 # kernel -> arch -> largest padded head dim -> configs (first = default)
 TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "fwd": {
+        # H100 bf16 S=8k (benchmarks/NOTES.md): 128x128/8 warps best at D128 (515 TFLOP/s); TMA loads +1-3%
+        # at D64 only; 256-row tiles and warp_specialize (compiler crash) lost.
         "sm90": {
-            64: [_c(128, 128, 8, 3), _c(128, 64, 4, 3), _c(128, 128, 4, 3)],
-            128: [_c(128, 128, 8, 3), _c(128, 64, 8, 3), _c(128, 64, 4, 3)],
-            256: [_c(128, 64, 8, 2), _c(64, 64, 4, 2), _c(128, 32, 8, 2)],
+            64: [_c(128, 128, 4, 3, USE_TMA=True), _c(128, 64, 4, 3), _c(128, 64, 4, 3, USE_TMA=True)],
+            128: [_c(128, 128, 8, 3), _c(128, 64, 8, 3)],
+            256: [_c(128, 64, 8, 2), _c(64, 64, 4, 2)],
         },
         "sm80": {
             64: [_c(128, 64, 4, 3), _c(128, 128, 8, 3)],
             128: [_c(128, 64, 8, 3), _c(64, 64, 4, 3)],
             256: [_c(64, 64, 4, 2), _c(64, 32, 4, 2)],
         },
-        # odd block sizes exercise partial tiles and BLOCK_M != BLOCK_N on small CPU tests
-        "interpret": {256: [_c(32, 16, 4, 1)]},
+        # small blocks exercise partial tiles and BLOCK_M != BLOCK_N on small CPU tests
+        "interpret": {256: [_c(32, 16, 4, 1), _c(16, 32, 4, 1, USE_TMA=True)]},
     },
     "bwd_dkdv": {
         "sm90": {
-            64: [_c(64, 128, 8, 3), _c(32, 128, 4, 3), _c(64, 64, 4, 3)],
-            128: [_c(64, 128, 8, 3), _c(32, 128, 4, 3), _c(64, 64, 4, 2)],
-            256: [_c(32, 64, 4, 2), _c(64, 64, 8, 1), _c(32, 32, 4, 2)],
+            64: [_c(32, 128, 4, 3), _c(64, 64, 4, 3), _c(64, 128, 4, 3)],
+            128: [_c(64, 128, 8, 3), _c(64, 64, 4, 2)],
+            256: [_c(64, 64, 8, 1), _c(32, 32, 4, 2)],
         },
         "sm80": {
             64: [_c(32, 128, 4, 3), _c(64, 64, 4, 3)],
@@ -53,9 +57,9 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     },
     "bwd_dq": {
         "sm90": {
-            64: [_c(128, 64, 8, 3), _c(128, 32, 4, 3), _c(64, 64, 4, 3)],
-            128: [_c(128, 64, 8, 3), _c(128, 32, 4, 3), _c(64, 64, 4, 2)],
-            256: [_c(64, 32, 4, 2), _c(64, 64, 8, 1), _c(32, 32, 4, 2)],
+            64: [_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(128, 128, 8, 3)],
+            128: [_c(128, 64, 8, 3), _c(128, 128, 8, 2)],
+            256: [_c(64, 32, 4, 2), _c(64, 64, 8, 1)],
         },
         "sm80": {
             64: [_c(128, 32, 4, 3), _c(64, 64, 4, 3)],

@@ -13,19 +13,46 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, tile_start, tile_end, offs_m, offs_d,
-    seqlen_k, lo_off, hi_off, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    stride_kn,
+    stride_vn,
+    tile_start,
+    tile_end,
+    offs_m,
+    offs_d,
+    seqlen_k,
+    lo_off,
+    hi_off,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Folds key tiles [tile_start, tile_end) into (acc, l_i, m_i); MASKED tiles apply element masks."""
+    """Folds key tiles [tile_start, tile_end) into (acc, l_i, m_i); MASKED tiles apply element masks.
+    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM])."""
     d_mask = offs_d < HEAD_DIM
-    for start_n in tl.range(tile_start, tile_end, BLOCK_N):
+    for start_n in tl.range(tile_start, tile_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n < seqlen_k
-        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-        k = load_tile(k_ptrs, kv_mask[None, :], d_mask[:, None], MASKED, HEAD_DIM != HEAD_DIM_PAD)
-        qk = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
+        else:
+            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+            k = load_tile(k_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
             qk = tl.where(vis, qk, float("-inf"))
@@ -40,7 +67,10 @@ def _fwd_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        v = load_tile(v_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
+        else:
+            v = load_tile(v_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -48,16 +78,42 @@ def _fwd_tiles(
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    num_heads, group, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    num_heads,
+    group,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CAN_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
+    """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag."""
     # Longest rows first: with a causal mask the last query blocks see the most keys.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -73,6 +129,18 @@ def attn_fwd_kernel(
     q_mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
 
+    TMA: tl.constexpr = USE_TMA and CAN_TMA
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(
+            k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD]
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD]
+        )
+    else:
+        k_desc = None
+        v_desc = None
+
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
@@ -81,15 +149,93 @@ def attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m,
-                               offs_d, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-                               True, HAS_LO, HAS_HI, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi,
-                               offs_m, offs_d, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_N, HEAD_DIM,
-                               HEAD_DIM_PAD, False, HAS_LO, HAS_HI, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m,
-                               offs_d, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD,
-                               True, HAS_LO, HAS_HI, PRECISION)
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        stride_kn,
+        stride_vn,
+        lo,
+        full_lo,
+        offs_m,
+        offs_d,
+        seqlen_k,
+        lo_off,
+        hi_off,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        True,
+        HAS_LO,
+        HAS_HI,
+        PRECISION,
+        TMA,
+        False,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        stride_kn,
+        stride_vn,
+        full_lo,
+        full_hi,
+        offs_m,
+        offs_d,
+        seqlen_k,
+        lo_off,
+        hi_off,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        False,
+        HAS_LO,
+        HAS_HI,
+        PRECISION,
+        TMA,
+        WARP_SPECIALIZE,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        k_desc,
+        v_desc,
+        stride_kn,
+        stride_vn,
+        full_hi,
+        hi,
+        offs_m,
+        offs_d,
+        seqlen_k,
+        lo_off,
+        hi_off,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        True,
+        HAS_LO,
+        HAS_HI,
+        PRECISION,
+        TMA,
+        False,
+    )
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -53,6 +53,21 @@ def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, c
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned base pointers and row strides; installs the allocator that
+    device-side descriptors need on first use."""
+    ok = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+             for t in tensors)
+    global _allocator_set
+    if ok and not _allocator_set and not configs.interpreting():
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+    return ok
+
+
+_allocator_set = False
+
+
 def _mask_flags(left: int, right: int) -> dict:
     return dict(window_left=max(left, 0), window_right=max(right, 0), HAS_LO=left >= 0, HAS_HI=right >= 0)
 
@@ -75,7 +90,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         num_heads=heads, group=heads // kv_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
         qk_scale=softmax_scale * LOG2E, HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
-        PRECISION=_precision(q.dtype), **_mask_flags(left, right),
+        PRECISION=_precision(q.dtype), CAN_TMA=_tma_ok(k, v), **_mask_flags(left, right),
     )
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, config)
