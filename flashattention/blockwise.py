@@ -78,9 +78,10 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
             row_sum = row_sum * alpha + p.sum(dim=-1)
             acc = acc * alpha[..., None] + torch.matmul(p, vg[:, :, :, k0:k1].to(acc_dtype))
             m = m_new
-        empty = row_sum == 0
-        out[:, :, :, q0:q1] = (acc / torch.where(empty, torch.ones_like(row_sum), row_sum)[..., None]).to(q.dtype)
-        lse[:, :, :, q0:q1] = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(row_sum)).float()
+        empty = row_sum == 0  # rows that see no key: output 0, lse -inf
+        denom = torch.where(empty, torch.ones_like(row_sum), row_sum)
+        out[:, :, :, q0:q1] = (acc / denom[..., None]).to(q.dtype)
+        lse[:, :, :, q0:q1] = torch.where(empty, float("-inf"), m + torch.log(denom)).float()
     return out.view(b, h, seqlen_q, d), lse.view(b, h, seqlen_q)
 
 
