@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from collections import defaultdict
@@ -27,6 +28,7 @@ def environment_meta(device: torch.device, command: str) -> dict:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "commit": git_commit(),
+        "env": {var: os.environ.get(var) for var in ("FLASHATTN_AUTOTUNE", "TRITON_INTERPRET")},
         "command": command.strip(),
     }
     if device.type == "cuda":
@@ -199,6 +201,8 @@ def results_header(meta: dict, settings: str) -> str:
             "",
             f"- versions: {versions}",
             f"- commit: {meta['commit'] or 'unknown (not a git checkout)'}",
+            "- environment: "
+            + ", ".join(f"{k}={v if v is not None else 'unset'}" for k, v in meta["env"].items()),
             f"- command: `{meta['command']}`",
             f"- {settings}",
             "",

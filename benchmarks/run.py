@@ -245,9 +245,9 @@ def check_ours(fn_ours, shape: Shape, q, k, v, dout, passes, device) -> tuple[di
         names = ("out", "dq", "dk", "dv")[: len(got)]
         errs = {name: _rel_err(a, b) for name, a, b in zip(names, got, want, strict=True)}
         mismatch: dict[str, str | None] = {}
-        for pass_, names, tol in (("fwd", ["out"], tol_fwd), ("bwd", ["dq", "dk", "dv"], tol_bwd)):
+        for pass_, tensors, tol in (("fwd", ["out"], tol_fwd), ("bwd", ["dq", "dk", "dv"], tol_bwd)):
             if pass_ in passes:
-                bad = [f"{n} rel err {errs[n]:.2g} > {tol:g}" for n in names if not errs[n] <= tol]
+                bad = [f"{n} rel err {errs[n]:.2g} > {tol:g}" for n in tensors if not errs[n] <= tol]
                 mismatch[pass_] = f"{', '.join(bad)} vs {ref_name}" if bad else None
         worst = max(errs, key=lambda n: errs[n])
         return mismatch, f"vs {ref_name}: worst {worst} rel err {errs[worst]:.2g}"
