@@ -20,14 +20,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RATIO_PEERS = (("sdpa-flash", "ours/sdpa-flash"), ("sdpa-cudnn", "ours/cudnn"))
 
 
-def environment_meta(device: torch.device, command: str) -> dict:
+def environment_meta(device: torch.device, command: str, commit: str | None = None) -> dict:
     """Card, versions, date and commit: what a result needs to be compared with another."""
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "commit": git_commit(),
+        "commit": commit or git_commit(),
         "env": {var: os.environ.get(var) for var in ("FLASHATTN_AUTOTUNE", "TRITON_INTERPRET")},
         "command": command.strip(),
     }
@@ -174,8 +174,12 @@ def write_plot(path: str, rows: list[dict], providers: list[str], unit: str, tit
             ]
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=name, linewidth=2.2 if name == "ours" else 1.2)
+                width = 2.2 if name == "ours" else 1.2
+                ax.plot(xs, ys, marker="o", label=name, color=f"C{providers.index(name)}", linewidth=width)
+        seqlens = sorted({r["seqlen"] for r in panel})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(seqlens, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqlens])
+        ax.minorticks_off()
         ax.set_title(f"{dtype} D={head_dim} {'causal' if causal else 'full'} {pass_}", fontsize=9)
         ax.set_xlabel("seqlen")
         ax.set_ylabel(unit)

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     tim.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms (default 100)")
     out = p.add_argument_group("output (the table always goes to stdout, progress to stderr)")
+    out.add_argument(
+        "--commit",
+        metavar="REV",
+        help="the commit to record in the header (default: git rev-parse HEAD of this checkout; use this "
+        "where the tree is a copy without .git)",
+    )
     out.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
     out.add_argument("--plot", metavar="PATH", help="write a PNG: speed against S per provider (matplotlib)")
     out.add_argument(
@@ -313,8 +319,17 @@ def _progress(res: dict) -> str:
     return f"{res['ms']:.3f} ms  {res['tflops']:.1f} TFLOP/s  (first call {res['setup_s']:.1f} s)"
 
 
-def run_matrix(shapes, dtypes, passes, providers, device, timer) -> tuple[list[dict], str | None]:
-    """All rows, in table order, and the fatal error that ended the run early (or None)."""
+def run_matrix(
+    shapes,
+    dtypes,
+    passes,
+    providers,
+    device,
+    timer,
+    on_shape_done: Callable[[list[dict]], None] | None = None,
+) -> tuple[list[dict], str | None]:
+    """All rows, in table order, and the fatal error that ended the run early (or None). `on_shape_done`
+    gets the rows so far after each shape (the JSON is rewritten then, so a killed run leaves its rows)."""
     rows: list[dict] = []
     total = len(shapes) * len(dtypes)
     for i, (dtype_name, shape) in enumerate(((d, s) for d in dtypes for s in shapes), 1):
@@ -368,6 +383,8 @@ def run_matrix(shapes, dtypes, passes, providers, device, timer) -> tuple[list[d
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if on_shape_done is not None:
+            on_shape_done(rows)
     return rows, None
 
 
@@ -390,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     unit = "TFLOP/s" if device.type == "cuda" else "ms"
     timer = make_timer(device, args.warmup, args.rep)
 
-    meta = report.environment_meta(device, "python -m benchmarks.run " + " ".join(argv))
+    meta = report.environment_meta(device, "python -m benchmarks.run " + " ".join(argv), args.commit)
     timing = (
         f"median of triton.testing.do_bench(warmup={args.warmup}, rep={args.rep}), L2 flushed before "
         "each call"
@@ -407,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     header = report.results_header(meta, settings)
     print(header)
 
+    meta.update(settings=settings, providers=providers, partial=True)
+    checkpoint = None
+    if args.json:
+        checkpoint = lambda rows: report.write_json(args.json, meta, rows)
     started = time.perf_counter()
-    rows, fatal = run_matrix(shapes, args.dtype, args.passes, providers, device, timer)
+    rows, fatal = run_matrix(shapes, args.dtype, args.passes, providers, device, timer, checkpoint)
     table = report.format_table(rows, providers, unit)
     problems = report.format_problems(rows)
     print(table)
@@ -418,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"STOPPED EARLY: {fatal}\n")
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s.")
 
-    meta.update(settings=settings, providers=providers, fatal=fatal)
+    meta.update(partial=False, fatal=fatal)
     if args.json:
         report.write_json(args.json, meta, rows)
         print(f"JSON written to {args.json}")
