@@ -143,3 +143,72 @@ def pick_backend(backend: object, device: torch.device) -> str:
                 "Install it with `pip install triton`, or use backend='torch'."
             ) from exc
     return backend
+
+
+def check_cache_dims(batch_size: object, num_heads: object, max_seq_len: object, head_dim: object) -> None:
+    """Sizes given to initialize_kv_cache."""
+    for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("max_seq_len", max_seq_len),
+                        ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"initialize_kv_cache: `{name}` must be a non-negative int, got {value!r}.")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"initialize_kv_cache: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, "
+            f"got {head_dim}."
+        )
+
+
+def check_cache_tensors(what: str, keys: object, values: object, like: torch.Tensor | None = None) -> None:
+    """keys/values of a cache or of an append: [batch, kv_heads, seqlen, head_dim], one dtype and device;
+    with `like` (the cache storage), batch, heads, head_dim, dtype and device must match it."""
+    for name, t in (("keys", keys), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{what}: `{name}` must have 4 dimensions (batch, kv_heads, seqlen, head_dim), got shape "
+                f"{tuple(t.shape)}."
+            )
+    if keys.shape != values.shape or keys.dtype != values.dtype or keys.device != values.device:
+        raise ValueError(
+            f"{what}: keys and values must have one shape, dtype and device, got keys "
+            f"{tuple(keys.shape)} {keys.dtype} on {keys.device} and values {tuple(values.shape)} "
+            f"{values.dtype} on {values.device}."
+        )
+    if like is None:
+        return
+    b, h, _, d = like.shape
+    if (keys.shape[0], keys.shape[1], keys.shape[3]) != (b, h, d):
+        raise ValueError(
+            f"{what}: new keys/values must be (batch={b}, kv_heads={h}, seqlen, head_dim={d}) to match the "
+            f"cache, got {tuple(keys.shape)}."
+        )
+    if keys.dtype != like.dtype or keys.device != like.device:
+        raise TypeError(
+            f"{what}: new keys/values are {keys.dtype} on {keys.device} but the cache holds {like.dtype} on "
+            f"{like.device}. Convert them with `.to(dtype=..., device=...)` or create the cache with "
+            f"initialize_kv_cache(..., dtype=..., device=...)."
+        )
+
+
+def check_beam_idx(beam_idx: object, batch_size: int) -> None:
+    """A 1-D integer tensor of length batch_size with values in [0, batch_size). Syncs once (host check)."""
+    if not isinstance(beam_idx, torch.Tensor):
+        raise TypeError(
+            f"reorder_kv_cache: `beam_idx` must be a torch.Tensor, got {type(beam_idx).__name__}."
+        )
+    if beam_idx.dtype.is_floating_point or beam_idx.dtype.is_complex or beam_idx.dtype == torch.bool:
+        raise TypeError(
+            f"reorder_kv_cache: `beam_idx` must hold integers, got dtype {beam_idx.dtype}. Use "
+            f"`beam_idx.long()`."
+        )
+    if beam_idx.dim() != 1 or beam_idx.numel() != batch_size:
+        raise ValueError(
+            f"reorder_kv_cache: `beam_idx` must be 1-D with one index per cache row (length {batch_size}), "
+            f"got shape {tuple(beam_idx.shape)}."
+        )
+    if batch_size and (int(beam_idx.min()) < 0 or int(beam_idx.max()) >= batch_size):
+        raise ValueError(
+            f"reorder_kv_cache: `beam_idx` values must be in [0, {batch_size}), got min "
+            f"{int(beam_idx.min())} and max {int(beam_idx.max())}."
+        )
