@@ -1,0 +1,113 @@
+"""KV cache API of the seed: appends, growth, decode == last rows of prefill, beam reordering, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashattention import (
+    KVCache,
+    flash_attention,
+    flash_attention_with_kv_cache,
+    incremental_attention,
+    initialize_kv_cache,
+    reorder_kv_cache,
+    update_kv_cache,
+)
+from flashattention.reference import attention_reference
+
+
+def _qkv(batch, heads, kv_heads, seqlen, head_dim, device, dtype=torch.float32):
+    q = torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, kv_heads, seqlen, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, kv_heads, seqlen, head_dim, device=device, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_token_by_token_decode_matches_causal_prefill(device, backend):
+    """decode == last row of prefill: feeding tokens one by one through the cache reproduces causal attention."""
+    batch, heads, kv_heads, seqlen, head_dim = 2, 4, 2, 11, 32
+    q, k, v = _qkv(batch, heads, kv_heads, seqlen, head_dim, device)
+    cache = initialize_kv_cache(batch, kv_heads, 4, head_dim, device=device)  # grows twice on the way
+    outs = []
+    for t in range(seqlen):
+        update_kv_cache(cache, k[:, :, t : t + 1], v[:, :, t : t + 1])
+        outs.append(incremental_attention(q[:, :, t : t + 1], cache, causal=True, backend=backend))
+    ref, _ = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(torch.cat(outs, dim=2).double(), ref, atol=2e-5, rtol=0)
+    assert cache.length == seqlen and cache.capacity >= seqlen
+    torch.testing.assert_close(cache.keys, k, atol=0, rtol=0)
+    torch.testing.assert_close(cache.values, v, atol=0, rtol=0)
+
+
+def test_chunked_prefill_with_kv_cache(device):
+    """A prompt in two chunks through flash_attention_with_kv_cache == one causal pass over the prompt."""
+    q, k, v = _qkv(1, 2, 2, 40, 16, device)
+    out1, cache = flash_attention_with_kv_cache(q[:, :, :25], k[:, :, :25], v[:, :, :25], kv_cache=None)
+    out2, cache = flash_attention_with_kv_cache(q[:, :, 25:], k[:, :, 25:], v[:, :, 25:], kv_cache=cache)
+    full = flash_attention(q, k, v, causal=True)
+    torch.testing.assert_close(torch.cat([out1, out2], dim=2), full, atol=1e-5, rtol=0)
+    assert cache.length == 40
+
+
+def test_kvcache_from_tensors_holds_them_and_appends(device):
+    keys, values = torch.randn(2, 3, 5, 16, device=device), torch.randn(2, 3, 5, 16, device=device)
+    cache = KVCache(keys, values)
+    assert cache.length == 5 and torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
+    k_new, v_new = torch.randn(2, 3, 2, 16, device=device), torch.randn(2, 3, 2, 16, device=device)
+    update_kv_cache(cache, k_new, v_new)
+    assert torch.equal(cache.keys, torch.cat([keys, k_new], dim=2))
+    assert torch.equal(cache.values, torch.cat([values, v_new], dim=2))
+
+
+def test_reorder_kv_cache_matches_index_select(device):
+    cache = KVCache(torch.randn(6, 2, 7, 16, device=device), torch.randn(6, 2, 7, 16, device=device))
+    keys, values = cache.keys.clone(), cache.values.clone()
+    beam_idx = torch.tensor([1, 0, 2, 5, 3, 3], device=device)
+    reorder_kv_cache(cache, beam_idx)
+    assert torch.equal(cache.keys, keys[beam_idx]) and torch.equal(cache.values, values[beam_idx])
+
+
+@pytest.mark.parametrize(
+    "beam_idx, error, fragment",
+    [
+        (torch.tensor([0, 1, 3]), ValueError, "[0, 3)"),
+        (torch.tensor([0, -1, 2]), ValueError, "min -1"),
+        (torch.tensor([0, 1]), ValueError, "length 3"),
+        (torch.tensor([[0, 1, 2]]), ValueError, "1-D"),
+        (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integers"),
+        ([0, 1, 2], TypeError, "torch.Tensor"),
+    ],
+    ids=["too-large", "negative", "wrong-length", "2d", "float", "list"],
+)
+def test_reorder_rejects_bad_beam_indices(beam_idx, error, fragment):
+    cache = KVCache(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))
+    before = cache.keys.clone()
+    with pytest.raises(error, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        reorder_kv_cache(cache, beam_idx)
+    assert torch.equal(cache.keys, before)  # nothing was moved
+
+
+def test_update_rejects_mismatched_tokens():
+    cache = initialize_kv_cache(2, 4, 8, 16, device="cpu")
+    with pytest.raises(ValueError, match="kv_heads=4"):
+        update_kv_cache(cache, torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16))
+    with pytest.raises(TypeError, match="float16"):
+        update_kv_cache(cache, torch.randn(2, 4, 1, 16).half(), torch.randn(2, 4, 1, 16).half())
+    with pytest.raises(ValueError, match="one shape"):
+        update_kv_cache(cache, torch.randn(2, 4, 1, 16), torch.randn(2, 4, 2, 16))
+    assert cache.length == 0
+
+
+def test_initialize_defaults_and_errors():
+    cache = initialize_kv_cache(1, 2, 3, 8)
+    assert cache._keys.dtype == torch.float32 and cache.length == 0 and cache.capacity == 3
+    assert cache.keys.shape == (1, 2, 0, 8)
+    assert cache.keys.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="head_dim"):
+        initialize_kv_cache(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        initialize_kv_cache(1, 2, -1, 8)
+    with pytest.raises(TypeError, match="dtype"):
+        initialize_kv_cache(1, 2, 3, 8, dtype=torch.float64)
