@@ -1,0 +1,198 @@
+"""GPU suite (`pytest -m gpu`, run on the device): real sizes, every dtype, 64k-token sequences, linear
+peak memory, and every config of the autotune table. The oracle is float32 on the GPU (float64 for fp32
+inputs); DESIGN.md section 3's rule through tests/_helpers.py."""
+
+import math
+
+import pytest
+import torch
+from _helpers import (
+    NAMES,
+    Case,
+    case_params,
+    check_attention,
+    compare_to_reference,
+    make_inputs,
+    run_ours,
+    run_reference,
+)
+
+from flashattention import flash_attention
+
+pytestmark = pytest.mark.gpu
+
+F16, B16, F32 = torch.float16, torch.bfloat16, torch.float32
+FULL, CAUSAL = (False, (-1, -1)), (True, (-1, -1))
+WINDOW, CAUSAL_LEFT = (False, (256, 256)), (True, (1000, -1))
+
+# Each (dtype, padded head dim, mask flags, GQA or not) compiles its own kernels (seconds each on a cold
+# cache), so the matrix covers every dtype, mask and head dim without taking their full product.
+GPU_CASES = [
+    # every mask in bf16, two masks in fp16 and fp32, at 2k
+    *(Case(2, 8, 8, 2048, 2048, 128, B16, causal=c, window=w)
+      for c, w in (FULL, CAUSAL, WINDOW, CAUSAL_LEFT)),
+    *(Case(2, 8, 8, 2048, 2048, 128, dt, causal=c, window=w) for dt in (F16, F32) for c, w in (FULL, CAUSAL)),
+    Case(2, 8, 8, 2048, 2048, 128, F16, window=(256, 256)),
+    Case(2, 8, 8, 2048, 2048, 128, F32, causal=True, window=(1000, -1)),
+    # GQA / MQA, 4k, seqlen_q != seqlen_k (both ways, with empty rows), decode-like
+    Case(2, 16, 4, 2048, 2048, 128, B16, causal=True),
+    Case(1, 16, 1, 2048, 2048, 64, F16, window=(512, 0)),
+    Case(1, 8, 2, 4096, 4096, 128, B16, causal=True),
+    Case(1, 8, 8, 4096, 4096, 64, F16),
+    Case(2, 8, 2, 1000, 3000, 128, B16, causal=True),
+    Case(2, 8, 2, 3000, 1000, 128, F16, causal=True),
+    Case(4, 8, 8, 1, 4096, 128, B16, causal=True),
+    Case(1, 4, 4, 1023, 4001, 96, F16, window=(128, 64)),
+    # large scores (the softmax's running max)
+    Case(2, 8, 8, 2048, 2048, 128, B16, causal=True, input_scale=8.0),
+    # head dims, including padded ones
+    *(Case(2, 8, 8, 1024, 1024, d, B16, causal=True) for d in (64, 72, 200, 256)),
+    *(Case(2, 8, 8, 1024, 1024, d, F32, causal=True) for d in (64, 200, 256)),
+    Case(1, 8, 4, 1024, 1024, 40, F16, window=(300, 100)),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("case", case_params(GPU_CASES))
+def test_matches_reference_gpu(case: Case, backend: str) -> None:
+    q, k, v, dout = case.inputs("cuda")
+    check_attention(q, k, v, dout, backend=backend, **case.mask_kwargs())
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("case", case_params([
+    Case(2, 8, 2, 2048, 2048, 128, B16, causal=True),
+    Case(1, 8, 8, 1000, 3000, 64, F32, window=(256, 256)),
+]))
+def test_torch_backend_on_gpu(case: Case, backend: str) -> None:
+    q, k, v, dout = case.inputs("cuda")
+    check_attention(q, k, v, dout, backend=backend, **case.mask_kwargs())
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_fp32_follows_matmul_precision(precision: str) -> None:
+    """With tf32 allowed, the same-dtype PyTorch computation uses tf32 too, so the rule still applies."""
+    torch.set_float32_matmul_precision(precision)  # restored by conftest's fixture
+    q, k, v, dout = make_inputs(2, 8, 8, 2048, 2048, 128, F32, "cuda")
+    check_attention(q, k, v, dout, backend="triton", causal=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 64k tokens, causal, bf16, D 128: everything compared, with the oracle computed in query chunks
+
+
+def _chunked_causal_reference(q, k, v, dout, dtype: torch.dtype, chunk: int) -> dict:
+    """Causal attention (bottom-right) for all rows, chunk by chunk: rows [r0, r1) see only keys
+    [0, r1 + off), so each chunk is a small exact problem; dk/dv are the sums of the chunks' gradients."""
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    off = seqlen_k - seqlen_q
+    outs, lses, dqs = [], [], []
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros_like(dk)
+    for r0 in range(0, seqlen_q, chunk):
+        r1 = min(r0 + chunk, seqlen_q)
+        kend = max(0, min(seqlen_k, r1 + off))
+        part = run_reference(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], dout[:, :, r0:r1], dtype=dtype,
+                             causal=True)
+        outs.append(part["out"])
+        lses.append(part["lse"])
+        dqs.append(part["dq"])
+        dk[:, :, :kend] += part["dk"].float()
+        dv[:, :, :kend] += part["dv"].float()
+        del part
+    return {"out": torch.cat(outs, 2), "lse": torch.cat(lses, 2), "dq": torch.cat(dqs, 2),
+            "dk": dk.to(dtype), "dv": dv.to(dtype)}
+
+
+def test_64k_causal_bf16_forward_backward() -> None:
+    seqlen = 65536
+    q, k, v, dout = make_inputs(1, 8, 2, seqlen, seqlen, 128, B16, "cuda")
+    ours = run_ours(q, k, v, dout, backend="triton", causal=True)
+    for name in NAMES:
+        assert torch.isfinite(ours[name]).all(), f"{name} has non-finite entries"
+    ref = _chunked_causal_reference(q, k, v, dout, torch.float32, chunk=1024)
+    same = _chunked_causal_reference(q, k, v, dout, B16, chunk=1024)
+    failures = [compare_to_reference(n, ours[n], ref[n], same[n]) for n in NAMES]
+    failures = [f for f in failures if f is not None]
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak memory grows linearly in the sequence length
+
+
+def _extra_peak_memory(seqlen: int, backend: str) -> int:
+    """Peak bytes allocated by forward+backward beyond the inputs, out and the gradients."""
+    q, k, v, dout = make_inputs(1, 8, 8, seqlen, seqlen, 128, B16, "cuda")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v, causal=True, backend=backend)
+    out.backward(dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    results = sum(t.numel() * t.element_size() for t in (out, q.grad, k.grad, v.grad))
+    return peak - before - results
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_peak_memory_grows_linearly(backend: str) -> None:
+    extra = {s: _extra_peak_memory(s, backend) for s in (4096, 8192, 16384)}
+    slack = 8 << 20  # allocator granularity and small fixed buffers
+    assert extra[8192] <= 2.25 * extra[4096] + slack, f"extra bytes by seqlen: {extra}"
+    assert extra[16384] <= 4.5 * extra[4096] + slack, f"not linear (quadratic is 16x): {extra}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every config of this GPU's autotune table passes the correctness check
+
+
+def _autotune_table_params() -> list:
+    try:
+        from flashattention.kernels import configs
+
+        arch = configs.arch(torch.device("cuda")) if torch.cuda.is_available() else None
+        entries = [e for e in configs.all_configs() if e[1] == arch]
+    except Exception as exc:  # collected on CPU machines too: an import error must not hide other tests
+        return [pytest.param(None, exc, id="kernels-not-importable")]
+    params = []
+    for kernel, arch_name, head_dim_pad, config in entries:
+        kw = config.kwargs
+        params.append(pytest.param(
+            (kernel, head_dim_pad, config), None,
+            id=f"{kernel}-{arch_name}-D{head_dim_pad}-BM{kw.get('BLOCK_M')}-BN{kw.get('BLOCK_N')}"
+               f"-w{config.num_warps}-s{config.num_stages}",
+        ))
+    return params or [pytest.param(None, RuntimeError("no config for this GPU's architecture"), id="empty")]
+
+
+# a padded head dim -> an odd head dim that the table entry serves (exercises the padding masks)
+ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
+
+
+@pytest.mark.parametrize("entry, import_error", _autotune_table_params())
+def test_every_autotune_config_passes(entry, import_error) -> None:
+    if import_error is not None:
+        pytest.fail(f"could not list the autotune configs: {import_error!r}")
+    from flashattention.kernels import launch
+
+    kernel, head_dim_pad, config = entry
+    head_dim = ODD_HEAD_DIM.get(head_dim_pad, head_dim_pad)
+    mask = {"causal": True, "window_size": (300, -1)}  # both bounds: masked tiles on each side, full ones
+    for seqlen_q, seqlen_k in ((1000, 1000), (300, 1000), (1000, 300)):
+        q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, B16, "cuda")
+        scale = 1 / math.sqrt(head_dim)
+        fwd_config = config if kernel == "fwd" else None
+        bwd_override = None if kernel == "fwd" else {kernel: config}
+        out, lse = launch.attention_forward(q, k, v, softmax_scale=scale, left=300, right=0,
+                                            config=fwd_config)
+        dq, dk, dv = launch.attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, left=300,
+                                               right=0, configs_override=bwd_override)
+        ours = dict(zip(NAMES, (out, lse, dq, dk, dv), strict=True))
+        ref = run_reference(q, k, v, dout, dtype=torch.float32, **mask)
+        same = run_reference(q, k, v, dout, dtype=B16, **mask)
+        failures = [compare_to_reference(n, ours[n], ref[n], same[n]) for n in NAMES]
+        failures = [f for f in failures if f is not None]
+        assert not failures, f"Sq={seqlen_q} Sk={seqlen_k} D={head_dim}:\n" + "\n".join(failures)
