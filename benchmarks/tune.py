@@ -68,7 +68,7 @@ def main() -> None:
                         lambda: torch.autograd.grad(o, (qr, kr, vr), do, retain_graph=True), warmup=25, rep=100))
                 except RuntimeError as exc:
                     print(f"peer {name} failed: {exc}")
-            out, lse = launch.attention_forward(q, k, v, softmax_scale=scale, left=-1, right=right,
+            out, _, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=-1, right=right,
                                                config=configs.configs_for("fwd", arch, pad)[0])
             for kern in args.kernels.split(","):
                 for cfg in configs.configs_for(kern, arch, pad):
@@ -79,12 +79,12 @@ def main() -> None:
                         if kern == "fwd":
                             run = lambda: launch.attention_forward(q, k, v, softmax_scale=scale, left=-1,
                                                                    right=right, config=cfg)
-                            o2, _ = run()
+                            o2, _, _ = run()
                             errs = [(o2.float() - ref).abs().max().item()]
                             bound = [2 * peer_err[0] + 1e-3]
                             flops = fl
                         else:
-                            run = lambda: launch.attention_backward(do, q, k, v, out, lse, softmax_scale=scale,
+                            run = lambda: launch.attention_backward(do, q, k, v, out, lse2, softmax_scale=scale,
                                                                     left=-1, right=right,
                                                                     configs_override={kern: cfg})
                             grads = run()

@@ -49,7 +49,7 @@ def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
-    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] float32)."""
+    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] float32, stats for the backward = lse)."""
     b, h, seqlen_q, d = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     g = h // kv_heads
@@ -82,7 +82,8 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
         denom = torch.where(empty, torch.ones_like(row_sum), row_sum)
         out[:, :, :, q0:q1] = (acc / denom[..., None]).to(q.dtype)
         lse[:, :, :, q0:q1] = torch.where(empty, float("-inf"), m + torch.log(denom)).float()
-    return out.view(b, h, seqlen_q, d), lse.view(b, h, seqlen_q)
+    lse = lse.view(b, h, seqlen_q)
+    return out.view(b, h, seqlen_q, d), lse, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: int, right: int):

@@ -13,6 +13,7 @@ from _helpers import (
     check_attention,
     compare_to_reference,
     make_inputs,
+    reference_dtype,
     run_ours,
     run_reference,
 )
@@ -154,14 +155,14 @@ def _autotune_table_params() -> list:
         from flashattention.kernels import configs
 
         arch = configs.arch(torch.device("cuda")) if torch.cuda.is_available() else None
-        entries = [e for e in configs.all_configs() if e[1] == arch]
+        entries = [e for e in configs.all_configs() if e[1] in (arch, f"{arch}-fp32")]
     except Exception as exc:  # collected on CPU machines too: an import error must not hide other tests
         return [pytest.param(None, exc, id="kernels-not-importable")]
     params = []
     for kernel, arch_name, head_dim_pad, config in entries:
         kw = config.kwargs
         params.append(pytest.param(
-            (kernel, head_dim_pad, config), None,
+            (kernel, arch_name, head_dim_pad, config), None,
             id=f"{kernel}-{arch_name}-D{head_dim_pad}-BM{kw.get('BLOCK_M')}-BN{kw.get('BLOCK_N')}"
                f"-w{config.num_warps}-s{config.num_stages}",
         ))
@@ -178,21 +179,22 @@ def test_every_autotune_config_passes(entry, import_error) -> None:
         pytest.fail(f"could not list the autotune configs: {import_error!r}")
     from flashattention.kernels import launch
 
-    kernel, head_dim_pad, config = entry
+    kernel, table, head_dim_pad, config = entry
+    dtype = F32 if table.endswith("-fp32") else B16  # the fp32 tables serve fp32 inputs only
     head_dim = ODD_HEAD_DIM.get(head_dim_pad, head_dim_pad)
     mask = {"causal": True, "window_size": (300, -1)}  # both bounds: masked tiles on each side, full ones
     for seqlen_q, seqlen_k in ((1000, 1000), (300, 1000), (1000, 300)):
-        q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, B16, "cuda")
+        q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda")
         scale = 1 / math.sqrt(head_dim)
         fwd_config = config if kernel == "fwd" else None
         bwd_override = None if kernel == "fwd" else {kernel: config}
-        out, lse = launch.attention_forward(q, k, v, softmax_scale=scale, left=300, right=0,
+        out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=300, right=0,
                                             config=fwd_config)
-        dq, dk, dv = launch.attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, left=300,
+        dq, dk, dv = launch.attention_backward(dout, q, k, v, out, lse2, softmax_scale=scale, left=300,
                                                right=0, configs_override=bwd_override)
         ours = dict(zip(NAMES, (out, lse, dq, dk, dv), strict=True))
-        ref = run_reference(q, k, v, dout, dtype=torch.float32, **mask)
-        same = run_reference(q, k, v, dout, dtype=B16, **mask)
+        ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, "cuda"), **mask)
+        same = run_reference(q, k, v, dout, dtype=dtype, **mask)
         failures = [compare_to_reference(n, ours[n], ref[n], same[n]) for n in NAMES]
         failures = [f for f in failures if f is not None]
         assert not failures, f"Sq={seqlen_q} Sk={seqlen_k} D={head_dim}:\n" + "\n".join(failures)

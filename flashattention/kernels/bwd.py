@@ -1,6 +1,7 @@
 """Backward kernels: delta preprocess, dK/dV (one program per key block and kv head, looping over the
 query heads of its GQA group, so no atomics are needed), and dQ (one program per query block and head).
-Both recompute P = exp(scale * Q K^T - LSE); dS = P * (dP - delta), dP = dO V^T, delta = rowsum(dO * O).
+Both recompute P = exp2(qk_scale * Q K^T - LSE2) with the forward's own log2-unit LSE2 (no conversion, so
+no extra rounding of |scores|-sized numbers); dS = P * (dP - delta), dP = dO V^T, delta = rowsum(dO * O).
 Deterministic: every output element is written by exactly one program, in a fixed order.
 """
 
@@ -8,8 +9,6 @@ import triton
 import triton.language as tl
 
 from .common import load_tile, tile_range, visible
-
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -34,15 +33,15 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_lse_log2(LSE_ROW, offs_m, mask):
-    """LSE in log2 units; rows that saw no key (-inf) become +inf so that exp2(s - lse) = 0."""
-    lse = tl.load(LSE_ROW + offs_m, mask=mask, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+def _load_lse2(LSE2_ROW, offs_m, mask):
+    """LSE2 (log2 units); rows that saw no key (-inf) become +inf so that exp2(s - lse2) = 0."""
+    lse2 = tl.load(LSE2_ROW + offs_m, mask=mask, other=float("inf"))
+    return tl.where(lse2 == float("-inf"), float("inf"), lse2)
 
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qm, stride_dom, tile_start, tile_end,
+    dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom, tile_start, tile_end,
     offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
@@ -54,7 +53,7 @@ def _dkdv_tiles(
         m_mask = offs_m < seqlen_q
         q_t = load_tile(q_base + offs_m[None, :] * stride_qm + offs_d[:, None], m_mask[None, :],
                         d_mask[:, None], MASKED, HEAD_DIM != HEAD_DIM_PAD)  # [HEAD_DIM_PAD, BLOCK_M]
-        lse = _load_lse_log2(lse_row, offs_m, m_mask)
+        lse = _load_lse2(lse2_row, offs_m, m_mask)
         qk_t = tl.dot(k, q_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED:
@@ -71,7 +70,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -107,15 +106,15 @@ def attn_bwd_dkdv_kernel(
         off_h = off_hk * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse_row = LSE + (off_b * num_heads + off_h) * seqlen_q
+        lse2_row = LSE2 + (off_b * num_heads + off_h) * seqlen_q
         delta_row = DELTA + (off_b * num_heads + off_h) * seqlen_q
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qm, stride_dom, lo,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom, lo,
                              full_lo, offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale, BLOCK_M, HEAD_DIM,
                              HEAD_DIM_PAD, True, HAS_HI, HAS_LO, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qm, stride_dom,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom,
                              full_lo, full_hi, offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale, BLOCK_M,
                              HEAD_DIM, HEAD_DIM_PAD, False, HAS_HI, HAS_LO, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_qm, stride_dom,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom,
                              full_hi, hi, offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale, BLOCK_M,
                              HEAD_DIM, HEAD_DIM_PAD, True, HAS_HI, HAS_LO, PRECISION)
 
@@ -153,7 +152,7 @@ def _dq_tiles(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE2, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -177,7 +176,7 @@ def attn_bwd_dq_kernel(
                 mask=q_mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = _load_lse_log2(LSE + off_bh.to(tl.int64) * seqlen_q, offs_m, m_mask)
+    lse = _load_lse2(LSE2 + off_bh.to(tl.int64) * seqlen_q, offs_m, m_mask)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=m_mask, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh

@@ -70,6 +70,30 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     },
 }
 
+# fp32 operands take twice the shared memory of bf16 tiles, so they get their own, smaller tiles; sized so
+# that (num_stages + 1) K/V (or Q/dO) buffers plus the resident tiles stay under ~227 KB. NOT yet run on a
+# GPU (the device time of the session that wrote them ran out): tests/test_gpu.py checks each one.
+_FP32 = {
+    "fwd": {
+        64: [_c(128, 64, 8, 2), _c(64, 64, 4, 2), _c(64, 32, 4, 1)],
+        128: [_c(128, 32, 8, 2), _c(64, 32, 4, 2), _c(32, 32, 4, 1)],
+        256: [_c(64, 32, 4, 1), _c(64, 16, 4, 2), _c(32, 16, 4, 1)],
+    },
+    "bwd_dkdv": {
+        64: [_c(64, 64, 4, 2), _c(32, 64, 4, 2), _c(16, 32, 4, 1)],
+        128: [_c(32, 64, 4, 2), _c(32, 32, 4, 2), _c(16, 32, 4, 1)],
+        256: [_c(16, 32, 4, 2), _c(32, 32, 4, 1), _c(16, 16, 4, 1)],
+    },
+    "bwd_dq": {
+        64: [_c(64, 64, 4, 2), _c(64, 32, 4, 2), _c(32, 16, 4, 1)],
+        128: [_c(64, 32, 4, 2), _c(32, 32, 4, 2), _c(32, 16, 4, 1)],
+        256: [_c(32, 16, 4, 2), _c(32, 32, 4, 1), _c(16, 16, 4, 1)],
+    },
+}
+for _kernel, _dims in _FP32.items():
+    TABLES[_kernel]["sm90-fp32"] = _dims
+    TABLES[_kernel]["sm80-fp32"] = _dims
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -86,8 +110,15 @@ def arch(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
+def table_name(device: torch.device, dtype: torch.dtype) -> str:
+    """The table for this device and input dtype: the architecture's, or its fp32 variant."""
+    name = arch(device)
+    return f"{name}-fp32" if dtype == torch.float32 and name != "interpret" else name
+
+
 def configs_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
-    """The configs of `kernel` for one architecture and padded head dim (the smallest table entry >= it)."""
+    """The configs of `kernel` for one table (see table_name) and padded head dim (the smallest table entry
+    >= it)."""
     table = TABLES[kernel][arch_name]
     return table[min(d for d in table if d >= head_dim_pad)]
 

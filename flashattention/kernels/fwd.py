@@ -1,14 +1,14 @@
 """Forward kernel: one program per (query block, batch * head), online softmax in exp2.
 
-O[i] = sum_j softmax_j(scale * q_i . k_j) v_j over the visible keys j; LSE[i] = log sum_j exp(scale q_i.k_j).
+O[i] = sum_j softmax_j(scale * q_i . k_j) v_j over the visible keys j, and
+LSE2[i] = log2 sum_j exp(scale * q_i . k_j) in the log2 units (scores times qk_scale = scale * log2(e)) in
+which the backward recomputes P.
 """
 
 import triton
 import triton.language as tl
 
 from .common import load_tile, tile_range, visible
-
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def attn_fwd_kernel(
     K,
     V,
     O,
-    LSE,
+    LSE2,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -239,7 +239,7 @@ def attn_fwd_kernel(
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_i))
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
-    tl.store(LSE + off_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(LSE2 + off_bh.to(tl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)

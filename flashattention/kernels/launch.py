@@ -1,5 +1,6 @@
 """Thin launchers: allocate outputs, pick the config (autotuned, default or forced) and the grid, launch.
-Entry points match flashattention.blockwise: attention_forward / attention_backward."""
+Entry points match flashattention.blockwise: attention_forward -> (out, lse, stats) and
+attention_backward(dout, q, k, v, out, stats); here stats is the log2-unit LSE2 the backward needs."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from . import configs
 from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .fwd import attn_fwd_kernel
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 if configs.interpreting():
     from ._interpreter import patch_bf16_dot
@@ -41,16 +44,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
-def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, config=None) -> None:
-    """Launches with `config` if given, else the table's first config or the autotuner over the table."""
-    if config is None:
-        arch = configs.arch(device)
-        if not configs.autotune_enabled() or len(configs.configs_for(name, arch, head_dim_pad)) == 1:
-            config = configs.configs_for(name, arch, head_dim_pad)[0]
-        else:
-            configs.autotuner(kernel_fn, name, arch, head_dim_pad)[grid](**args)
+def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None) -> None:
+    """Launches with `config` if given, else the autotuner over the table entry, or (autotuning off) the
+    first config of the entry that fits this GPU's shared memory (smaller GPUs than the table's)."""
+    if config is not None:
+        kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    table = configs.table_name(device, dtype)
+    candidates = configs.configs_for(name, table, head_dim_pad)
+    if configs.autotune_enabled() and len(candidates) > 1:
+        configs.autotuner(kernel_fn, name, table, head_dim_pad)[grid](**args)
+        return
+    for i, cfg in enumerate(candidates):
+        try:
+            kernel_fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             return
-    kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -73,17 +84,19 @@ def _mask_flags(left: int, right: int) -> dict:
 
 
 def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
-    """out [B, H, Sq, D] (q.dtype, contiguous), lse [B, H, Sq] float32 (natural log)."""
+    """out [B, H, Sq, D] (q.dtype, contiguous), lse [B, H, Sq] float32 (natural log), lse2 = lse * log2(e)
+    as the kernel computed it (saved for the backward)."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
-    lse = _empty((batch, heads, seqlen_q), torch.float32, q.device)
+    lse2 = _empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, lse2, lse2
     if seqlen_k == 0:  # no keys: every row is empty
-        return out.zero_(), lse.fill_(-math.inf)
+        lse2.fill_(-math.inf)
+        return out.zero_(), lse2, lse2
     args = dict(
-        Q=q, K=k, V=v, O=out, LSE=lse,
+        Q=q, K=k, V=v, O=out, LSE2=lse2,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -93,11 +106,11 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         PRECISION=_precision(q.dtype), CAN_TMA=_tma_ok(k, v), **_mask_flags(left, right),
     )
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, config)
-    return out, lse
+    _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, q.dtype, config)
+    return out, lse2 * LN2, lse2
 
 
-def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: int, right: int,
+def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int,
                        configs_override: dict | None = None):
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic."""
     batch, heads, seqlen_q, head_dim = q.shape
@@ -116,7 +129,7 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: i
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=pre_block,
     )
     common = dict(
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta,
+        Q=q, K=k, V=v, DO=dout, LSE2=lse2, DELTA=delta,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -131,9 +144,10 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: i
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
     )
     grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
-    _launch(attn_bwd_dkdv_kernel, "bwd_dkdv", grid, dkdv_args, head_dim_pad, q.device,
+    _launch(attn_bwd_dkdv_kernel, "bwd_dkdv", grid, dkdv_args, head_dim_pad, q.device, q.dtype,
             forced.get("bwd_dkdv"))
     dq_args = dict(common, DQ=dq, stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2))
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    _launch(attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, forced.get("bwd_dq"))
+    _launch(attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype,
+            forced.get("bwd_dq"))
     return dq, dk, dv

@@ -1,0 +1,50 @@
+"""Every block shape of every autotune table, run through the kernels (the interpreter on CPU): the tile
+ranges and masks must be right for each (BLOCK_M, BLOCK_N) pair, not only for the default config. Whether
+a config compiles and fits a real GPU is tests/test_gpu.py's job."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _helpers import NAMES, compare_to_reference, make_inputs, reference_dtype, run_reference
+
+from flashattention.kernels import configs, launch
+
+# a padded head dim -> an odd head dim that the table entry serves (exercises the padding masks)
+ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
+
+
+def _entries() -> list:
+    seen, params = set(), []
+    for kernel, table, head_dim_pad, config in configs.all_configs():
+        kw = config.kwargs
+        dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
+        key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], kw.get("USE_TMA", False), dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        params.append(pytest.param(kernel, head_dim_pad, config, dtype,
+                                   id=f"{kernel}-D{head_dim_pad}-BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}"
+                                      f"{'-tma' if kw.get('USE_TMA') else ''}-{str(dtype)[6:]}"))
+    return params
+
+
+@pytest.mark.parametrize("kernel, head_dim_pad, config, dtype", _entries())
+def test_config_block_shapes(kernel, head_dim_pad, config, dtype, device) -> None:
+    head_dim = ODD_HEAD_DIM[head_dim_pad] if device == "cuda" else min(ODD_HEAD_DIM[head_dim_pad], 40)
+    left, right = 50, 0  # causal + window: masked tiles on both sides and full ones between
+    seqlen_q, seqlen_k = 150, 230
+    q, k, v, dout = make_inputs(1, 2, 1, seqlen_q, seqlen_k, head_dim, dtype, device)
+    scale = 1 / math.sqrt(head_dim)
+    out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=left, right=right,
+                                              config=config if kernel == "fwd" else None)
+    dq, dk, dv = launch.attention_backward(dout, q, k, v, out, lse2, softmax_scale=scale, left=left,
+                                           right=right, configs_override={kernel: config})
+    mask = {"causal": True, "window_size": (left, -1)}
+    ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, device), **mask)
+    same = run_reference(q, k, v, dout, dtype=dtype, **mask)
+    ours = dict(zip(NAMES, (out, lse, dq, dk, dv), strict=True))
+    failures = [f for n in NAMES if (f := compare_to_reference(n, ours[n], ref[n], same[n])) is not None]
+    assert not failures, "\n".join(failures)
