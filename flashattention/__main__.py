@@ -14,11 +14,9 @@ import torch
 import flashattention
 from flashattention import flash_attention
 from flashattention.reference import attention_reference
+from flashattention.testing import error_and_bound
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# The floor of the pass rule, relative to max(max|ref|, 1): about one rounding of the half types, and
-# accumulation-order noise for fp32. The same values as the tests' rule (tests/_helpers.py).
-FLOOR_REL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 
 
 def _interpreting() -> bool:
@@ -142,24 +140,6 @@ INTERPRETER_CASES = (
 )
 
 
-def _compare(
-    ours: torch.Tensor, ref: torch.Tensor, same: torch.Tensor, dtype: torch.dtype
-) -> tuple[bool, float, float]:
-    """The tolerance rule of DESIGN.md section 3: max|ours - ref| <= 2 * max|same_dtype - ref| + floor."""
-    ours, ref, same = ours.double(), ref.double(), same.double()
-    finite = ref.isfinite()
-    if not torch.equal(ours.isfinite(), finite):  # NaN never passes; -inf LSE must match
-        return False, float("nan"), 0.0
-    if not finite.any():
-        return True, 0.0, 0.0
-    err = (ours - ref)[finite].abs().max().item()
-    floor = FLOOR_REL[dtype] * max(ref[finite].abs().max().item(), 1.0)
-    same_err = (same - ref)[finite].abs()
-    same_err = same_err[same_err.isfinite()]  # where torch itself overflows, it does not widen the bound
-    bound = 2 * (same_err.max().item() if same_err.numel() else 0.0) + floor
-    return err <= bound, err, bound
-
-
 def _run_case(case: Case, dtype: torch.dtype, backend: str, device: torch.device) -> tuple[bool, str]:
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -185,8 +165,9 @@ def _run_case(case: Case, dtype: torch.dtype, backend: str, device: torch.device
     worst, ok_all = "", True
     worst_ratio = -1.0
     for name, o, r, s in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, same, strict=True):
-        ok, err, bound = _compare(o, r, s, dtype)
-        ratio = err / bound if ok else float("inf")
+        err, bound = error_and_bound(o, r, s)
+        ok = err <= bound
+        ratio = err / bound if ok and bound > 0 else (0.0 if ok else float("inf"))
         ok_all &= ok
         if ratio > worst_ratio:
             worst_ratio = ratio

@@ -26,7 +26,7 @@ def _qkv(batch, heads, kv_heads, seqlen, head_dim, device, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_token_by_token_decode_matches_causal_prefill(device, backend):
-    """decode == last row of prefill: feeding tokens one by one through the cache reproduces causal attention."""
+    """decode == last row of prefill: tokens fed one by one through the cache give causal attention."""
     batch, heads, kv_heads, seqlen, head_dim = 2, 4, 2, 11, 32
     q, k, v = _qkv(batch, heads, kv_heads, seqlen, head_dim, device)
     cache = initialize_kv_cache(batch, kv_heads, 4, head_dim, device=device)  # grows twice on the way
