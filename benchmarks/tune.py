@@ -42,11 +42,13 @@ def _label(cfg) -> str:
 def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], table: str) -> list[dict]:
     """Rows for one shape: every config of `kernels` checked and timed, peers timed alongside."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
-    q, k, v, do = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16)
-                   for _ in range(4))
+    q, k, v, do = (
+        torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
+    )
     with sdpa_kernel(SDPBackend.MATH):
-        ref_out, ref_grads, _ = _sdpa_fwd_bwd(SDPBackend.MATH, q.float(), k.float(), v.float(), do.float(),
-                                              causal)
+        ref_out, ref_grads, _ = _sdpa_fwd_bwd(
+            SDPBackend.MATH, q.float(), k.float(), v.float(), do.float(), causal
+        )
     ref = (ref_out, *ref_grads)
     peer_out, peer_grads, _ = _sdpa_fwd_bwd(SDPBackend.FLASH_ATTENTION, q, k, v, do, causal)
     same = (peer_out, *peer_grads)
@@ -56,26 +58,46 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
         try:
             peers[f"{name}_fwd"] = flops / do_bench(lambda b=backend: _sdpa(b, q, k, v, causal)) / 1e9
             out, _, leaves = _sdpa_fwd_bwd(backend, q, k, v, do, causal)
-            peers[f"{name}_bwd"] = 2.5 * flops / do_bench(
-                lambda o=out, lv=leaves: torch.autograd.grad(o, lv, do, retain_graph=True)) / 1e9
+            peers[f"{name}_bwd"] = (
+                2.5
+                * flops
+                / do_bench(lambda o=out, lv=leaves: torch.autograd.grad(o, lv, do, retain_graph=True))
+                / 1e9
+            )
         except RuntimeError as exc:
             print(f"peer {name} failed: {exc}")
     scale, right, pad = head_dim**-0.5, (0 if causal else -1), max(16, 1 << (head_dim - 1).bit_length())
-    out, _, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=-1, right=right,
-                                            config=configs.configs_for("fwd", table, pad)[0])
+    out, _, lse2 = launch.attention_forward(
+        q, k, v, softmax_scale=scale, left=-1, right=right, config=configs.configs_for("fwd", table, pad)[0]
+    )
     rows = []
     for kernel in kernels:
         for cfg in configs.configs_for(kernel, table, pad):
             row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=_label(cfg), **peers)
             if kernel == "fwd":
+
                 def run(c=cfg):
-                    return launch.attention_forward(q, k, v, softmax_scale=scale, left=-1, right=right,
-                                                    config=c)[:1]
+                    return launch.attention_forward(
+                        q, k, v, softmax_scale=scale, left=-1, right=right, config=c
+                    )[:1]
+
                 work = flops
             else:
+
                 def run(c=cfg, kern=kernel):
-                    return launch.attention_backward(do, q, k, v, out, lse2, softmax_scale=scale, left=-1,
-                                                     right=right, configs_override={kern: c})
+                    return launch.attention_backward(
+                        do,
+                        q,
+                        k,
+                        v,
+                        out,
+                        lse2,
+                        softmax_scale=scale,
+                        left=-1,
+                        right=right,
+                        configs_override={kern: c},
+                    )
+
                 work = 2.5 * flops
             try:
                 results = run()
@@ -86,8 +108,11 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
                 row["tflops"] = work / do_bench(run) / 1e9
             except Exception as exc:  # a config that fails to compile is reported, not fatal
                 row.update(ok=False, tflops=0.0, error=str(exc)[:200])
-            print(f"D{head_dim} causal={causal} {kernel:9s} {row['config']:20s} ok={row['ok']} "
-                  f"{row['tflops']:6.1f} TFLOP/s {row.get('error', '')}", flush=True)
+            print(
+                f"D{head_dim} causal={causal} {kernel:9s} {row['config']:20s} ok={row['ok']} "
+                f"{row['tflops']:6.1f} TFLOP/s {row.get('error', '')}",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -113,9 +138,11 @@ def main() -> None:
     print("| D | causal | kernel | config | ok | TFLOP/s | flash fwd/bwd | cudnn fwd/bwd |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['D']} | {r['causal']} | {r['kernel']} | {r['config']} | {r['ok']} | {r['tflops']:.0f} | "
-              f"{r.get('flash_fwd', 0):.0f}/{r.get('flash_bwd', 0):.0f} | "
-              f"{r.get('cudnn_fwd', 0):.0f}/{r.get('cudnn_bwd', 0):.0f} |")
+        print(
+            f"| {r['D']} | {r['causal']} | {r['kernel']} | {r['config']} | {r['ok']} | {r['tflops']:.0f} | "
+            f"{r.get('flash_fwd', 0):.0f}/{r.get('flash_bwd', 0):.0f} | "
+            f"{r.get('cudnn_fwd', 0):.0f}/{r.get('cudnn_bwd', 0):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -147,8 +147,12 @@ def pick_backend(backend: object, device: torch.device) -> str:
 
 def check_cache_dims(batch_size: object, num_heads: object, max_seq_len: object, head_dim: object) -> None:
     """Sizes given to initialize_kv_cache."""
-    for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("max_seq_len", max_seq_len),
-                        ("head_dim", head_dim)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("num_heads", num_heads),
+        ("max_seq_len", max_seq_len),
+        ("head_dim", head_dim),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"initialize_kv_cache: `{name}` must be a non-negative int, got {value!r}.")
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:

@@ -23,8 +23,17 @@ def _key_range(q0: int, q1: int, seqlen_q: int, seqlen_k: int, left: int, right:
     return lo, max(lo, hi)
 
 
-def _tile_mask(q0: int, q1: int, k0: int, k1: int, seqlen_q: int, seqlen_k: int, left: int, right: int,
-               device: torch.device) -> torch.Tensor | None:
+def _tile_mask(
+    q0: int,
+    q1: int,
+    k0: int,
+    k1: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    left: int,
+    right: int,
+    device: torch.device,
+) -> torch.Tensor | None:
     """[q1-q0, k1-k0] bool visibility of a tile, or None when every pair is visible."""
     off = seqlen_k - seqlen_q
     if (left < 0 or k0 >= q1 - 1 + off - left) and (right < 0 or k1 - 1 <= q0 + off + right):

@@ -46,8 +46,10 @@ class KVCache:
 
     def __repr__(self) -> str:
         b, h, _, d = self._keys.shape
-        return (f"KVCache(batch={b}, kv_heads={h}, head_dim={d}, length={self.length}, "
-                f"capacity={self.capacity}, dtype={self._keys.dtype}, device={self._keys.device})")
+        return (
+            f"KVCache(batch={b}, kv_heads={h}, head_dim={d}, length={self.length}, "
+            f"capacity={self.capacity}, dtype={self._keys.dtype}, device={self._keys.device})"
+        )
 
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -109,8 +111,15 @@ def incremental_attention(
         raise TypeError(
             f"incremental_attention: `kv_cache` must be a KVCache, got {type(kv_cache).__name__}."
         )
-    return flash_attention(q, kv_cache.keys, kv_cache.values, causal=causal, softmax_scale=softmax_scale,
-                           window_size=window_size, backend=backend)
+    return flash_attention(
+        q,
+        kv_cache.keys,
+        kv_cache.values,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        backend=backend,
+    )
 
 
 def flash_attention_with_kv_cache(
@@ -131,8 +140,9 @@ def flash_attention_with_kv_cache(
         kv_cache = KVCache(k.clone(), v.clone())
     else:
         update_kv_cache(kv_cache, k, v)
-    out = incremental_attention(q, kv_cache, causal, softmax_scale=softmax_scale, window_size=window_size,
-                                backend=backend)
+    out = incremental_attention(
+        q, kv_cache, causal, softmax_scale=softmax_scale, window_size=window_size, backend=backend
+    )
     return out, kv_cache
 
 

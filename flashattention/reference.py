@@ -8,8 +8,13 @@ import math
 import torch
 
 
-def visible_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size: tuple[int, int],
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+def visible_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    causal: bool,
+    window_size: tuple[int, int],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """[seqlen_q, seqlen_k] bool: True where query i may see key j (bottom-right aligned)."""
     left, right = window_size
     if causal:

@@ -49,7 +49,10 @@ def _errors(ours: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, flo
 
 
 def error_and_bound(
-    ours: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, floor: float | None = None,
+    ours: torch.Tensor,
+    ref: torch.Tensor,
+    same_dtype: torch.Tensor,
+    floor: float | None = None,
 ) -> tuple[float, float]:
     """(max|ours - ref|, bound): the rule passes when the first is <= the second (inf: NaN or an infinite
     entry missed). Shapes must match; empty tensors give (0, 0)."""
@@ -60,7 +63,11 @@ def error_and_bound(
 
 
 def compare_to_reference(
-    name: str, ours: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, floor: float | None = None,
+    name: str,
+    ours: torch.Tensor,
+    ref: torch.Tensor,
+    same_dtype: torch.Tensor,
+    floor: float | None = None,
 ) -> str | None:
     """Applies the pass rule; returns None on pass, else a message with the worst index and both values.
 

@@ -36,7 +36,11 @@ def reference_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dty
 
 
 def assert_close_to_reference(
-    name: str, ours: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor, floor: float | None = None,
+    name: str,
+    ours: torch.Tensor,
+    ref: torch.Tensor,
+    same_dtype: torch.Tensor,
+    floor: float | None = None,
 ) -> None:
     """Asserts the pass rule of DESIGN.md section 3 (see `compare_to_reference`)."""
     message = compare_to_reference(name, ours, ref, same_dtype, floor)
@@ -81,8 +85,14 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = [f"B{self.batch}", f"H{self.heads}", f"Hkv{self.kv_heads}", f"Sq{self.seqlen_q}",
-                 f"Sk{self.seqlen_k}", f"D{self.head_dim}"]
+        parts = [
+            f"B{self.batch}",
+            f"H{self.heads}",
+            f"Hkv{self.kv_heads}",
+            f"Sq{self.seqlen_q}",
+            f"Sk{self.seqlen_k}",
+            f"D{self.head_dim}",
+        ]
         if self.causal:
             parts.append("causal")
         if self.window[0] != -1:
@@ -99,17 +109,36 @@ class Case:
 
     def inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
         """(q, k, v, dout) in self.dtype, generated in float32 so all dtypes see the same values."""
-        return make_inputs(self.batch, self.heads, self.kv_heads, self.seqlen_q, self.seqlen_k, self.head_dim,
-                           self.dtype, device, self.input_scale)
+        return make_inputs(
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.seqlen_q,
+            self.seqlen_k,
+            self.head_dim,
+            self.dtype,
+            device,
+            self.input_scale,
+        )
 
 
 def case_params(cases: Sequence[Case], *marks) -> list:
     return [pytest.param(c, id=c.id, marks=marks) for c in cases]
 
 
-def make_inputs(batch: int, heads: int, kv_heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
-                dtype: torch.dtype, device: torch.device | str, input_scale: float = 1.0):
+def make_inputs(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    input_scale: float = 1.0,
+):
     """Random (q, k, v, dout), BHSD and contiguous, in `dtype` on `device`."""
+
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).to(dtype)
 
@@ -137,6 +166,7 @@ def forward_backward(fn: AttentionFn, q, k, v, dout, dtype: torch.dtype | None =
 
 def run_ours(q, k, v, dout, *, backend: str, **kwargs) -> dict:
     """flash_attention forward (with lse) and backward; checks that grads exist and dtypes are kept."""
+
     def fn(q_, k_, v_):
         return flash_attention(q_, k_, v_, return_lse=True, backend=backend, **kwargs)
 

@@ -86,5 +86,5 @@ def _poison_empty(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def device() -> str:
-    """"cuda" when a GPU is present, else "cpu" (where backend="triton" runs in the interpreter)."""
+    """ "cuda" when a GPU is present, else "cpu" (where backend="triton" runs in the interpreter)."""
     return "cuda" if HAS_CUDA else "cpu"

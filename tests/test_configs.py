@@ -25,9 +25,16 @@ def _entries() -> list:
         if key in seen:
             continue
         seen.add(key)
-        params.append(pytest.param(kernel, head_dim_pad, config, dtype,
-                                   id=f"{kernel}-D{head_dim_pad}-BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}"
-                                      f"{'-tma' if kw.get('USE_TMA') else ''}-{str(dtype)[6:]}"))
+        params.append(
+            pytest.param(
+                kernel,
+                head_dim_pad,
+                config,
+                dtype,
+                id=f"{kernel}-D{head_dim_pad}-BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}"
+                f"{'-tma' if kw.get('USE_TMA') else ''}-{str(dtype)[6:]}",
+            )
+        )
     return params
 
 
@@ -38,10 +45,21 @@ def test_config_block_shapes(kernel, head_dim_pad, config, dtype, device) -> Non
     seqlen_q, seqlen_k = 150, 230
     q, k, v, dout = make_inputs(1, 2, 1, seqlen_q, seqlen_k, head_dim, dtype, device)
     scale = 1 / math.sqrt(head_dim)
-    out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=left, right=right,
-                                              config=config if kernel == "fwd" else None)
-    dq, dk, dv = launch.attention_backward(dout, q, k, v, out, lse2, softmax_scale=scale, left=left,
-                                           right=right, configs_override={kernel: config})
+    out, lse, lse2 = launch.attention_forward(
+        q, k, v, softmax_scale=scale, left=left, right=right, config=config if kernel == "fwd" else None
+    )
+    dq, dk, dv = launch.attention_backward(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse2,
+        softmax_scale=scale,
+        left=left,
+        right=right,
+        configs_override={kernel: config},
+    )
     mask = {"causal": True, "window_size": (left, -1)}
     ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, device), **mask)
     same = run_reference(q, k, v, dout, dtype=dtype, **mask)

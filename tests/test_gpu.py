@@ -30,8 +30,10 @@ WINDOW, CAUSAL_LEFT = (False, (256, 256)), (True, (1000, -1))
 # cache), so the matrix covers every dtype, mask and head dim without taking their full product.
 GPU_CASES = [
     # every mask in bf16, two masks in fp16 and fp32, at 2k
-    *(Case(2, 8, 8, 2048, 2048, 128, B16, causal=c, window=w)
-      for c, w in (FULL, CAUSAL, WINDOW, CAUSAL_LEFT)),
+    *(
+        Case(2, 8, 8, 2048, 2048, 128, B16, causal=c, window=w)
+        for c, w in (FULL, CAUSAL, WINDOW, CAUSAL_LEFT)
+    ),
     *(Case(2, 8, 8, 2048, 2048, 128, dt, causal=c, window=w) for dt in (F16, F32) for c, w in (FULL, CAUSAL)),
     Case(2, 8, 8, 2048, 2048, 128, F16, window=(256, 256)),
     Case(2, 8, 8, 2048, 2048, 128, F32, causal=True, window=(1000, -1)),
@@ -61,10 +63,15 @@ def test_matches_reference_gpu(case: Case, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch"])
-@pytest.mark.parametrize("case", case_params([
-    Case(2, 8, 2, 2048, 2048, 128, B16, causal=True),
-    Case(1, 8, 8, 1000, 3000, 64, F32, window=(256, 256)),
-]))
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [
+            Case(2, 8, 2, 2048, 2048, 128, B16, causal=True),
+            Case(1, 8, 8, 1000, 3000, 64, F32, window=(256, 256)),
+        ]
+    ),
+)
 def test_torch_backend_on_gpu(case: Case, backend: str) -> None:
     q, k, v, dout = case.inputs("cuda")
     check_attention(q, k, v, dout, backend=backend, **case.mask_kwargs())
@@ -93,16 +100,22 @@ def _chunked_causal_reference(q, k, v, dout, dtype: torch.dtype, chunk: int) -> 
     for r0 in range(0, seqlen_q, chunk):
         r1 = min(r0 + chunk, seqlen_q)
         kend = max(0, min(seqlen_k, r1 + off))
-        part = run_reference(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], dout[:, :, r0:r1], dtype=dtype,
-                             causal=True)
+        part = run_reference(
+            q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], dout[:, :, r0:r1], dtype=dtype, causal=True
+        )
         outs.append(part["out"])
         lses.append(part["lse"])
         dqs.append(part["dq"])
         dk[:, :, :kend] += part["dk"].float()
         dv[:, :, :kend] += part["dv"].float()
         del part
-    return {"out": torch.cat(outs, 2), "lse": torch.cat(lses, 2), "dq": torch.cat(dqs, 2),
-            "dk": dk.to(dtype), "dv": dv.to(dtype)}
+    return {
+        "out": torch.cat(outs, 2),
+        "lse": torch.cat(lses, 2),
+        "dq": torch.cat(dqs, 2),
+        "dk": dk.to(dtype),
+        "dv": dv.to(dtype),
+    }
 
 
 def test_64k_causal_bf16_forward_backward() -> None:
@@ -161,11 +174,14 @@ def _autotune_table_params() -> list:
     params = []
     for kernel, arch_name, head_dim_pad, config in entries:
         kw = config.kwargs
-        params.append(pytest.param(
-            (kernel, arch_name, head_dim_pad, config), None,
-            id=f"{kernel}-{arch_name}-D{head_dim_pad}-BM{kw.get('BLOCK_M')}-BN{kw.get('BLOCK_N')}"
-               f"-w{config.num_warps}-s{config.num_stages}",
-        ))
+        params.append(
+            pytest.param(
+                (kernel, arch_name, head_dim_pad, config),
+                None,
+                id=f"{kernel}-{arch_name}-D{head_dim_pad}-BM{kw.get('BLOCK_M')}-BN{kw.get('BLOCK_N')}"
+                f"-w{config.num_warps}-s{config.num_stages}",
+            )
+        )
     return params or [pytest.param(None, RuntimeError("no config for this GPU's architecture"), id="empty")]
 
 
@@ -188,10 +204,12 @@ def test_every_autotune_config_passes(entry, import_error) -> None:
         scale = 1 / math.sqrt(head_dim)
         fwd_config = config if kernel == "fwd" else None
         bwd_override = None if kernel == "fwd" else {kernel: config}
-        out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=300, right=0,
-                                            config=fwd_config)
-        dq, dk, dv = launch.attention_backward(dout, q, k, v, out, lse2, softmax_scale=scale, left=300,
-                                               right=0, configs_override=bwd_override)
+        out, lse, lse2 = launch.attention_forward(
+            q, k, v, softmax_scale=scale, left=300, right=0, config=fwd_config
+        )
+        dq, dk, dv = launch.attention_backward(
+            dout, q, k, v, out, lse2, softmax_scale=scale, left=300, right=0, configs_override=bwd_override
+        )
         ours = dict(zip(NAMES, (out, lse, dq, dk, dv), strict=True))
         ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, "cuda"), **mask)
         same = run_reference(q, k, v, dout, dtype=dtype, **mask)

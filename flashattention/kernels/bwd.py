@@ -13,10 +13,20 @@ from .common import load_tile, tile_range, visible
 
 @triton.jit
 def attn_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    num_heads, seqlen_q,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    num_heads,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
@@ -24,10 +34,16 @@ def attn_bwd_preprocess_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(
+        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
     tl.store(DELTA + off_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
@@ -41,25 +57,56 @@ def _load_lse2(LSE2_ROW, offs_m, mask):
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom, tile_start, tile_end,
-    offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse2_row,
+    delta_row,
+    stride_qm,
+    stride_dom,
+    tile_start,
+    tile_end,
+    offs_n,
+    offs_d,
+    seqlen_q,
+    lo_off,
+    hi_off,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end)."""
     d_mask = offs_d < HEAD_DIM
     for start_m in tl.range(tile_start, tile_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < seqlen_q
-        q_t = load_tile(q_base + offs_m[None, :] * stride_qm + offs_d[:, None], m_mask[None, :],
-                        d_mask[:, None], MASKED, HEAD_DIM != HEAD_DIM_PAD)  # [HEAD_DIM_PAD, BLOCK_M]
+        q_t = load_tile(
+            q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
+            m_mask[None, :],
+            d_mask[:, None],
+            MASKED,
+            HEAD_DIM != HEAD_DIM_PAD,
+        )  # [HEAD_DIM_PAD, BLOCK_M]
         lse = _load_lse2(lse2_row, offs_m, m_mask)
         qk_t = tl.dot(k, q_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p_t, 0.0)
-        do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], m_mask[:, None],
-                       d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)  # [BLOCK_M, HEAD_DIM_PAD]
+        do = load_tile(
+            do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
+            m_mask[:, None],
+            d_mask[None, :],
+            MASKED,
+            HEAD_DIM != HEAD_DIM_PAD,
+        )  # [BLOCK_M, HEAD_DIM_PAD]
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
@@ -70,17 +117,48 @@ def _dkdv_tiles(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    num_heads, num_kv_heads, group, seqlen_q, seqlen_k, window_left, window_right, qk_scale, softmax_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    num_heads,
+    num_kv_heads,
+    group,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
@@ -89,10 +167,16 @@ def attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, HEAD_DIM_PAD]
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )  # [BLOCK_N, HEAD_DIM_PAD]
+    v = tl.load(
+        V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left
     diag = seqlen_k - seqlen_q
@@ -108,15 +192,87 @@ def attn_bwd_dkdv_kernel(
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse2_row = LSE2 + (off_b * num_heads + off_h) * seqlen_q
         delta_row = DELTA + (off_b * num_heads + off_h) * seqlen_q
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom, lo,
-                             full_lo, offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale, BLOCK_M, HEAD_DIM,
-                             HEAD_DIM_PAD, True, HAS_HI, HAS_LO, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom,
-                             full_lo, full_hi, offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale, BLOCK_M,
-                             HEAD_DIM, HEAD_DIM_PAD, False, HAS_HI, HAS_LO, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom,
-                             full_hi, hi, offs_n, offs_d, seqlen_q, lo_off, hi_off, qk_scale, BLOCK_M,
-                             HEAD_DIM, HEAD_DIM_PAD, True, HAS_HI, HAS_LO, PRECISION)
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse2_row,
+            delta_row,
+            stride_qm,
+            stride_dom,
+            lo,
+            full_lo,
+            offs_n,
+            offs_d,
+            seqlen_q,
+            lo_off,
+            hi_off,
+            qk_scale,
+            BLOCK_M,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            True,
+            HAS_HI,
+            HAS_LO,
+            PRECISION,
+        )
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse2_row,
+            delta_row,
+            stride_qm,
+            stride_dom,
+            full_lo,
+            full_hi,
+            offs_n,
+            offs_d,
+            seqlen_q,
+            lo_off,
+            hi_off,
+            qk_scale,
+            BLOCK_M,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            False,
+            HAS_HI,
+            HAS_LO,
+            PRECISION,
+        )
+        dk, dv = _dkdv_tiles(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse2_row,
+            delta_row,
+            stride_qm,
+            stride_dom,
+            full_hi,
+            hi,
+            offs_n,
+            offs_d,
+            seqlen_q,
+            lo_off,
+            hi_off,
+            qk_scale,
+            BLOCK_M,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            True,
+            HAS_HI,
+            HAS_LO,
+            PRECISION,
+        )
 
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
@@ -126,20 +282,50 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, tile_start, tile_end, offs_m, offs_d,
-    seqlen_k, lo_off, hi_off, qk_scale,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    tile_start,
+    tile_end,
+    offs_m,
+    offs_d,
+    seqlen_k,
+    lo_off,
+    hi_off,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Accumulates dQ of one query block over the key tiles [tile_start, tile_end)."""
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seqlen_k
-        k_t = load_tile(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], n_mask[None, :],
-                        d_mask[:, None], MASKED, HEAD_DIM != HEAD_DIM_PAD)  # [HEAD_DIM_PAD, BLOCK_N]
-        v_t = load_tile(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], n_mask[None, :],
-                        d_mask[:, None], MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        k_t = load_tile(
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+            n_mask[None, :],
+            d_mask[:, None],
+            MASKED,
+            HEAD_DIM != HEAD_DIM_PAD,
+        )  # [HEAD_DIM_PAD, BLOCK_N]
+        v_t = load_tile(
+            v_base + offs_n[None, :] * stride_vn + offs_d[:, None],
+            n_mask[None, :],
+            d_mask[:, None],
+            MASKED,
+            HEAD_DIM != HEAD_DIM_PAD,
+        )
         qk = tl.dot(q, k_t, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -152,16 +338,43 @@ def _dq_tiles(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
-    num_heads, group, seqlen_q, seqlen_k, window_left, window_right, qk_scale, softmax_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    num_heads,
+    group,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -172,10 +385,16 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m_mask = offs_m < seqlen_q
     q_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     lse = _load_lse2(LSE2 + off_bh.to(tl.int64) * seqlen_q, offs_m, m_mask)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=m_mask, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
@@ -187,14 +406,83 @@ def attn_bwd_dq_kernel(
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, lo, full_lo, offs_m, offs_d,
-                   seqlen_k, lo_off, hi_off, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LO, HAS_HI,
-                   PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_lo, full_hi, offs_m,
-                   offs_d, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LO,
-                   HAS_HI, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full_hi, hi, offs_m, offs_d,
-                   seqlen_k, lo_off, hi_off, qk_scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LO, HAS_HI,
-                   PRECISION)
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        lo,
+        full_lo,
+        offs_m,
+        offs_d,
+        seqlen_k,
+        lo_off,
+        hi_off,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        True,
+        HAS_LO,
+        HAS_HI,
+        PRECISION,
+    )
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        full_lo,
+        full_hi,
+        offs_m,
+        offs_d,
+        seqlen_k,
+        lo_off,
+        hi_off,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        False,
+        HAS_LO,
+        HAS_HI,
+        PRECISION,
+    )
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        full_hi,
+        hi,
+        offs_m,
+        offs_d,
+        seqlen_k,
+        lo_off,
+        hi_off,
+        qk_scale,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        True,
+        HAS_LO,
+        HAS_HI,
+        PRECISION,
+    )
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -12,8 +12,14 @@ import triton.language as tl
 
 @triton.jit
 def tile_range(
-    start, BLOCK_SELF: tl.constexpr, BLOCK_OTHER: tl.constexpr, len_other, lo_off, hi_off,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    start,
+    BLOCK_SELF: tl.constexpr,
+    BLOCK_OTHER: tl.constexpr,
+    len_other,
+    lo_off,
+    hi_off,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
 ):
     """Splits the other axis, for the self block [start, start + BLOCK_SELF), into tile-aligned ranges:
     [lo, full_lo) and [full_hi, hi) need element masks, [full_lo, full_hi) is visible for every row and
@@ -43,7 +49,13 @@ def tile_range(
 
 @triton.jit
 def visible(
-    offs_self, offs_other, len_other, lo_off, hi_off, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    offs_self,
+    offs_other,
+    len_other,
+    lo_off,
+    hi_off,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
 ):
     """[len(offs_self), len(offs_other)] bool: which pairs are visible (and inside len_other)."""
     mask = offs_other[None, :] < len_other

@@ -20,8 +20,9 @@ AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_T
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
     """flags (forward only): USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles)."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
+    )
 
 
 # kernel -> arch -> largest padded head dim -> configs (first = default)
@@ -125,8 +126,13 @@ def configs_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.C
 
 def all_configs() -> list[tuple[str, str, int, triton.Config]]:
     """Every (kernel, arch, head_dim_pad, config) in the tables: the GPU tests run each one."""
-    return [(kern, a, d, c) for kern, archs in TABLES.items() for a, dims in archs.items()
-            for d, cs in dims.items() for c in cs]
+    return [
+        (kern, a, d, c)
+        for kern, archs in TABLES.items()
+        for a, dims in archs.items()
+        for d, cs in dims.items()
+        for c in cs
+    ]
 
 
 @functools.cache

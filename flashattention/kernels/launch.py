@@ -67,8 +67,10 @@ def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, d
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned base pointers and row strides; installs the allocator that
     device-side descriptors need on first use."""
-    ok = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-             for t in tensors)
+    ok = all(
+        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
     global _allocator_set
     if ok and not _allocator_set and not configs.interpreting():
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
@@ -96,22 +98,52 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         lse2.fill_(-math.inf)
         return out.zero_(), lse2, lse2
     args = dict(
-        Q=q, K=k, V=v, O=out, LSE2=lse2,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-        num_heads=heads, group=heads // kv_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        qk_scale=softmax_scale * LOG2E, HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
-        PRECISION=_precision(q.dtype), CAN_TMA=_tma_ok(k, v), **_mask_flags(left, right),
+        Q=q,
+        K=k,
+        V=v,
+        O=out,
+        LSE2=lse2,
+        stride_qb=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_qm=q.stride(2),
+        stride_kb=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_kn=k.stride(2),
+        stride_vb=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_vn=v.stride(2),
+        stride_ob=out.stride(0),
+        stride_oh=out.stride(1),
+        stride_om=out.stride(2),
+        num_heads=heads,
+        group=heads // kv_heads,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        qk_scale=softmax_scale * LOG2E,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        PRECISION=_precision(q.dtype),
+        CAN_TMA=_tma_ok(k, v),
+        **_mask_flags(left, right),
     )
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, q.dtype, config)
     return out, lse2 * LN2, lse2
 
 
-def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int,
-                       configs_override: dict | None = None):
+def attention_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse2,
+    *,
+    softmax_scale: float,
+    left: int,
+    right: int,
+    configs_override: dict | None = None,
+):
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
@@ -125,29 +157,73 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     pre_block = 64
     attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, seqlen_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=pre_block,
+        out,
+        dout,
+        delta,
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        heads,
+        seqlen_q,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_M=pre_block,
     )
     common = dict(
-        Q=q, K=k, V=v, DO=dout, LSE2=lse2, DELTA=delta,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-        stride_dob=dout.stride(0), stride_doh=dout.stride(1), stride_dom=dout.stride(2),
-        num_heads=heads, group=heads // kv_heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        qk_scale=softmax_scale * LOG2E, softmax_scale=softmax_scale, HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad, PRECISION=_precision(q.dtype), **_mask_flags(left, right),
+        Q=q,
+        K=k,
+        V=v,
+        DO=dout,
+        LSE2=lse2,
+        DELTA=delta,
+        stride_qb=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_qm=q.stride(2),
+        stride_kb=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_kn=k.stride(2),
+        stride_vb=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_vn=v.stride(2),
+        stride_dob=dout.stride(0),
+        stride_doh=dout.stride(1),
+        stride_dom=dout.stride(2),
+        num_heads=heads,
+        group=heads // kv_heads,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        qk_scale=softmax_scale * LOG2E,
+        softmax_scale=softmax_scale,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        PRECISION=_precision(q.dtype),
+        **_mask_flags(left, right),
     )
     dkdv_args = dict(
-        common, DK=dk, DV=dv, num_kv_heads=kv_heads,
-        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
-        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
+        common,
+        DK=dk,
+        DV=dv,
+        num_kv_heads=kv_heads,
+        stride_dkb=dk.stride(0),
+        stride_dkh=dk.stride(1),
+        stride_dkn=dk.stride(2),
+        stride_dvb=dv.stride(0),
+        stride_dvh=dv.stride(1),
+        stride_dvn=dv.stride(2),
     )
     grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
-    _launch(attn_bwd_dkdv_kernel, "bwd_dkdv", grid, dkdv_args, head_dim_pad, q.device, q.dtype,
-            forced.get("bwd_dkdv"))
+    _launch(
+        attn_bwd_dkdv_kernel,
+        "bwd_dkdv",
+        grid,
+        dkdv_args,
+        head_dim_pad,
+        q.device,
+        q.dtype,
+        forced.get("bwd_dkdv"),
+    )
     dq_args = dict(common, DQ=dq, stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2))
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    _launch(attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype,
-            forced.get("bwd_dq"))
+    _launch(
+        attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype, forced.get("bwd_dq")
+    )
     return dq, dk, dv
