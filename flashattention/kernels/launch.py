@@ -81,6 +81,11 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 _allocator_set = False
 
 
+def _strides(name: str, t: torch.Tensor, seq: str) -> dict:
+    """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...)."""
+    return {f"stride_{name}{axis}": stride for axis, stride in zip("bh" + seq, t.stride()[:3], strict=True)}
+
+
 def _mask_flags(left: int, right: int) -> dict:
     return dict(window_left=max(left, 0), window_right=max(right, 0), HAS_LO=left >= 0, HAS_HI=right >= 0)
 
@@ -103,18 +108,10 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         V=v,
         O=out,
         LSE2=lse2,
-        stride_qb=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_qm=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kh=k.stride(1),
-        stride_kn=k.stride(2),
-        stride_vb=v.stride(0),
-        stride_vh=v.stride(1),
-        stride_vn=v.stride(2),
-        stride_ob=out.stride(0),
-        stride_oh=out.stride(1),
-        stride_om=out.stride(2),
+        **_strides("q", q, "m"),
+        **_strides("k", k, "n"),
+        **_strides("v", v, "n"),
+        **_strides("o", out, "m"),
         num_heads=heads,
         group=heads // kv_heads,
         seqlen_q=seqlen_q,
@@ -175,18 +172,10 @@ def attention_backward(
         DO=dout,
         LSE2=lse2,
         DELTA=delta,
-        stride_qb=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_qm=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kh=k.stride(1),
-        stride_kn=k.stride(2),
-        stride_vb=v.stride(0),
-        stride_vh=v.stride(1),
-        stride_vn=v.stride(2),
-        stride_dob=dout.stride(0),
-        stride_doh=dout.stride(1),
-        stride_dom=dout.stride(2),
+        **_strides("q", q, "m"),
+        **_strides("k", k, "n"),
+        **_strides("v", v, "n"),
+        **_strides("do", dout, "m"),
         num_heads=heads,
         group=heads // kv_heads,
         seqlen_q=seqlen_q,
@@ -203,12 +192,8 @@ def attention_backward(
         DK=dk,
         DV=dv,
         num_kv_heads=kv_heads,
-        stride_dkb=dk.stride(0),
-        stride_dkh=dk.stride(1),
-        stride_dkn=dk.stride(2),
-        stride_dvb=dv.stride(0),
-        stride_dvh=dv.stride(1),
-        stride_dvn=dv.stride(2),
+        **_strides("dk", dk, "n"),
+        **_strides("dv", dv, "n"),
     )
     grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
     _launch(
@@ -221,7 +206,7 @@ def attention_backward(
         q.dtype,
         forced.get("bwd_dkdv"),
     )
-    dq_args = dict(common, DQ=dq, stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2))
+    dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m"))
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     _launch(
         attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype, forced.get("bwd_dq")
