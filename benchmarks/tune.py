@@ -2,9 +2,10 @@
 
 For each (head dim, causal) it checks every config against a float32 reference with the tolerance rule
 (flashattention.testing; the same-dtype term is SDPA flash in bf16) and times it beside SDPA flash and
-cuDNN. Backward configs are timed as the whole backward with that kernel's config forced.
+cuDNN. Backward configs are timed as the whole backward with that kernel's config forced; "bwd_atomic" times
+the experimental one-pass backward (dQ by atomics) over the dK/dV configs.
 Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096] [--dims 64,128,256]
-       [--kernels fwd,bwd_dkdv,bwd_dq] [--json PATH]
+       [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH]
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
     )
     rows = []
     for kernel in kernels:
-        for cfg in configs.configs_for(kernel, table, pad):
+        # "bwd_atomic": the dK/dV configs with dQ added by atomics in the same kernel (no dQ kernel)
+        atomic = kernel == "bwd_atomic"
+        for cfg in configs.configs_for("bwd_dkdv" if atomic else kernel, table, pad):
             row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=_label(cfg), **peers)
             if kernel == "fwd":
 
@@ -84,7 +87,7 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
                 work = flops
             else:
 
-                def run(c=cfg, kern=kernel):
+                def run(c=cfg, kern="bwd_dkdv" if atomic else kernel, atomic=atomic):
                     return launch.attention_backward(
                         do,
                         q,
@@ -96,6 +99,7 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
                         left=-1,
                         right=right,
                         configs_override={kern: c},
+                        atomic_dq=atomic,
                     )
 
                 work = 2.5 * flops
@@ -121,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--dims", default="64,128,256")
-    ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq")
+    ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq,bwd_atomic")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     table = configs.table_name(torch.device("cuda"), torch.bfloat16)

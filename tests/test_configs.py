@@ -66,3 +66,27 @@ def test_config_block_shapes(kernel, head_dim_pad, config, dtype, device) -> Non
     ours = dict(zip(NAMES, (out, lse, dq, dk, dv), strict=True))
     failures = [f for n in NAMES if (f := compare_to_reference(n, ours[n], ref[n], same[n])) is not None]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, seqlen_q, seqlen_k, head_dim, left, right",
+    [(4, 2, 70, 130, 40, -1, 0), (2, 2, 100, 100, 64, 20, 5), (2, 1, 33, 17, 16, -1, 0)],
+    ids=["GQA-causal", "window", "MQA-causal-empty-rows"],
+)
+def test_atomic_dq_backward(
+    heads, kv_heads, seqlen_q, seqlen_k, head_dim, left, right, dtype, device
+) -> None:
+    """The experimental one-pass backward (dQ added with atomics by the dK/dV kernel) meets the same rule."""
+    q, k, v, dout = make_inputs(2, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, device)
+    scale = 1 / math.sqrt(head_dim)
+    out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=left, right=right)
+    dq, dk, dv = launch.attention_backward(
+        dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right, atomic_dq=True
+    )
+    mask = {"causal": False, "window_size": (left, right)}
+    ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, device), **mask)
+    same = run_reference(q, k, v, dout, dtype=dtype, **mask)
+    ours = {"dq": dq, "dk": dk, "dv": dv}
+    failures = [f for n in ours if (f := compare_to_reference(n, ours[n], ref[n], same[n])) is not None]
+    assert not failures, "\n".join(failures)

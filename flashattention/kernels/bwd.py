@@ -65,6 +65,7 @@ def _dkdv_tiles(
     do_base,
     lse2_row,
     delta_row,
+    dq_base,
     stride_qm,
     stride_dom,
     tile_start,
@@ -75,6 +76,7 @@ def _dkdv_tiles(
     lo_off,
     hi_off,
     qk_scale,
+    softmax_scale,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -82,8 +84,11 @@ def _dkdv_tiles(
     HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end)."""
+    """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end). ATOMIC_DQ also adds
+    this block's share of dQ = scale * dS K into the float32 buffer at dq_base (one pass instead of a second
+    kernel; the order of the additions, hence the last bits of dQ, then varies from run to run)."""
     d_mask = offs_d < HEAD_DIM
     for start_m in tl.range(tile_start, tile_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -112,6 +117,10 @@ def _dkdv_tiles(
         delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION)  # [BLOCK_M, HEAD_DIM_PAD]
+            dq_ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq * softmax_scale, mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -125,6 +134,7 @@ def attn_bwd_dkdv_kernel(
     DELTA,
     DK,
     DV,
+    DQ_ACC,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -159,6 +169,7 @@ def attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr = False,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
@@ -192,6 +203,10 @@ def attn_bwd_dkdv_kernel(
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse2_row = LSE2 + (off_b * num_heads + off_h) * seqlen_q
         delta_row = DELTA + (off_b * num_heads + off_h) * seqlen_q
+        if ATOMIC_DQ:
+            dq_base = DQ_ACC + (off_b * num_heads + off_h) * seqlen_q * HEAD_DIM
+        else:
+            dq_base = None
         dk, dv = _dkdv_tiles(
             dk,
             dv,
@@ -201,6 +216,7 @@ def attn_bwd_dkdv_kernel(
             do_base,
             lse2_row,
             delta_row,
+            dq_base,
             stride_qm,
             stride_dom,
             lo,
@@ -211,6 +227,7 @@ def attn_bwd_dkdv_kernel(
             lo_off,
             hi_off,
             qk_scale,
+            softmax_scale,
             BLOCK_M,
             HEAD_DIM,
             HEAD_DIM_PAD,
@@ -218,6 +235,7 @@ def attn_bwd_dkdv_kernel(
             HAS_HI,
             HAS_LO,
             PRECISION,
+            ATOMIC_DQ,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -228,6 +246,7 @@ def attn_bwd_dkdv_kernel(
             do_base,
             lse2_row,
             delta_row,
+            dq_base,
             stride_qm,
             stride_dom,
             full_lo,
@@ -238,6 +257,7 @@ def attn_bwd_dkdv_kernel(
             lo_off,
             hi_off,
             qk_scale,
+            softmax_scale,
             BLOCK_M,
             HEAD_DIM,
             HEAD_DIM_PAD,
@@ -245,6 +265,7 @@ def attn_bwd_dkdv_kernel(
             HAS_HI,
             HAS_LO,
             PRECISION,
+            ATOMIC_DQ,
         )
         dk, dv = _dkdv_tiles(
             dk,
@@ -255,6 +276,7 @@ def attn_bwd_dkdv_kernel(
             do_base,
             lse2_row,
             delta_row,
+            dq_base,
             stride_qm,
             stride_dom,
             full_hi,
@@ -265,6 +287,7 @@ def attn_bwd_dkdv_kernel(
             lo_off,
             hi_off,
             qk_scale,
+            softmax_scale,
             BLOCK_M,
             HEAD_DIM,
             HEAD_DIM_PAD,
@@ -272,6 +295,7 @@ def attn_bwd_dkdv_kernel(
             HAS_HI,
             HAS_LO,
             PRECISION,
+            ATOMIC_DQ,
         )
 
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]

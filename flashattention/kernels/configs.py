@@ -15,7 +15,7 @@ import torch
 import triton
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
-AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_TMA"]
+AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_TMA", "ATOMIC_DQ"]
 
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
@@ -136,6 +136,11 @@ def all_configs() -> list[tuple[str, str, int, triton.Config]]:
 
 
 @functools.cache
-def autotuner(kernel_fn, kernel: str, arch_name: str, head_dim_pad: int):
-    """An autotuned wrapper of `kernel_fn` over this table entry (cached per entry)."""
-    return triton.autotune(configs=configs_for(kernel, arch_name, head_dim_pad), key=AUTOTUNE_KEY)(kernel_fn)
+def autotuner(kernel_fn, kernel: str, arch_name: str, head_dim_pad: int, reset_to_zero: tuple[str, ...] = ()):
+    """An autotuned wrapper of `kernel_fn` over this table entry (cached per entry). reset_to_zero names
+    the buffers a kernel accumulates into with atomics, zeroed before each timed run."""
+    return triton.autotune(
+        configs=configs_for(kernel, arch_name, head_dim_pad),
+        key=AUTOTUNE_KEY,
+        reset_to_zero=list(reset_to_zero) or None,
+    )(kernel_fn)

@@ -44,7 +44,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
-def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None) -> None:
+def _launch(
+    kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None, reset_to_zero=()
+) -> None:
     """Launches with `config` if given, else the autotuner over the table entry, or (autotuning off) the
     first config of the entry that fits this GPU's shared memory (smaller GPUs than the table's)."""
     if config is not None:
@@ -53,7 +55,7 @@ def _launch(kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, d
     table = configs.table_name(device, dtype)
     candidates = configs.configs_for(name, table, head_dim_pad)
     if configs.autotune_enabled() and len(candidates) > 1:
-        configs.autotuner(kernel_fn, name, table, head_dim_pad)[grid](**args)
+        configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
         return
     for i, cfg in enumerate(candidates):
         try:
@@ -140,8 +142,10 @@ def attention_backward(
     left: int,
     right: int,
     configs_override: dict | None = None,
+    atomic_dq: bool = False,
 ):
-    """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic."""
+    """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic unless atomic_dq (an experiment:
+    one kernel adds dQ with float32 atomics instead of a second pass over K/V; tune.py times it)."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     forced = configs_override or {}
@@ -187,10 +191,14 @@ def attention_backward(
         PRECISION=_precision(q.dtype),
         **_mask_flags(left, right),
     )
+    # atomic_dq (experimental, not deterministic): the dK/dV kernel also adds dQ into a float32 buffer
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
     dkdv_args = dict(
         common,
         DK=dk,
         DV=dv,
+        DQ_ACC=dq_acc,
+        ATOMIC_DQ=atomic_dq,
         num_kv_heads=kv_heads,
         **_strides("dk", dk, "n"),
         **_strides("dv", dv, "n"),
@@ -205,7 +213,10 @@ def attention_backward(
         q.device,
         q.dtype,
         forced.get("bwd_dkdv"),
+        reset_to_zero=("DQ_ACC",) if atomic_dq else (),
     )
+    if atomic_dq:
+        return dq.copy_(dq_acc), dk, dv
     dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m"))
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     _launch(
