@@ -2,8 +2,9 @@
 
 For each (head dim, causal) it checks every config against a float32 reference with the tolerance rule
 (flashattention.testing; the same-dtype term is SDPA flash in bf16) and times it beside SDPA flash and
-cuDNN. Backward configs are timed as the whole backward with that kernel's config forced; "bwd_atomic" times
-the experimental one-pass backward (dQ by atomics) over the dK/dV configs.
+cuDNN; configs.CANDIDATES (not in the tables yet) are run too. Backward configs are timed as the whole
+backward with that kernel's config forced; "bwd_atomic" times the experimental one-pass backward (dQ by
+atomics) over the dK/dV configs.
 Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096] [--dims 64,128,256]
        [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH]
 """
@@ -36,7 +37,7 @@ def _sdpa_fwd_bwd(backend, q, k, v, do, causal):
 
 
 def _label(cfg) -> str:
-    flags = " TMA" if cfg.kwargs.get("USE_TMA") else ""
+    flags = "".join(f" {f}" for f in ("USE_TMA", "PERSISTENT") if cfg.kwargs.get(f)).replace("USE_", "")
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}{flags}"
 
 
@@ -75,8 +76,11 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
     for kernel in kernels:
         # "bwd_atomic": the dK/dV configs with dQ added by atomics in the same kernel (no dQ kernel)
         atomic = kernel == "bwd_atomic"
-        for cfg in configs.configs_for("bwd_dkdv" if atomic else kernel, table, pad):
-            row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=_label(cfg), **peers)
+        table_kernel = "bwd_dkdv" if atomic else kernel
+        candidates = configs.candidates_for(table_kernel, table, pad)
+        for cfg in configs.configs_for(table_kernel, table, pad) + candidates:
+            label = _label(cfg) + (" (candidate)" if cfg in candidates else "")
+            row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=label, **peers)
             if kernel == "fwd":
 
                 def run(c=cfg):

@@ -21,7 +21,8 @@ def _entries() -> list:
     for kernel, table, head_dim_pad, config in configs.all_configs():
         kw = config.kwargs
         dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
-        key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], kw.get("USE_TMA", False), dtype)
+        flags = tuple(f for f in ("USE_TMA", "PERSISTENT") if kw.get(f))
+        key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], flags, dtype)
         if key in seen:
             continue
         seen.add(key)
@@ -32,7 +33,7 @@ def _entries() -> list:
                 config,
                 dtype,
                 id=f"{kernel}-D{head_dim_pad}-BM{kw['BLOCK_M']}-BN{kw['BLOCK_N']}"
-                f"{'-tma' if kw.get('USE_TMA') else ''}-{str(dtype)[6:]}",
+                f"{''.join('-' + f.lower() for f in flags)}-{str(dtype)[6:]}",
             )
         )
     return params

@@ -19,7 +19,8 @@ AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_T
 
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
-    """flags (forward only): USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles)."""
+    """flags (forward only): USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
+    PERSISTENT (one program per SM looping over the tiles)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -41,7 +42,9 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             256: [_c(64, 64, 4, 2), _c(64, 32, 4, 2)],
         },
         # small blocks exercise partial tiles and BLOCK_M != BLOCK_N on small CPU tests
-        "interpret": {256: [_c(32, 16, 4, 1), _c(16, 32, 4, 1, USE_TMA=True)]},
+        "interpret": {
+            256: [_c(32, 16, 4, 1), _c(16, 32, 4, 1, USE_TMA=True), _c(16, 16, 4, 1, PERSISTENT=True)]
+        },
     },
     "bwd_dkdv": {
         "sm90": {
@@ -94,6 +97,25 @@ _FP32 = {
 for _kernel, _dims in _FP32.items():
     TABLES[_kernel]["sm90-fp32"] = _dims
     TABLES[_kernel]["sm80-fp32"] = _dims
+
+
+# Configs to measure before they may enter a table: benchmarks/tune.py checks and times them beside it.
+CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
+    "fwd": {
+        "sm90": {
+            64: [_c(128, 128, 4, 3, USE_TMA=True, PERSISTENT=True), _c(128, 64, 4, 3, PERSISTENT=True)],
+            128: [_c(128, 128, 8, 3, PERSISTENT=True), _c(128, 128, 8, 4)],
+            256: [_c(128, 64, 8, 2, PERSISTENT=True)],
+        },
+    },
+}
+
+
+def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
+    """The untested configs of CANDIDATES for one table entry (empty when there are none)."""
+    table = CANDIDATES.get(kernel, {}).get(arch_name, {})
+    dims = [d for d in table if d >= head_dim_pad]
+    return table[min(dims)] if dims else []
 
 
 def interpreting() -> bool:

@@ -77,7 +77,9 @@ def _fwd_tiles(
 
 
 @triton.jit
-def attn_fwd_kernel(
+def _fwd_block(
+    start_m,
+    off_bh,
     Q,
     K,
     V,
@@ -110,13 +112,10 @@ def attn_fwd_kernel(
     CAN_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag."""
-    # Longest rows first: with a causal mask the last query blocks see the most keys.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    off_bh = tl.program_id(1)
+    """One query block [start_m, start_m + BLOCK_M) of one (batch, head): O and LSE2 of its rows."""
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     off_hk = off_h // group
@@ -243,3 +242,130 @@ def attn_fwd_kernel(
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE2 + off_bh.to(tl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE2,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    batch,
+    num_heads,
+    group,
+    seqlen_q,
+    seqlen_k,
+    window_left,
+    window_right,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CAN_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False,
+):
+    """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
+    PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles, head by
+    head, each head's blocks longest-first (the launcher sizes the grid); else one program per tile."""
+    if PERSISTENT:
+        num_m = tl.cdiv(seqlen_q, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), num_m * batch * num_heads, tl.num_programs(0)):
+            start_m = (num_m - 1 - tile % num_m) * BLOCK_M
+            _fwd_block(
+                start_m,
+                tile // num_m,
+                Q,
+                K,
+                V,
+                O,
+                LSE2,
+                stride_qb,
+                stride_qh,
+                stride_qm,
+                stride_kb,
+                stride_kh,
+                stride_kn,
+                stride_vb,
+                stride_vh,
+                stride_vn,
+                stride_ob,
+                stride_oh,
+                stride_om,
+                num_heads,
+                group,
+                seqlen_q,
+                seqlen_k,
+                window_left,
+                window_right,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                HAS_LO,
+                HAS_HI,
+                PRECISION,
+                CAN_TMA,
+                BLOCK_M,
+                BLOCK_N,
+                USE_TMA,
+                WARP_SPECIALIZE,
+            )
+    else:
+        # Longest rows first: with a causal mask the last query blocks see the most keys.
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+        _fwd_block(
+            start_m,
+            tl.program_id(1),
+            Q,
+            K,
+            V,
+            O,
+            LSE2,
+            stride_qb,
+            stride_qh,
+            stride_qm,
+            stride_kb,
+            stride_kh,
+            stride_kn,
+            stride_vb,
+            stride_vh,
+            stride_vn,
+            stride_ob,
+            stride_oh,
+            stride_om,
+            num_heads,
+            group,
+            seqlen_q,
+            seqlen_k,
+            window_left,
+            window_right,
+            qk_scale,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            HAS_LO,
+            HAS_HI,
+            PRECISION,
+            CAN_TMA,
+            BLOCK_M,
+            BLOCK_N,
+            USE_TMA,
+            WARP_SPECIALIZE,
+        )

@@ -83,6 +83,13 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 _allocator_set = False
 
 
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU (a few in the interpreter, so that programs loop)."""
+    if configs.interpreting() or device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _strides(name: str, t: torch.Tensor, seq: str) -> dict:
     """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...)."""
     return {f"stride_{name}{axis}": stride for axis, stride in zip("bh" + seq, t.stride()[:3], strict=True)}
@@ -114,6 +121,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         **_strides("k", k, "n"),
         **_strides("v", v, "n"),
         **_strides("o", out, "m"),
+        batch=batch,
         num_heads=heads,
         group=heads // kv_heads,
         seqlen_q=seqlen_q,
@@ -125,7 +133,13 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         CAN_TMA=_tma_ok(k, v),
         **_mask_flags(left, right),
     )
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+
+    def grid(meta):
+        tiles = triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads
+        if meta.get("PERSISTENT"):  # one program per SM loops over the tiles
+            return (min(_num_sms(q.device), tiles[0] * tiles[1]),)
+        return tiles
+
     _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, q.dtype, config)
     return out, lse2 * LN2, lse2
 
