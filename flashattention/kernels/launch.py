@@ -4,6 +4,7 @@ attention_backward(dout, q, k, v, out, stats); here stats is the log2-unit LSE2 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -44,26 +45,33 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
+def _on(device: torch.device):
+    """Kernels launch on the current CUDA device: make it the tensors' one (multi-GPU callers)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch(
     kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None, reset_to_zero=()
 ) -> None:
-    """Launches with `config` if given, else the autotuner over the table entry, or (autotuning off) the
-    first config of the entry that fits this GPU's shared memory (smaller GPUs than the table's)."""
-    if config is not None:
-        kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        return
-    table = configs.table_name(device, dtype)
-    candidates = configs.configs_for(name, table, head_dim_pad)
-    if configs.autotune_enabled() and len(candidates) > 1:
-        configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
-        return
-    for i, cfg in enumerate(candidates):
-        try:
-            kernel_fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    """Launches on `device` (not whichever GPU is current) with `config` if given, else the autotuner over
+    the table entry, or (autotuning off) the first config of the entry that fits this GPU's shared memory
+    (smaller GPUs than the table's)."""
+    with _on(device):
+        if config is not None:
+            kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
             return
-        except OutOfResources:
-            if i == len(candidates) - 1:
-                raise
+        table = configs.table_name(device, dtype)
+        candidates = configs.configs_for(name, table, head_dim_pad)
+        if configs.autotune_enabled() and len(candidates) > 1:
+            configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
+            return
+        for i, cfg in enumerate(candidates):
+            try:
+                kernel_fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                return
+            except OutOfResources:
+                if i == len(candidates) - 1:
+                    raise
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -171,18 +179,19 @@ def attention_backward(
     head_dim_pad = _head_dim_pad(head_dim)
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     pre_block = 64
-    attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
-        out,
-        dout,
-        delta,
-        *out.stride()[:3],
-        *dout.stride()[:3],
-        heads,
-        seqlen_q,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_M=pre_block,
-    )
+    with _on(q.device):
+        attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
+            out,
+            dout,
+            delta,
+            *out.stride()[:3],
+            *dout.stride()[:3],
+            heads,
+            seqlen_q,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            BLOCK_M=pre_block,
+        )
     common = dict(
         Q=q,
         K=k,
