@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's work in as few device calls as fit its 10-minute limit per command:
-#   bash benchmarks/gpu_run.sh tests          # info + the GPU test suite (every autotune config included)
+#   bash benchmarks/gpu_run.sh tests          # info + the GPU test suite, without the config sweep
+#   bash benchmarks/gpu_run.sh configs        # the GPU tests of every autotune config (bf16 and fp32 tables)
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
 # Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
@@ -12,12 +13,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 mode="${1:-all}"
 shift || true
 
-run_tests() {
+run_tests() {  # $1: the pytest marker expression, $2: the log's name
     python -m flashattention info 2>&1 | tee "$OUT/info.log"
-    echo "== GPU tests"
-    python -m pytest -m gpu tests -q -rfEs -p no:cacheprovider --durations=15 >"$OUT/gpu_tests.log" 2>&1
+    echo "== GPU tests: $1"
+    python -m pytest -m "$1" tests -q -rfEs -p no:cacheprovider --durations=15 >"$OUT/$2.log" 2>&1
     local rc=$?
-    tail -n 40 "$OUT/gpu_tests.log"
+    tail -n 40 "$OUT/$2.log"
     echo "gpu tests exit code: $rc"
     return $rc
 }
@@ -34,8 +35,12 @@ run_bench() {
 }
 
 case "$mode" in
-    tests) run_tests ;;
+    tests) run_tests "gpu and not configs" gpu_tests ;;
+    configs) run_tests "gpu and configs" gpu_configs ;;
     bench) run_bench "$@" ;;
-    all) run_tests; tests_rc=$?; run_bench "$@"; bench_rc=$?; exit $((tests_rc || bench_rc)) ;;
-    *) echo "usage: $0 tests | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
+    all)
+        run_tests gpu gpu_tests; tests_rc=$?
+        run_bench "$@"; bench_rc=$?
+        exit $((tests_rc || bench_rc)) ;;
+    *) echo "usage: $0 tests | configs | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
 esac

@@ -189,6 +189,7 @@ def _autotune_table_params() -> list:
 ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
 
 
+@pytest.mark.configs
 @pytest.mark.parametrize("entry, import_error", _autotune_table_params())
 def test_every_autotune_config_passes(entry, import_error) -> None:
     if import_error is not None:
