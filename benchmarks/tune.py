@@ -37,7 +37,8 @@ def _sdpa_fwd_bwd(backend, q, k, v, do, causal):
 
 
 def _label(cfg) -> str:
-    flags = "".join(f" {f}" for f in ("USE_TMA", "PERSISTENT") if cfg.kwargs.get(f)).replace("USE_", "")
+    names = ("USE_TMA", "PERSISTENT", "LAZY_RESCALE")
+    flags = "".join(f" {f}" for f in names if cfg.kwargs.get(f)).replace("USE_", "")
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}{flags}"
 
 

@@ -21,7 +21,7 @@ def _entries() -> list:
     for kernel, table, head_dim_pad, config in configs.all_configs():
         kw = config.kwargs
         dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
-        flags = tuple(f for f in ("USE_TMA", "PERSISTENT") if kw.get(f))
+        flags = tuple(f for f in ("USE_TMA", "PERSISTENT", "LAZY_RESCALE") if kw.get(f))
         key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], flags, dtype)
         if key in seen:
             continue
@@ -90,4 +90,38 @@ def test_atomic_dq_backward(
     same = run_reference(q, k, v, dout, dtype=dtype, **mask)
     ours = {"dq": dq, "dk": dk, "dv": dv}
     failures = [f for n in ours if (f := compare_to_reference(n, ours[n], ref[n], same[n])) is not None]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_lazy_rescale_with_growing_scores(dtype, device) -> None:
+    """LAZY_RESCALE keeps a stale row max until it grows by > 8 (log2 units): keys whose scale grows along
+    the sequence make it rescale several times mid-row, and stay below the threshold in between."""
+    config = next(c for c in configs.TABLES["fwd"]["interpret"][256] if c.kwargs.get("LAZY_RESCALE"))
+    q, k, v, dout = make_inputs(1, 2, 2, 40, 200, 32, dtype, device)
+    growth = torch.linspace(1.0, 2.0, 200, device=device)[None, None, :, None]
+    k = (k.float() * growth).to(dtype)
+    # precondition: in some row block the max grows by > 8 on later key tiles (a rescale) and by less on
+    # others (the stale max is kept), as the kernel decides per block of BLOCK_M rows and BLOCK_N keys
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double())[0] * 0.5 * math.log2(math.e)
+
+    def rescales(rows: torch.Tensor) -> int:
+        m, count = torch.full((rows.shape[0],), -math.inf, dtype=rows.dtype, device=rows.device), 0
+        for j in range(0, rows.shape[1], block_n):
+            m_new = torch.maximum(m, rows[:, j : j + block_n].max(1).values)
+            if (m_new - m).max() > 8:
+                m, count = m_new, count + 1
+        return count
+
+    counts = [rescales(scores[h, r : r + block_m]) for h in range(2) for r in range(0, 40, block_m)]
+    assert any(1 < c < math.ceil(200 / block_n) for c in counts), counts
+    out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=0.5, left=-1, right=-1, config=config)
+    ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, device), softmax_scale=0.5)
+    same = run_reference(q, k, v, dout, dtype=dtype, softmax_scale=0.5)
+    failures = [
+        f
+        for n, x in (("out", out), ("lse", lse))
+        if (f := compare_to_reference(n, x, ref[n], same[n])) is not None
+    ]
     assert not failures, "\n".join(failures)

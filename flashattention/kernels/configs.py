@@ -20,7 +20,8 @@ AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_T
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
     """flags (forward only): USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
-    PERSISTENT (one program per SM looping over the tiles)."""
+    PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
+    a row's max grows by > 2^8)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -43,7 +44,11 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
         },
         # small blocks exercise partial tiles and BLOCK_M != BLOCK_N on small CPU tests
         "interpret": {
-            256: [_c(32, 16, 4, 1), _c(16, 32, 4, 1, USE_TMA=True), _c(16, 16, 4, 1, PERSISTENT=True)]
+            256: [
+                _c(32, 16, 4, 1),
+                _c(16, 32, 4, 1, USE_TMA=True),
+                _c(16, 16, 4, 1, PERSISTENT=True, LAZY_RESCALE=True),
+            ]
         },
     },
     "bwd_dkdv": {
@@ -103,8 +108,16 @@ for _kernel, _dims in _FP32.items():
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "fwd": {
         "sm90": {
-            64: [_c(128, 128, 4, 3, USE_TMA=True, PERSISTENT=True), _c(128, 64, 4, 3, PERSISTENT=True)],
-            128: [_c(128, 128, 8, 3, PERSISTENT=True), _c(128, 128, 8, 4)],
+            64: [
+                _c(128, 128, 4, 3, USE_TMA=True, PERSISTENT=True),
+                _c(128, 64, 4, 3, PERSISTENT=True),
+                _c(128, 128, 4, 3, USE_TMA=True, LAZY_RESCALE=True),
+            ],
+            128: [
+                _c(128, 128, 8, 3, PERSISTENT=True),
+                _c(128, 128, 8, 4),
+                _c(128, 128, 8, 3, LAZY_RESCALE=True),
+            ],
             256: [_c(128, 64, 8, 2, PERSISTENT=True)],
         },
     },

@@ -40,9 +40,12 @@ def _fwd_tiles(
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """Folds key tiles [tile_start, tile_end) into (acc, l_i, m_i); MASKED tiles apply element masks.
-    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM])."""
+    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM]).
+    LAZY_RESCALE (unmasked tiles): keep the running max, and skip rescaling acc and l, until some row's max
+    grows by more than 8 (log2 units); P then stays <= 2^8, harmless in fp32 and bf16."""
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(tile_start, tile_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -62,17 +65,26 @@ def _fwd_tiles(
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with it
             m_shift = m_new
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if LAZY_RESCALE and not MASKED:
+            if tl.max(m_new - m_i, 0) > 8.0:  # every row's scores are finite here: no NaN
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
+            alpha = tl.math.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
         if USE_TMA:
             v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
         else:
             v = load_tile(v_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -114,6 +126,7 @@ def _fwd_block(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """One query block [start_m, start_m + BLOCK_M) of one (batch, head): O and LSE2 of its rows."""
     off_b = off_bh // num_heads
@@ -176,6 +189,7 @@ def _fwd_block(
         PRECISION,
         TMA,
         False,
+        LAZY_RESCALE,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -205,6 +219,7 @@ def _fwd_block(
         PRECISION,
         TMA,
         WARP_SPECIALIZE,
+        LAZY_RESCALE,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -234,6 +249,7 @@ def _fwd_block(
         PRECISION,
         TMA,
         False,
+        LAZY_RESCALE,
     )
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
@@ -282,6 +298,7 @@ def attn_fwd_kernel(
     USE_TMA: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False,
     PERSISTENT: tl.constexpr = False,
+    LAZY_RESCALE: tl.constexpr = False,
 ):
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
     PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles, head by
@@ -327,6 +344,7 @@ def attn_fwd_kernel(
                 BLOCK_N,
                 USE_TMA,
                 WARP_SPECIALIZE,
+                LAZY_RESCALE,
             )
     else:
         # Longest rows first: with a causal mask the last query blocks see the most keys.
@@ -368,4 +386,5 @@ def attn_fwd_kernel(
             BLOCK_N,
             USE_TMA,
             WARP_SPECIALIZE,
+            LAZY_RESCALE,
         )
