@@ -115,7 +115,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             ],
             128: [
                 _c(128, 128, 8, 3, PERSISTENT=True),
-                _c(128, 128, 8, 4),
+                _c(128, 64, 8, 4),
                 _c(128, 128, 8, 3, LAZY_RESCALE=True),
             ],
             256: [_c(128, 64, 8, 2, PERSISTENT=True)],
