@@ -99,3 +99,13 @@ def test_seed_flash_attention_with_kv_cache_and_beam_reorder(device: str) -> Non
 
     assert torch.equal(kv_cache.keys, expected_keys)
     assert torch.equal(kv_cache.values, expected_values)
+
+
+@pytest.mark.parametrize("script", ["seed_basic.py", "seed_kv_cache.py"])
+def test_examples_run(script: str, capsys: pytest.CaptureFixture) -> None:
+    """The example scripts stay runnable (they pick the CPU and a short sequence without a GPU)."""
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / script), run_name="__main__")
+    assert "output" in capsys.readouterr().out
