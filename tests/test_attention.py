@@ -122,10 +122,8 @@ FP32_LARGE_SCORES_GAP = (
         "torch",
         pytest.param(
             "triton",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=FP32_LARGE_SCORES_GAP,
-            ),
+            # seen in the CPU interpreter; on a GPU (other summation orders) not known yet: not strict there
+            marks=pytest.mark.xfail(strict=not torch.cuda.is_available(), reason=FP32_LARGE_SCORES_GAP),
         ),
     ],
 )
