@@ -113,8 +113,8 @@ FP32_LARGE_SCORES_GAP = (
     "forward, and the interpreter's numpy matmul sums those products in another order, so scores with "
     "|q.k| ~ 3e3 differ by ~2e-3 between the two passes (P off by ~2.5e-4 relative), while PyTorch reuses "
     "its saved P. Checked: with equal 16x16 tiles and the forward's orientation the test passes. On a GPU "
-    "the fp32 dot sums each score's products in one order whatever the tile, so the mark applies to the "
-    "interpreter only"
+    "the fp32 dot is expected to sum each score's products in one order whatever the tile (not yet run), "
+    "so the mark applies to the interpreter only"
 )
 
 
