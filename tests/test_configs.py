@@ -1,6 +1,6 @@
-"""Every block shape of every autotune table, run through the kernels (the interpreter on CPU): the tile
-ranges and masks must be right for each (BLOCK_M, BLOCK_N) pair, not only for the default config. Whether
-a config compiles and fits a real GPU is tests/test_gpu.py's job."""
+"""Every block shape of every autotune table and candidate, run through the kernels (the interpreter on
+CPU): the tile ranges and masks must be right for each (BLOCK_M, BLOCK_N) pair, not only for the default
+config. Whether a config compiles and fits a real GPU is tests/test_gpu.py's job."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
 
 def _entries() -> list:
     seen, params = set(), []
-    for kernel, table, head_dim_pad, config in configs.all_configs():
+    for kernel, table, head_dim_pad, config in configs.all_configs(candidates=True):
         kw = config.kwargs
         dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
         flags = tuple(f for f in ("USE_TMA", "PERSISTENT", "LAZY_RESCALE") if kw.get(f))

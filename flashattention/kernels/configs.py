@@ -160,11 +160,14 @@ def configs_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.C
     return table[min(d for d in table if d >= head_dim_pad)]
 
 
-def all_configs() -> list[tuple[str, str, int, triton.Config]]:
-    """Every (kernel, arch, head_dim_pad, config) in the tables: the GPU tests run each one."""
+def all_configs(candidates: bool = False) -> list[tuple[str, str, int, triton.Config]]:
+    """Every (kernel, arch, head_dim_pad, config) in the tables (the GPU tests run each one), and with
+    candidates=True those of CANDIDATES too (the interpreter tests check their block shapes)."""
+    sources = (TABLES, CANDIDATES) if candidates else (TABLES,)
     return [
         (kern, a, d, c)
-        for kern, archs in TABLES.items()
+        for source in sources
+        for kern, archs in source.items()
         for a, dims in archs.items()
         for d, cs in dims.items()
         for c in cs
