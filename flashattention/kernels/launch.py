@@ -115,10 +115,10 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
     out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
     lse2 = _empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
-        return out, lse2, lse2
+        return out, lse2, lse2.clone()
     if seqlen_k == 0:  # no keys: every row is empty
         lse2.fill_(-math.inf)
-        return out.zero_(), lse2, lse2
+        return out.zero_(), lse2, lse2.clone()  # custom-op outputs must not alias
     args = dict(
         Q=q,
         K=k,
