@@ -37,7 +37,7 @@ def _sdpa_fwd_bwd(backend, q, k, v, do, causal):
 
 
 def _label(cfg) -> str:
-    names = ("USE_TMA", "PERSISTENT", "LAZY_RESCALE")
+    names = ("USE_TMA", "PERSISTENT", "LAZY_RESCALE", "ONE_LOOP")
     flags = "".join(f" {f}" for f in names if cfg.kwargs.get(f)).replace("USE_", "")
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}{flags}"
 

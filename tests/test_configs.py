@@ -21,7 +21,7 @@ def _entries() -> list:
     for kernel, table, head_dim_pad, config in configs.all_configs(candidates=True):
         kw = config.kwargs
         dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
-        flags = tuple(f for f in ("USE_TMA", "PERSISTENT", "LAZY_RESCALE") if kw.get(f))
+        flags = tuple(f for f in ("USE_TMA", "PERSISTENT", "LAZY_RESCALE", "ONE_LOOP") if kw.get(f))
         key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], flags, dtype)
         if key in seen:
             continue

@@ -170,6 +170,7 @@ def attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ATOMIC_DQ: tl.constexpr = False,
+    ONE_LOOP: tl.constexpr = False,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
@@ -208,8 +209,12 @@ def attn_bwd_dkdv_kernel(
         else:
             dq_base = None
         # the tiles that need element masks, on either side of those that do not (tile_range)
-        for seg in tl.static_range(3):
-            if seg == 0:
+        # ONE_LOOP: a single pass over [lo, hi) with element masks on every tile, for configs whose three
+        # loops keep too many registers live (the compiler's report shows spills)
+        for seg in tl.static_range(1 if ONE_LOOP else 3):
+            if ONE_LOOP:
+                seg_start, seg_end = lo, hi
+            elif seg == 0:
                 seg_start, seg_end = lo, full_lo
             elif seg == 1:
                 seg_start, seg_end = full_lo, full_hi
@@ -239,7 +244,7 @@ def attn_bwd_dkdv_kernel(
                 BLOCK_M,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
-                seg != 1,
+                ONE_LOOP or seg != 1,
                 HAS_HI,
                 HAS_LO,
                 PRECISION,

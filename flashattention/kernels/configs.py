@@ -19,9 +19,9 @@ AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_T
 
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
-    """flags (forward only): USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
+    """flags of the forward: USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
     PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
-    a row's max grows by > 2^8)."""
+    a row's max grows by > 2^8); of the dK/dV kernel: ONE_LOOP (one masked pass instead of three loops)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -62,7 +62,7 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             128: [_c(32, 128, 4, 3), _c(64, 64, 4, 2)],
             256: [_c(32, 64, 4, 2), _c(32, 32, 4, 2)],
         },
-        "interpret": {256: [_c(16, 32, 4, 1)]},
+        "interpret": {256: [_c(16, 32, 4, 1), _c(32, 16, 4, 1, ONE_LOOP=True)]},
     },
     "bwd_dq": {
         "sm90": {
@@ -121,8 +121,15 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             256: [_c(128, 64, 8, 2, PERSISTENT=True)],
         },
     },
-    # D 256 backward trails FlashAttention-2 (172 vs 246 TFLOP/s): wider tiles with 8 warps
-    "bwd_dkdv": {"sm90": {256: [_c(64, 64, 8, 2), _c(32, 64, 8, 2)]}},
+    # dK/dV: every table config spills registers (ptxas, benchmarks/aot.py: 0.5-6.5 KB); one loop with masks
+    # everywhere (ONE_LOOP) cuts that to 0-0.5 KB. D 256 trails FlashAttention-2 (172 vs 246 TFLOP/s).
+    "bwd_dkdv": {
+        "sm90": {
+            64: [_c(32, 128, 4, 3, ONE_LOOP=True), _c(64, 64, 4, 3, ONE_LOOP=True)],
+            128: [_c(64, 128, 8, 3, ONE_LOOP=True), _c(32, 64, 8, 3, ONE_LOOP=True)],
+            256: [_c(32, 64, 8, 2, ONE_LOOP=True), _c(64, 64, 8, 2, ONE_LOOP=True), _c(32, 64, 8, 2)],
+        }
+    },
     "bwd_dq": {"sm90": {256: [_c(64, 64, 8, 2), _c(128, 32, 8, 2)]}},
 }
 

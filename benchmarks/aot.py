@@ -1,0 +1,137 @@
+"""Compiles every kernel config of the autotune tables (and the candidates) for Hopper (sm_90a) on a machine
+without a GPU, and reports what the compiler says: shared memory, registers and spills (ptxas -v), and the
+count of wgmma / ex2 / cp.async (pipelined loads) instructions in the PTX. Pointers and strides are
+specialised as divisible by 16, as a launch with aligned tensors is. Run it with the device's triton
+version. Costs no device time; catches configs that cannot fit before they reach a GPU.
+
+Usage: python -m benchmarks.aot [--tables sm90,sm90-fp32] [--dims 64,128,256] [--kernels fwd,bwd_dkdv,bwd_dq]
+       [--candidates]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashattention.kernels import configs
+from flashattention.kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from flashattention.kernels.fwd import attn_fwd_kernel
+
+KERNELS = {"fwd": attn_fwd_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel, "bwd_dq": attn_bwd_dq_kernel}
+SHARED_LIMIT = 232448  # bytes a block may use on an H100 (227 KB)
+FP32_POINTERS = {"LSE2", "DELTA", "DQ_ACC"}
+FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
+
+
+def _ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers, spill bytes) from ptxas -v on the PTX."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True, check=True
+        )
+    regs = re.search(r"Used (\d+) registers", result.stderr)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
+    return (int(regs.group(1)) if regs else -1), sum(spills)
+
+
+def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: bool) -> dict:
+    fn = KERNELS[kernel]
+    element = "*fp32" if fp32 else "*bf16"
+    constexprs = dict(
+        HEAD_DIM=head_dim_pad,
+        HEAD_DIM_PAD=head_dim_pad,
+        HAS_LO=False,
+        HAS_HI=True,
+        PRECISION="tf32" if fp32 else "ieee",
+        **config.kwargs,
+    )
+    if kernel == "fwd":
+        constexprs["CAN_TMA"] = True
+    if kernel == "bwd_dkdv":
+        constexprs.setdefault("ATOMIC_DQ", False)
+        constexprs["DQ_ACC"] = None
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():  # tensors are named in capitals
+            signature[name] = "*fp32" if name in FP32_POINTERS else element
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    for param in fn.params:  # defaults of constexprs the config leaves out
+        if param.is_constexpr and param.name not in constexprs:
+            constexprs[param.name] = param.default
+            signature[param.name] = "constexpr"
+    # what a launch with 16-byte aligned tensors and strides specialises on (pointers and strides divisible
+    # by 16); without it Triton can neither vectorise the loads nor pipeline them
+    aligned = [n for n in fn.arg_names if signature[n].startswith("*") or n.startswith("stride_")]
+    src = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    regs, spills = _ptxas_report(ptx)
+    return dict(
+        shared=compiled.metadata.shared,
+        regs=regs,
+        spills=spills,
+        wgmma=ptx.count("wgmma.mma_async"),
+        ex2=ptx.count("ex2.approx"),
+        cp_async=ptx.count("cp.async"),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tables", default="sm90,sm90-fp32")
+    ap.add_argument("--dims", default="64,128,256")
+    ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq")
+    ap.add_argument("--candidates", action="store_true", help="also the configs of configs.CANDIDATES")
+    args = ap.parse_args()
+    print("| table | kernel | D | config | shared KB | regs | spill B | wgmma | ex2 | cp.async | fits |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for table in args.tables.split(","):
+        for kernel in args.kernels.split(","):
+            for dim in (int(d) for d in args.dims.split(",")):
+                cfgs = configs.configs_for(kernel, table, dim)
+                if args.candidates:
+                    cfgs = cfgs + configs.candidates_for(kernel, table, dim)
+                for cfg in cfgs:
+                    kw = cfg.kwargs
+                    flags = "".join(f" {k}" for k, v in kw.items() if k not in ("BLOCK_M", "BLOCK_N") and v)
+                    label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}{flags}"
+                    try:
+                        r = compile_config(kernel, cfg, dim, table.endswith("fp32"))
+                    except Exception as exc:  # report, keep going
+                        error = str(exc).splitlines()[0][:80]
+                        print(f"| {table} | {kernel} | {dim} | {label} | error: {error} |")
+                        continue
+                    fits = r["shared"] <= SHARED_LIMIT and r["spills"] == 0
+                    print(
+                        f"| {table} | {kernel} | {dim} | {label} | {r['shared'] / 1024:.0f} | {r['regs']} | "
+                        f"{r['spills']} | {r['wgmma']} | {r['ex2']} | {r['cp_async']} | "
+                        f"{'yes' if fits else 'NO'} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
