@@ -2,7 +2,8 @@
 query heads of its GQA group, so no atomics are needed), and dQ (one program per query block and head).
 Both recompute P = exp2(qk_scale * Q K^T - LSE2) with the forward's own log2-unit LSE2 (no conversion, so
 no extra rounding of |scores|-sized numbers); dS = P * (dP - delta), dP = dO V^T, delta = rowsum(dO * O).
-Deterministic: every output element is written by exactly one program, in a fixed order.
+Deterministic: every output element is written by exactly one program, in a fixed order (unless the
+experimental ATOMIC_DQ folds dQ into the dK/dV kernel with atomics).
 """
 
 import triton

@@ -1,9 +1,10 @@
 """Autotune tables per architecture, keyed by padded head dim. The first config of each list is the
 default (used when FLASHATTN_AUTOTUNE=0 and in the interpreter). Every config listed here must pass the
-GPU correctness test (tests/test_gpu.py runs each one) before it enters a table.
+GPU correctness test (tests/test_gpu.py runs each one) before it enters a table; CANDIDATES wait there until
+benchmarks/tune.py has checked and timed them. fp32 inputs have their own, smaller tiles ("-fp32" tables).
 
-Autotune keys hold only what changes the compiled code: head dim, mask flags, precision, GQA group and
-(added by Triton) the dtypes; never sequence lengths or batch.
+Autotune keys hold only what changes the compiled code: head dim, mask flags, precision, GQA group, TMA
+eligibility, the atomic-dQ mode and (added by Triton) the dtypes; never sequence lengths or batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Forward kernel: one program per (query block, batch * head), online softmax in exp2.
+"""Forward kernel: one program per (query block, batch * head), or with PERSISTENT one per SM looping over
+those tiles; online softmax in exp2.
 
 O[i] = sum_j softmax_j(scale * q_i . k_j) v_j over the visible keys j, and
 LSE2[i] = log2 sum_j exp(scale * q_i . k_j) in the log2 units (scores times qk_scale = scale * log2(e)) in
