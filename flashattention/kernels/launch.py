@@ -61,16 +61,16 @@ def _launch(
             kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
             return
         table = configs.table_name(device, dtype)
-        candidates = configs.configs_for(name, table, head_dim_pad)
-        if configs.autotune_enabled() and len(candidates) > 1:
+        entry = configs.configs_for(name, table, head_dim_pad)
+        if configs.autotune_enabled() and len(entry) > 1:
             configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
             return
-        for i, cfg in enumerate(candidates):
+        for i, cfg in enumerate(entry):
             try:
                 kernel_fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 return
             except OutOfResources:
-                if i == len(candidates) - 1:
+                if i == len(entry) - 1:
                     raise
 
 
