@@ -9,7 +9,7 @@ experimental ATOMIC_DQ folds dQ into the dK/dV kernel with atomics).
 import triton
 import triton.language as tl
 
-from .common import load_tile, tile_range, visible
+from .common import load_tile, tile_range, unit_strides, visible
 
 
 @triton.jit
@@ -172,7 +172,14 @@ def attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     ATOMIC_DQ: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False,
+    STRIDE_UNIT: tl.constexpr = 1,
 ):
+    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_dob, stride_doh, stride_dom = unit_strides(stride_dob, stride_doh, stride_dom, STRIDE_UNIT)
+    stride_dkb, stride_dkh, stride_dkn = unit_strides(stride_dkb, stride_dkh, stride_dkn, STRIDE_UNIT)
+    stride_dvb, stride_dvh, stride_dvn = unit_strides(stride_dvb, stride_dvh, stride_dvn, STRIDE_UNIT)
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // num_kv_heads).to(tl.int64)
@@ -353,7 +360,13 @@ def attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr = 1,
 ):
+    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_dob, stride_doh, stride_dom = unit_strides(stride_dob, stride_doh, stride_dom, STRIDE_UNIT)
+    stride_dqb, stride_dqh, stride_dqm = unit_strides(stride_dqb, stride_dqh, stride_dqm, STRIDE_UNIT)
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)

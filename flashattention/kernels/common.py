@@ -77,3 +77,12 @@ def load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.c
         return tl.load(ptrs, mask=col_mask, other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def unit_strides(stride_b, stride_h, stride_s, STRIDE_UNIT: tl.constexpr):
+    """The launcher passes strides in units of STRIDE_UNIT elements (the largest power of two up to 16 that
+    divides them all). Multiplying back by the constexpr tells the compiler that rows stay aligned, so loads
+    vectorise and pipeline even where Triton's own specialisation (integers that are multiples of 16) does
+    not apply, e.g. contiguous tensors with head dim 40, 72 or 200."""
+    return stride_b * STRIDE_UNIT, stride_h * STRIDE_UNIT, stride_s * STRIDE_UNIT

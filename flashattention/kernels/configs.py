@@ -4,7 +4,8 @@ GPU correctness test (tests/test_gpu.py runs each one) before it enters a table;
 benchmarks/tune.py has checked and timed them. fp32 inputs have their own, smaller tiles ("-fp32" tables).
 
 Autotune keys hold only what changes the compiled code: head dim, mask flags, precision, GQA group, TMA
-eligibility, the atomic-dQ mode and (added by Triton) the dtypes; never sequence lengths or batch.
+eligibility, the atomic-dQ mode, the stride unit and (added by Triton) the dtypes; never sequence lengths
+or batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import torch
 import triton
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
-AUTOTUNE_KEY = ["HEAD_DIM_PAD", "HAS_LO", "HAS_HI", "PRECISION", "group", "CAN_TMA", "ATOMIC_DQ"]
+AUTOTUNE_KEY = [
+    "HEAD_DIM_PAD",
+    "HAS_LO",
+    "HAS_HI",
+    "PRECISION",
+    "group",
+    "CAN_TMA",
+    "ATOMIC_DQ",
+    "STRIDE_UNIT",
+]
 
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:

@@ -9,7 +9,7 @@ which the backward recomputes P.
 import triton
 import triton.language as tl
 
-from .common import load_tile, tile_range, visible
+from .common import load_tile, tile_range, unit_strides, visible
 
 
 @triton.jit
@@ -248,10 +248,15 @@ def attn_fwd_kernel(
     WARP_SPECIALIZE: tl.constexpr = False,
     PERSISTENT: tl.constexpr = False,
     LAZY_RESCALE: tl.constexpr = False,
+    STRIDE_UNIT: tl.constexpr = 1,
 ):
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
     PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles, head by
     head, each head's blocks longest-first (the launcher sizes the grid); else one program per tile."""
+    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     if PERSISTENT:
         num_m = tl.cdiv(seqlen_q, BLOCK_M)
         for tile in tl.range(tl.program_id(0), num_m * batch * num_heads, tl.num_programs(0)):

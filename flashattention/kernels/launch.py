@@ -98,9 +98,20 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _strides(name: str, t: torch.Tensor, seq: str) -> dict:
-    """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...)."""
-    return {f"stride_{name}{axis}": stride for axis, stride in zip("bh" + seq, t.stride()[:3], strict=True)}
+def _stride_unit(*tensors: torch.Tensor) -> int:
+    """The largest power of two up to 16 dividing every batch, head and sequence stride of `tensors`: the
+    kernels take strides in these units (common.unit_strides says why)."""
+    g = 0
+    for t in tensors:
+        for stride in t.stride()[:3]:
+            g = math.gcd(g, stride)
+    return next(unit for unit in (16, 8, 4, 2, 1) if g % unit == 0)
+
+
+def _strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
+    """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...), in
+    units of `unit` elements."""
+    return {f"stride_{name}{axis}": s // unit for axis, s in zip("bh" + seq, t.stride()[:3], strict=True)}
 
 
 def _mask_flags(left: int, right: int) -> dict:
@@ -119,16 +130,17 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
     if seqlen_k == 0:  # no keys: every row is empty
         lse2.fill_(-math.inf)
         return out.zero_(), lse2, lse2.clone()  # custom-op outputs must not alias
+    unit = _stride_unit(q, k, v, out)
     args = dict(
         Q=q,
         K=k,
         V=v,
         O=out,
         LSE2=lse2,
-        **_strides("q", q, "m"),
-        **_strides("k", k, "n"),
-        **_strides("v", v, "n"),
-        **_strides("o", out, "m"),
+        **_strides("q", q, "m", unit),
+        **_strides("k", k, "n", unit),
+        **_strides("v", v, "n", unit),
+        **_strides("o", out, "m", unit),
         batch=batch,
         num_heads=heads,
         group=heads // kv_heads,
@@ -139,6 +151,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         HEAD_DIM_PAD=_head_dim_pad(head_dim),
         PRECISION=_precision(q.dtype),
         CAN_TMA=_tma_ok(k, v),
+        STRIDE_UNIT=unit,
         **_mask_flags(left, right),
     )
 
@@ -192,6 +205,7 @@ def attention_backward(
             HEAD_DIM_PAD=head_dim_pad,
             BLOCK_M=pre_block,
         )
+    unit = _stride_unit(q, k, v, dout, dq, dk, dv)
     common = dict(
         Q=q,
         K=k,
@@ -199,10 +213,10 @@ def attention_backward(
         DO=dout,
         LSE2=lse2,
         DELTA=delta,
-        **_strides("q", q, "m"),
-        **_strides("k", k, "n"),
-        **_strides("v", v, "n"),
-        **_strides("do", dout, "m"),
+        **_strides("q", q, "m", unit),
+        **_strides("k", k, "n", unit),
+        **_strides("v", v, "n", unit),
+        **_strides("do", dout, "m", unit),
         num_heads=heads,
         group=heads // kv_heads,
         seqlen_q=seqlen_q,
@@ -212,6 +226,7 @@ def attention_backward(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         PRECISION=_precision(q.dtype),
+        STRIDE_UNIT=unit,
         **_mask_flags(left, right),
     )
     # atomic_dq (experimental, not deterministic): the dK/dV kernel also adds dQ into a float32 buffer
@@ -223,8 +238,8 @@ def attention_backward(
         DQ_ACC=dq_acc,
         ATOMIC_DQ=atomic_dq,
         num_kv_heads=kv_heads,
-        **_strides("dk", dk, "n"),
-        **_strides("dv", dv, "n"),
+        **_strides("dk", dk, "n", unit),
+        **_strides("dv", dv, "n", unit),
     )
     grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
     _launch(
@@ -240,7 +255,7 @@ def attention_backward(
     )
     if atomic_dq:
         return dq.copy_(dq_acc), dk, dv
-    dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m"))
+    dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m", unit))
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     _launch(
         attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype, forced.get("bwd_dq")
