@@ -22,6 +22,8 @@ from flashattention.testing import FLOOR_REL, compare_to_reference, default_floo
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
+# a padded head dim -> an odd head dim that its table entry serves (exercises the padding masks)
+ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,12 +8,9 @@ import math
 
 import pytest
 import torch
-from _helpers import NAMES, compare_to_reference, make_inputs, reference_dtype, run_reference
+from _helpers import NAMES, ODD_HEAD_DIM, compare_to_reference, make_inputs, reference_dtype, run_reference
 
 from flashattention.kernels import configs, launch
-
-# a padded head dim -> an odd head dim that the table entry serves (exercises the padding masks)
-ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
 
 
 def _entries() -> list:

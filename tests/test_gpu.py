@@ -8,6 +8,7 @@ import pytest
 import torch
 from _helpers import (
     NAMES,
+    ODD_HEAD_DIM,
     Case,
     case_params,
     check_attention,
@@ -183,10 +184,6 @@ def _autotune_table_params() -> list:
             )
         )
     return params or [pytest.param(None, RuntimeError("no config for this GPU's architecture"), id="empty")]
-
-
-# a padded head dim -> an odd head dim that the table entry serves (exercises the padding masks)
-ODD_HEAD_DIM = {64: 40, 128: 72, 256: 200}
 
 
 @pytest.mark.configs
