@@ -29,9 +29,11 @@ def attention_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, D] contiguous, lse [B, H, Sq] float32, stats [B, H, Sq] float32), inputs validated."""
-    return _backend_module(backend).attention_forward(
+    out, lse, stats = _backend_module(backend).attention_forward(
         q, k, v, softmax_scale=softmax_scale, left=left, right=right
     )
+    # a backend may hand back one tensor as both (its stats are the LSE); custom-op outputs must not alias
+    return out, lse, stats.clone() if stats is lse else stats
 
 
 @attention_forward.register_fake

@@ -114,6 +114,29 @@ def _strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
     return {f"stride_{name}{axis}": s // unit for axis, s in zip("bh" + seq, t.stride()[:3], strict=True)}
 
 
+def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int) -> dict:
+    """The arguments every attention kernel takes, named as the kernels name them."""
+    heads, head_dim = q.shape[1], q.shape[3]
+    return dict(
+        Q=q,
+        K=k,
+        V=v,
+        **_strides("q", q, "m", unit),
+        **_strides("k", k, "n", unit),
+        **_strides("v", v, "n", unit),
+        num_heads=heads,
+        group=heads // k.shape[1],
+        seqlen_q=q.shape[2],
+        seqlen_k=k.shape[2],
+        qk_scale=softmax_scale * LOG2E,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        PRECISION=_precision(q.dtype),
+        STRIDE_UNIT=unit,
+        **_mask_flags(left, right),
+    )
+
+
 def _mask_flags(left: int, right: int) -> dict:
     return dict(window_left=max(left, 0), window_right=max(right, 0), HAS_LO=left >= 0, HAS_HI=right >= 0)
 
@@ -122,37 +145,21 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
     """out [B, H, Sq, D] (q.dtype, contiguous), lse [B, H, Sq] float32 (natural log), lse2 = lse * log2(e)
     as the kernel computed it (saved for the backward)."""
     batch, heads, seqlen_q, head_dim = q.shape
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    seqlen_k = k.shape[2]
     out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
     lse2 = _empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
-        return out, lse2, lse2.clone()
-    if seqlen_k == 0:  # no keys: every row is empty
-        lse2.fill_(-math.inf)
-        return out.zero_(), lse2, lse2.clone()  # custom-op outputs must not alias
+        return out, lse2, lse2
+    if seqlen_k == 0:  # no keys: every row is empty (-inf is the same in both units)
+        return out.zero_(), lse2.fill_(-math.inf), lse2
     unit = _stride_unit(q, k, v, out)
     args = dict(
-        Q=q,
-        K=k,
-        V=v,
+        _shared_args(q, k, v, unit, softmax_scale, left, right),
         O=out,
         LSE2=lse2,
-        **_strides("q", q, "m", unit),
-        **_strides("k", k, "n", unit),
-        **_strides("v", v, "n", unit),
         **_strides("o", out, "m", unit),
         batch=batch,
-        num_heads=heads,
-        group=heads // kv_heads,
-        seqlen_q=seqlen_q,
-        seqlen_k=seqlen_k,
-        qk_scale=softmax_scale * LOG2E,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=_head_dim_pad(head_dim),
-        PRECISION=_precision(q.dtype),
         CAN_TMA=_tma_ok(k, v),
-        STRIDE_UNIT=unit,
-        **_mask_flags(left, right),
     )
 
     def grid(meta):
@@ -207,27 +214,12 @@ def attention_backward(
         )
     unit = _stride_unit(q, k, v, dout, dq, dk, dv)
     common = dict(
-        Q=q,
-        K=k,
-        V=v,
+        _shared_args(q, k, v, unit, softmax_scale, left, right),
         DO=dout,
         LSE2=lse2,
         DELTA=delta,
-        **_strides("q", q, "m", unit),
-        **_strides("k", k, "n", unit),
-        **_strides("v", v, "n", unit),
         **_strides("do", dout, "m", unit),
-        num_heads=heads,
-        group=heads // kv_heads,
-        seqlen_q=seqlen_q,
-        seqlen_k=seqlen_k,
-        qk_scale=softmax_scale * LOG2E,
         softmax_scale=softmax_scale,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
-        PRECISION=_precision(q.dtype),
-        STRIDE_UNIT=unit,
-        **_mask_flags(left, right),
     )
     # atomic_dq (experimental, not deterministic): the dK/dV kernel also adds dQ into a float32 buffer
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
