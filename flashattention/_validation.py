@@ -211,8 +211,10 @@ def check_beam_idx(beam_idx: object, batch_size: int) -> None:
             f"reorder_kv_cache: `beam_idx` must be 1-D with one index per cache row (length {batch_size}), "
             f"got shape {tuple(beam_idx.shape)}."
         )
-    if batch_size and (int(beam_idx.min()) < 0 or int(beam_idx.max()) >= batch_size):
-        raise ValueError(
-            f"reorder_kv_cache: `beam_idx` values must be in [0, {batch_size}), got min "
-            f"{int(beam_idx.min())} and max {int(beam_idx.max())}."
-        )
+    if batch_size:
+        lowest, highest = int(beam_idx.min()), int(beam_idx.max())
+        if lowest < 0 or highest >= batch_size:
+            raise ValueError(
+                f"reorder_kv_cache: `beam_idx` values must be in [0, {batch_size}), got min {lowest} and "
+                f"max {highest}."
+            )
