@@ -2,6 +2,7 @@
 # The GPU machine's work in as few device calls as fit its 10-minute limit per command:
 #   bash benchmarks/gpu_run.sh tests          # info + the GPU test suite, without the config sweep
 #   bash benchmarks/gpu_run.sh configs        # the GPU tests of every autotune config (bf16 and fp32 tables)
+#   bash benchmarks/gpu_run.sh alltests       # both test sets in one call
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
 # Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
@@ -16,9 +17,11 @@ shift || true
 run_tests() {  # $1: the pytest marker expression, $2: the log's name
     python -m flashattention info 2>&1 | tee "$OUT/info.log"
     echo "== GPU tests: $1"
-    python -m pytest -m "$1" tests -q -rfEs -p no:cacheprovider --durations=15 >"$OUT/$2.log" 2>&1
+    # one pytest process per 2 cores: each test case compiles its own kernel variants (CPU-bound)
+    python -m benchmarks.pytest_shards --jobs "${JOBS:-8}" --timeout "${SHARD_TIMEOUT:-480}" \
+        --log-dir "$OUT/$2" -- -m "$1" tests >"$OUT/$2.log" 2>&1
     local rc=$?
-    tail -n 40 "$OUT/$2.log"
+    tail -n 60 "$OUT/$2.log"
     echo "gpu tests exit code: $rc"
     return $rc
 }
@@ -36,11 +39,12 @@ run_bench() {
 
 case "$mode" in
     tests) run_tests "gpu and not configs" gpu_tests ;;
+    alltests) run_tests gpu gpu_tests ;;
     configs) run_tests "gpu and configs" gpu_configs ;;
     bench) run_bench "$@" ;;
     all)
         run_tests gpu gpu_tests; tests_rc=$?
         run_bench "$@"; bench_rc=$?
         exit $((tests_rc || bench_rc)) ;;
-    *) echo "usage: $0 tests | configs | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 tests | configs | alltests | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
 esac
