@@ -8,9 +8,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from _helpers import NAMES, ODD_HEAD_DIM, compare_to_reference, make_inputs, reference_dtype, run_reference
 
 from flashattention.kernels import configs, launch
+from flashattention.kernels.common import round_tf32
 
 
 def _entries() -> list:
@@ -122,3 +125,28 @@ def test_lazy_rescale_with_growing_scores(dtype, device) -> None:
         if (f := compare_to_reference(n, x, ref[n], same[n])) is not None
     ]
     assert not failures, "\n".join(failures)
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    """Applies kernels.common.round_tf32 to one block."""
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, round_tf32(x), mask=offs < n)
+
+
+def test_round_tf32_is_round_to_nearest_ties_away() -> None:
+    """The kernels' tf32 operand rounding (kernels.common.round_tf32) against the rounding worked out in
+    float64: the tf32 grid at |x| in [2^e, 2^(e+1)) has spacing 2^(e-10); ties go away from zero."""
+    mantissa_ties = torch.tensor([1 + (2 * i + 1) * 2.0**-11 for i in range(8)])  # exactly halfway
+    x = torch.cat([torch.randn(992) * 10.0 ** torch.randint(-3, 4, (992,)), mantissa_ties, -mantissa_ties])
+    x = x.float()
+    y = torch.empty_like(x)
+    _round_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=1024)
+
+    x64 = x.double()
+    spacing = torch.exp2(torch.floor(torch.log2(x64.abs())) - 10)
+    steps = x64.abs() / spacing
+    expected = torch.sign(x64) * torch.floor(steps + 0.5) * spacing  # half away from zero
+    assert torch.equal(y.double(), expected), (y.double() - expected).abs().max()
+    assert not torch.equal(y, x)  # the low bits did change

@@ -9,7 +9,7 @@ experimental ATOMIC_DQ folds dQ into the dK/dV kernel with atomics).
 import triton
 import triton.language as tl
 
-from .common import load_tile, tile_range, unit_strides, visible
+from .common import load_tile, mma, tile_range, unit_strides, visible
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def _dkdv_tiles(
             HEAD_DIM != HEAD_DIM_PAD,
         )  # [HEAD_DIM_PAD, BLOCK_M]
         lse = _load_lse2(lse2_row, offs_m, m_mask)
-        qk_t = tl.dot(k, q_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        qk_t = mma(k, q_t, None, PRECISION)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if MASKED:
             p_t = tl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p_t, 0.0)
@@ -113,13 +113,13 @@ def _dkdv_tiles(
             MASKED,
             HEAD_DIM != HEAD_DIM_PAD,
         )  # [BLOCK_M, HEAD_DIM_PAD]
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        dv = mma(p_t.to(do.dtype), do, dv, PRECISION)
+        dp_t = mma(v, tl.trans(do), None, PRECISION)  # [BLOCK_N, BLOCK_M]
         delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION)
+        dk = mma(ds_t.to(q_t.dtype), tl.trans(q_t), dk, PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION)  # [BLOCK_M, HEAD_DIM_PAD]
+            dq = mma(tl.trans(ds_t).to(k.dtype), k, None, PRECISION)  # [BLOCK_M, HEAD_DIM_PAD]
             dq_ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq * softmax_scale, mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
     return dk, dv
@@ -311,13 +311,13 @@ def _dq_tiles(
             MASKED,
             HEAD_DIM != HEAD_DIM_PAD,
         )
-        qk = tl.dot(q, k_t, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        qk = mma(q, k_t, None, PRECISION)  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        dp = mma(do, v_t, None, PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
+        dq = mma(ds.to(k_t.dtype), tl.trans(k_t), dq, PRECISION)
     return dq
 
 

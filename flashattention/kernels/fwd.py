@@ -9,7 +9,7 @@ which the backward recomputes P.
 import triton
 import triton.language as tl
 
-from .common import load_tile, tile_range, unit_strides, visible
+from .common import load_tile, mma, tile_range, unit_strides, visible
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _fwd_tiles(
         else:
             k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
             k = load_tile(k_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+        qk = mma(q, tl.trans(k), None, PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if MASKED:
             vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
             qk = tl.where(vis, qk, float("-inf"))
@@ -85,7 +85,7 @@ def _fwd_tiles(
             v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
         else:
             v = load_tile(v_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        acc = mma(p.to(v.dtype), v, acc, PRECISION)
     return acc, l_i, m_i
 
 
