@@ -23,7 +23,7 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
     """a @ b (+ acc). With PRECISION "tf32" the operands are rounded to nearest tf32 first: the tensor
     cores (and Triton, which emits no conversion) drop the low 13 mantissa bits, a truncation whose bias
     adds up along the dot product (measured on an H100: 2-3.5x PyTorch's tf32 error on the LSE and the
-    gradients, against 1x with rounding)."""
+    gradients; with rounding, within the tests' 2x rule)."""
     if PRECISION == "tf32":
         a = round_tf32(a)
         b = round_tf32(b)
