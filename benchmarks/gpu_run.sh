@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_run.sh tests          # info + the GPU test suite, without the config sweep
 #   bash benchmarks/gpu_run.sh configs        # the GPU tests of every autotune config (bf16 and fp32 tables)
 #   bash benchmarks/gpu_run.sh alltests       # both test sets in one call
+#   bash benchmarks/gpu_run.sh tune [ARGS]    # benchmarks.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
 # Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
@@ -42,9 +43,16 @@ case "$mode" in
     alltests) run_tests gpu gpu_tests ;;
     configs) run_tests "gpu and configs" gpu_configs ;;
     bench) run_bench "$@" ;;
+    tune)
+        python -m flashattention info 2>&1 | tee "$OUT/info.log"
+        python -m benchmarks.tune --json "$OUT/tune.json" "$@" >"$OUT/tune.log" 2>&1
+        rc=$?
+        grep -A200 "^NVIDIA\|^H1\|bf16$" "$OUT/tune.log" | tail -n 120
+        echo "tune exit code: $rc"
+        exit $rc ;;
     all)
         run_tests gpu gpu_tests; tests_rc=$?
         run_bench "$@"; bench_rc=$?
         exit $((tests_rc || bench_rc)) ;;
-    *) echo "usage: $0 tests | configs | alltests | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 tests | configs | alltests | tune [ARGS] | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
 esac

@@ -4,8 +4,10 @@ For each (head dim, causal) it checks every config against a float32 reference w
 (flashattention.testing; the same-dtype term is SDPA flash in bf16) and times it beside SDPA flash and
 cuDNN; configs.CANDIDATES (not in the tables yet) are run too. Backward configs are timed as the whole
 backward with that kernel's config forced; "bwd_atomic" times the experimental one-pass backward (dQ by
-atomics) over the dK/dV configs.
-Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096] [--dims 64,128,256]
+atomics) over the dK/dV configs. A "call" row per shape times the public `flash_attention` forward (autotuned)
+twice: with do_bench, as benchmarks.run does, and replayed from a CUDA graph (no CPU launch cost), and names
+the config the autotuner picked; a gap between the two means the GPU waits on the launch path.
+Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096[,1024,...]] [--dims 64,128,256]
        [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH]
 """
 
@@ -17,8 +19,9 @@ import json
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
+from flashattention import flash_attention
 from flashattention.kernels import configs, launch
 from flashattention.testing import error_and_bound
 
@@ -70,10 +73,11 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
         except RuntimeError as exc:
             print(f"peer {name} failed: {exc}")
     scale, right, pad = head_dim**-0.5, (0 if causal else -1), max(16, 1 << (head_dim - 1).bit_length())
+    base = dict(D=head_dim, causal=causal, S=seqlen, **peers)
+    rows = [_public_call_row(q, k, v, causal, flops, table, pad, base)]
     out, _, lse2 = launch.attention_forward(
         q, k, v, softmax_scale=scale, left=-1, right=right, config=configs.configs_for("fwd", table, pad)[0]
     )
-    rows = []
     for kernel in kernels:
         # "bwd_atomic": the dK/dV configs with dQ added by atomics in the same kernel (no dQ kernel)
         atomic = kernel == "bwd_atomic"
@@ -126,29 +130,49 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
     return rows
 
 
+def _public_call_row(q, k, v, causal: bool, flops: float, table: str, pad: int, row: dict) -> dict:
+    """flash_attention's forward as users call it: do_bench vs CUDA-graph replay, and the picked config."""
+    call = lambda: flash_attention(q, k, v, causal=causal)
+    try:
+        call()  # autotunes outside the timing
+        eager = flops / do_bench(call) / 1e9
+        graph = flops / do_bench_cudagraph(call) / 1e9
+        tuner = configs.autotuner(launch.attn_fwd_kernel, "fwd", table, pad, ())
+        best = getattr(tuner, "best_config", None)
+        picked = _label(best) if best is not None else "first config (autotune off or one config)"
+        row.update(kernel="call", config=f"{picked}; graph {graph:.0f}", ok=True, tflops=eager, graph=graph)
+    except Exception as exc:  # noqa: BLE001
+        row.update(kernel="call", config="public call", ok=False, tflops=0.0, error=str(exc)[:200])
+    print(f"D{row['D']} causal={causal} call {row['config']:20s} {row['tflops']:6.1f} TFLOP/s", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--seqlen", default="4096", help="one or more, comma-separated")
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq,bwd_atomic")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     table = configs.table_name(torch.device("cuda"), torch.bfloat16)
     rows = []
-    for head_dim in (int(d) for d in args.dims.split(",")):
-        for causal in (False, True):
-            torch.manual_seed(0)
-            rows += tune_shape(head_dim, causal, args.seqlen, args.kernels.split(","), table)
-            torch.cuda.empty_cache()
+    seqlens = [int(s) for s in args.seqlen.split(",")]
+    for seqlen in seqlens:
+        for head_dim in (int(d) for d in args.dims.split(",")):
+            for causal in (False, True):
+                torch.manual_seed(0)
+                rows += tune_shape(head_dim, causal, seqlen, args.kernels.split(","), table)
+                torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"\n{torch.cuda.get_device_name()}  S={args.seqlen} bf16")
-    print("| D | causal | kernel | config | ok | TFLOP/s | flash fwd/bwd | cudnn fwd/bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{torch.cuda.get_device_name()}  bf16")
+    print("| S | D | causal | kernel | config | ok | TFLOP/s | flash fwd/bwd | cudnn fwd/bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['D']} | {r['causal']} | {r['kernel']} | {r['config']} | {r['ok']} | {r['tflops']:.0f} | "
+            f"| {r['S']} | {r['D']} | {r['causal']} | {r['kernel']} | {r['config']} | {r['ok']} | "
+            f"{r['tflops']:.0f} | "
             f"{r.get('flash_fwd', 0):.0f}/{r.get('flash_bwd', 0):.0f} | "
             f"{r.get('cudnn_fwd', 0):.0f}/{r.get('cudnn_bwd', 0):.0f} |"
         )
