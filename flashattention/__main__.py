@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,9 +14,7 @@ import torch
 import flashattention
 from flashattention import flash_attention
 from flashattention.reference import attention_reference
-from flashattention.testing import error_and_bound
-
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+from flashattention.testing import DTYPE_NAMES, Case, error_and_bound
 
 
 def _interpreting() -> bool:
@@ -97,59 +95,41 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------- check
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    batch: int
-    heads: int
-    kv_heads: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    causal: bool = False
-    window: tuple[int, int] = (-1, -1)
-
-    def describe(self) -> str:
-        heads = f"H{self.heads}" + (f"/{self.kv_heads}" if self.kv_heads != self.heads else "")
-        mask = "causal" if self.causal else "full"
-        if self.window != (-1, -1):
-            mask = f"window{self.window}".replace(" ", "")
-        return f"B{self.batch} {heads} Sq{self.seqlen_q} Sk{self.seqlen_k} D{self.head_dim} {mask}"
+def _describe(case: Case) -> str:
+    heads = f"H{case.heads}" + (f"/{case.kv_heads}" if case.kv_heads != case.heads else "")
+    mask = "causal" if case.causal else "full"
+    if case.window != (-1, -1):
+        mask = f"window{case.window}".replace(" ", "")
+    return f"B{case.batch} {heads} Sq{case.seqlen_q} Sk{case.seqlen_k} D{case.head_dim} {mask}"
 
 
 # Every row sees at least one key in all of these (the kernels' empty-row case is the tests' business).
 CASES = (
-    Case("dense", 2, 4, 4, 128, 128, 64),
-    Case("causal, odd length", 1, 3, 3, 113, 113, 64, causal=True),
-    Case("causal, Sq < Sk (bottom-right)", 2, 2, 2, 37, 203, 64, causal=True),
-    Case("sliding window", 1, 2, 2, 255, 255, 64, window=(32, 8)),
-    Case("GQA 8/2, causal", 2, 8, 2, 96, 96, 128, causal=True),
-    Case("MQA 4/1", 1, 4, 1, 64, 150, 32),
-    Case("head dim 72, causal", 1, 2, 2, 100, 100, 72, causal=True),
-    Case("head dim 40, window", 1, 2, 2, 77, 77, 40, window=(16, 0)),
-    Case("head dim 256", 1, 2, 2, 64, 64, 256),
-    Case("one query row", 2, 4, 4, 1, 77, 64, causal=True),
+    Case(2, 4, 4, 128, 128, 64, name="dense"),
+    Case(1, 3, 3, 113, 113, 64, causal=True, name="causal, odd length"),
+    Case(2, 2, 2, 37, 203, 64, causal=True, name="causal, Sq < Sk (bottom-right)"),
+    Case(1, 2, 2, 255, 255, 64, window=(32, 8), name="sliding window"),
+    Case(2, 8, 2, 96, 96, 128, causal=True, name="GQA 8/2, causal"),
+    Case(1, 4, 1, 64, 150, 32, name="MQA 4/1"),
+    Case(1, 2, 2, 100, 100, 72, causal=True, name="head dim 72, causal"),
+    Case(1, 2, 2, 77, 77, 40, window=(16, 0), name="head dim 40, window"),
+    Case(1, 2, 2, 64, 64, 256, name="head dim 256"),
+    Case(2, 4, 4, 1, 77, 64, causal=True, name="one query row"),
 )
-GPU_CASES = CASES + (Case("long causal", 1, 4, 4, 2048, 2048, 128, causal=True),)
+GPU_CASES = CASES + (Case(1, 4, 4, 2048, 2048, 128, causal=True, name="long causal"),)
 # Triton's CPU interpreter runs every program in numpy: keep these small.
 INTERPRETER_CASES = (
-    Case("dense", 1, 2, 2, 48, 48, 32),
-    Case("causal, Sq < Sk, head dim 40", 1, 2, 2, 33, 57, 40, causal=True),
-    Case("sliding window", 1, 2, 2, 64, 64, 16, window=(8, 4)),
-    Case("GQA 4/2, causal", 1, 4, 2, 40, 40, 16, causal=True),
+    Case(1, 2, 2, 48, 48, 32, name="dense"),
+    Case(1, 2, 2, 33, 57, 40, causal=True, name="causal, Sq < Sk, head dim 40"),
+    Case(1, 2, 2, 64, 64, 16, window=(8, 4), name="sliding window"),
+    Case(1, 4, 2, 40, 40, 16, causal=True, name="GQA 4/2, causal"),
 )
 
 
 def _run_case(case: Case, dtype: torch.dtype, backend: str, device: torch.device) -> tuple[bool, str]:
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device, dtype)
-
-    q = rand(case.batch, case.heads, case.seqlen_q, case.head_dim)
-    k, v = (rand(case.batch, case.kv_heads, case.seqlen_k, case.head_dim) for _ in range(2))
-    dout = rand(case.batch, case.heads, case.seqlen_q, case.head_dim)
-    mask = dict(causal=case.causal, window_size=case.window)
+    torch.manual_seed(0)
+    q, k, v, dout = dataclasses.replace(case, dtype=dtype).inputs(device)
+    mask = case.mask_kwargs()
 
     def forward_backward(fn, inputs):
         leaves = [t.detach().requires_grad_() for t in inputs]
@@ -211,7 +191,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     header = ("backend", "dtype", "case", "shape", "worst (err vs bound)", "result")
     all_cases = [c for _, cases, _ in plans for c in cases]
-    widths = (7, 5, max(len(c.name) for c in all_cases), max(len(c.describe()) for c in all_cases), 30, 6)
+    widths = (7, 5, max(len(c.name) for c in all_cases), max(len(_describe(c)) for c in all_cases), 30, 6)
 
     def print_row(cells: tuple[str, ...]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip(), flush=True)
@@ -229,7 +209,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 checks += 1
                 failures += not ok
                 print_row(
-                    (backend, DTYPE_NAMES[dtype], case.name, case.describe(), worst, "pass" if ok else "FAIL")
+                    (backend, DTYPE_NAMES[dtype], case.name, _describe(case), worst, "pass" if ok else "FAIL")
                 )
     print(f"\n{'PASS' if failures == 0 else 'FAIL'}: {checks - failures} of {checks} checks passed")
     return 0 if failures == 0 else 1

@@ -5,15 +5,27 @@ tuning script:
 
 `ref` is the float64 (CPU) / float32 (GPU) oracle, `same_dtype` the plain PyTorch computation in the input
 dtype. NaN in ours never passes; infinite reference entries (the LSE of a row that sees no key) must match.
+Also the problems both compare on: `Case` and `make_inputs`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FLOOR_REL", "compare_to_reference", "default_floor", "error_and_bound"]
+__all__ = [
+    "DTYPE_NAMES",
+    "FLOOR_REL",
+    "Case",
+    "compare_to_reference",
+    "default_floor",
+    "error_and_bound",
+    "make_inputs",
+]
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # Floor of the pass rule, relative to the largest finite |ref| of the compared tensor: about one rounding
 # of the output dtype (fp16 eps 9.8e-4, bf16 eps 7.8e-3), and 1e-5 for fp32 (accumulation-order noise).
@@ -96,3 +108,83 @@ def compare_to_reference(
         f"NaN in ours: {'YES, ' + str(n_nan) + ' entries' if n_nan else 'no'}"
         + (f"; {n_inf_mismatch} entries where ref is +-inf and ours differs" if n_inf_mismatch else "")
     )
+
+
+def make_inputs(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    input_scale: float = 1.0,
+):
+    """Random (q, k, v, dout), BHSD and contiguous, in `dtype` on `device`, drawn in float32 (so every dtype
+    sees the same values for a seed) from torch's global generator."""
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    q = randn(batch, heads, seqlen_q, head_dim, scale=input_scale)
+    k = randn(batch, kv_heads, seqlen_k, head_dim, scale=input_scale)
+    v = randn(batch, kv_heads, seqlen_k, head_dim)
+    dout = randn(batch, heads, seqlen_q, head_dim)
+    return q, k, v, dout
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem; `id` reads like B2-H4-Hkv2-Sq113-Sk203-D72-causal-bf16; `name` says what it
+    is for (optional)."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    input_scale: float = 1.0  # multiplies q and k: large scores test the softmax's numerical safety
+    name: str = ""
+
+    @property
+    def id(self) -> str:
+        parts = [
+            f"B{self.batch}",
+            f"H{self.heads}",
+            f"Hkv{self.kv_heads}",
+            f"Sq{self.seqlen_q}",
+            f"Sk{self.seqlen_k}",
+            f"D{self.head_dim}",
+        ]
+        if self.causal:
+            parts.append("causal")
+        if self.window[0] != -1:
+            parts.append(f"left{self.window[0]}")
+        if self.window[1] != -1:
+            parts.append(f"right{self.window[1]}")
+        parts.append(DTYPE_NAMES[self.dtype])
+        if self.input_scale != 1.0:
+            parts.append(f"x{self.input_scale:g}")
+        return "-".join(parts)
+
+    def mask_kwargs(self) -> dict:
+        return {"causal": self.causal, "window_size": self.window}
+
+    def inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+        """(q, k, v, dout) in self.dtype (make_inputs)."""
+        return make_inputs(
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.seqlen_q,
+            self.seqlen_k,
+            self.head_dim,
+            self.dtype,
+            device,
+            self.input_scale,
+        )

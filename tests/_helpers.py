@@ -10,16 +10,20 @@ plain PyTorch computation in the input dtype (autograd for the gradients). NaN i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from flashattention import flash_attention
 from flashattention.reference import attention_reference
-from flashattention.testing import FLOOR_REL, compare_to_reference, default_floor  # noqa: F401
-
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+from flashattention.testing import (  # noqa: F401 - re-exported for the test modules
+    DTYPE_NAMES,
+    FLOOR_REL,
+    Case,
+    compare_to_reference,
+    default_floor,
+    make_inputs,
+)
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 # a padded head dim -> an odd head dim that its table entry serves (exercises the padding masks)
@@ -70,85 +74,8 @@ def assert_same_result(name: str, ours: torch.Tensor, expected: torch.Tensor) ->
 # Problems and their forward+backward runs
 
 
-@dataclass(frozen=True)
-class Case:
-    """One attention problem; `id` reads like B2-H4-Hkv2-Sq113-Sk203-D72-causal-bf16."""
-
-    batch: int
-    heads: int
-    kv_heads: int
-    seqlen_q: int
-    seqlen_k: int
-    head_dim: int
-    dtype: torch.dtype = torch.float16
-    causal: bool = False
-    window: tuple[int, int] = (-1, -1)
-    input_scale: float = 1.0  # multiplies q and k: large scores test the softmax's numerical safety
-
-    @property
-    def id(self) -> str:
-        parts = [
-            f"B{self.batch}",
-            f"H{self.heads}",
-            f"Hkv{self.kv_heads}",
-            f"Sq{self.seqlen_q}",
-            f"Sk{self.seqlen_k}",
-            f"D{self.head_dim}",
-        ]
-        if self.causal:
-            parts.append("causal")
-        if self.window[0] != -1:
-            parts.append(f"left{self.window[0]}")
-        if self.window[1] != -1:
-            parts.append(f"right{self.window[1]}")
-        parts.append(DTYPE_NAMES[self.dtype])
-        if self.input_scale != 1.0:
-            parts.append(f"x{self.input_scale:g}")
-        return "-".join(parts)
-
-    def mask_kwargs(self) -> dict:
-        return {"causal": self.causal, "window_size": self.window}
-
-    def inputs(self, device: torch.device | str) -> tuple[torch.Tensor, ...]:
-        """(q, k, v, dout) in self.dtype, generated in float32 so all dtypes see the same values."""
-        return make_inputs(
-            self.batch,
-            self.heads,
-            self.kv_heads,
-            self.seqlen_q,
-            self.seqlen_k,
-            self.head_dim,
-            self.dtype,
-            device,
-            self.input_scale,
-        )
-
-
 def case_params(cases: Sequence[Case], *marks) -> list:
     return [pytest.param(c, id=c.id, marks=marks) for c in cases]
-
-
-def make_inputs(
-    batch: int,
-    heads: int,
-    kv_heads: int,
-    seqlen_q: int,
-    seqlen_k: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    input_scale: float = 1.0,
-):
-    """Random (q, k, v, dout), BHSD and contiguous, in `dtype` on `device`."""
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device=device) * scale).to(dtype)
-
-    q = randn(batch, heads, seqlen_q, head_dim, scale=input_scale)
-    k = randn(batch, kv_heads, seqlen_k, head_dim, scale=input_scale)
-    v = randn(batch, kv_heads, seqlen_k, head_dim)
-    dout = randn(batch, heads, seqlen_q, head_dim)
-    return q, k, v, dout
 
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
