@@ -257,20 +257,55 @@ def attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
-    # tile = off_bh * num_m + (num_m - 1 - block index): each head's query blocks longest-first (with a causal
-    # mask the last query blocks see the most keys). Persistent: a stride loop over every tile, head by
-    # head; otherwise one tile per program (a loop of one trip, so that one call site serves both).
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
     if PERSISTENT:
-        first, last, step = tl.program_id(0), num_m * batch * num_heads, tl.num_programs(0)
+        num_m = tl.cdiv(seqlen_q, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), num_m * batch * num_heads, tl.num_programs(0)):
+            start_m = (num_m - 1 - tile % num_m) * BLOCK_M
+            _fwd_block(
+                start_m,
+                tile // num_m,
+                Q,
+                K,
+                V,
+                O,
+                LSE2,
+                stride_qb,
+                stride_qh,
+                stride_qm,
+                stride_kb,
+                stride_kh,
+                stride_kn,
+                stride_vb,
+                stride_vh,
+                stride_vn,
+                stride_ob,
+                stride_oh,
+                stride_om,
+                num_heads,
+                group,
+                seqlen_q,
+                seqlen_k,
+                window_left,
+                window_right,
+                qk_scale,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+                HAS_LO,
+                HAS_HI,
+                PRECISION,
+                CAN_TMA,
+                BLOCK_M,
+                BLOCK_N,
+                USE_TMA,
+                WARP_SPECIALIZE,
+                LAZY_RESCALE,
+            )
     else:
-        first = tl.program_id(1) * num_m + tl.program_id(0)
-        last, step = first + 1, 1
-    for tile in tl.range(first, last, step):
-        start_m = (num_m - 1 - tile % num_m) * BLOCK_M
+        # Longest rows first: with a causal mask the last query blocks see the most keys.
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
         _fwd_block(
             start_m,
-            tile // num_m,
+            tl.program_id(1),
             Q,
             K,
             V,
