@@ -6,7 +6,8 @@ cuDNN; configs.CANDIDATES (not in the tables yet) are run too. Backward configs 
 backward with that kernel's config forced; "bwd_atomic" times the experimental one-pass backward (dQ by
 atomics) over the dK/dV configs. A "call" row per shape times the public `flash_attention` forward (autotuned)
 twice: with do_bench, as benchmarks.run does, and replayed from a CUDA graph (no CPU launch cost), and names
-the config the autotuner picked; a gap between the two means the GPU waits on the launch path.
+the config the autotuner picked; a gap between the two means the GPU waits on the launch path. First of
+all it prints the host time per call at a tiny shape (ours and SDPA flash): the CPU cost of a launch.
 Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096[,1024,...]] [--dims 64,128,256]
        [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,41 @@ def _public_call_row(q, k, v, causal: bool, flops: float, table: str, pad: int, 
     return row
 
 
+def launch_overhead(calls: int = 500, device: str = "cuda") -> dict:
+    """Host time per call (us) at a tiny shape, where the GPU work is negligible: back-to-back calls and one
+    synchronize, so the rate is the CPU's submit rate. Ours (public forward; forward + backward) against
+    SDPA flash."""
+    q, k, v = (
+        torch.randn(1, 2, 128, 128, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    do = torch.randn_like(q)
+
+    def ours_fwd_bwd():
+        torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), do)
+
+    def sdpa_fwd_bwd():
+        torch.autograd.grad(_sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, True), (q, k, v), do)
+
+    fns = {
+        "ours fwd": lambda: flash_attention(q, k, v, causal=True),
+        "sdpa-flash fwd": lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, True),
+        "ours fwd+bwd": ours_fwd_bwd,
+        "sdpa-flash fwd+bwd": sdpa_fwd_bwd,
+    }
+    result = {}
+    for name, fn in fns.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        result[name] = (time.perf_counter() - start) / calls * 1e6
+        print(f"host time per call, {name}: {result[name]:.1f} us", flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", default="4096", help="one or more, comma-separated")
@@ -155,6 +192,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     table = configs.table_name(torch.device("cuda"), torch.bfloat16)
+    overhead = launch_overhead()
     rows = []
     seqlens = [int(s) for s in args.seqlen.split(",")]
     for seqlen in seqlens:
@@ -165,8 +203,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"launch_overhead_us": overhead, "rows": rows}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}  bf16")
+    print("host us per call (tiny shape): " + ", ".join(f"{n} {t:.0f}" for n, t in overhead.items()))
     print("| S | D | causal | kernel | config | ok | TFLOP/s | flash fwd/bwd | cudnn fwd/bwd |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
