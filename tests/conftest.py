@@ -46,6 +46,17 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 @pytest.fixture(autouse=True)
+def _release_cuda_cache():
+    """On the GPU, gives cached blocks back to the driver after each test: the GPU suite runs in parallel
+    processes on one card (benchmarks/pytest_shards.py), and memory one process keeps cached is memory
+    another's kernels cannot get (a launch of a kernel that spills needs local memory: CUDA out of memory
+    at launch was seen with 14 processes)."""
+    yield
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
 def _seed(request: pytest.FixtureRequest) -> None:
     """A reproducible seed per test (derived from its id), so tests do not depend on their order."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
