@@ -19,7 +19,7 @@ run_tests() {  # $1: the pytest marker expression, $2: the log's name
     python -m flashattention info 2>&1 | tee "$OUT/info.log"
     echo "== GPU tests: $1"
     # one pytest process per 2 cores: each test case compiles its own kernel variants (CPU-bound)
-    python -m benchmarks.pytest_shards --jobs "${JOBS:-8}" --timeout "${SHARD_TIMEOUT:-480}" \
+    python -m benchmarks.pytest_shards --jobs "${JOBS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}" --timeout "${SHARD_TIMEOUT:-480}" \
         --log-dir "$OUT/$2" -- -m "$1" tests >"$OUT/$2.log" 2>&1
     local rc=$?
     tail -n 60 "$OUT/$2.log"
