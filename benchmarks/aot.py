@@ -27,6 +27,16 @@ from flashattention.kernels.fwd import attn_fwd_kernel
 
 KERNELS = {"fwd": attn_fwd_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel, "bwd_dq": attn_bwd_dq_kernel}
 SHARED_LIMIT = 232448  # bytes a block may use on an H100 (227 KB)
+SM_SHARED, SM_REGS, SM_WARPS = 233472, 65536, 64  # what one H100 SM has (228 KB; 1 KB more per block)
+
+
+def blocks_per_sm(shared: int, regs: int, warps: int) -> int:
+    """Resident blocks (programs) per SM, by shared memory, registers (given per warp in units of 256) and
+    warps: with 1, nothing hides one program's prologue (first loads) and epilogue (stores)."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    return min(SM_SHARED // (shared + 1024), SM_REGS // (regs_per_warp * warps), SM_WARPS // warps)
+
+
 FP32_POINTERS = {"LSE2", "DELTA", "DQ_ACC"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
@@ -108,8 +118,11 @@ def main() -> int:
     ap.add_argument("--candidates", action="store_true", help="also the configs of configs.CANDIDATES")
     ap.add_argument("--defaults", action="store_true", help="only the first (default) config of each entry")
     args = ap.parse_args()
-    print("| table | kernel | D | config | shared KB | regs | spill B | wgmma | ex2 | cp.async | no spill |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| table | kernel | D | config | shared KB | regs | spill B | blocks/SM | wgmma | ex2 | cp.async "
+        "| no spill |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failures = 0  # configs that do not compile or need more shared memory than a block may have
     for table in args.tables.split(","):
         for kernel in args.kernels.split(","):
@@ -131,7 +144,8 @@ def main() -> int:
                     failures += r["shared"] > SHARED_LIMIT
                     print(
                         f"| {table} | {kernel} | {dim} | {label} | {r['shared'] / 1024:.0f} | {r['regs']} | "
-                        f"{r['spills']} | {r['wgmma']} | {r['ex2']} | {r['cp_async']} | "
+                        f"{r['spills']} | {blocks_per_sm(r['shared'], r['regs'], cfg.num_warps)} | "
+                        f"{r['wgmma']} | {r['ex2']} | {r['cp_async']} | "
                         f"{'yes' if r['spills'] == 0 else 'NO'} |",
                         flush=True,
                     )

@@ -123,11 +123,13 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 3, USE_TMA=True, PERSISTENT=True),
                 _c(128, 64, 4, 3, PERSISTENT=True),
                 _c(128, 128, 4, 3, USE_TMA=True, LAZY_RESCALE=True),
+                _c(64, 64, 4, 2),  # S <= 1k: several programs per SM
             ],
             128: [
                 _c(128, 128, 8, 3, PERSISTENT=True),
                 _c(128, 64, 8, 4),
                 _c(128, 128, 8, 3, LAZY_RESCALE=True),
+                _c(64, 64, 4, 2),  # S <= 1k (NOTES.md, open question): 2 programs per SM, no spill
             ],
             256: [_c(128, 64, 8, 2, PERSISTENT=True)],
         },
