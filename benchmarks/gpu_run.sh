@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_run.sh tests          # info + the GPU test suite, without the config sweep
 #   bash benchmarks/gpu_run.sh configs        # the GPU tests of every autotune config (bf16 and fp32 tables)
 #   bash benchmarks/gpu_run.sh alltests       # both test sets in one call
+#   bash benchmarks/gpu_run.sh suite          # every test of tests/, the CPU suite's too, on the GPU
 #   bash benchmarks/gpu_run.sh tune [ARGS]    # benchmarks.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
@@ -41,6 +42,7 @@ run_bench() {
 case "$mode" in
     tests) run_tests "gpu and not configs" gpu_tests ;;
     alltests) run_tests gpu gpu_tests ;;
+    suite) run_tests "gpu or not gpu" gpu_suite ;;
     configs) run_tests "gpu and configs" gpu_configs ;;
     bench) run_bench "$@" ;;
     tune)
@@ -54,5 +56,5 @@ case "$mode" in
         run_tests gpu gpu_tests; tests_rc=$?
         run_bench "$@"; bench_rc=$?
         exit $((tests_rc || bench_rc)) ;;
-    *) echo "usage: $0 tests | configs | alltests | tune [ARGS] | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 tests | configs | alltests | suite | tune [ARGS] | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
 esac
