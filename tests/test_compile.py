@@ -37,3 +37,21 @@ def test_compiled_fullgraph_matches_eager(backend: str, device: str) -> None:
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     for a, b in zip(compiled_in, eager_in, strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tracing_records_the_custom_ops(backend: str, device: str) -> None:
+    """Eager calls skip the custom op's dispatch layers (_autograd.attention); anything that traces (fake
+    tensors, make_fx, AOT autograd) must still see the two custom ops and never run a kernel on a fake
+    tensor."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fwd_bwd(q, k, v):
+        out = flash_attention(q, k, v, causal=True, backend=backend)
+        return torch.autograd.grad(out.sum(), (q, k, v))
+
+    q, k, v = (torch.randn(1, 2, 24, 16, device=device, requires_grad=True) for _ in range(3))
+    graph = make_fx(fwd_bwd, tracing_mode="fake")(q, k, v)
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert "flashattention.attention_forward.default" in targets, targets
+    assert "flashattention.attention_backward.default" in targets, targets

@@ -35,8 +35,14 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return t.fill_(float("nan")) if _poison() else t
 
 
+# Plain Python on the launch path: triton.cdiv and triton.next_power_of_2 are ConstexprFunction objects
+# whose calls cost ~3.5 us each on the host (measured on a CPU), several per launch.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _head_dim_pad(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -163,7 +169,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
     )
 
     def grid(meta):
-        tiles = triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads
+        tiles = _cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads
         if meta.get("PERSISTENT"):  # one program per SM loops over the tiles
             return (min(_num_sms(q.device), tiles[0] * tiles[1]),)
         return tiles
@@ -200,7 +206,7 @@ def attention_backward(
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     pre_block = 64
     with _on(q.device):
-        attn_bwd_preprocess_kernel[(triton.cdiv(seqlen_q, pre_block), batch * heads)](
+        attn_bwd_preprocess_kernel[(_cdiv(seqlen_q, pre_block), batch * heads)](
             out,
             dout,
             delta,
@@ -233,7 +239,7 @@ def attention_backward(
         **_strides("dk", dk, "n", unit),
         **_strides("dv", dv, "n", unit),
     )
-    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
+    grid = lambda meta: (_cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
     _launch(
         attn_bwd_dkdv_kernel,
         "bwd_dkdv",
@@ -248,7 +254,7 @@ def attention_backward(
     if atomic_dq:
         return dq.copy_(dq_acc), dk, dv
     dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m", unit))
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+    grid = lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     _launch(
         attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype, forced.get("bwd_dq")
     )
