@@ -105,13 +105,14 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The custom op's formula without its dispatch layers (eager mode only; see the module docstring)."""
+    """The custom op's formula without its dispatch layers (eager mode only; see the module docstring).
+    The separate setup_context is what torch.func transforms need."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, left, right, backend):
-        output = _forward_impl(q, k, v, softmax_scale, left, right, backend)
-        _setup_context(ctx, (q, k, v, softmax_scale, left, right, backend), output)
-        return output
+    def forward(q, k, v, softmax_scale, left, right, backend):
+        return _forward_impl(q, k, v, softmax_scale, left, right, backend)
+
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_stats):
@@ -120,7 +121,9 @@ class _EagerAttention(torch.autograd.Function):
 
 def _plain(*tensors: torch.Tensor) -> bool:
     """Real tensors run eagerly: no compiler or dispatch mode is tracing, and no tensor subclass (fake,
-    functional, distributed tensors go through the custom op, which the dispatcher handles)."""
+    functional, distributed tensors go through the custom op, which the dispatcher handles). torch.func
+    transforms take the eager path too: the custom op's autograd does not support them, the Function
+    (with its separate setup_context) does, for the torch backend (validation refuses triton there)."""
     return (
         not torch.compiler.is_compiling()
         and not is_in_torch_dispatch_mode()

@@ -135,6 +135,12 @@ def pick_backend(backend: object, device: torch.device) -> str:
             raise NotImplementedError(
                 f"flash_attention: backend='triton' supports CUDA devices, got {device}. Use backend='torch'."
             )
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            raise NotImplementedError(
+                "flash_attention: backend='triton' does not run under torch.func transforms (grad, vmap, "
+                "jacrev, ...): the kernels cannot take their wrapped tensors. Use backend='torch' inside "
+                "the transform, or torch.autograd.grad / .backward() for gradients."
+            )
         try:
             import triton  # noqa: F401
         except ImportError as exc:

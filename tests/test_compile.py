@@ -55,3 +55,24 @@ def test_tracing_records_the_custom_ops(backend: str, device: str) -> None:
     targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert "flashattention.attention_forward.default" in targets, targets
     assert "flashattention.attention_backward.default" in targets, targets
+
+
+def test_torch_func_grad_torch_backend(device: str) -> None:
+    """torch.func.grad works through the eager autograd.Function (the custom op's autograd does not
+    support torch.func) and gives autograd's gradient."""
+    q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
+
+    def loss(q_):
+        return (flash_attention(q_, k, v, causal=True, backend="torch") ** 2).sum()
+
+    got = torch.func.grad(loss)(q)
+    leaf = q.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_torch_func_with_triton_backend_is_refused(device: str) -> None:
+    """The kernels cannot take torch.func's wrapped tensors: a clear error, not a crash inside Triton."""
+    q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda q_: flash_attention(q_, k, v, backend="triton").sum())(q)
