@@ -124,6 +124,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 64, 4, 3, PERSISTENT=True),
                 _c(128, 128, 4, 3, USE_TMA=True, LAZY_RESCALE=True),
                 _c(64, 64, 4, 2),  # S <= 1k: several programs per SM
+                _c(128, 128, 8, 3, USE_TMA=True),  # no spill (192 registers) where the 4-warp default spills
             ],
             128: [
                 _c(128, 128, 8, 3, PERSISTENT=True),
