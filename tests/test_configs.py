@@ -150,3 +150,26 @@ def test_round_tf32_is_round_to_nearest_ties_away() -> None:
     expected = torch.sign(x64) * torch.floor(steps + 0.5) * spacing  # half away from zero
     assert torch.equal(y.double(), expected), (y.double() - expected).abs().max()
     assert not torch.equal(y, x)  # the low bits did change
+
+
+def test_autotune_key_names_are_kernel_arguments() -> None:
+    """Triton's autotuner silently drops key names that are not arguments of the kernel, which would make
+    configs tuned for one case serve another."""
+    from flashattention.kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+    from flashattention.kernels.fwd import attn_fwd_kernel
+
+    only_in = {"CAN_TMA": attn_fwd_kernel, "ATOMIC_DQ": attn_bwd_dkdv_kernel}  # one kernel's flags
+    for kernel in (attn_fwd_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel):
+        expected = {name for name in configs.AUTOTUNE_KEY if only_in.get(name, kernel) is kernel}
+        missing = expected - set(kernel.arg_names)
+        assert not missing, f"{kernel.__name__}: {missing}"
+
+
+def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
+    buckets = launch._seqlen_buckets
+    assert buckets(1000, 1000) == buckets(600, 1024)  # both (1024, 1024)
+    assert buckets(1000, 1000) != buckets(1025, 1000)  # q moves to 2048
+    assert buckets(1000, 1000) != buckets(1000, 2000)  # k moves to 2048
+    assert buckets(1, 5) == buckets(16, 16)  # decode-sized lengths share the smallest bucket
+    assert buckets(20000, 70000) == buckets(16384, 16384)  # long lengths share the largest
+    assert buckets(0, 0) == buckets(1, 1)

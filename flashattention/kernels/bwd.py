@@ -159,6 +159,7 @@ def attn_bwd_dkdv_kernel(
     group,
     seqlen_q,
     seqlen_k,
+    seqlen_buckets,  # autotune key only (configs.AUTOTUNE_KEY); unused by the kernel
     window_left,
     window_right,
     qk_scale,
@@ -349,6 +350,7 @@ def attn_bwd_dq_kernel(
     group,
     seqlen_q,
     seqlen_k,
+    seqlen_buckets,  # autotune key only (configs.AUTOTUNE_KEY); unused by the kernel
     window_left,
     window_right,
     qk_scale,

@@ -17,7 +17,10 @@ import torch
 import triton
 
 KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+# seqlen_buckets: the launcher's power-of-two buckets of seqlen_q and seqlen_k, so that each range of lengths
+# is tuned on its own (a config picked at 512 tokens does not serve 16k), without retuning per exact length.
 AUTOTUNE_KEY = [
+    "seqlen_buckets",
     "HEAD_DIM_PAD",
     "HAS_LO",
     "HAS_HI",

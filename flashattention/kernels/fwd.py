@@ -233,6 +233,7 @@ def attn_fwd_kernel(
     group,
     seqlen_q,
     seqlen_k,
+    seqlen_buckets,  # autotune key only (configs.AUTOTUNE_KEY); unused by the kernel
     window_left,
     window_right,
     qk_scale,

@@ -41,6 +41,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _seqlen_buckets(seqlen_q: int, seqlen_k: int) -> int:
+    """Both lengths rounded up to a power of two in [16, 16384], packed as q_bucket << 16 | k_bucket: the
+    autotune key's length part (one tuning per bucket pair, not per exact length)."""
+
+    def bucket(n: int) -> int:
+        return min(max(16, 1 << (max(n, 1) - 1).bit_length()), 16384)
+
+    return bucket(seqlen_q) << 16 | bucket(seqlen_k)
+
+
 def _head_dim_pad(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
@@ -134,6 +144,7 @@ def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int
         group=heads // k.shape[1],
         seqlen_q=q.shape[2],
         seqlen_k=k.shape[2],
+        seqlen_buckets=_seqlen_buckets(q.shape[2], k.shape[2]),
         qk_scale=softmax_scale * LOG2E,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=_head_dim_pad(head_dim),
