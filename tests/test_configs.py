@@ -173,3 +173,38 @@ def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
     assert buckets(1, 5) == buckets(16, 16)  # decode-sized lengths share the smallest bucket
     assert buckets(20000, 70000) == buckets(16384, 16384)  # long lengths share the largest
     assert buckets(0, 0) == buckets(1, 1)
+
+
+def test_cuda_graph_capture_never_autotunes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autotuning times kernels, which a CUDA graph capture cannot hold: a case first seen during capture
+    gets the table's first config (with a warning); a case tuned before capture keeps the autotuner."""
+    calls = []
+
+    class FakeKernel:  # kernel_fn[grid](**kwargs) records the launch
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append(("direct", kw.get("BLOCK_M"), kw.get("num_warps")))
+
+    class FakeTuner:
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append(("autotuner",))
+
+    capturing = {"on": False}
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(configs, "autotuner", lambda *a, **k: FakeTuner())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
+    monkeypatch.setattr(launch, "_tuned", set())
+    entry = configs.configs_for("fwd", "interpret", 64)
+    assert len(entry) > 1
+    args = {k: 1 for k in configs.AUTOTUNE_KEY}
+    cpu, dt = torch.device("cpu"), torch.bfloat16
+
+    def run(**changes):
+        launch._launch(FakeKernel(), "fwd", None, {**args, **changes}, 64, cpu, dt)
+
+    run()  # not capturing: tuned
+    capturing["on"] = True
+    run()  # capturing a tuned case: the autotuner (it only looks the config up)
+    with pytest.warns(UserWarning, match="CUDA graph capture"):
+        run(seqlen_buckets=2)  # capturing a new case: the first config, launched directly
+    first = entry[0]
+    assert calls == [("autotuner",), ("autotuner",), ("direct", first.kwargs["BLOCK_M"], first.num_warps)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -66,12 +67,16 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+_tuned: set[tuple] = set()  # autotune keys already tuned in this process (see _launch)
+
+
 def _launch(
     kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None, reset_to_zero=()
 ) -> None:
     """Launches on `device` (not whichever GPU is current) with `config` if given, else the autotuner over
     the table entry, or (autotuning off) the first config of the entry that fits this GPU's shared memory
-    (smaller GPUs than the table's)."""
+    (smaller GPUs than the table's). During CUDA graph capture a case the autotuner has not seen yet cannot
+    be tuned (timing runs cannot be captured): it gets the first config, with a warning."""
     with _on(device):
         if config is not None:
             kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -79,8 +84,18 @@ def _launch(
         table = configs.table_name(device, dtype)
         entry = configs.configs_for(name, table, head_dim_pad)
         if configs.autotune_enabled() and len(entry) > 1:
-            configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
-            return
+            case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
+            key = (name, table, head_dim_pad, dtype, *case.values())
+            if key in _tuned or not torch.cuda.is_current_stream_capturing():
+                configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
+                _tuned.add(key)
+                return
+            warnings.warn(
+                f"flashattention: {name} has not been tuned for this case yet ({dtype}, {case}) and cannot "
+                "be tuned during CUDA graph capture; the captured graph uses the table's default config. "
+                "Run the same call once before capturing to capture the tuned config.",
+                stacklevel=4,
+            )
         for i, cfg in enumerate(entry):
             try:
                 kernel_fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
