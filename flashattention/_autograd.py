@@ -4,7 +4,7 @@ formula saves (q, k, v, out, stats) and recomputes the probabilities in the back
 backend's backward needs of the softmax (its LSE, in the backend's own units).
 
 `attention` is the entry point. Under torch.compile it calls the custom op. In eager mode it applies the
-same formula (`_setup_context`, `_backward`) through a plain autograd.Function: the custom op's Python
+same formula (`_setup_context`, `_grads`) through a plain autograd.Function: the custom op's Python
 dispatch layers cost ~20 us of host time per call (measured on a CPU: 48 -> 27 us per forward with grad,
 launch excluded), which short sequences and decoding pay on every layer."""
 
