@@ -131,9 +131,7 @@ def main() -> int:
                 if args.candidates:
                     cfgs = cfgs + configs.candidates_for(kernel, table, dim)
                 for cfg in cfgs:
-                    kw = cfg.kwargs
-                    flags = "".join(f" {k}" for k, v in kw.items() if k not in ("BLOCK_M", "BLOCK_N") and v)
-                    label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}{flags}"
+                    label = configs.label(cfg)
                     try:
                         r = compile_config(kernel, cfg, dim, table.endswith("fp32"))
                     except Exception as exc:  # report, keep going

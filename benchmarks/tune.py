@@ -41,12 +41,6 @@ def _sdpa_fwd_bwd(backend, q, k, v, do, causal):
     return out, torch.autograd.grad(out, leaves, do, retain_graph=True), leaves
 
 
-def _label(cfg) -> str:
-    names = ("USE_TMA", "PERSISTENT", "LAZY_RESCALE", "ONE_LOOP")
-    flags = "".join(f" {f}" for f in names if cfg.kwargs.get(f)).replace("USE_", "")
-    return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}{flags}"
-
-
 def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], table: str) -> list[dict]:
     """Rows for one shape: every config of `kernels` checked and timed, peers timed alongside."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
@@ -74,7 +68,7 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
             )
         except RuntimeError as exc:
             print(f"peer {name} failed: {exc}")
-    scale, right, pad = head_dim**-0.5, (0 if causal else -1), max(16, 1 << (head_dim - 1).bit_length())
+    scale, right, pad = head_dim**-0.5, (0 if causal else -1), launch._head_dim_pad(head_dim)
     base = dict(D=head_dim, causal=causal, S=seqlen, **peers)
     rows = [_public_call_row(q, k, v, causal, flops, table, pad, base)]
     out, _, lse2 = launch.attention_forward(
@@ -86,7 +80,7 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
         table_kernel = "bwd_dkdv" if atomic else kernel
         candidates = configs.candidates_for(table_kernel, table, pad)
         for cfg in configs.configs_for(table_kernel, table, pad) + candidates:
-            label = _label(cfg) + (" (candidate)" if cfg in candidates else "")
+            label = configs.label(cfg) + (" (candidate)" if cfg in candidates else "")
             row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=label, **peers)
             if kernel == "fwd":
 
@@ -141,7 +135,7 @@ def _public_call_row(q, k, v, causal: bool, flops: float, table: str, pad: int, 
         graph = flops / do_bench_cudagraph(call) / 1e9
         tuner = configs.autotuner(launch.attn_fwd_kernel, "fwd", table, pad, ())
         best = getattr(tuner, "best_config", None)
-        picked = _label(best) if best is not None else "first config (autotune off or one config)"
+        picked = configs.label(best) if best is not None else "first config (autotune off or one config)"
         row.update(kernel="call", config=f"{picked}; graph {graph:.0f}", ok=True, tflops=eager, graph=graph)
     except Exception as exc:  # noqa: BLE001
         row.update(kernel="call", config="public call", ok=False, tflops=0.0, error=str(exc)[:200])

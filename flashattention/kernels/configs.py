@@ -182,6 +182,13 @@ def table_name(device: torch.device, dtype: torch.dtype) -> str:
     return f"{name}-fp32" if dtype == torch.float32 and name != "interpret" else name
 
 
+def label(config: triton.Config) -> str:
+    """A config as the reports print it: "128x64 w8 s3" plus its flags that are on (e.g. " USE_TMA")."""
+    kw = config.kwargs
+    flags = "".join(f" {k}" for k, v in kw.items() if k not in ("BLOCK_M", "BLOCK_N") and v)
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{config.num_warps} s{config.num_stages}{flags}"
+
+
 def configs_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
     """The configs of `kernel` for one table (see table_name) and padded head dim (the smallest table entry
     >= it)."""

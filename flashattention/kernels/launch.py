@@ -42,18 +42,19 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    """The smallest power of two >= n, and at least `floor`."""
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
 def _seqlen_buckets(seqlen_q: int, seqlen_k: int) -> int:
     """Both lengths rounded up to a power of two in [16, 16384], packed as q_bucket << 16 | k_bucket: the
     autotune key's length part (one tuning per bucket pair, not per exact length)."""
-
-    def bucket(n: int) -> int:
-        return min(max(16, 1 << (max(n, 1) - 1).bit_length()), 16384)
-
-    return bucket(seqlen_q) << 16 | bucket(seqlen_k)
+    return min(_pow2_at_least(seqlen_q), 16384) << 16 | min(_pow2_at_least(seqlen_k), 16384)
 
 
 def _head_dim_pad(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+    return _pow2_at_least(head_dim)
 
 
 def _precision(dtype: torch.dtype) -> str:
