@@ -9,13 +9,18 @@ twice: with do_bench, as benchmarks.run does, and replayed from a CUDA graph (no
 the config the autotuner picked; a gap between the two means the GPU waits on the launch path. First of
 all it prints the host time per call at a tiny shape (ours and SDPA flash): the CPU cost of a launch.
 Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096[,1024,...]] [--dims 64,128,256]
-       [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH]
+       [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH] [--warm-jobs N]
+Before timing, N processes (default: cores - 2, at most 12) compile every config in parallel into Triton's
+disk cache, so the timing process does not compile one kernel at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -44,9 +49,7 @@ def _sdpa_fwd_bwd(backend, q, k, v, do, causal):
 def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], table: str) -> list[dict]:
     """Rows for one shape: every config of `kernels` checked and timed, peers timed alongside."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
-    q, k, v, do = (
-        torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
-    )
+    q, k, v, do = _inputs(seqlen, head_dim)
     with sdpa_kernel(SDPBackend.MATH):
         ref_out, ref_grads, _ = _sdpa_fwd_bwd(
             SDPBackend.MATH, q.float(), k.float(), v.float(), do.float(), causal
@@ -68,20 +71,44 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
             )
         except RuntimeError as exc:
             print(f"peer {name} failed: {exc}")
-    scale, right, pad = head_dim**-0.5, (0 if causal else -1), launch._head_dim_pad(head_dim)
+    pad = launch._head_dim_pad(head_dim)
     base = dict(D=head_dim, causal=causal, S=seqlen, **peers)
     rows = [_public_call_row(q, k, v, causal, flops, table, pad, base)]
+    for kernel, label, run in _config_runs(q, k, v, do, causal, kernels, table):
+        row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=label, **peers)
+        work = flops if kernel == "fwd" else 2.5 * flops
+        try:
+            results = run()
+            idx = (0,) if kernel == "fwd" else (1, 2, 3)
+            checks = [error_and_bound(r, ref[i], same[i]) for r, i in zip(results, idx, strict=True)]
+            row["ok"] = all(err <= bound for err, bound in checks)
+            row["errors"] = {NAMES[i]: err for (err, _), i in zip(checks, idx, strict=True)}
+            row["tflops"] = work / do_bench(run) / 1e9
+        except Exception as exc:  # a config that fails to compile is reported, not fatal
+            row.update(ok=False, tflops=0.0, error=str(exc)[:200])
+        print(
+            f"D{head_dim} causal={causal} {kernel:9s} {row['config']:20s} ok={row['ok']} "
+            f"{row['tflops']:6.1f} TFLOP/s {row.get('error', '')}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def _config_runs(q, k, v, do, causal: bool, kernels: list[str], table: str):
+    """(kernel, label, run) for every config of `kernels` (tables first, then candidates); run()
+    launches that config once and returns (out,) for "fwd", else (dq, dk, dv). "bwd_atomic": the dK/dV
+    configs with dQ added by atomics in the same kernel (no dQ kernel)."""
+    scale, right, pad = q.shape[-1] ** -0.5, (0 if causal else -1), launch._head_dim_pad(q.shape[-1])
     out, _, lse2 = launch.attention_forward(
         q, k, v, softmax_scale=scale, left=-1, right=right, config=configs.configs_for("fwd", table, pad)[0]
     )
     for kernel in kernels:
-        # "bwd_atomic": the dK/dV configs with dQ added by atomics in the same kernel (no dQ kernel)
         atomic = kernel == "bwd_atomic"
         table_kernel = "bwd_dkdv" if atomic else kernel
         candidates = configs.candidates_for(table_kernel, table, pad)
         for cfg in configs.configs_for(table_kernel, table, pad) + candidates:
             label = configs.label(cfg) + (" (candidate)" if cfg in candidates else "")
-            row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=label, **peers)
             if kernel == "fwd":
 
                 def run(c=cfg):
@@ -89,10 +116,9 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
                         q, k, v, softmax_scale=scale, left=-1, right=right, config=c
                     )[:1]
 
-                work = flops
             else:
 
-                def run(c=cfg, kern="bwd_dkdv" if atomic else kernel, atomic=atomic):
+                def run(c=cfg, kern=table_kernel, atomic=atomic):
                     return launch.attention_backward(
                         do,
                         q,
@@ -107,23 +133,38 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
                         atomic_dq=atomic,
                     )
 
-                work = 2.5 * flops
-            try:
-                results = run()
-                idx = (0,) if kernel == "fwd" else (1, 2, 3)
-                checks = [error_and_bound(r, ref[i], same[i]) for r, i in zip(results, idx, strict=True)]
-                row["ok"] = all(err <= bound for err, bound in checks)
-                row["errors"] = {NAMES[i]: err for (err, _), i in zip(checks, idx, strict=True)}
-                row["tflops"] = work / do_bench(run) / 1e9
-            except Exception as exc:  # a config that fails to compile is reported, not fatal
-                row.update(ok=False, tflops=0.0, error=str(exc)[:200])
-            print(
-                f"D{head_dim} causal={causal} {kernel:9s} {row['config']:20s} ok={row['ok']} "
-                f"{row['tflops']:6.1f} TFLOP/s {row.get('error', '')}",
-                flush=True,
-            )
-            rows.append(row)
-    return rows
+            yield kernel, label, run
+
+
+def _shapes(seqlens: list[int], dims: list[int]) -> list[tuple[int, int, bool]]:
+    return [(s, d, c) for s in seqlens for d in dims for c in (False, True)]
+
+
+def _inputs(seqlen: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+    return tuple(
+        torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
+    )
+
+
+def warm(seqlens, dims, kernels, table: str, shard: int, shards: int) -> None:
+    """Compiles (runs once, untimed and unchecked) every `shards`-th config run starting at `shard`, and the
+    public call's autotuned configs: Triton's disk cache then serves the timing process. Each shard is its
+    own process, so the CPU-bound compiles run in parallel (one process compiles one kernel at a time)."""
+    i = 0
+    for seqlen, head_dim, causal in _shapes(seqlens, dims):
+        q, k, v, do = _inputs(seqlen, head_dim)
+        if i % shards == shard:
+            flash_attention(q, k, v, causal=causal)
+        i += 1
+        for _, label, run in _config_runs(q, k, v, do, causal, kernels, table):
+            if i % shards == shard:
+                try:
+                    run()
+                except Exception as exc:  # noqa: BLE001  (the timing process reports it)
+                    print(f"warm: {label}: {str(exc)[:100]}", flush=True)
+            i += 1
+        torch.cuda.synchronize()
 
 
 def _public_call_row(q, k, v, causal: bool, flops: float, table: str, pad: int, row: dict) -> dict:
@@ -184,20 +225,38 @@ def main() -> None:
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq,bwd_atomic")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--warm-jobs",
+        type=int,
+        default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+        help="processes that compile every config first, in parallel (1: compile while timing)",
+    )
+    ap.add_argument("--warm-shard", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     table = configs.table_name(torch.device("cuda"), torch.bfloat16)
+    seqlens = [int(s) for s in args.seqlen.split(",")]
+    dims = [int(d) for d in args.dims.split(",")]
+    kernels = args.kernels.split(",")
+    if args.warm_shard is not None:
+        warm(seqlens, dims, kernels, table, args.warm_shard, args.warm_jobs)
+        return
+    if args.warm_jobs > 1:
+        start = time.perf_counter()
+        env = dict(os.environ, FLASHATTN_AUTOTUNE="0")  # every table config is also run forced
+        cmd = [sys.executable, "-m", "benchmarks.tune", "--seqlen", args.seqlen, "--dims", args.dims]
+        cmd += ["--kernels", args.kernels, "--warm-jobs", str(args.warm_jobs)]
+        procs = [subprocess.Popen([*cmd, "--warm-shard", str(i)], env=env) for i in range(args.warm_jobs)]
+        codes = [p.wait() for p in procs]
+        print(f"warm-up: {args.warm_jobs} processes, {time.perf_counter() - start:.0f} s, exit codes {codes}")
     overhead = launch_overhead()
     rows = []
-    seqlens = [int(s) for s in args.seqlen.split(",")]
-    for seqlen in seqlens:
-        for head_dim in (int(d) for d in args.dims.split(",")):
-            for causal in (False, True):
-                torch.manual_seed(0)
-                rows += tune_shape(head_dim, causal, seqlen, args.kernels.split(","), table)
-                torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"launch_overhead_us": overhead, "rows": rows}, f, indent=1)
+    for seqlen, head_dim, causal in _shapes(seqlens, dims):
+        torch.manual_seed(0)
+        rows += tune_shape(head_dim, causal, seqlen, kernels, table)
+        torch.cuda.empty_cache()
+        if args.json:  # after every shape, so that a run cut off by a time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"launch_overhead_us": overhead, "rows": rows}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name()}  bf16")
     print("host us per call (tiny shape): " + ", ".join(f"{n} {t:.0f}" for n, t in overhead.items()))
     print("| S | D | causal | kernel | config | ok | TFLOP/s | flash fwd/bwd | cudnn fwd/bwd |")

@@ -3,9 +3,9 @@ default (used when FLASHATTN_AUTOTUNE=0 and in the interpreter). Every config li
 GPU correctness test (tests/test_gpu.py runs each one) before it enters a table; CANDIDATES wait there until
 benchmarks/tune.py has checked and timed them. fp32 inputs have their own, smaller tiles ("-fp32" tables).
 
-Autotune keys hold only what changes the compiled code: head dim, mask flags, precision, GQA group, TMA
-eligibility, the atomic-dQ mode, the stride unit and (added by Triton) the dtypes; never sequence lengths
-or batch.
+Autotune keys hold what changes the compiled code (head dim, mask flags, precision, GQA group, TMA
+eligibility, the atomic-dQ mode, the stride unit and, added by Triton, the dtypes) and power-of-two buckets
+of the two sequence lengths; never exact lengths or batch.
 """
 
 from __future__ import annotations
@@ -128,12 +128,16 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 3, USE_TMA=True, LAZY_RESCALE=True),
                 _c(64, 64, 4, 2),  # S <= 1k: several programs per SM
                 _c(128, 128, 8, 3, USE_TMA=True),  # no spill (192 registers) where the 4-warp default spills
+                # one warpgroup per program, 2+ programs per SM: one's softmax can run under another's MMA
+                _c(64, 128, 4, 3),
+                _c(64, 64, 4, 3, USE_TMA=True),
             ],
             128: [
                 _c(128, 128, 8, 3, PERSISTENT=True),
                 _c(128, 64, 8, 4),
                 _c(128, 128, 8, 3, LAZY_RESCALE=True),
                 _c(64, 64, 4, 2),  # S <= 1k (NOTES.md, open question): 2 programs per SM, no spill
+                _c(64, 64, 4, 3),  # 112 KB: 2 programs per SM, one's softmax under the other's MMA
             ],
             256: [_c(128, 64, 8, 2, PERSISTENT=True)],
         },
