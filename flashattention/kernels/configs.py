@@ -47,8 +47,16 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
         # H100 bf16 S=8k (benchmarks/NOTES.md): 128x128/8 warps best at D128 (515 TFLOP/s); TMA loads +1-3%
         # at D64 only; 256-row tiles and warp_specialize (compiler crash) lost.
         "sm90": {
-            64: [_c(128, 128, 4, 3, USE_TMA=True), _c(128, 64, 4, 3), _c(128, 64, 4, 3, USE_TMA=True)],
-            128: [_c(128, 128, 8, 3), _c(128, 64, 8, 3)],
+            64: [
+                _c(128, 128, 4, 3, USE_TMA=True),
+                _c(128, 64, 4, 3),
+                _c(128, 64, 4, 3, USE_TMA=True),
+                # 2026-11-26: one warpgroup per program ties the default at 8k causal (378 vs 377)
+                _c(64, 64, 4, 3, USE_TMA=True),
+            ],
+            # 2026-11-26 (NOTES.md): 64x64/4 warps/3 stages best at S 1k (causal 306 vs 271), 128x64/4
+            # stages best at 8k in that run (486 vs 470 at 3 stages)
+            128: [_c(128, 128, 8, 3), _c(128, 64, 8, 3), _c(128, 64, 8, 4), _c(64, 64, 4, 3)],
             256: [_c(128, 64, 8, 2), _c(64, 64, 4, 2)],
         },
         "sm80": {
@@ -67,8 +75,15 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     },
     "bwd_dkdv": {
         "sm90": {
-            64: [_c(32, 128, 4, 3), _c(64, 64, 4, 3), _c(64, 128, 4, 3)],
-            128: [_c(64, 128, 8, 3), _c(64, 64, 4, 2)],
+            # ONE_LOOP (2026-11-26, NOTES.md): +4% causal 8k at D64, +2% at D128; 64x128/4 warps dropped
+            # (129 TFLOP/s non-causal: spills)
+            64: [
+                _c(32, 128, 4, 3),
+                _c(64, 64, 4, 3),
+                _c(32, 128, 4, 3, ONE_LOOP=True),
+                _c(64, 64, 4, 3, ONE_LOOP=True),
+            ],
+            128: [_c(64, 128, 8, 3), _c(64, 64, 4, 2), _c(64, 128, 8, 3, ONE_LOOP=True)],
             256: [_c(64, 64, 8, 1), _c(32, 32, 4, 2)],
         },
         "sm80": {
@@ -120,34 +135,10 @@ for _kernel, _dims in _FP32.items():
 
 # Configs to measure before they may enter a table: benchmarks/tune.py checks and times them beside it.
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
-    "fwd": {
-        "sm90": {
-            64: [
-                _c(128, 128, 4, 3, USE_TMA=True, PERSISTENT=True),
-                _c(128, 64, 4, 3, PERSISTENT=True),
-                _c(128, 128, 4, 3, USE_TMA=True, LAZY_RESCALE=True),
-                _c(64, 64, 4, 2),  # S <= 1k: several programs per SM
-                _c(128, 128, 8, 3, USE_TMA=True),  # no spill (192 registers) where the 4-warp default spills
-                # one warpgroup per program, 2+ programs per SM: one's softmax can run under another's MMA
-                _c(64, 128, 4, 3),
-                _c(64, 64, 4, 3, USE_TMA=True),
-            ],
-            128: [
-                _c(128, 128, 8, 3, PERSISTENT=True),
-                _c(128, 64, 8, 4),
-                _c(128, 128, 8, 3, LAZY_RESCALE=True),
-                _c(64, 64, 4, 2),  # S <= 1k (NOTES.md, open question): 2 programs per SM, no spill
-                _c(64, 64, 4, 3),  # 112 KB: 2 programs per SM, one's softmax under the other's MMA
-            ],
-            256: [_c(128, 64, 8, 2, PERSISTENT=True)],
-        },
-    },
-    # dK/dV: every table config spills registers (ptxas, benchmarks/aot.py: 0.5-6.5 KB); one loop with masks
-    # everywhere (ONE_LOOP) cuts that to 0-0.5 KB. D 256 trails FlashAttention-2 (172 vs 246 TFLOP/s).
+    "fwd": {"sm90": {256: [_c(128, 64, 8, 2, PERSISTENT=True)]}},
+    # dK/dV at D 256 trails FlashAttention-2 (172 vs 246 TFLOP/s); ONE_LOOP spills least (benchmarks/aot.py)
     "bwd_dkdv": {
         "sm90": {
-            64: [_c(32, 128, 4, 3, ONE_LOOP=True), _c(64, 64, 4, 3, ONE_LOOP=True)],
-            128: [_c(64, 128, 8, 3, ONE_LOOP=True), _c(32, 64, 8, 3, ONE_LOOP=True)],
             256: [
                 _c(32, 64, 8, 2, ONE_LOOP=True),  # 68 B spilled (sm_90a), the least of 20 shapes compiled
                 _c(64, 64, 8, 2, ONE_LOOP=True),
@@ -158,6 +149,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     },
     "bwd_dq": {"sm90": {256: [_c(64, 64, 8, 2), _c(128, 32, 8, 2)]}},
 }
+# Measured and left out (2026-11-26, H100, NOTES.md): PERSISTENT (-6% to -50%), LAZY_RESCALE (-3% to
+# -8%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps ONE_LOOP dK/dV at D128
+# (-45%), 64x64/4 warps/2 stages (behind 3 stages everywhere).
 
 
 def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
