@@ -238,6 +238,11 @@ def main() -> None:
         default=max(1, min(12, (os.cpu_count() or 2) - 2)),
         help="processes that compile every config first, in parallel (1: compile while timing)",
     )
+    ap.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="compile (the parallel warm-up) and stop: before benchmarks.run",
+    )
     ap.add_argument("--warm-shard", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     table = configs.table_name(torch.device("cuda"), torch.bfloat16)
@@ -255,6 +260,8 @@ def main() -> None:
         procs = [subprocess.Popen([*cmd, "--warm-shard", str(i)], env=env) for i in range(args.warm_jobs)]
         codes = [p.wait() for p in procs]
         print(f"warm-up: {args.warm_jobs} processes, {time.perf_counter() - start:.0f} s, exit codes {codes}")
+    if args.warm_only:
+        return
     overhead = launch_overhead()
     rows = []
     for seqlen, head_dim, causal in _shapes(seqlens, dims):

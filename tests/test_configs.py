@@ -175,36 +175,52 @@ def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
     assert buckets(0, 0) == buckets(1, 1)
 
 
-def test_cuda_graph_capture_never_autotunes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Autotuning times kernels, which a CUDA graph capture cannot hold: a case first seen during capture
-    gets the table's first config (with a warning); a case tuned before capture keeps the autotuner."""
+def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A case's first call goes through the autotuner; later calls launch the config it picked directly
+    (skipping the autotuner's host cost), also during CUDA graph capture. Autotuning times kernels, which a
+    capture cannot hold: a case first seen during capture gets the table's first config (with a warning)."""
     calls = []
+    entry = configs.configs_for("fwd", "interpret", 64)
+    assert len(entry) > 1
+    picked, first = entry[1], entry[0]
+    assert picked.kwargs != first.kwargs
 
     class FakeKernel:  # kernel_fn[grid](**kwargs) records the launch
         def __getitem__(self, grid):
-            return lambda **kw: calls.append(("direct", kw.get("BLOCK_M"), kw.get("num_warps")))
+            return lambda **kw: calls.append(
+                ("direct", kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"))
+            )
 
     class FakeTuner:
+        best_config = None
+
         def __getitem__(self, grid):
-            return lambda **kw: calls.append(("autotuner",))
+            def run(**kw):
+                calls.append(("autotuner",))
+                FakeTuner.best_config = picked
+
+            return run
+
+    def direct(cfg):
+        return ("direct", cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
 
     capturing = {"on": False}
     monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
     monkeypatch.setattr(configs, "autotuner", lambda *a, **k: FakeTuner())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
-    monkeypatch.setattr(launch, "_tuned", set())
-    entry = configs.configs_for("fwd", "interpret", 64)
-    assert len(entry) > 1
+    monkeypatch.setattr(launch, "_best", {})
     args = {k: 1 for k in configs.AUTOTUNE_KEY}
     cpu, dt = torch.device("cpu"), torch.bfloat16
 
     def run(**changes):
         launch._launch(FakeKernel(), "fwd", None, {**args, **changes}, 64, cpu, dt)
 
-    run()  # not capturing: tuned
+    run()  # first call of the case: the autotuner
+    run()  # tuned: its pick, launched directly
     capturing["on"] = True
-    run()  # capturing a tuned case: the autotuner (it only looks the config up)
+    run()  # capturing a tuned case: the same
     with pytest.warns(UserWarning, match="CUDA graph capture"):
         run(seqlen_buckets=2)  # capturing a new case: the first config, launched directly
-    first = entry[0]
-    assert calls == [("autotuner",), ("autotuner",), ("direct", first.kwargs["BLOCK_M"], first.num_warps)]
+    assert calls == [("autotuner",), direct(picked), direct(picked), direct(first)]

@@ -170,8 +170,13 @@ def autotune_enabled() -> bool:
 def arch(device: torch.device) -> str:
     if device.type != "cuda" or interpreting():
         return "interpret"
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
     return "sm90" if major >= 9 else "sm80"
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # ~20 us a call; asked on every launch
 
 
 def table_name(device: torch.device, dtype: torch.dtype) -> str:

@@ -209,7 +209,9 @@ def _fwd_block(
     tl.store(LSE2 + off_bh.to(tl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
 
 
-@triton.jit
+# batch (read only by the persistent schedule) is not specialised: B = 1 and B % 16 == 0 would each compile
+# their own copy of an identical kernel
+@triton.jit(do_not_specialize=["batch"])
 def attn_fwd_kernel(
     Q,
     K,

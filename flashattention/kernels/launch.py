@@ -65,31 +65,45 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _on(device: torch.device):
     """Kernels launch on the current CUDA device: make it the tensors' one (multi-GPU callers)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
-_tuned: set[tuple] = set()  # autotune keys already tuned in this process (see _launch)
+# autotune case -> the config the autotuner picked for it (see _launch)
+_best: dict[tuple, triton.Config] = {}
+
+
+def _run(kernel_fn, grid, args: dict, config) -> None:
+    kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _launch(
     kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None, reset_to_zero=()
 ) -> None:
-    """Launches on `device` (not whichever GPU is current) with `config` if given, else the autotuner over
-    the table entry, or (autotuning off) the first config of the entry that fits this GPU's shared memory
-    (smaller GPUs than the table's). During CUDA graph capture a case the autotuner has not seen yet cannot
-    be tuned (timing runs cannot be captured): it gets the first config, with a warning."""
+    """Launches on `device` (not whichever GPU is current) with `config` if given, else the table entry's
+    config for this case: the autotuner picks it on the case's first call, later calls launch it directly
+    (Triton's Autotuner.run costs ~40 us of host time per launch even when it only looks the config up).
+    With autotuning off, the first config of the entry that fits this GPU's shared memory (smaller GPUs
+    than the table's). During CUDA graph capture a case not tuned yet cannot be tuned (timing runs cannot
+    be captured): it gets the first config, with a warning."""
     with _on(device):
         if config is not None:
-            kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            _run(kernel_fn, grid, args, config)
             return
         table = configs.table_name(device, dtype)
         entry = configs.configs_for(name, table, head_dim_pad)
         if configs.autotune_enabled() and len(entry) > 1:
             case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
             key = (name, table, head_dim_pad, dtype, *case.values())
-            if key in _tuned or not torch.cuda.is_current_stream_capturing():
-                configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))[grid](**args)
-                _tuned.add(key)
+            best = _best.get(key)
+            if best is not None:
+                _run(kernel_fn, grid, args, best)
+                return
+            if not torch.cuda.is_current_stream_capturing():
+                tuner = configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))
+                tuner[grid](**args)
+                _best[key] = tuner.best_config  # the config this run used (Autotuner sets it every run)
                 return
             warnings.warn(
                 f"flashattention: {name} has not been tuned for this case yet ({dtype}, {case}) and cannot "
@@ -99,7 +113,7 @@ def _launch(
             )
         for i, cfg in enumerate(entry):
             try:
-                kernel_fn[grid](**args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                _run(kernel_fn, grid, args, cfg)
                 return
             except OutOfResources:
                 if i == len(entry) - 1:
