@@ -35,7 +35,9 @@ AUTOTUNE_KEY = [
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> triton.Config:
     """flags of the forward: USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
     PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
-    a row's max grows by > 2^8); of the dK/dV kernel: ONE_LOOP (one masked pass instead of three loops)."""
+    a row's max grows by > 2^8), POLY_EXP2 (16-bit inputs: half of the exponentials of unmasked tiles by a
+    polynomial on the FMA units, FlashAttention-4's offload of the MUFU unit); of the dK/dV kernel: ONE_LOOP
+    (one masked pass instead of three loops)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -68,7 +70,7 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
         "interpret": {
             256: [
                 _c(32, 16, 4, 1),
-                _c(16, 32, 4, 1, USE_TMA=True),
+                _c(16, 32, 4, 1, USE_TMA=True, POLY_EXP2=True),
                 _c(16, 16, 4, 1, PERSISTENT=True, LAZY_RESCALE=True),
             ]
         },
@@ -135,7 +137,16 @@ for _kernel, _dims in _FP32.items():
 
 # Configs to measure before they may enter a table: benchmarks/tune.py checks and times them beside it.
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
-    "fwd": {"sm90": {256: [_c(128, 64, 8, 2, PERSISTENT=True)]}},
+    "fwd": {
+        "sm90": {
+            64: [
+                _c(128, 128, 4, 3, USE_TMA=True, POLY_EXP2=True),
+                _c(64, 64, 4, 3, USE_TMA=True, POLY_EXP2=True),
+            ],
+            128: [_c(128, 128, 8, 3, POLY_EXP2=True), _c(128, 64, 8, 4, POLY_EXP2=True)],
+            256: [_c(128, 64, 8, 2, PERSISTENT=True), _c(128, 64, 8, 2, POLY_EXP2=True)],
+        }
+    },
     # dK/dV at D 256 trails FlashAttention-2 (172 vs 246 TFLOP/s); ONE_LOOP spills least (benchmarks/aot.py)
     "bwd_dkdv": {
         "sm90": {

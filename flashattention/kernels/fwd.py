@@ -9,7 +9,7 @@ which the backward recomputes P.
 import triton
 import triton.language as tl
 
-from .common import load_tile, mma, tile_range, unit_strides, visible
+from .common import exp2_split, load_tile, mma, tile_range, unit_strides, visible
 
 
 @triton.jit
@@ -42,11 +42,14 @@ def _fwd_tiles(
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    POLY_EXP2: tl.constexpr,
 ):
     """Folds key tiles [tile_start, tile_end) into (acc, l_i, m_i); MASKED tiles apply element masks.
     USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM]).
     LAZY_RESCALE (unmasked tiles): keep the running max, and skip rescaling acc and l, until some row's max
-    grows by more than 8 (log2 units); P then stays <= 2^8, harmless in fp32 and bf16."""
+    grows by more than 8 (log2 units); P then stays <= 2^8, harmless in fp32 and bf16.
+    POLY_EXP2 (unmasked tiles, 16-bit inputs): half of P's exponentials by a polynomial on the FMA units.
+    Masked tiles keep exp2: their -inf scores must give exactly 0."""
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(tile_start, tile_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -75,7 +78,11 @@ def _fwd_tiles(
             p = tl.math.exp2(qk * qk_scale - m_i[:, None])
             l_i = l_i + tl.sum(p, 1)
         else:
-            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
+            x = qk * qk_scale - m_shift[:, None]  # one FMA per score, in log2 units
+            if POLY_EXP2 and not MASKED and q.dtype != tl.float32:  # fp32 inputs keep full precision
+                p = exp2_split(x)
+            else:
+                p = tl.math.exp2(x)
             alpha = tl.math.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -128,6 +135,7 @@ def _fwd_block(
     USE_TMA: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    POLY_EXP2: tl.constexpr,
 ):
     """One query block [start_m, start_m + BLOCK_M) of one (batch, head): O and LSE2 of its rows."""
     off_b = off_bh // num_heads
@@ -199,6 +207,7 @@ def _fwd_block(
             TMA,
             WARP_SPECIALIZE and seg == 1,
             LAZY_RESCALE,
+            POLY_EXP2,
         )
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
@@ -251,6 +260,7 @@ def attn_fwd_kernel(
     WARP_SPECIALIZE: tl.constexpr = False,
     PERSISTENT: tl.constexpr = False,
     LAZY_RESCALE: tl.constexpr = False,
+    POLY_EXP2: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
 ):
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
@@ -302,6 +312,7 @@ def attn_fwd_kernel(
                 USE_TMA,
                 WARP_SPECIALIZE,
                 LAZY_RESCALE,
+                POLY_EXP2,
             )
     else:
         # Longest rows first: with a causal mask the last query blocks see the most keys.
@@ -344,4 +355,5 @@ def attn_fwd_kernel(
             USE_TMA,
             WARP_SPECIALIZE,
             LAZY_RESCALE,
+            POLY_EXP2,
         )
