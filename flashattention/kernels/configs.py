@@ -86,7 +86,9 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(64, 64, 4, 3, ONE_LOOP=True),
             ],
             128: [_c(64, 128, 8, 3), _c(64, 64, 4, 2), _c(64, 128, 8, 3, ONE_LOOP=True)],
-            256: [_c(64, 64, 8, 1), _c(32, 32, 4, 2)],
+            # D256 (2026-11-26, H200, S 4k): 64x64/8/2 ONE_LOOP 225 / 203 causal vs 174 / 93 for the old
+            # default (64x64/8 warps/1 stage, now dropped)
+            256: [_c(64, 64, 8, 2, ONE_LOOP=True), _c(32, 64, 8, 2, ONE_LOOP=True), _c(32, 32, 4, 2)],
         },
         "sm80": {
             64: [_c(32, 128, 4, 3), _c(64, 64, 4, 3)],
@@ -99,7 +101,7 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
         "sm90": {
             64: [_c(128, 64, 4, 3), _c(64, 64, 4, 3), _c(128, 128, 8, 3)],
             128: [_c(128, 64, 8, 3), _c(128, 128, 8, 2)],
-            256: [_c(64, 32, 4, 2), _c(64, 64, 8, 1)],
+            256: [_c(128, 32, 8, 2), _c(64, 32, 4, 2)],  # 128x32/8/2: +5-7% (2026-11-26, H200)
         },
         "sm80": {
             64: [_c(128, 32, 4, 3), _c(64, 64, 4, 3)],
@@ -137,32 +139,12 @@ for _kernel, _dims in _FP32.items():
 
 # Configs to measure before they may enter a table: benchmarks/tune.py checks and times them beside it.
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
-    "fwd": {
-        "sm90": {
-            64: [
-                _c(128, 128, 4, 3, USE_TMA=True, POLY_EXP2=True),
-                _c(64, 64, 4, 3, USE_TMA=True, POLY_EXP2=True),
-            ],
-            128: [_c(128, 128, 8, 3, POLY_EXP2=True), _c(128, 64, 8, 4, POLY_EXP2=True)],
-            256: [_c(128, 64, 8, 2, PERSISTENT=True), _c(128, 64, 8, 2, POLY_EXP2=True)],
-        }
-    },
-    # dK/dV at D 256 trails FlashAttention-2 (172 vs 246 TFLOP/s); ONE_LOOP spills least (benchmarks/aot.py)
-    "bwd_dkdv": {
-        "sm90": {
-            256: [
-                _c(32, 64, 8, 2, ONE_LOOP=True),  # 68 B spilled (sm_90a), the least of 20 shapes compiled
-                _c(64, 64, 8, 2, ONE_LOOP=True),
-                _c(32, 64, 8, 2),
-                _c(32, 32, 4, 2, ONE_LOOP=True),  # 192 B, 2 programs per SM
-            ],
-        }
-    },
-    "bwd_dq": {"sm90": {256: [_c(64, 64, 8, 2), _c(128, 32, 8, 2)]}},
+    "fwd": {"sm90": {256: [_c(128, 64, 8, 2, PERSISTENT=True)]}},
 }
-# Measured and left out (2026-11-26, H100, NOTES.md): PERSISTENT (-6% to -50%), LAZY_RESCALE (-3% to
-# -8%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps ONE_LOOP dK/dV at D128
-# (-45%), 64x64/4 warps/2 stages (behind 3 stages everywhere).
+# Measured and left out (H100 and H200, NOTES.md): PERSISTENT at D 64/128 (-6% to -50%), LAZY_RESCALE (-3%
+# to -8%), POLY_EXP2 (-3% to -15%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps
+# ONE_LOOP dK/dV at D128 (-45%), 64x64/4 warps/2 stages (behind 3 stages everywhere), the atomic-dQ
+# backward (no faster than the dQ kernel), D256 dK/dV 32x64/8/2 and 32x32/4/2 ONE_LOOP, D256 dQ 64x64/8/2.
 
 
 def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
