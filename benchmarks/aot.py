@@ -57,7 +57,10 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 
 def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: bool) -> dict:
+    gluon = bool(config.kwargs.get("GLUON_WS"))
     fn = KERNELS[kernel]
+    if gluon:
+        from flashattention.kernels.fwd_ws import attn_fwd_ws_kernel as fn
     element = "*fp32" if fp32 else "*bf16"
     constexprs = dict(
         HEAD_DIM=head_dim_pad,
@@ -87,7 +90,14 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
     # what a launch with 16-byte aligned tensors and strides specialises on (pointers and strides divisible
     # by 16); without it Triton can neither vectorise the loads nor pipeline them
     aligned = [n for n in fn.arg_names if signature[n].startswith("*") or n.startswith("stride_")]
-    src = ASTSource(
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source_type
+
+        constexprs["num_warps"] = config.num_warps
+        signature["num_warps"] = "constexpr"
+    else:
+        source_type = ASTSource
+    src = source_type(
         fn=fn,
         signature=signature,
         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},

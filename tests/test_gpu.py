@@ -214,3 +214,56 @@ def test_every_autotune_config_passes(entry, import_error) -> None:
         failures = [compare_to_reference(n, ours[n], ref[n], same[n]) for n in NAMES]
         failures = [f for f in failures if f is not None]
         assert not failures, f"Sq={seqlen_q} Sk={seqlen_k} D={head_dim}:\n" + "\n".join(failures)
+
+
+def _gluon_params() -> list:
+    try:
+        from flashattention.kernels import configs
+
+        entries = [e for e in configs.all_configs(candidates=True) if e[3].kwargs.get("GLUON_WS")]
+    except Exception as exc:  # collected on CPU machines too
+        return [pytest.param(None, exc, id="kernels-not-importable")]
+    return [
+        pytest.param(e, None, id=f"D{e[2]}-BM{e[3].kwargs['BLOCK_M']}-BN{e[3].kwargs['BLOCK_N']}")
+        for e in entries
+    ] or [pytest.param(None, RuntimeError("no GLUON_WS config listed"), id="none")]
+
+
+@pytest.mark.configs
+@pytest.mark.parametrize("entry, import_error", _gluon_params())
+def test_gluon_forward_matches_reference(entry, import_error) -> None:
+    """The warp-specialised Gluon forward (GLUON_WS configs, kernels/fwd_ws.py) against the float32 oracle:
+    every mask kind, GQA, seqlen_q != seqlen_k both ways (rows that see no key), lengths that are not a
+    multiple of the tiles, bf16 and fp16. Forward outputs and LSE (the backward is the Triton one)."""
+    if import_error is not None:
+        pytest.fail(f"could not list the configs: {import_error!r}")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is Hopper-only")
+    from flashattention.kernels import launch
+
+    _, _, head_dim, config = entry
+    masks = [(False, (-1, -1)), (True, (-1, -1)), (False, (300, 200)), (True, (300, -1))]
+    for dtype in (B16, F16):
+        for causal, (left, right) in masks:
+            for seqlen_q, seqlen_k in ((1000, 1000), (300, 1000), (1000, 300), (2048, 2048)):
+                q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda")
+                out, lse, _ = launch.attention_forward(
+                    q,
+                    k,
+                    v,
+                    softmax_scale=1 / math.sqrt(head_dim),
+                    left=left,
+                    right=0 if causal else right,
+                    config=config,
+                )
+                mask = {"causal": causal, "window_size": (left, right)}
+                ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, "cuda"), **mask)
+                same = run_reference(q, k, v, dout, dtype=dtype, **mask)
+                failures = [
+                    compare_to_reference(n, o, ref[n], same[n]) for n, o in (("out", out), ("lse", lse))
+                ]
+                failures = [f for f in failures if f is not None]
+                assert not failures, (
+                    f"{dtype} causal={causal} window=({left}, {right}) Sq={seqlen_q} Sk={seqlen_k}:\n"
+                    + "\n".join(failures)
+                )

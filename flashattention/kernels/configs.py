@@ -37,7 +37,9 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool) -> tr
     PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
     a row's max grows by > 2^8), POLY_EXP2 (16-bit inputs: half of the exponentials of unmasked tiles by a
     polynomial on the FMA units, FlashAttention-4's offload of the MUFU unit); of the dK/dV kernel: ONE_LOOP
-    (one masked pass instead of three loops)."""
+    (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128): the
+    warp-specialised Gluon kernel of kernels/fwd_ws.py instead of the Triton one (num_stages unused: it
+    keeps 2 K/V buffers)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -139,7 +141,14 @@ for _kernel, _dims in _FP32.items():
 
 # Configs to measure before they may enter a table: benchmarks/tune.py checks and times them beside it.
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
-    "fwd": {"sm90": {256: [_c(128, 64, 8, 2, PERSISTENT=True)]}},
+    "fwd": {
+        "sm90": {
+            # FlashAttention-3's schedule in Gluon (kernels/fwd_ws.py); compiled for sm_90a, not yet run
+            64: [_c(128, 128, 8, 2, GLUON_WS=True)],
+            128: [_c(128, 128, 8, 2, GLUON_WS=True), _c(128, 64, 8, 2, GLUON_WS=True)],
+            256: [_c(128, 64, 8, 2, PERSISTENT=True)],
+        }
+    },
 }
 # Measured and left out (H100 and H200, NOTES.md): PERSISTENT at D 64/128 (-6% to -50%), LAZY_RESCALE (-3%
 # to -8%), POLY_EXP2 (-3% to -15%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps

@@ -75,7 +75,32 @@ _best: dict[tuple, triton.Config] = {}
 
 
 def _run(kernel_fn, grid, args: dict, config) -> None:
+    if config.kwargs.get("GLUON_WS"):
+        kernel_fn = _gluon_forward(args)
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _gluon_forward(args: dict):
+    """The warp-specialised Gluon forward (kernels/fwd_ws.py) for a config with GLUON_WS, after checking
+    that it applies: Hopper, 16-bit inputs, head dim 64 or 128, TMA-aligned K/V. Imported here: Gluon is
+    experimental in Triton and the interpreter cannot run it."""
+    dtype = args["Q"].dtype
+    problems = []
+    if configs.interpreting() or args["Q"].device.type != "cuda":
+        problems.append("it needs a CUDA GPU (Triton's interpreter cannot run Gluon)")
+    elif torch.cuda.get_device_capability(args["Q"].device)[0] != 9:
+        problems.append("it needs a Hopper GPU (sm_90)")
+    if dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"it takes float16/bfloat16 inputs, got {dtype}")
+    if args["HEAD_DIM"] not in (64, 128):
+        problems.append(f"it takes head dim 64 or 128, got {args['HEAD_DIM']}")
+    if not (args["CAN_TMA"] and _tma_ok(args["Q"])):
+        problems.append("Q, K and V need 16-byte aligned base pointers and row strides (TMA)")
+    if problems:
+        raise ValueError("flashattention: the GLUON_WS forward config does not apply: " + "; ".join(problems))
+    from .fwd_ws import attn_fwd_ws_kernel
+
+    return attn_fwd_ws_kernel
 
 
 def _launch(

@@ -1,0 +1,420 @@
+"""Hopper forward with warp specialisation (Gluon), the FlashAttention-3 schedule. One producer warp issues
+the TMA loads of K and V into a ring of STAGES shared-memory buffers. The consumer warps (two warpgroups, 64
+query rows each) run Q K^T, the softmax and P V. Each consumer issues the next tile's Q K^T and the
+previous tile's P V asynchronously, then does the softmax while both run on the tensor cores
+(intra-warpgroup overlap).
+
+Same semantics, arguments and outputs as fwd.attn_fwd_kernel (O, and LSE2 in log2 units); bf16/fp16, head
+dims 64 and 128 (HEAD_DIM == HEAD_DIM_PAD), K/V rows 16-byte aligned (TMA). The launcher selects it through
+the GLUON_WS config flag (configs.py). Triton's interpreter cannot run Gluon: this kernel is tested on the GPU
+only (tests/test_gpu.py runs every table and candidate config).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.jit
+def _tile_range(
+    start,
+    BLOCK_SELF: gl.constexpr,
+    BLOCK_OTHER: gl.constexpr,
+    len_other,
+    lo_off,
+    hi_off,
+    HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr,
+):
+    """common.tile_range for Gluon (scalar arithmetic only): [lo, full_lo) and [full_hi, hi) need element
+    masks, [full_lo, full_hi) is fully visible; tiles outside [lo, hi) are never visited."""
+    if HAS_LO:
+        lo = gl.maximum(start + lo_off, 0)
+        lo = gl.minimum(lo, len_other) // BLOCK_OTHER * BLOCK_OTHER
+        full_lo = gl.maximum(start + BLOCK_SELF - 1 + lo_off, 0)
+        full_lo = (full_lo + BLOCK_OTHER - 1) // BLOCK_OTHER * BLOCK_OTHER
+    else:
+        lo = 0
+        full_lo = 0
+    if HAS_HI:
+        hi = gl.minimum(gl.maximum(start + BLOCK_SELF + hi_off, 0), len_other)
+        full_hi = gl.minimum(gl.maximum(start + hi_off + 1, 0), len_other)
+    else:
+        hi = len_other
+        full_hi = len_other
+    full_hi = full_hi // BLOCK_OTHER * BLOCK_OTHER
+    hi = gl.maximum(hi, lo)
+    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
+    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@gluon.jit
+def _producer(
+    q_desc,
+    k_desc,
+    v_desc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    k_ready,
+    v_ready,
+    k_empty,
+    v_empty,
+    start_m,
+    lo,
+    n_tiles,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """One warp: Q once, then K and V of tile i into buffer i % STAGES once the consumers have released it."""
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+    for i in range(n_tiles):
+        s = i % STAGES
+        phase = (i // STAGES) & 1
+        start_n = lo + i * BLOCK_N
+        # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
+        mbarrier.wait(k_empty.index(s), phase ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [start_n, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), phase ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [start_n, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _softmax_step(
+    qk,
+    m_i,
+    l_i,
+    start_n,
+    offs_m,
+    full_lo,
+    full_hi,
+    seqlen_k,
+    lo_off,
+    hi_off,
+    qk_scale,
+    BLOCK_N: gl.constexpr,
+    HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr,
+):
+    """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new). Element masks only on the tiles
+    outside [full_lo, full_hi) (a scalar branch)."""
+    if (start_n < full_lo) | (start_n >= full_hi):
+        offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, qk.type.layout))
+        vis = offs_n[None, :] < seqlen_k
+        if HAS_LO:
+            vis = vis & (offs_n[None, :] >= offs_m[:, None] + lo_off)
+        if HAS_HI:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + hi_off)
+        qk = gl.where(vis, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    p = gl.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = gl.exp2(m_i - m_shift)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _consumer(
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    k_ready,
+    v_ready,
+    k_empty,
+    v_empty,
+    O,
+    LSE2,
+    o_row0,
+    lse_row0,
+    stride_om,
+    start_m,
+    lo,
+    full_lo,
+    full_hi,
+    n_tiles,
+    seqlen_q,
+    seqlen_k,
+    lo_off,
+    hi_off,
+    qk_scale,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    offs_m = start_m + gl.arange(0, BLOCK_M, row_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, p_layout)
+    mbarrier.wait(q_bar, 0)
+    if n_tiles > 0:
+        # tile 0: scores and softmax only (the accumulator is still zero)
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+        mbarrier.arrive(k_empty.index(0))
+        p32, alpha, m_i, l_i = _softmax_step(
+            qk,
+            m_i,
+            l_i,
+            lo,
+            offs_m,
+            full_lo,
+            full_hi,
+            seqlen_k,
+            lo_off,
+            hi_off,
+            qk_scale,
+            BLOCK_N,
+            HAS_LO,
+            HAS_HI,
+        )
+        p = gl.convert_layout(p32.to(dtype), p_layout)
+    for i in range(1, n_tiles):
+        s = i % STAGES
+        prev = (i - 1) % STAGES
+        # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
+        mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
+        qk_token = warpgroup_mma(
+            q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
+        )
+        mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+        acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
+        mbarrier.arrive(k_empty.index(s))
+        p32, alpha, m_i, l_i = _softmax_step(
+            qk,
+            m_i,
+            l_i,
+            lo + i * BLOCK_N,
+            offs_m,
+            full_lo,
+            full_hi,
+            seqlen_k,
+            lo_off,
+            hi_off,
+            qk_scale,
+            BLOCK_N,
+            HAS_LO,
+            HAS_HI,
+        )
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p = gl.convert_layout(p32.to(dtype), p_layout)
+    if n_tiles > 0:
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(last), acc)
+        mbarrier.arrive(v_empty.index(last))
+
+    empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
+    lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
+    gl.store(LSE2 + lse_row0 + offs_m, lse2, mask=offs_m < seqlen_q)
+    out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    out = gl.convert_layout(out.to(dtype), store_layout)
+    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+    gl.store(O + o_row0 + rows[:, None] * stride_om + cols[None, :], out, mask=(rows < seqlen_q)[:, None])
+
+
+@gluon.jit(do_not_specialize=["batch"])
+def attn_fwd_ws_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE2,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    num_heads,
+    group,
+    seqlen_q,
+    seqlen_k,
+    seqlen_buckets,
+    window_left,
+    window_right,
+    qk_scale,
+    batch,
+    HEAD_DIM: gl.constexpr,
+    HEAD_DIM_PAD: gl.constexpr,
+    HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr,
+    PRECISION: gl.constexpr,
+    CAN_TMA: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    num_warps: gl.constexpr,
+    STRIDE_UNIT: gl.constexpr = 1,
+    GLUON_WS: gl.constexpr = True,
+):
+    """Grid (query blocks, batch * heads), longest query blocks first. Two K/V buffers (STAGES); the
+    config's num_stages is not used."""
+    gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
+    STAGES: gl.constexpr = 2
+    stride_qb *= STRIDE_UNIT
+    stride_qh *= STRIDE_UNIT
+    stride_qm *= STRIDE_UNIT
+    stride_kb *= STRIDE_UNIT
+    stride_kh *= STRIDE_UNIT
+    stride_kn *= STRIDE_UNIT
+    stride_vb *= STRIDE_UNIT
+    stride_vh *= STRIDE_UNIT
+    stride_vn *= STRIDE_UNIT
+    stride_ob *= STRIDE_UNIT
+    stride_oh *= STRIDE_UNIT
+    stride_om *= STRIDE_UNIT
+    start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+    off_bh = gl.program_id(1)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    off_hk = off_h // group
+    dtype: gl.constexpr = Q.dtype.element_ty
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_desc = tma.make_tensor_descriptor(
+        Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh,
+        shape=[seqlen_q, HEAD_DIM],
+        strides=[stride_qm, 1],
+        block_shape=[BLOCK_M, HEAD_DIM],
+        layout=q_layout,
+    )
+    k_desc = tma.make_tensor_descriptor(
+        K + off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh,
+        shape=[seqlen_k, HEAD_DIM],
+        strides=[stride_kn, 1],
+        block_shape=[BLOCK_N, HEAD_DIM],
+        layout=kv_layout,
+    )
+    v_desc = tma.make_tensor_descriptor(
+        V + off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh,
+        shape=[seqlen_k, HEAD_DIM],
+        strides=[stride_vn, 1],
+        block_shape=[BLOCK_N, HEAD_DIM],
+        layout=kv_layout,
+    )
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=1)
+        mbarrier.init(v_empty.index(s), count=1)
+
+    diag = seqlen_k - seqlen_q
+    lo_off = diag - window_left
+    hi_off = diag + window_right
+    lo, full_lo, full_hi, hi = _tile_range(
+        start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI
+    )
+    n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
+    o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+    lse_row0 = off_bh.to(gl.int64) * seqlen_q
+
+    gl.warp_specialize(
+        [
+            (
+                _consumer,
+                (
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_ready,
+                    v_ready,
+                    k_empty,
+                    v_empty,
+                    O,
+                    LSE2,
+                    o_row0,
+                    lse_row0,
+                    stride_om,
+                    start_m,
+                    lo,
+                    full_lo,
+                    full_hi,
+                    n_tiles,
+                    seqlen_q,
+                    seqlen_k,
+                    lo_off,
+                    hi_off,
+                    qk_scale,
+                    BLOCK_M,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                    HAS_LO,
+                    HAS_HI,
+                    num_warps,
+                ),
+            ),
+            (
+                _producer,
+                (
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    q_smem,
+                    k_smem,
+                    v_smem,
+                    q_bar,
+                    k_ready,
+                    v_ready,
+                    k_empty,
+                    v_empty,
+                    start_m,
+                    lo,
+                    n_tiles,
+                    BLOCK_N,
+                    STAGES,
+                ),
+            ),
+        ],
+        [1],
+        [24],
+    )
