@@ -224,8 +224,7 @@ def _gluon_params() -> list:
     except Exception as exc:  # collected on CPU machines too
         return [pytest.param(None, exc, id="kernels-not-importable")]
     return [
-        pytest.param(e, None, id=f"D{e[2]}-BM{e[3].kwargs['BLOCK_M']}-BN{e[3].kwargs['BLOCK_N']}")
-        for e in entries
+        pytest.param(e, None, id=f"D{e[2]}-{configs.label(e[3]).replace(' ', '-')}") for e in entries
     ] or [pytest.param(None, RuntimeError("no GLUON_WS config listed"), id="none")]
 
 

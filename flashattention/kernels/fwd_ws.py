@@ -73,9 +73,12 @@ def _producer(
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """One warp: Q once, then K and V of tile i into buffer i % STAGES once the consumers have released it."""
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+    """One warp: Q once (q_smem: [consumers, rows each, head dim]), then K and V of tile i into buffer
+    i % STAGES once every consumer has released it."""
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
+        tma.async_copy_global_to_shared(q_desc, [start_m + c * q_smem.shape[1], 0], q_bar, q_smem.index(c))
     for i in range(n_tiles):
         s = i % STAGES
         phase = (i // STAGES) & 1
@@ -247,48 +250,23 @@ def _consumer(
 
 @gluon.jit(do_not_specialize=["batch"])
 def attn_fwd_ws_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE2,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    num_heads,
-    group,
-    seqlen_q,
-    seqlen_k,
-    seqlen_buckets,
-    window_left,
-    window_right,
-    qk_scale,
-    batch,
-    HEAD_DIM: gl.constexpr,
-    HEAD_DIM_PAD: gl.constexpr,
-    HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
-    PRECISION: gl.constexpr,
-    CAN_TMA: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    num_warps: gl.constexpr,
-    STRIDE_UNIT: gl.constexpr = 1,
-    GLUON_WS: gl.constexpr = True,
-):
+    Q, K, V, O, LSE2,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    num_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left, window_right, qk_scale, batch,
+    HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
+    WS_CONSUMERS: gl.constexpr = 1,
+):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first. Two K/V buffers (STAGES); the
-    config's num_stages is not used."""
+    config's num_stages is not used. WS_CONSUMERS = 1: one consumer partition of num_warps warps (two
+    warpgroups with num_warps = 8) over the BLOCK_M rows; 2: two consumer partitions of num_warps = 4 warps
+    (one warpgroup each), BLOCK_M / 2 rows each, which synchronise only through the K/V barriers (one
+    partition's thread barriers do not stall the other)."""
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
     STAGES: gl.constexpr = 2
+    ROWS: gl.constexpr = BLOCK_M // WS_CONSUMERS
     stride_qb *= STRIDE_UNIT
     stride_qh *= STRIDE_UNIT
     stride_qm *= STRIDE_UNIT
@@ -308,30 +286,21 @@ def attn_fwd_ws_kernel(
     off_hk = off_h // group
     dtype: gl.constexpr = Q.dtype.element_ty
 
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     q_desc = tma.make_tensor_descriptor(
         Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh,
-        shape=[seqlen_q, HEAD_DIM],
-        strides=[stride_qm, 1],
-        block_shape=[BLOCK_M, HEAD_DIM],
-        layout=q_layout,
-    )
+        shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_layout,
+    )  # fmt: skip
     k_desc = tma.make_tensor_descriptor(
         K + off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh,
-        shape=[seqlen_k, HEAD_DIM],
-        strides=[stride_kn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM],
-        layout=kv_layout,
-    )
+        shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout,
+    )  # fmt: skip
     v_desc = tma.make_tensor_descriptor(
         V + off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh,
-        shape=[seqlen_k, HEAD_DIM],
-        strides=[stride_vn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM],
-        layout=kv_layout,
-    )
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout,
+    )  # fmt: skip
+    q_smem = gl.allocate_shared_memory(dtype, [WS_CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -343,8 +312,8 @@ def attn_fwd_ws_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=1)
-        mbarrier.init(v_empty.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=WS_CONSUMERS)  # every consumer releases each buffer
+        mbarrier.init(v_empty.index(s), count=WS_CONSUMERS)
 
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
@@ -355,66 +324,166 @@ def attn_fwd_ws_kernel(
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
     o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     lse_row0 = off_bh.to(gl.int64) * seqlen_q
-
-    gl.warp_specialize(
-        [
-            (
-                _consumer,
+    # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
+    if WS_CONSUMERS == 1:
+        gl.warp_specialize(
+            [
                 (
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    q_bar,
-                    k_ready,
-                    v_ready,
-                    k_empty,
-                    v_empty,
-                    O,
-                    LSE2,
-                    o_row0,
-                    lse_row0,
-                    stride_om,
-                    start_m,
-                    lo,
-                    full_lo,
-                    full_hi,
-                    n_tiles,
-                    seqlen_q,
-                    seqlen_k,
-                    lo_off,
-                    hi_off,
-                    qk_scale,
-                    BLOCK_M,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                    HAS_LO,
-                    HAS_HI,
-                    num_warps,
+                    _consumer,
+                    (
+                        q_smem.index(0),
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        O,
+                        LSE2,
+                        o_row0,
+                        lse_row0,
+                        stride_om,
+                        start_m,
+                        lo,
+                        full_lo,
+                        full_hi,
+                        n_tiles,
+                        seqlen_q,
+                        seqlen_k,
+                        lo_off,
+                        hi_off,
+                        qk_scale,
+                        ROWS,
+                        BLOCK_N,
+                        HEAD_DIM,
+                        STAGES,
+                        HAS_LO,
+                        HAS_HI,
+                        num_warps,
+                    ),
                 ),
-            ),
-            (
-                _producer,
                 (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    q_bar,
-                    k_ready,
-                    v_ready,
-                    k_empty,
-                    v_empty,
-                    start_m,
-                    lo,
-                    n_tiles,
-                    BLOCK_N,
-                    STAGES,
+                    _producer,
+                    (
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        start_m,
+                        lo,
+                        n_tiles,
+                        BLOCK_N,
+                        STAGES,
+                    ),
                 ),
-            ),
-        ],
-        [1],
-        [24],
-    )
+            ],
+            [1],
+            [24],
+        )
+    else:
+        gl.static_assert(WS_CONSUMERS == 2 and num_warps == 4, "two consumers take num_warps = 4 each")
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        q_smem.index(0),
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        O,
+                        LSE2,
+                        o_row0,
+                        lse_row0,
+                        stride_om,
+                        start_m,
+                        lo,
+                        full_lo,
+                        full_hi,
+                        n_tiles,
+                        seqlen_q,
+                        seqlen_k,
+                        lo_off,
+                        hi_off,
+                        qk_scale,
+                        ROWS,
+                        BLOCK_N,
+                        HEAD_DIM,
+                        STAGES,
+                        HAS_LO,
+                        HAS_HI,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _consumer,
+                    (
+                        q_smem.index(1),
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        O,
+                        LSE2,
+                        o_row0,
+                        lse_row0,
+                        stride_om,
+                        start_m + ROWS,
+                        lo,
+                        full_lo,
+                        full_hi,
+                        n_tiles,
+                        seqlen_q,
+                        seqlen_k,
+                        lo_off,
+                        hi_off,
+                        qk_scale,
+                        ROWS,
+                        BLOCK_N,
+                        HEAD_DIM,
+                        STAGES,
+                        HAS_LO,
+                        HAS_HI,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _producer,
+                    (
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        q_bar,
+                        k_ready,
+                        v_ready,
+                        k_empty,
+                        v_empty,
+                        start_m,
+                        lo,
+                        n_tiles,
+                        BLOCK_N,
+                        STAGES,
+                    ),
+                ),
+            ],
+            [4, 1],
+            [240, 24],
+        )
