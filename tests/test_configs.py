@@ -157,8 +157,8 @@ def test_round_tf32_is_round_to_nearest_ties_away() -> None:
 
 
 def test_autotune_key_names_are_kernel_arguments() -> None:
-    """Triton's autotuner silently drops key names that are not arguments of the kernel, which would make
-    configs tuned for one case serve another."""
+    """The launcher reads the key's values from the kernel's arguments (args.get): a name that is not an
+    argument would read None for every case and make configs tuned for one case serve another."""
     from flashattention.kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
     from flashattention.kernels.fwd import attn_fwd_kernel
 
@@ -182,9 +182,9 @@ def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
 def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A case's first call goes through the autotuner; later calls launch the config it picked directly
-    (skipping the autotuner's host cost), also during CUDA graph capture. Autotuning times kernels, which a
-    capture cannot hold: a case first seen during capture gets the table's first config (with a warning)."""
+    """A case's first call is tuned; later calls launch the config picked for it directly, also during
+    CUDA graph capture. Tuning times kernels, which a capture cannot hold: a case first seen during capture
+    gets the table's first config (with a warning)."""
     calls = []
     entry = configs.configs_for("fwd", "interpret", 64)
     assert len(entry) > 1
@@ -197,22 +197,16 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
                 ("direct", kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"))
             )
 
-    class FakeTuner:
-        best_config = None
-
-        def __getitem__(self, grid):
-            def run(**kw):
-                calls.append(("autotuner",))
-                FakeTuner.best_config = picked
-
-            return run
+    def fake_tune(kernel_fn, grid, args, tuned_entry, reset_to_zero):
+        calls.append(("tune", len(tuned_entry)))
+        return picked
 
     def direct(cfg):
         return ("direct", cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps)
 
     capturing = {"on": False}
     monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(configs, "autotuner", lambda *a, **k: FakeTuner())
+    monkeypatch.setattr(launch, "_tune", fake_tune)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
     monkeypatch.setattr(launch, "_best", {})
     args = {k: 1 for k in configs.AUTOTUNE_KEY}
@@ -221,10 +215,35 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
     def run(**changes):
         launch._launch(FakeKernel(), "fwd", None, {**args, **changes}, 64, cpu, dt)
 
-    run()  # first call of the case: the autotuner
-    run()  # tuned: its pick, launched directly
+    run()  # first call of the case: tuned over the whole entry, then its pick launched
+    run()  # tuned: the pick, launched directly
     capturing["on"] = True
     run()  # capturing a tuned case: the same
     with pytest.warns(UserWarning, match="CUDA graph capture"):
         run(seqlen_buckets=2)  # capturing a new case: the first config, launched directly
-    assert calls == [("autotuner",), direct(picked), direct(picked), direct(first)]
+    assert calls == [("tune", len(entry)), direct(picked), direct(picked), direct(picked), direct(first)]
+    assert launch.last_tuned["fwd"] is picked
+
+
+def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GLUON_WS config (Hopper, 16-bit, head dim 64/128, TMA-aligned) in a table entry is skipped where it
+    does not apply (here: the CPU interpreter), and forcing one gives a clear error, not a wrong result."""
+    gluon = configs._c(128, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=2)
+    triton_cfg = configs.configs_for("fwd", "interpret", 64)[0]
+    monkeypatch.setattr(configs, "configs_for", lambda *a: [gluon, triton_cfg])
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda **kw: launched.append((kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("GLUON_WS")))
+
+    q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
+    args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "HEAD_DIM": 64, "CAN_TMA": True}
+    assert launch._gluon_problems(args)  # the interpreter cannot run Gluon
+    launch._launch(FakeKernel(), "fwd", None, args, 64, q.device, q.dtype)
+    assert launched == [(triton_cfg.kwargs["BLOCK_M"], triton_cfg.kwargs["BLOCK_N"], None)]
+    with pytest.raises(ValueError, match="GLUON_WS forward config does not apply: .*interpreter"):
+        launch._launch(FakeKernel(), "fwd", None, args, 64, q.device, q.dtype, config=gluon)
+    fp32 = {**args, "Q": q.float(), "HEAD_DIM": 72, "CAN_TMA": False}
+    problems = " ".join(launch._gluon_problems(fp32))
+    assert "float32" in problems and "head dim 64 or 128, got 72" in problems and "TMA" in problems

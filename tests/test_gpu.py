@@ -196,6 +196,8 @@ def test_every_autotune_config_passes(entry, import_error) -> None:
     kernel, table, head_dim_pad, config = entry
     dtype = F32 if table.endswith("-fp32") else B16  # the fp32 tables serve fp32 inputs only
     head_dim = ODD_HEAD_DIM.get(head_dim_pad, head_dim_pad)
+    if config.kwargs.get("GLUON_WS"):  # the Gluon forward takes head dims 64 and 128 only
+        head_dim = head_dim_pad
     mask = {"causal": True, "window_size": (300, -1)}  # both bounds: masked tiles on each side, full ones
     for seqlen_q, seqlen_k in ((1000, 1000), (300, 1000), (1000, 300)):
         q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda")
@@ -233,7 +235,8 @@ def _gluon_params() -> list:
 def test_gluon_forward_matches_reference(entry, import_error) -> None:
     """The warp-specialised Gluon forward (GLUON_WS configs, kernels/fwd_ws.py) against the float32 oracle:
     every mask kind, GQA, seqlen_q != seqlen_k both ways (rows that see no key), lengths that are not a
-    multiple of the tiles, bf16 and fp16. Forward outputs and LSE (the backward is the Triton one)."""
+    multiple of the tiles, one query row, one and 15 keys, large scores, bf16 and fp16. Forward outputs and
+    LSE (the backward is the Triton one)."""
     if import_error is not None:
         pytest.fail(f"could not list the configs: {import_error!r}")
     if torch.cuda.get_device_capability()[0] != 9:
@@ -244,8 +247,10 @@ def test_gluon_forward_matches_reference(entry, import_error) -> None:
     masks = [(False, (-1, -1)), (True, (-1, -1)), (False, (300, 200)), (True, (300, -1))]
     for dtype in (B16, F16):
         for causal, (left, right) in masks:
-            for seqlen_q, seqlen_k in ((1000, 1000), (300, 1000), (1000, 300), (2048, 2048)):
-                q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda")
+            shapes = ((1000, 1000, 1.0), (300, 1000, 1.0), (1000, 300, 1.0), (2048, 2048, 8.0), (1, 777, 1.0))
+            tiny = ((37, 1, 1.0), (130, 15, 1.0)) if dtype == B16 else ()  # one and 15 keys
+            for seqlen_q, seqlen_k, scale in shapes + tiny:
+                q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda", scale)
                 out, lse, _ = launch.attention_forward(
                     q,
                     k,

@@ -21,6 +21,7 @@ KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 # is tuned on its own (a config picked at 512 tokens does not serve 16k), without retuning per exact length.
 AUTOTUNE_KEY = [
     "seqlen_buckets",
+    "HEAD_DIM",
     "HEAD_DIM_PAD",
     "HAS_LO",
     "HAS_HI",
@@ -217,14 +218,3 @@ def all_configs(candidates: bool = False) -> list[tuple[str, str, int, triton.Co
         for d, cs in dims.items()
         for c in cs
     ]
-
-
-@functools.cache
-def autotuner(kernel_fn, kernel: str, arch_name: str, head_dim_pad: int, reset_to_zero: tuple[str, ...] = ()):
-    """An autotuned wrapper of `kernel_fn` over this table entry (cached per entry). reset_to_zero names
-    the buffers a kernel accumulates into with atomics, zeroed before each timed run."""
-    return triton.autotune(
-        configs=configs_for(kernel, arch_name, head_dim_pad),
-        key=AUTOTUNE_KEY,
-        reset_to_zero=list(reset_to_zero) or None,
-    )(kernel_fn)

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 import triton
+import triton.testing
 from triton.runtime.errors import OutOfResources
 
 from . import configs
@@ -70,65 +71,90 @@ def _on(device: torch.device):
     return torch.cuda.device(device)
 
 
-# autotune case -> the config the autotuner picked for it (see _launch)
+# autotune case -> the config the tuner picked for it (see _launch); kernel name -> the last config tuned
 _best: dict[tuple, triton.Config] = {}
+last_tuned: dict[str, triton.Config] = {}
 
 
 def _run(kernel_fn, grid, args: dict, config) -> None:
     if config.kwargs.get("GLUON_WS"):
-        kernel_fn = _gluon_forward(args)
+        problems = _gluon_problems(args)
+        if problems:
+            raise ValueError(
+                "flashattention: the GLUON_WS forward config does not apply: " + "; ".join(problems)
+            )
+        from .fwd_ws import attn_fwd_ws_kernel as kernel_fn  # Gluon is experimental in Triton: imported late
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _gluon_forward(args: dict):
-    """The warp-specialised Gluon forward (kernels/fwd_ws.py) for a config with GLUON_WS, after checking
-    that it applies: Hopper, 16-bit inputs, head dim 64 or 128, TMA-aligned K/V. Imported here: Gluon is
-    experimental in Triton and the interpreter cannot run it."""
-    dtype = args["Q"].dtype
+def _gluon_problems(args: dict) -> list[str]:
+    """Why the warp-specialised Gluon forward (kernels/fwd_ws.py, GLUON_WS configs) cannot take these
+    arguments (empty if it can): it needs a Hopper GPU, 16-bit inputs, head dim 64 or 128 and TMA-aligned
+    tensors."""
     problems = []
-    if configs.interpreting() or args["Q"].device.type != "cuda":
+    q = args["Q"]
+    if configs.interpreting() or q.device.type != "cuda":
         problems.append("it needs a CUDA GPU (Triton's interpreter cannot run Gluon)")
-    elif torch.cuda.get_device_capability(args["Q"].device)[0] != 9:
+    elif configs.arch(q.device) != "sm90" or configs._capability(q.device.index)[0] != 9:
         problems.append("it needs a Hopper GPU (sm_90)")
-    if dtype not in (torch.float16, torch.bfloat16):
-        problems.append(f"it takes float16/bfloat16 inputs, got {dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"it takes float16/bfloat16 inputs, got {q.dtype}")
     if args["HEAD_DIM"] not in (64, 128):
         problems.append(f"it takes head dim 64 or 128, got {args['HEAD_DIM']}")
-    if not (args["CAN_TMA"] and _tma_ok(args["Q"])):
+    if not args["CAN_TMA"]:
         problems.append("Q, K and V need 16-byte aligned base pointers and row strides (TMA)")
-    if problems:
-        raise ValueError("flashattention: the GLUON_WS forward config does not apply: " + "; ".join(problems))
-    from .fwd_ws import attn_fwd_ws_kernel
+    return problems
 
-    return attn_fwd_ws_kernel
+
+def _applies(config, args: dict) -> bool:
+    return not config.kwargs.get("GLUON_WS") or not _gluon_problems(args)
+
+
+def _tune(kernel_fn, grid, args: dict, entry: list, reset_to_zero) -> triton.Config:
+    """The fastest config of `entry` for these arguments (median of triton's do_bench, L2 flushed), as
+    Triton's Autotuner measures, but over configs that may launch different kernels (GLUON_WS). Configs
+    that do not fit this GPU's resources are skipped; buffers in reset_to_zero are zeroed before each run."""
+    timings = {}
+    for i, cfg in enumerate(entry):
+
+        def call(cfg=cfg):
+            for name in reset_to_zero:
+                args[name].zero_()
+            _run(kernel_fn, grid, args, cfg)
+
+        try:
+            timings[i] = triton.testing.do_bench(call, return_mode="median")
+        except OutOfResources:
+            continue
+    if not timings:
+        raise OutOfResources(0, 0, "shared memory or registers: no config of the table fits this GPU")
+    for name in reset_to_zero:
+        args[name].zero_()
+    return entry[min(timings, key=timings.get)]
 
 
 def _launch(
     kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None, reset_to_zero=()
 ) -> None:
-    """Launches on `device` (not whichever GPU is current) with `config` if given, else the table entry's
-    config for this case: the autotuner picks it on the case's first call, later calls launch it directly
-    (Triton's Autotuner.run costs ~40 us of host time per launch even when it only looks the config up).
-    With autotuning off, the first config of the entry that fits this GPU's shared memory (smaller GPUs
-    than the table's). During CUDA graph capture a case not tuned yet cannot be tuned (timing runs cannot
-    be captured): it gets the first config, with a warning."""
+    """Launches on `device` (not whichever GPU is current) with `config` if given, else a config of the
+    table entry that applies to these arguments (configs.py). Autotuning picks the fastest on the case's
+    first call (_tune) and later calls launch it directly. With autotuning off: the first config that fits
+    this GPU's shared memory (smaller GPUs than the table's). During CUDA graph capture a case not tuned yet
+    cannot be tuned (timing runs cannot be captured): it gets the first config, with a warning."""
     with _on(device):
         if config is not None:
             _run(kernel_fn, grid, args, config)
             return
         table = configs.table_name(device, dtype)
-        entry = configs.configs_for(name, table, head_dim_pad)
+        entry = [c for c in configs.configs_for(name, table, head_dim_pad) if _applies(c, args)]
         if configs.autotune_enabled() and len(entry) > 1:
             case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
             key = (name, table, head_dim_pad, dtype, *case.values())
             best = _best.get(key)
+            if best is None and not torch.cuda.is_current_stream_capturing():
+                best = _best[key] = last_tuned[name] = _tune(kernel_fn, grid, args, entry, reset_to_zero)
             if best is not None:
                 _run(kernel_fn, grid, args, best)
-                return
-            if not torch.cuda.is_current_stream_capturing():
-                tuner = configs.autotuner(kernel_fn, name, table, head_dim_pad, tuple(reset_to_zero))
-                tuner[grid](**args)
-                _best[key] = tuner.best_config  # the config this run used (Autotuner sets it every run)
                 return
             warnings.warn(
                 f"flashattention: {name} has not been tuned for this case yet ({dtype}, {case}) and cannot "
@@ -231,7 +257,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         LSE2=lse2,
         **_strides("o", out, "m", unit),
         batch=batch,
-        CAN_TMA=_tma_ok(k, v),
+        CAN_TMA=_tma_ok(q, k, v),
     )
 
     def grid(meta):
