@@ -127,6 +127,23 @@ def _softmax_step(
 
 
 @gluon.jit
+def _take_turn(turn_me, k, ME: gl.constexpr, PINGPONG: gl.constexpr):
+    """Waits, before a consumer's k-th issue of matmuls, for the other consumer's turn to end. The issues
+    are numbered k = 0 (the first tile's Q K^T) to n_tiles (the last P V), and consumer 0 goes first.
+    Consumer 0's k-th issue waits for consumer 1's (k - 1)-th: parity (k - 1) & 1. For k = 0 that is the
+    phase before the first, which a fresh barrier counts as complete. Consumer 1's k-th issue waits for
+    consumer 0's k-th: parity k & 1."""
+    if PINGPONG:
+        mbarrier.wait(turn_me, (k + 1 - ME) & 1)
+
+
+@gluon.jit
+def _pass_turn(turn_other, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn_other)
+
+
+@gluon.jit
 def _consumer(
     q_smem,
     k_smem,
@@ -158,7 +175,14 @@ def _consumer(
     HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr,
     num_warps: gl.constexpr,
+    turn_me,
+    turn_other,
+    ME: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
+    """One consumer partition: its BLOCK_M query rows against every key tile of the block. With PINGPONG
+    (two consumers) each issues its matmuls only in its turn (_take_turn / _pass_turn), so the two
+    consumers' matmuls alternate on the tensor cores and each one's softmax runs under the other's."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
@@ -180,7 +204,12 @@ def _consumer(
     if n_tiles > 0:
         # tile 0: scores and softmax only (the accumulator is still zero)
         mbarrier.wait(k_ready.index(0), 0)
-        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False)
+        _take_turn(turn_me, 0, ME, PINGPONG)
+        qk_token = warpgroup_mma(
+            q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True
+        )
+        _pass_turn(turn_other, PINGPONG)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
         mbarrier.arrive(k_empty.index(0))
         p32, alpha, m_i, l_i = _softmax_step(
             qk,
@@ -204,11 +233,16 @@ def _consumer(
         prev = (i - 1) % STAGES
         # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
         mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
+        if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
+            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+            _take_turn(turn_me, i, ME, PINGPONG)
         qk_token = warpgroup_mma(
             q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
         )
-        mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+        if not PINGPONG:
+            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
         acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        _pass_turn(turn_other, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
         mbarrier.arrive(k_empty.index(s))
         p32, alpha, m_i, l_i = _softmax_step(
@@ -234,7 +268,10 @@ def _consumer(
     if n_tiles > 0:
         last = (n_tiles - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p, v_smem.index(last), acc)
+        _take_turn(turn_me, n_tiles, ME, PINGPONG)
+        acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+        _pass_turn(turn_other, PINGPONG)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
         mbarrier.arrive(v_empty.index(last))
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
@@ -258,12 +295,14 @@ def attn_fwd_ws_kernel(
     PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_CONSUMERS: gl.constexpr = 1,
+    WS_PINGPONG: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first. Two K/V buffers (STAGES); the
     config's num_stages is not used. WS_CONSUMERS = 1: one consumer partition of num_warps warps (two
     warpgroups with num_warps = 8) over the BLOCK_M rows; 2: two consumer partitions of num_warps = 4 warps
     (one warpgroup each), BLOCK_M / 2 rows each, which synchronise only through the K/V barriers (one
-    partition's thread barriers do not stall the other)."""
+    partition's thread barriers do not stall the other). WS_PINGPONG (with 2): the consumers take turns to
+    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the other's matmuls."""
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
     STAGES: gl.constexpr = 2
     ROWS: gl.constexpr = BLOCK_M // WS_CONSUMERS
@@ -308,7 +347,10 @@ def attn_fwd_ws_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
@@ -325,6 +367,7 @@ def attn_fwd_ws_kernel(
     o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     lse_row0 = off_bh.to(gl.int64) * seqlen_q
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
+    gl.static_assert(not WS_PINGPONG or WS_CONSUMERS == 2, "WS_PINGPONG takes two consumers")
     if WS_CONSUMERS == 1:
         gl.warp_specialize(
             [
@@ -361,6 +404,10 @@ def attn_fwd_ws_kernel(
                         HAS_LO,
                         HAS_HI,
                         num_warps,
+                        turn.index(0),
+                        turn.index(0),
+                        0,
+                        False,
                     ),
                 ),
                 (
@@ -425,6 +472,10 @@ def attn_fwd_ws_kernel(
                         HAS_LO,
                         HAS_HI,
                         num_warps,
+                        turn.index(0),
+                        turn.index(1),
+                        0,
+                        WS_PINGPONG,
                     ),
                 ),
                 (
@@ -460,6 +511,10 @@ def attn_fwd_ws_kernel(
                         HAS_LO,
                         HAS_HI,
                         num_warps,
+                        turn.index(1),
+                        turn.index(0),
+                        1,
+                        WS_PINGPONG,
                     ),
                 ),
                 (
