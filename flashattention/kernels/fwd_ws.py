@@ -19,39 +19,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-
-@gluon.jit
-def _tile_range(
-    start,
-    BLOCK_SELF: gl.constexpr,
-    BLOCK_OTHER: gl.constexpr,
-    len_other,
-    lo_off,
-    hi_off,
-    HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
-):
-    """common.tile_range for Gluon (scalar arithmetic only): [lo, full_lo) and [full_hi, hi) need element
-    masks, [full_lo, full_hi) is fully visible; tiles outside [lo, hi) are never visited."""
-    if HAS_LO:
-        lo = gl.maximum(start + lo_off, 0)
-        lo = gl.minimum(lo, len_other) // BLOCK_OTHER * BLOCK_OTHER
-        full_lo = gl.maximum(start + BLOCK_SELF - 1 + lo_off, 0)
-        full_lo = (full_lo + BLOCK_OTHER - 1) // BLOCK_OTHER * BLOCK_OTHER
-    else:
-        lo = 0
-        full_lo = 0
-    if HAS_HI:
-        hi = gl.minimum(gl.maximum(start + BLOCK_SELF + hi_off, 0), len_other)
-        full_hi = gl.minimum(gl.maximum(start + hi_off + 1, 0), len_other)
-    else:
-        hi = len_other
-        full_hi = len_other
-    full_hi = full_hi // BLOCK_OTHER * BLOCK_OTHER
-    hi = gl.maximum(hi, lo)
-    full_lo = gl.minimum(gl.maximum(full_lo, lo), hi)
-    full_hi = gl.minimum(gl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+from .common import tile_range, visible
 
 
 @gluon.jit
@@ -113,11 +81,7 @@ def _softmax_step(
     outside [full_lo, full_hi) (a scalar branch)."""
     if (start_n < full_lo) | (start_n >= full_hi):
         offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, qk.type.layout))
-        vis = offs_n[None, :] < seqlen_k
-        if HAS_LO:
-            vis = vis & (offs_n[None, :] >= offs_m[:, None] + lo_off)
-        if HAS_HI:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + hi_off)
+        vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
         qk = gl.where(vis, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
@@ -360,9 +324,7 @@ def attn_fwd_ws_kernel(
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
-    lo, full_lo, full_hi, hi = _tile_range(
-        start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI
-    )
+    lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
     o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     lse_row0 = off_bh.to(gl.int64) * seqlen_q
