@@ -228,7 +228,7 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
 def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GLUON_WS config (Hopper, 16-bit, head dim 64/128, TMA-aligned) in a table entry is skipped where it
     does not apply (here: the CPU interpreter), and forcing one gives a clear error, not a wrong result."""
-    gluon = configs._c(128, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=2)
+    gluon = configs._c(128, 128, 4, 2, GLUON_WS=True)
     triton_cfg = configs.configs_for("fwd", "interpret", 64)[0]
     monkeypatch.setattr(configs, "configs_for", lambda *a: [gluon, triton_cfg])
     launched = []

@@ -1,11 +1,11 @@
 """Hopper forward with warp specialisation (Gluon), the FlashAttention-3 schedule. One producer warp issues
-the TMA loads of K and V into a ring of STAGES shared-memory buffers. The consumer warps (two warpgroups, 64
-query rows each) run Q K^T, the softmax and P V. Each consumer issues the next tile's Q K^T and the
+the TMA loads of K and V into a ring of STAGES shared-memory buffers. Two consumer partitions (one warpgroup
+and 64 query rows each) run Q K^T, the softmax and P V. Each consumer issues the next tile's Q K^T and the
 previous tile's P V asynchronously, then does the softmax while both run on the tensor cores
 (intra-warpgroup overlap).
 
 Same semantics, arguments and outputs as fwd.attn_fwd_kernel (O, and LSE2 in log2 units); bf16/fp16, head
-dims 64 and 128 (HEAD_DIM == HEAD_DIM_PAD), K/V rows 16-byte aligned (TMA). The launcher selects it through
+dims 64 and 128 (HEAD_DIM == HEAD_DIM_PAD), Q/K/V rows 16-byte aligned (TMA). The launcher selects it through
 the GLUON_WS config flag (configs.py). Triton's interpreter cannot run Gluon: this kernel is tested on the GPU
 only (tests/test_gpu.py runs every table and candidate config).
 """
@@ -139,14 +139,18 @@ def _consumer(
     HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr,
     num_warps: gl.constexpr,
-    turn_me,
-    turn_other,
+    turn,
     ME: gl.constexpr,
     PINGPONG: gl.constexpr,
 ):
-    """One consumer partition: its BLOCK_M query rows against every key tile of the block. With PINGPONG
-    (two consumers) each issues its matmuls only in its turn (_take_turn / _pass_turn), so the two
-    consumers' matmuls alternate on the tensor cores and each one's softmax runs under the other's."""
+    """Consumer ME (0 or 1) of the two: its BLOCK_M query rows against every key tile of the block. With
+    PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the two consumers'
+    matmuls alternate on the tensor cores and each one's softmax runs under the other's."""
+    # this consumer's rows, Q half and turn barriers (q_smem: [2, BLOCK_M, HEAD_DIM], start_m: the block's)
+    q_smem = q_smem.index(ME)
+    start_m = start_m + ME * BLOCK_M
+    turn_me = turn.index(ME)
+    turn_other = turn.index(1 - ME)
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
@@ -258,18 +262,18 @@ def attn_fwd_ws_kernel(
     HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
-    WS_CONSUMERS: gl.constexpr = 1,
     WS_PINGPONG: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first. Two K/V buffers (STAGES); the
-    config's num_stages is not used. WS_CONSUMERS = 1: one consumer partition of num_warps warps (two
-    warpgroups with num_warps = 8) over the BLOCK_M rows; 2: two consumer partitions of num_warps = 4 warps
-    (one warpgroup each), BLOCK_M / 2 rows each, which synchronise only through the K/V barriers (one
-    partition's thread barriers do not stall the other). WS_PINGPONG (with 2): the consumers take turns to
-    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the other's matmuls."""
+    config's num_stages is not used. Two consumer partitions of num_warps = 4 warps (one warpgroup each),
+    BLOCK_M / 2 rows each, synchronise only through the K/V barriers, so one partition's thread barriers do
+    not stall the other. (One partition of 8 warps over all BLOCK_M rows measured no faster than the Triton
+    kernel: its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns
+    to issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the other's matmuls."""
+    gl.static_assert(num_warps == 4, "each of the two consumer partitions is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
     STAGES: gl.constexpr = 2
-    ROWS: gl.constexpr = BLOCK_M // WS_CONSUMERS
+    ROWS: gl.constexpr = BLOCK_M // 2  # per consumer
     stride_qb *= STRIDE_UNIT
     stride_qh *= STRIDE_UNIT
     stride_qm *= STRIDE_UNIT
@@ -303,7 +307,7 @@ def attn_fwd_ws_kernel(
         V + off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh,
         shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout,
     )  # fmt: skip
-    q_smem = gl.allocate_shared_memory(dtype, [WS_CONSUMERS, ROWS, HEAD_DIM], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -318,8 +322,8 @@ def attn_fwd_ws_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=WS_CONSUMERS)  # every consumer releases each buffer
-        mbarrier.init(v_empty.index(s), count=WS_CONSUMERS)
+        mbarrier.init(k_empty.index(s), count=2)  # both consumers release each buffer
+        mbarrier.init(v_empty.index(s), count=2)
 
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
@@ -329,178 +333,19 @@ def attn_fwd_ws_kernel(
     o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     lse_row0 = off_bh.to(gl.int64) * seqlen_q
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
-    gl.static_assert(not WS_PINGPONG or WS_CONSUMERS == 2, "WS_PINGPONG takes two consumers")
-    if WS_CONSUMERS == 1:
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
-                    (
-                        q_smem.index(0),
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        O,
-                        LSE2,
-                        o_row0,
-                        lse_row0,
-                        stride_om,
-                        start_m,
-                        lo,
-                        full_lo,
-                        full_hi,
-                        n_tiles,
-                        seqlen_q,
-                        seqlen_k,
-                        lo_off,
-                        hi_off,
-                        qk_scale,
-                        ROWS,
-                        BLOCK_N,
-                        HEAD_DIM,
-                        STAGES,
-                        HAS_LO,
-                        HAS_HI,
-                        num_warps,
-                        turn.index(0),
-                        turn.index(0),
-                        0,
-                        False,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        q_smem,
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        start_m,
-                        lo,
-                        n_tiles,
-                        BLOCK_N,
-                        STAGES,
-                    ),
-                ),
-            ],
-            [1],
-            [24],
-        )
-    else:
-        gl.static_assert(WS_CONSUMERS == 2 and num_warps == 4, "two consumers take num_warps = 4 each")
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
-                    (
-                        q_smem.index(0),
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        O,
-                        LSE2,
-                        o_row0,
-                        lse_row0,
-                        stride_om,
-                        start_m,
-                        lo,
-                        full_lo,
-                        full_hi,
-                        n_tiles,
-                        seqlen_q,
-                        seqlen_k,
-                        lo_off,
-                        hi_off,
-                        qk_scale,
-                        ROWS,
-                        BLOCK_N,
-                        HEAD_DIM,
-                        STAGES,
-                        HAS_LO,
-                        HAS_HI,
-                        num_warps,
-                        turn.index(0),
-                        turn.index(1),
-                        0,
-                        WS_PINGPONG,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        q_smem.index(1),
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        O,
-                        LSE2,
-                        o_row0,
-                        lse_row0,
-                        stride_om,
-                        start_m + ROWS,
-                        lo,
-                        full_lo,
-                        full_hi,
-                        n_tiles,
-                        seqlen_q,
-                        seqlen_k,
-                        lo_off,
-                        hi_off,
-                        qk_scale,
-                        ROWS,
-                        BLOCK_N,
-                        HEAD_DIM,
-                        STAGES,
-                        HAS_LO,
-                        HAS_HI,
-                        num_warps,
-                        turn.index(1),
-                        turn.index(0),
-                        1,
-                        WS_PINGPONG,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        q_smem,
-                        k_smem,
-                        v_smem,
-                        q_bar,
-                        k_ready,
-                        v_ready,
-                        k_empty,
-                        v_empty,
-                        start_m,
-                        lo,
-                        n_tiles,
-                        BLOCK_N,
-                        STAGES,
-                    ),
-                ),
-            ],
-            [4, 1],
-            [240, 24],
-        )
+    gl.warp_specialize(
+        [
+            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                         o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                         seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                         HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                         o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                         seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                         HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+                         v_empty, start_m, lo, n_tiles, BLOCK_N, STAGES)),
+        ],
+        [num_warps, 1],
+        [240, 24],
+    )  # fmt: skip
