@@ -62,23 +62,12 @@ def _producer(
 
 @gluon.jit
 def _softmax_step(
-    qk,
-    m_i,
-    l_i,
-    start_n,
-    offs_m,
-    full_lo,
-    full_hi,
-    seqlen_k,
-    lo_off,
-    hi_off,
-    qk_scale,
-    BLOCK_N: gl.constexpr,
-    HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
+    qk, m_i, l_i, start_n, rows, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr
 ):
     """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new). Element masks only on the tiles
-    outside [full_lo, full_hi) (a scalar branch)."""
+    outside [full_lo, full_hi) (a scalar branch). rows: what stays fixed along a consumer's tiles, (offs_m,
+    full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)."""
+    offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = rows
     if (start_n < full_lo) | (start_n >= full_hi):
         offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, qk.type.layout))
         vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
@@ -163,6 +152,7 @@ def _consumer(
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     offs_m = start_m + gl.arange(0, BLOCK_M, row_s)
+    rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
@@ -179,22 +169,7 @@ def _consumer(
         _pass_turn(turn_other, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
         mbarrier.arrive(k_empty.index(0))
-        p32, alpha, m_i, l_i = _softmax_step(
-            qk,
-            m_i,
-            l_i,
-            lo,
-            offs_m,
-            full_lo,
-            full_hi,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            qk_scale,
-            BLOCK_N,
-            HAS_LO,
-            HAS_HI,
-        )
+        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
         p = gl.convert_layout(p32.to(dtype), p_layout)
     for i in range(1, n_tiles):
         s = i % STAGES
@@ -213,22 +188,7 @@ def _consumer(
         _pass_turn(turn_other, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
         mbarrier.arrive(k_empty.index(s))
-        p32, alpha, m_i, l_i = _softmax_step(
-            qk,
-            m_i,
-            l_i,
-            lo + i * BLOCK_N,
-            offs_m,
-            full_lo,
-            full_hi,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            qk_scale,
-            BLOCK_N,
-            HAS_LO,
-            HAS_HI,
-        )
+        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
