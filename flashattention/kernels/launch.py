@@ -12,7 +12,8 @@ import warnings
 import torch
 import triton
 import triton.testing
-from triton.runtime.errors import OutOfResources
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from . import configs
 from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
@@ -113,7 +114,8 @@ def _applies(config, args: dict) -> bool:
 def _tune(kernel_fn, grid, args: dict, entry: list, reset_to_zero) -> triton.Config:
     """The fastest config of `entry` for these arguments (median of triton's do_bench, L2 flushed), as
     Triton's Autotuner measures, but over configs that may launch different kernels (GLUON_WS). Configs
-    that do not fit this GPU's resources are skipped; buffers in reset_to_zero are zeroed before each run."""
+    that do not fit this GPU's resources or that this Triton cannot compile for it are skipped, as Triton's
+    Autotuner skips them; buffers in reset_to_zero are zeroed before each run."""
     timings = {}
     for i, cfg in enumerate(entry):
 
@@ -124,7 +126,7 @@ def _tune(kernel_fn, grid, args: dict, entry: list, reset_to_zero) -> triton.Con
 
         try:
             timings[i] = triton.testing.do_bench(call, return_mode="median")
-        except OutOfResources:
+        except (OutOfResources, CompileTimeAssertionFailure, PTXASError):  # as Triton's Autotuner skips
             continue
     if not timings:
         raise OutOfResources(0, 0, "shared memory or registers: no config of the table fits this GPU")
