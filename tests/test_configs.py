@@ -247,3 +247,38 @@ def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch
     fp32 = {**args, "Q": q.float(), "HEAD_DIM": 72, "CAN_TMA": False}
     problems = " ".join(launch._gluon_problems(fp32))
     assert "float32" in problems and "head dim 64 or 128, got 72" in problems and "TMA" in problems
+
+
+def test_tuner_picks_the_fastest_config_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch._tune times every config (triton's do_bench, faked here with fixed times), skips the ones that
+    do not fit the GPU, zeroes the atomic buffers before each timed run and before the real one, and says
+    so clearly when no config fits."""
+    from triton.runtime.errors import OutOfResources
+
+    entry = [configs._c(64, 64, 4, 1), configs._c(32, 32, 4, 1), configs._c(16, 16, 4, 1)]
+    times = {64: 3.0, 32: None, 16: 2.0}  # 32x32 "does not fit"
+    buf = torch.ones(4)
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(**kw):
+                if times[kw["BLOCK_M"]] is None:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                assert torch.all(buf == 0), "an atomic buffer was not zeroed before the run"
+                buf.fill_(kw["BLOCK_M"])  # what an atomic kernel leaves behind
+
+            return launch
+
+    def fake_bench(fn, return_mode):
+        fn()
+        assert return_mode == "median"
+        return times[int(buf[0])]
+
+    monkeypatch.setattr(launch.triton.testing, "do_bench", fake_bench)
+    args = {"DQ_ACC": buf}
+    best = launch._tune(FakeKernel(), None, args, entry, ("DQ_ACC",))
+    assert best is entry[2]
+    assert torch.all(buf == 0)  # zeroed again after the last timed run
+    times.update({64: None, 16: None})
+    with pytest.raises(OutOfResources, match="no config of the table fits"):
+        launch._tune(FakeKernel(), None, args, entry, ())
