@@ -29,3 +29,31 @@ def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "| sm90 | fwd | 128 |" in result.stdout and "| sm90-fp32 | bwd_dkdv | 256 |" in result.stdout
+
+
+GLUON_SCRIPT = """
+from benchmarks import aot
+from flashattention.kernels import configs
+n = 0
+for kernel, table, dim, cfg in configs.all_configs(candidates=True):
+    if cfg.kwargs.get("GLUON_WS"):
+        r = aot.compile_config(kernel, cfg, dim, False)
+        assert r["shared"] <= aot.SHARED_LIMIT and r["spills"] == 0 and r["wgmma"] > 0, (dim, cfg, r)
+        n += 1
+print("compiled", n)
+"""
+
+
+@pytest.mark.skipif(not (ROOT / "benchmarks" / "aot.py").exists(), reason="needs the checkout's benchmarks/")
+def test_gluon_configs_compile_for_sm90_without_spills() -> None:
+    """The Gluon forward (kernels/fwd_ws.py) cannot run in the interpreter; this at least compiles every
+    GLUON_WS config for sm_90a on the CPU, through ptxas, and checks shared memory, spills and wgmma use."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    pytest.importorskip("triton.experimental.gluon", reason="triton without Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", GLUON_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "compiled" in result.stdout and "compiled 0" not in result.stdout, result.stdout
