@@ -223,16 +223,17 @@ def attn_fwd_ws_kernel(
     PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_PINGPONG: gl.constexpr = False,
+    WS_STAGES: gl.constexpr = 2,
 ):  # fmt: skip
-    """Grid (query blocks, batch * heads), longest query blocks first. Two K/V buffers (STAGES); the
-    config's num_stages is not used. Two consumer partitions of num_warps = 4 warps (one warpgroup each),
+    """Grid (query blocks, batch * heads), longest query blocks first. WS_STAGES K/V buffers (the config's
+    num_stages is not used). Two consumer partitions of num_warps = 4 warps (one warpgroup each),
     BLOCK_M / 2 rows each, synchronise only through the K/V barriers, so one partition's thread barriers do
     not stall the other. (One partition of 8 warps over all BLOCK_M rows measured no faster than the Triton
     kernel: its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns
     to issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the other's matmuls."""
     gl.static_assert(num_warps == 4, "each of the two consumer partitions is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
-    STAGES: gl.constexpr = 2
+    STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = BLOCK_M // 2  # per consumer
     stride_qb *= STRIDE_UNIT
     stride_qh *= STRIDE_UNIT
