@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_run.sh tune [ARGS]    # benchmarks.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
+#   bash benchmarks/gpu_run.sh gluon          # the Gluon forward: its GPU tests, then its configs timed (tune)
 # Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
 # to append to benchmarks/RESULTS.md. The last lines printed are the summary (tests) or the table (bench).
 set -uo pipefail
@@ -16,12 +17,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)" PYTHONUNBUFFERED=1
 mode="${1:-all}"
 shift || true
 
-run_tests() {  # $1: the pytest marker expression, $2: the log's name
+run_tests() {  # $1: the pytest marker expression, $2: the log's name, then more pytest arguments
     python -m flashattention info 2>&1 | tee "$OUT/info.log"
     echo "== GPU tests: $1"
     # one pytest process per 2 cores: each test case compiles its own kernel variants (CPU-bound)
     python -m benchmarks.pytest_shards --jobs "${JOBS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}" --timeout "${SHARD_TIMEOUT:-480}" \
-        --log-dir "$OUT/$2" -- -m "$1" tests >"$OUT/$2.log" 2>&1
+        --log-dir "$OUT/$2" -- -m "$1" "${@:3}" tests >"$OUT/$2.log" 2>&1
     local rc=$?
     tail -n 60 "$OUT/$2.log"
     echo "gpu tests exit code: $rc"
@@ -55,9 +56,17 @@ case "$mode" in
         sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 120  # the table, printed last
         echo "tune exit code: $rc"
         exit $rc ;;
+    gluon)
+        run_tests "gpu and configs" gpu_gluon_tests -k gluon; tests_rc=$?
+        python -m benchmarks.tune --seqlen 2048,8192,16384 --dims 64,128 --kernels fwd \
+            --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1
+        rc=$?
+        sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 80
+        echo "tune exit code: $rc"
+        exit $((tests_rc || rc)) ;;
     all)
         run_tests gpu gpu_tests; tests_rc=$?
         run_bench "$@"; bench_rc=$?
         exit $((tests_rc || bench_rc)) ;;
-    *) echo "usage: $0 tests | configs | alltests | suite | tune [ARGS] | bench [ARGS] | all [ARGS]" >&2; exit 2 ;;
+    *) echo "usage: $0 tests | configs | alltests | suite | tune [ARGS] | bench [ARGS] | all [ARGS] | gluon" >&2; exit 2 ;;
 esac
