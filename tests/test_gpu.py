@@ -63,6 +63,23 @@ def test_matches_reference_gpu(case: Case, backend: str) -> None:
     check_attention(q, k, v, dout, backend=backend, **case.mask_kwargs())
 
 
+@pytest.mark.parametrize("case", case_params([Case(2, 8, 2, 2048, 2048, 128, B16, causal=True)]))
+def test_autotuned_public_call(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other GPU tests run with autotuning off (one config each, fast); users run with it on. Here the
+    launcher's tuner times every config of the table entries that applies (forward, dK/dV, dQ), launches
+    the fastest, and the result passes the rule; the second call reuses the pick."""
+    from flashattention.kernels import configs, launch
+
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(launch, "_best", {})
+    q, k, v, dout = case.inputs("cuda")
+    check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+    tuned = dict(launch._best)
+    assert {key[0] for key in tuned} == {"fwd", "bwd_dkdv", "bwd_dq"}, tuned
+    check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+    assert launch._best == tuned  # the same case: no second tuning
+
+
 @pytest.mark.parametrize("backend", ["torch"])
 @pytest.mark.parametrize(
     "case",
