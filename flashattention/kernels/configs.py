@@ -40,8 +40,8 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     polynomial on the FMA units, FlashAttention-4's offload of the MUFU unit); of the dK/dV kernel: ONE_LOOP
     (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128): the
     warp-specialised Gluon kernel of kernels/fwd_ws.py instead of the Triton one (num_stages unused: it
-    keeps WS_STAGES K/V buffers, default 2; two consumer partitions of num_warps = 4), with WS_PINGPONG
-    their matmuls in turns."""
+    keeps WS_STAGES K/V buffers, default 2; WS_CONSUMERS consumer partitions of num_warps = 4, 64 rows
+    each, default 2, so BLOCK_M = 64 * WS_CONSUMERS), with WS_PINGPONG their matmuls in turns."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -153,6 +153,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
+                # three consumers of 64 rows (FlashAttention-3's D64 tile), 160 registers each: 115 KB
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
             ],
             128: [
                 _c(128, 128, 4, 2, GLUON_WS=True),

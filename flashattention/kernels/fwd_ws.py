@@ -81,13 +81,13 @@ def _softmax_step(
 
 @gluon.jit
 def _take_turn(turn_me, k, ME: gl.constexpr, PINGPONG: gl.constexpr):
-    """Waits, before a consumer's k-th issue of matmuls, for the other consumer's turn to end. The issues
-    are numbered k = 0 (the first tile's Q K^T) to n_tiles (the last P V), and consumer 0 goes first.
-    Consumer 0's k-th issue waits for consumer 1's (k - 1)-th: parity (k - 1) & 1. For k = 0 that is the
-    phase before the first, which a fresh barrier counts as complete. Consumer 1's k-th issue waits for
-    consumer 0's k-th: parity k & 1."""
+    """Waits, before a consumer's k-th issue of matmuls, for the previous consumer's turn to end (round
+    robin: consumer c passes the turn to c + 1, the last one to 0). The issues are numbered k = 0 (the first
+    tile's Q K^T) to n_tiles (the last P V). Consumer 0's k-th issue waits for the last consumer's (k - 1)-th:
+    parity (k - 1) & 1; for k = 0 that is the phase before the first, which a fresh barrier counts as
+    complete. Consumer c > 0 waits for consumer c - 1's k-th: parity k & 1."""
     if PINGPONG:
-        mbarrier.wait(turn_me, (k + 1 - ME) & 1)
+        mbarrier.wait(turn_me, (k + (ME == 0)) & 1)
 
 
 @gluon.jit
@@ -132,14 +132,16 @@ def _consumer(
     ME: gl.constexpr,
     PINGPONG: gl.constexpr,
 ):
-    """Consumer ME (0 or 1) of the two: its BLOCK_M query rows against every key tile of the block. With
-    PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the two consumers'
-    matmuls alternate on the tensor cores and each one's softmax runs under the other's."""
-    # this consumer's rows, Q half and turn barriers (q_smem: [2, BLOCK_M, HEAD_DIM], start_m: the block's)
+    """Consumer ME of the block's 2 or 3: its BLOCK_M query rows against every key tile of the block. With
+    PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the consumers' matmuls
+    take turns on the tensor cores and each one's softmax runs under the others'."""
+    # this consumer's rows, Q part and turn barriers (q_smem: [consumers, BLOCK_M, HEAD_DIM], start_m: the
+    # block's)
+    consumers: gl.constexpr = q_smem.shape[0]
     q_smem = q_smem.index(ME)
     start_m = start_m + ME * BLOCK_M
     turn_me = turn.index(ME)
-    turn_other = turn.index(1 - ME)
+    turn_other = turn.index((ME + 1) % consumers)
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
@@ -224,17 +226,21 @@ def attn_fwd_ws_kernel(
     num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_PINGPONG: gl.constexpr = False,
     WS_STAGES: gl.constexpr = 2,
+    WS_CONSUMERS: gl.constexpr = 2,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first. WS_STAGES K/V buffers (the config's
-    num_stages is not used). Two consumer partitions of num_warps = 4 warps (one warpgroup each),
-    BLOCK_M / 2 rows each, synchronise only through the K/V barriers, so one partition's thread barriers do
-    not stall the other. (One partition of 8 warps over all BLOCK_M rows measured no faster than the Triton
-    kernel: its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns
-    to issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the other's matmuls."""
-    gl.static_assert(num_warps == 4, "each of the two consumer partitions is one warpgroup (num_warps = 4)")
+    num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3 does) consumer partitions of
+    num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 * WS_CONSUMERS), synchronise only
+    through the K/V barriers, so one partition's thread barriers do not stall another. (One partition of 8
+    warps over all the rows measured no faster than the Triton kernel: its barriers held both warpgroups in
+    lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to issue their matmuls (FlashAttention-3's
+    ping-pong), each one's softmax under the others' matmuls."""
+    gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
+    gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
+    gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
     STAGES: gl.constexpr = WS_STAGES
-    ROWS: gl.constexpr = BLOCK_M // 2  # per consumer
+    ROWS: gl.constexpr = 64  # per consumer
     stride_qb *= STRIDE_UNIT
     stride_qh *= STRIDE_UNIT
     stride_qm *= STRIDE_UNIT
@@ -268,7 +274,7 @@ def attn_fwd_ws_kernel(
         V + off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh,
         shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout,
     )  # fmt: skip
-    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [WS_CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -276,15 +282,15 @@ def attn_fwd_ws_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
+    turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(turn.index(0), count=1)
-    mbarrier.init(turn.index(1), count=1)
+    for c in gl.static_range(WS_CONSUMERS):
+        mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
-        mbarrier.init(k_empty.index(s), count=2)  # both consumers release each buffer
-        mbarrier.init(v_empty.index(s), count=2)
+        mbarrier.init(k_empty.index(s), count=WS_CONSUMERS)  # every consumer releases each buffer
+        mbarrier.init(v_empty.index(s), count=WS_CONSUMERS)
 
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
@@ -294,19 +300,41 @@ def attn_fwd_ws_kernel(
     o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     lse_row0 = off_bh.to(gl.int64) * seqlen_q
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
-    gl.warp_specialize(
-        [
-            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                         o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                         seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                         HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
-            (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                         o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                         seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                         HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-                         v_empty, start_m, lo, n_tiles, BLOCK_N, STAGES)),
-        ],
-        [num_warps, 1],
-        [240, 24],
-    )  # fmt: skip
+    if WS_CONSUMERS == 2:
+        gl.warp_specialize(
+            [
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                             HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                             HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                             k_empty, v_empty, start_m, lo, n_tiles, BLOCK_N, STAGES)),
+            ],
+            [num_warps, 1],
+            [240, 24],
+        )  # fmt: skip
+    else:  # 3 consumers at D64: registers for 3 warpgroups (160 each) instead of 2 (240)
+        gl.warp_specialize(
+            [
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                             HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                             HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
+                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
+                             HAS_HI, num_warps, turn, 2, WS_PINGPONG)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                             k_empty, v_empty, start_m, lo, n_tiles, BLOCK_N, STAGES)),
+            ],
+            [num_warps, num_warps, 1],
+            [160, 160, 24],
+        )  # fmt: skip
