@@ -148,14 +148,21 @@ def _launch(
             _run(kernel_fn, grid, args, config)
             return
         table = configs.table_name(device, dtype)
-        entry = [c for c in configs.configs_for(name, table, head_dim_pad) if _applies(c, args)]
-        if configs.autotune_enabled() and len(entry) > 1:
+        entry = configs.configs_for(name, table, head_dim_pad)
+        tuning = configs.autotune_enabled() and len(entry) > 1
+        if (
+            tuning
+        ):  # the key decides which configs apply (dtype, HEAD_DIM, CAN_TMA): a known case runs at once
             case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
             key = (name, table, head_dim_pad, dtype, *case.values())
             best = _best.get(key)
-            if best is None and not torch.cuda.is_current_stream_capturing():
-                best = _best[key] = last_tuned[name] = _tune(kernel_fn, grid, args, entry, reset_to_zero)
             if best is not None:
+                _run(kernel_fn, grid, args, best)
+                return
+        entry = [c for c in entry if _applies(c, args)]
+        if tuning and len(entry) > 1:
+            if not torch.cuda.is_current_stream_capturing():
+                best = _best[key] = last_tuned[name] = _tune(kernel_fn, grid, args, entry, reset_to_zero)
                 _run(kernel_fn, grid, args, best)
                 return
             warnings.warn(
