@@ -226,8 +226,8 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
 
 
 def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GLUON_WS config (Hopper, 16-bit, head dim 64/128, TMA-aligned) in a table entry is skipped where it
-    does not apply (here: the CPU interpreter), and forcing one gives a clear error, not a wrong result."""
+    """A GLUON_WS config (Hopper, 16-bit, head dim 64/128/256, TMA-aligned) in a table entry is skipped where
+    it does not apply (here: the CPU interpreter), and forcing one gives a clear error, not a wrong result."""
     gluon = configs._c(128, 128, 4, 2, GLUON_WS=True)
     triton_cfg = configs.configs_for("fwd", "interpret", 64)[0]
     monkeypatch.setattr(configs, "configs_for", lambda *a: [gluon, triton_cfg])
@@ -246,7 +246,7 @@ def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch
         launch._launch(FakeKernel(), "fwd", None, args, 64, q.device, q.dtype, config=gluon)
     fp32 = {**args, "Q": q.float(), "HEAD_DIM": 72, "CAN_TMA": False}
     problems = " ".join(launch._gluon_problems(fp32))
-    assert "float32" in problems and "head dim 64 or 128, got 72" in problems and "TMA" in problems
+    assert "float32" in problems and "head dim 64, 128 or 256, got 72" in problems and "TMA" in problems
 
 
 def test_tuner_picks_the_fastest_config_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,7 +38,7 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
     a row's max grows by > 2^8), POLY_EXP2 (16-bit inputs: half of the exponentials of unmasked tiles by a
     polynomial on the FMA units, FlashAttention-4's offload of the MUFU unit); of the dK/dV kernel: ONE_LOOP
-    (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128): the
+    (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128/256): the
     warp-specialised Gluon kernel of kernels/fwd_ws.py instead of the Triton one (num_stages unused: it
     keeps WS_STAGES K/V buffers, default 2; WS_CONSUMERS consumer partitions of num_warps = 4, 64 rows
     each, default 2, so BLOCK_M = 64 * WS_CONSUMERS), with WS_PINGPONG their matmuls in turns."""
@@ -145,10 +145,9 @@ for _kernel, _dims in _FP32.items():
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "fwd": {
         "sm90": {
-            # FlashAttention-3's schedule in Gluon (kernels/fwd_ws.py); compiled for sm_90a, not yet run
-            # 2026-11-26, H200, D128 8k: two 4-warp consumers 600 / 560 causal against 501 / 460 for the
-            # Triton default (one 8-warp consumer: 489 / 429, left out). D64: checked, not timed. The
-            # ping-pong variant: compiled for sm_90a, not yet run
+            # FlashAttention-3's schedule in Gluon (kernels/fwd_ws.py). 2026-11-26, H200, D128 8k: two 4-warp
+            # consumers 600 / 560 causal against 501 / 460 for the Triton default (one 8-warp consumer:
+            # 489 / 429, left out). D64: checked, not timed. The others: compiled for sm_90a, not yet run
             64: [
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
@@ -160,7 +159,12 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
             ],
-            256: [_c(128, 64, 8, 2, PERSISTENT=True)],
+            256: [
+                _c(128, 64, 8, 2, PERSISTENT=True),
+                _c(128, 64, 4, 2, GLUON_WS=True),  # 213 KB with 2 K/V buffers of 64 keys, no spill
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
+                _c(128, 32, 4, 2, GLUON_WS=True),
+            ],
         }
     },
 }

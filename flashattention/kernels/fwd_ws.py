@@ -4,10 +4,11 @@ and 64 query rows each) run Q K^T, the softmax and P V. Each consumer issues the
 previous tile's P V asynchronously, then does the softmax while both run on the tensor cores
 (intra-warpgroup overlap).
 
-Same semantics, arguments and outputs as fwd.attn_fwd_kernel (O, and LSE2 in log2 units); bf16/fp16, head
-dims 64 and 128 (HEAD_DIM == HEAD_DIM_PAD), Q/K/V rows 16-byte aligned (TMA). The launcher selects it through
-the GLUON_WS config flag (configs.py). Triton's interpreter cannot run Gluon: this kernel is tested on the GPU
-only (tests/test_gpu.py runs every table and candidate config).
+Same semantics, arguments and outputs as fwd.attn_fwd_kernel (O, and LSE2 in log2 units); bf16/fp16,
+head dims 64, 128 and 256 (HEAD_DIM == HEAD_DIM_PAD), Q/K/V rows 16-byte aligned (TMA). The launcher
+selects it through the GLUON_WS config flag (configs.py). Triton's interpreter cannot run Gluon: this
+kernel is tested on the GPU only (tests/test_gpu.py runs every table and candidate config); the CPU suite
+compiles it for sm_90a (tests/test_aot.py).
 """
 
 from triton.experimental import gluon
@@ -238,7 +239,7 @@ def attn_fwd_ws_kernel(
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
-    gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64 and 128 only")
+    gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # per consumer
     stride_qb *= STRIDE_UNIT

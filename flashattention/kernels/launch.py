@@ -90,7 +90,7 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
 
 def _gluon_problems(args: dict) -> list[str]:
     """Why the warp-specialised Gluon forward (kernels/fwd_ws.py, GLUON_WS configs) cannot take these
-    arguments (empty if it can): it needs a Hopper GPU, 16-bit inputs, head dim 64 or 128 and TMA-aligned
+    arguments (empty if it can): it needs a Hopper GPU, 16-bit inputs, head dim 64, 128 or 256 and TMA-aligned
     tensors."""
     problems = []
     q = args["Q"]
@@ -100,8 +100,8 @@ def _gluon_problems(args: dict) -> list[str]:
         problems.append("it needs a Hopper GPU (sm_90)")
     if q.dtype not in (torch.float16, torch.bfloat16):
         problems.append(f"it takes float16/bfloat16 inputs, got {q.dtype}")
-    if args["HEAD_DIM"] not in (64, 128):
-        problems.append(f"it takes head dim 64 or 128, got {args['HEAD_DIM']}")
+    if args["HEAD_DIM"] not in (64, 128, 256):
+        problems.append(f"it takes head dim 64, 128 or 256, got {args['HEAD_DIM']}")
     if not args["CAN_TMA"]:
         problems.append("Q, K and V need 16-byte aligned base pointers and row strides (TMA)")
     return problems
