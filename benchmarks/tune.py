@@ -154,8 +154,9 @@ def _inputs(seqlen: int, head_dim: int) -> tuple[torch.Tensor, ...]:
 
 
 def warm(seqlens, dims, kernels, table: str, shard: int, shards: int) -> None:
-    """Compiles (runs once, untimed and unchecked) every `shards`-th config run starting at `shard`, and the
-    public call's autotuned configs: Triton's disk cache then serves the timing process. Each shard is its
+    """Compiles (runs once, untimed and unchecked) every `shards`-th config run starting at `shard` (every
+    table config is among them, so the public call's tuning finds them compiled): Triton's disk cache then
+    serves the timing process. Each shard is its
     own process, so the CPU-bound compiles run in parallel (one process compiles one kernel at a time)."""
     i = 0
     for seqlen, head_dim, causal in _shapes(seqlens, dims):

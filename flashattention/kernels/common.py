@@ -6,10 +6,10 @@ Forward / dQ: self = query i, other = key j, lo_off = off - left, hi_off = off +
 dK/dV:        self = key j, other = query i, lo_off = -off - right, hi_off = -off + left.
 """
 
-import os
-
 import triton
 import triton.language as tl
+
+from .configs import interpreting
 
 # 2^f on [-0.5, 0.5] as 1 + f (C1 + f (C2 + f C3)): a least-squares fit weighted towards minimax relative
 # error (1.0e-4 at most, against bf16's 3.9e-3 and fp16's 4.9e-4 rounding of P)
@@ -150,7 +150,7 @@ mov.b32 $1, bp;
 }
 """)
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if interpreting():
 
     @triton.jit
     def exp2_split(x):

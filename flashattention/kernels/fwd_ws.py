@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import tile_range, visible
+from .common import tile_range, unit_strides, visible
 
 
 @gluon.jit
@@ -211,9 +211,11 @@ def _consumer(
     out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     out = gl.convert_layout(out.to(dtype), store_layout)
-    rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_layout))
+    out_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_layout))
     cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
-    gl.store(O + o_row0 + rows[:, None] * stride_om + cols[None, :], out, mask=(rows < seqlen_q)[:, None])
+    gl.store(
+        O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out, mask=(out_rows < seqlen_q)[:, None]
+    )
 
 
 @gluon.jit(do_not_specialize=["batch"])
@@ -242,18 +244,10 @@ def attn_fwd_ws_kernel(
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # per consumer
-    stride_qb *= STRIDE_UNIT
-    stride_qh *= STRIDE_UNIT
-    stride_qm *= STRIDE_UNIT
-    stride_kb *= STRIDE_UNIT
-    stride_kh *= STRIDE_UNIT
-    stride_kn *= STRIDE_UNIT
-    stride_vb *= STRIDE_UNIT
-    stride_vh *= STRIDE_UNIT
-    stride_vn *= STRIDE_UNIT
-    stride_ob *= STRIDE_UNIT
-    stride_oh *= STRIDE_UNIT
-    stride_om *= STRIDE_UNIT
+    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
     off_bh = gl.program_id(1)
     off_b = off_bh // num_heads
