@@ -53,7 +53,13 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
         # H100 bf16 S=8k (benchmarks/NOTES.md): 128x128/8 warps best at D128 (515 TFLOP/s); TMA loads +1-3%
         # at D64 only; 256-row tiles and warp_specialize (compiler crash) lost.
         "sm90": {
+            # GLUON_WS (kernels/fwd_ws.py) first: the default on Hopper where it applies (16-bit, TMA-aligned,
+            # exact head dim), the Triton kernel otherwise. 2026-11-26, H100 bf16, against the Triton tables'
+            # tuned pick: D64 three consumers 473 vs 392 non-causal 8k (+21%), 414 vs 374 causal; D128 583 vs
+            # 474 (+23%), 523 vs 423 causal; D256 597 vs 488, 516 vs 465 causal. At 2k causal D64 the Triton
+            # 64x64 tile still wins (314 vs 283): the tuner picks per length bucket.
             64: [
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
                 _c(128, 128, 4, 3, USE_TMA=True),
                 _c(128, 64, 4, 3),
                 _c(128, 64, 4, 3, USE_TMA=True),
@@ -61,9 +67,16 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(64, 64, 4, 3, USE_TMA=True),
             ],
             # 2026-11-26 (NOTES.md): 64x64/4 warps/3 stages best at S 1k (causal 306 vs 271), 128x64/4
-            # stages best at 8k in that run (486 vs 470 at 3 stages)
-            128: [_c(128, 128, 8, 3), _c(128, 64, 8, 3), _c(128, 64, 8, 4), _c(64, 64, 4, 3)],
-            256: [_c(128, 64, 8, 2), _c(64, 64, 4, 2)],
+            # stages best at 8k in that run (486 vs 470 at 3 stages); ping-pong Gluon best at 2k non-causal
+            128: [
+                _c(128, 128, 4, 2, GLUON_WS=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
+                _c(128, 128, 8, 3),
+                _c(128, 64, 8, 3),
+                _c(128, 64, 8, 4),
+                _c(64, 64, 4, 3),
+            ],
+            256: [_c(128, 64, 4, 2, GLUON_WS=True), _c(128, 64, 8, 2), _c(64, 64, 4, 2)],
         },
         "sm80": {
             64: [_c(128, 64, 4, 3), _c(128, 128, 8, 3)],
@@ -145,23 +158,16 @@ for _kernel, _dims in _FP32.items():
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "fwd": {
         "sm90": {
-            # FlashAttention-3's schedule in Gluon (kernels/fwd_ws.py). 2026-11-26, H200, D128 8k: two 4-warp
-            # consumers 600 / 560 causal against 501 / 460 for the Triton default (one 8-warp consumer:
-            # 489 / 429, left out). D64: checked, not timed. The others: compiled for sm_90a, not yet run
+            # Gluon variants that lost to the table's Gluon configs (2026-11-26, H100 bf16 2k/8k): D64 two
+            # consumers (419-421 vs 473 for three at 8k), ping-pong at D64/D256 (-1 to -6%), D256 32-key tiles
+            # (-15 to -20%). Kept as candidates for other cards (H200) and other Tritons.
             64: [
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
-                # three consumers of 64 rows (FlashAttention-3's D64 tile), 160 registers each: 115 KB
-                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
-            ],
-            128: [
-                _c(128, 128, 4, 2, GLUON_WS=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
             ],
             256: [
                 _c(128, 64, 8, 2, PERSISTENT=True),
-                _c(128, 64, 4, 2, GLUON_WS=True),  # 213 KB with 2 K/V buffers of 64 keys, no spill
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 32, 4, 2, GLUON_WS=True),
             ],

@@ -5,6 +5,7 @@ attention_backward(dout, q, k, v, out, stats); here stats is the log2-unit LSE2 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -104,7 +105,20 @@ def _gluon_problems(args: dict) -> list[str]:
         problems.append(f"it takes head dim 64, 128 or 256, got {args['HEAD_DIM']}")
     if not args["CAN_TMA"]:
         problems.append("Q, K and V need 16-byte aligned base pointers and row strides (TMA)")
+    if not problems and _gluon_missing():
+        problems.append(f"this Triton ({triton.__version__}) lacks Gluon's Hopper API: {_gluon_missing()}")
     return problems
+
+
+@functools.cache
+def _gluon_missing() -> str:
+    """Why kernels/fwd_ws.py cannot be imported with this Triton (empty if it can): Gluon is experimental
+    and older Triton releases lack the parts it uses."""
+    try:
+        from . import fwd_ws  # noqa: F401
+    except (ImportError, AttributeError) as err:
+        return str(err)
+    return ""
 
 
 def _applies(config, args: dict) -> bool:
