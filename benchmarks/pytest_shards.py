@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     procs = []
     for i, shard in enumerate(shards):
         log = open(os.path.join(args.log_dir, f"shard{i}.log"), "w")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=5"]
+        # -v names each test as it starts (the last name in a killed shard's log is the one that ran long);
+        # faulthandler prints the stacks of a test still running after the timeout
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "--durations=5"]
+        cmd += ["-o", f"faulthandler_timeout={int(args.timeout * 0.9)}"]
         cmd += shard  # explicit ids: the marker expression was applied when collecting
         procs.append((i, len(shard), log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
     failed = 0
