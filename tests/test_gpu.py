@@ -249,16 +249,19 @@ def _gluon_params() -> list:
 
 @pytest.mark.configs
 @pytest.mark.parametrize("entry, import_error", _gluon_params())
-def test_gluon_forward_matches_reference(entry, import_error) -> None:
+def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warp-specialised Gluon forward (GLUON_WS configs, kernels/fwd_ws.py) against the float32 oracle:
     every mask kind, GQA, seqlen_q != seqlen_k both ways (rows that see no key), lengths that are not a
     multiple of the tiles, one query row, one and 15 keys, large scores, bf16 and fp16. Forward outputs and
-    LSE (the backward is the Triton one)."""
+    LSE (the backward is the Triton one). PERSISTENT configs run on a grid of 5 programs, so that each one
+    loops over many tiles (long, short and empty ones) and its barrier phases run across tiles."""
     if import_error is not None:
         pytest.fail(f"could not list the configs: {import_error!r}")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is Hopper-only")
     from flashattention.kernels import launch
+
+    monkeypatch.setattr(launch, "_num_sms", lambda device: 5)
 
     _, _, head_dim, config = entry
     masks = [(False, (-1, -1)), (True, (-1, -1)), (False, (300, 200)), (True, (300, -1))]

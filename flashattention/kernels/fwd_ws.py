@@ -24,41 +24,85 @@ from .common import tile_range, unit_strides, visible
 
 
 @gluon.jit
+def _tile(tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
+    """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles). Head by head, each
+    head's query blocks longest-first (causal: the last block sees the most keys)."""
+    start_m = (num_m - 1 - tile % num_m) * BLOCK_M
+    lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    return tile // num_m, start_m, lo, full_lo, full_hi, (hi - lo + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
+def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.constexpr):
+    """Waits for the last Q copy and the last STAGES K and V copies to land (at most STAGES are in flight:
+    issuing copy i waited for the consumers to release copy i - STAGES, which had landed), so that their
+    tensor descriptors may be rewritten for the next tile."""
+    if tiles_begun > 0:
+        mbarrier.wait(q_bar, (tiles_begun - 1) & 1)
+    for d in gl.static_range(STAGES):
+        i = issued - 1 - d
+        if i >= 0:
+            mbarrier.wait(k_ready.index(i % STAGES), (i // STAGES) & 1)
+            mbarrier.wait(v_ready.index(i % STAGES), (i // STAGES) & 1)
+
+
+@gluon.jit
 def _producer(
-    q_desc,
-    k_desc,
-    v_desc,
-    q_smem,
-    k_smem,
-    v_smem,
-    q_bar,
-    k_ready,
-    v_ready,
-    k_empty,
-    v_empty,
-    start_m,
-    lo,
-    n_tiles,
-    BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr,
-):
-    """One warp: Q once (q_smem: [consumers, rows each, head dim]), then K and V of tile i into buffer
-    i % STAGES once every consumer has released it."""
+    Q, K, V,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
+    first, end, step, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr,
+):  # fmt: skip
+    """One warp. For each tile of this program: the tile's Q (q_smem: [consumers, rows each, head dim])
+    once the consumers have released the previous one, then K and V of its key tiles into the ring, copy i
+    into buffer i % STAGES once every consumer has released it (i counts this program's copies across
+    tiles, as the consumers count them)."""
     CONSUMERS: gl.constexpr = q_smem.shape[0]
-    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-    for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
-        tma.async_copy_global_to_shared(q_desc, [start_m + c * q_smem.shape[1], 0], q_bar, q_smem.index(c))
-    for i in range(n_tiles):
-        s = i % STAGES
-        phase = (i // STAGES) & 1
-        start_n = lo + i * BLOCK_N
-        # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
-        mbarrier.wait(k_empty.index(s), phase ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [start_n, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), phase ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [start_n, 0], v_ready.index(s), v_smem.index(s))
+    ROWS: gl.constexpr = q_smem.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.shape[2]
+    issued = 0
+    tiles_begun = 0
+    for tile in range(first, end, step):
+        off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
+            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+        )
+        off_b = (off_bh // num_heads).to(gl.int64)
+        off_h = (off_bh % num_heads).to(gl.int64)
+        off_hk = off_h // group
+        # per-(batch, head) descriptors: reads past seqlen come back as zeros, never another head's rows
+        _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES)
+        q_desc = tma.make_tensor_descriptor(
+            Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
+            block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
+        )  # fmt: skip
+        k_desc = tma.make_tensor_descriptor(
+            K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+            block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
+        )  # fmt: skip
+        v_desc = tma.make_tensor_descriptor(
+            V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+            block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
+        )  # fmt: skip
+        # a fresh barrier counts as having completed the phase before 0: the first wait passes
+        mbarrier.wait(q_empty, (tiles_begun & 1) ^ 1)
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
+            tma.async_copy_global_to_shared(q_desc, [start_m + c * ROWS, 0], q_bar, q_smem.index(c))
+        for i in range(n_tiles):
+            s = (issued + i) % STAGES
+            phase = ((issued + i) // STAGES) & 1
+            start_n = lo + i * BLOCK_N
+            mbarrier.wait(k_empty.index(s), phase ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [start_n, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [start_n, 0], v_ready.index(s), v_smem.index(s))
+        issued += n_tiles
+        tiles_begun += 1
 
 
 @gluon.jit
@@ -99,48 +143,21 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _consumer(
-    q_smem,
-    k_smem,
-    v_smem,
-    q_bar,
-    k_ready,
-    v_ready,
-    k_empty,
-    v_empty,
-    O,
-    LSE2,
-    o_row0,
-    lse_row0,
-    stride_om,
-    start_m,
-    lo,
-    full_lo,
-    full_hi,
-    n_tiles,
-    seqlen_q,
-    seqlen_k,
-    lo_off,
-    hi_off,
-    qk_scale,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr,
-    HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr,
-    turn,
-    ME: gl.constexpr,
+    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O, LSE2,
+    stride_ob, stride_oh, stride_om,
+    first, end, step, num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, turn, ME: gl.constexpr,
     PINGPONG: gl.constexpr,
-):
-    """Consumer ME of the block's 2 or 3: its BLOCK_M query rows against every key tile of the block. With
-    PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the consumers' matmuls
-    take turns on the tensor cores and each one's softmax runs under the others'."""
-    # this consumer's rows, Q part and turn barriers (q_smem: [consumers, BLOCK_M, HEAD_DIM], start_m: the
-    # block's)
+):  # fmt: skip
+    """Consumer ME of the block's 2 or 3: for each tile of this program, its ROWS query rows against every
+    key tile of the block. With PINGPONG each issues its matmuls only in its turn (_take_turn /
+    _pass_turn), so the consumers' matmuls take turns on the tensor cores and each one's softmax runs under
+    the others'. K/V copies and matmul issues are counted across tiles (`done`, `issues`), as the producer
+    and the other consumers count them."""
     consumers: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_smem.shape[1]
     q_smem = q_smem.index(ME)
-    start_m = start_m + ME * BLOCK_M
     turn_me = turn.index(ME)
     turn_other = turn.index((ME + 1) % consumers)
     dtype: gl.constexpr = q_smem.dtype
@@ -153,69 +170,87 @@ def _consumer(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    offs_m = start_m + gl.arange(0, BLOCK_M, row_s)
-    rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    p = gl.zeros([BLOCK_M, BLOCK_N], dtype, p_layout)
-    mbarrier.wait(q_bar, 0)
-    if n_tiles > 0:
-        # tile 0: scores and softmax only (the accumulator is still zero)
-        mbarrier.wait(k_ready.index(0), 0)
-        _take_turn(turn_me, 0, ME, PINGPONG)
-        qk_token = warpgroup_mma(
-            q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True
-        )
-        _pass_turn(turn_other, PINGPONG)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-        mbarrier.arrive(k_empty.index(0))
-        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
-        p = gl.convert_layout(p32.to(dtype), p_layout)
-    for i in range(1, n_tiles):
-        s = i % STAGES
-        prev = (i - 1) % STAGES
-        # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
-        mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
-        if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
-            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
-            _take_turn(turn_me, i, ME, PINGPONG)
-        qk_token = warpgroup_mma(
-            q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-        )
-        if not PINGPONG:
-            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
-        acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-        _pass_turn(turn_other, PINGPONG)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
-        mbarrier.arrive(k_empty.index(s))
-        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-        mbarrier.arrive(v_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p = gl.convert_layout(p32.to(dtype), p_layout)
-    if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        _take_turn(turn_me, n_tiles, ME, PINGPONG)
-        acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-        _pass_turn(turn_other, PINGPONG)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-        mbarrier.arrive(v_empty.index(last))
-
-    empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
-    lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-    gl.store(LSE2 + lse_row0 + offs_m, lse2, mask=offs_m < seqlen_q)
-    out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    out = gl.convert_layout(out.to(dtype), store_layout)
-    out_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
-    gl.store(
-        O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out, mask=(out_rows < seqlen_q)[:, None]
-    )
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    done = 0  # K/V tiles consumed by this program before the current tile
+    issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
+    tiles_begun = 0
+    for tile in range(first, end, step):
+        off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
+            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+        )
+        start_m = start_m + ME * ROWS  # this consumer's rows
+        offs_m = start_m + gl.arange(0, ROWS, row_s)
+        rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+        mbarrier.wait(q_bar, tiles_begun & 1)
+        if n_tiles > 0:
+            # tile 0: scores and softmax only (the accumulator is still zero)
+            s = done % STAGES
+            mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
+            _take_turn(turn_me, issues, ME, PINGPONG)
+            qk_token = warpgroup_mma(
+                q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
+            )
+            _pass_turn(turn_other, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
+            mbarrier.arrive(k_empty.index(s))
+            p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+        for i in range(1, n_tiles):
+            s = (done + i) % STAGES
+            prev = (done + i - 1) % STAGES
+            prev_phase = ((done + i - 1) // STAGES) & 1
+            # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
+            mbarrier.wait(k_ready.index(s), ((done + i) // STAGES) & 1)
+            if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
+                mbarrier.wait(v_ready.index(prev), prev_phase)
+                _take_turn(turn_me, issues + i, ME, PINGPONG)
+            qk_token = warpgroup_mma(
+                q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
+            )
+            if not PINGPONG:
+                mbarrier.wait(v_ready.index(prev), prev_phase)
+            acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+            _pass_turn(turn_other, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
+            mbarrier.arrive(k_empty.index(s))
+            p32, alpha, m_i, l_i = _softmax_step(
+                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI
+            )
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+        mbarrier.arrive(q_empty)  # every Q K^T of this tile has completed: the producer may load the next Q
+        if n_tiles > 0:
+            last = (done + n_tiles - 1) % STAGES
+            mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
+            _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
+            acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+            _pass_turn(turn_other, PINGPONG)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+            mbarrier.arrive(v_empty.index(last))
+            issues += n_tiles + 1
+        done += n_tiles
+        tiles_begun += 1
+
+        empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
+        lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
+        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
+        out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
+        out = gl.convert_layout(out.to(dtype), store_layout)
+        out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+        off_b = (off_bh // num_heads).to(gl.int64)
+        o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
+        gl.store(
+            O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
+            mask=(out_rows < seqlen_q)[:, None],
+        )  # fmt: skip
 
 
 @gluon.jit(do_not_specialize=["batch"])
@@ -230,14 +265,17 @@ def attn_fwd_ws_kernel(
     WS_PINGPONG: gl.constexpr = False,
     WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2,
+    PERSISTENT: gl.constexpr = False,
 ):  # fmt: skip
-    """Grid (query blocks, batch * heads), longest query blocks first. WS_STAGES K/V buffers (the config's
-    num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3 does) consumer partitions of
-    num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 * WS_CONSUMERS), synchronise only
-    through the K/V barriers, so one partition's thread barriers do not stall another. (One partition of 8
-    warps over all the rows measured no faster than the Triton kernel: its barriers held both warpgroups in
-    lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to issue their matmuls (FlashAttention-3's
-    ping-pong), each one's softmax under the others' matmuls."""
+    """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program
+    per SM (the launcher sizes the grid), each looping over tiles head by head, so that the producer loads
+    the next tile's Q, K and V while the consumers finish the current one. WS_STAGES K/V buffers (the
+    config's num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3 does) consumer
+    partitions of num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 * WS_CONSUMERS),
+    synchronise only through the K/V barriers, so one partition's thread barriers do not stall another.
+    (One partition of 8 warps over all the rows measured no faster than the Triton kernel: its barriers
+    held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to issue their
+    matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
@@ -248,37 +286,31 @@ def attn_fwd_ws_kernel(
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
-    start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
-    off_bh = gl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    off_hk = off_h // group
+    num_m = gl.cdiv(seqlen_q, BLOCK_M)
+    if PERSISTENT:
+        first = gl.program_id(0)
+        step = gl.num_programs(0)
+        end = num_m * batch * num_heads
+    else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
+        first = gl.program_id(1) * num_m + gl.program_id(0)
+        step = 1
+        end = first + 1
     dtype: gl.constexpr = Q.dtype.element_ty
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_desc = tma.make_tensor_descriptor(
-        Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh,
-        shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_layout,
-    )  # fmt: skip
-    k_desc = tma.make_tensor_descriptor(
-        K + off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh,
-        shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout,
-    )  # fmt: skip
-    v_desc = tma.make_tensor_descriptor(
-        V + off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh,
-        shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout,
-    )  # fmt: skip
     q_smem = gl.allocate_shared_memory(dtype, [WS_CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(q_empty, count=WS_CONSUMERS)  # every consumer releases the Q buffer
     for c in gl.static_range(WS_CONSUMERS):
         mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(STAGES):
@@ -290,24 +322,22 @@ def attn_fwd_ws_kernel(
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
-    lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
-    n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
-    o_row0 = off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-    lse_row0 = off_bh.to(gl.int64) * seqlen_q
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                             HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                             HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                             k_empty, v_empty, start_m, lo, n_tiles, BLOCK_N, STAGES)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
+                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
+                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+                (_producer, (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+                             v_ready, k_empty, v_empty, first, end, step, num_m, num_heads, group, seqlen_q,
+                             seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -315,20 +345,22 @@ def attn_fwd_ws_kernel(
     else:  # 3 consumers at D64: registers for 3 warpgroups (160 each) instead of 2 (240)
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                             HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                             HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-                             o_row0, lse_row0, stride_om, start_m, lo, full_lo, full_hi, n_tiles, seqlen_q,
-                             seqlen_k, lo_off, hi_off, qk_scale, ROWS, BLOCK_N, HEAD_DIM, STAGES, HAS_LO,
-                             HAS_HI, num_warps, turn, 2, WS_PINGPONG)),
-                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                             k_empty, v_empty, start_m, lo, n_tiles, BLOCK_N, STAGES)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
+                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
+                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
+                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                             HAS_LO, HAS_HI, num_warps, turn, 2, WS_PINGPONG)),
+                (_producer, (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+                             v_ready, k_empty, v_empty, first, end, step, num_m, num_heads, group, seqlen_q,
+                             seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],
