@@ -71,6 +71,8 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             128: [
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
+                # persistent: +4-6% at 2k non-causal (552 / 549 vs 520 / 527, H100), a tie at 8k
+                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True),
                 _c(128, 128, 8, 3),
                 _c(128, 64, 8, 3),
                 _c(128, 64, 8, 4),
@@ -161,18 +163,16 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # Gluon variants that lost to the table's Gluon configs (2026-11-26, H100 bf16 2k/8k): D64 two
             # consumers (419-421 vs 473 for three at 8k), ping-pong at D64/D256 (-1 to -6%), D256 32-key tiles
             # (-15 to -20%). Kept as candidates for other cards (H200) and other Tritons.
-            # PERSISTENT with GLUON_WS: one program per SM, the producer loading the next tile's Q, K and V
-            # under the current tile's last matmuls and epilogue (not yet run)
+            # PERSISTENT with GLUON_WS (2026-11-26, H100, 2k/8k): ties or loses but at D128 non-causal 2k (in
+            # the table). Causal: -3% to -34%: programs take every 132nd tile, head by head, so their work
+            # differs (no longest-first balance across heads); D64 three consumers spill 964 B
             64: [
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
             ],
-            128: [
-                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
-            ],
+            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),
