@@ -282,3 +282,55 @@ def test_tuner_picks_the_fastest_config_that_fits(monkeypatch: pytest.MonkeyPatc
     times.update({64: None, 16: None})
     with pytest.raises(OutOfResources, match="no config of the table fits"):
         launch._tune(FakeKernel(), None, args, entry, ())
+
+
+def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gluon is experimental: where this Triton cannot compile a GLUON_WS config (faked here), the launcher
+    warns once, runs the table's Triton config, and skips the Gluon configs at once afterwards, tuned or not.
+    A compile error of a Triton config is a bug and propagates."""
+    from triton.compiler.errors import CompilationError
+
+    gluon, triton_cfg = configs._c(128, 128, 4, 2, GLUON_WS=True), configs._c(32, 16, 4, 1)
+    monkeypatch.setattr(configs, "configs_for", lambda *a: [gluon, triton_cfg])
+    real_problems = launch._gluon_problems  # all but the interpreter's "needs a CUDA GPU"
+    monkeypatch.setattr(
+        launch, "_gluon_problems", lambda args: [p for p in real_problems(args) if "CUDA GPU" not in p]
+    )
+    monkeypatch.setattr(launch, "_gluon_compile_error", "")
+    launched = []
+
+    def fake_run(kernel_fn, grid, args, cfg):
+        launched.append("gluon" if cfg.kwargs.get("GLUON_WS") else "triton")
+        if cfg.kwargs.get("GLUON_WS"):
+            raise CompilationError(None, None, "unsupported layout")
+
+    monkeypatch.setattr(launch, "_run", fake_run)
+    q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
+    args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "HEAD_DIM": 64, "CAN_TMA": True}
+    assert launch._gluon_problems(args) == []  # it applies until it fails to compile
+    with pytest.warns(UserWarning, match=r"Gluon forward .* does not compile .*unsupported layout"):
+        launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)  # autotuning off: first that runs
+    assert launched == ["gluon", "triton"]
+    assert "failed to compile" in " ".join(launch._gluon_problems(args))
+    launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
+    assert launched == ["gluon", "triton", "triton"]  # no second attempt
+
+    # tuned: the failing Gluon config is skipped in the timing runs (with the warning), the Triton one wins
+    monkeypatch.setattr(launch, "_gluon_compile_error", "")
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(launch, "_best", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(launch.triton.testing, "do_bench", lambda fn, return_mode: fn() or 1.0)
+    launched.clear()
+    with pytest.warns(UserWarning, match="does not compile"):
+        launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
+    assert launched == ["gluon", "triton", "triton"] and launch.last_tuned["fwd"] is triton_cfg
+
+    def broken(kernel_fn, grid, args, cfg):
+        raise CompilationError(None, None, "a bug in a Triton kernel")
+
+    monkeypatch.setattr(launch, "_run", broken)
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: False)
+    monkeypatch.setattr(configs, "configs_for", lambda *a: [triton_cfg, configs._c(16, 16, 4, 1)])
+    with pytest.raises(CompilationError, match="a bug in a Triton kernel"):
+        launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)

@@ -13,7 +13,7 @@ import warnings
 import torch
 import triton
 import triton.testing
-from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.compiler.errors import CompilationError, CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from . import configs
@@ -107,6 +107,8 @@ def _gluon_problems(args: dict) -> list[str]:
         problems.append("Q, K and V need 16-byte aligned base pointers and row strides (TMA)")
     if not problems and _gluon_missing():
         problems.append(f"this Triton ({triton.__version__}) lacks Gluon's Hopper API: {_gluon_missing()}")
+    if _gluon_compile_error:
+        problems.append(f"it failed to compile with triton {triton.__version__}: {_gluon_compile_error}")
     return problems
 
 
@@ -142,6 +144,10 @@ def _tune(kernel_fn, grid, args: dict, entry: list, reset_to_zero) -> triton.Con
             timings[i] = triton.testing.do_bench(call, return_mode="median")
         except (OutOfResources, CompileTimeAssertionFailure, PTXASError):  # as Triton's Autotuner skips
             continue
+        except CompilationError as err:
+            if not cfg.kwargs.get("GLUON_WS"):
+                raise
+            _warn_gluon_broken(err)
     if not timings:
         raise OutOfResources(0, 0, "shared memory or registers: no config of the table fits this GPU")
     for name in reset_to_zero:
@@ -191,6 +197,31 @@ def _launch(
             except OutOfResources:
                 if i == len(entry) - 1:
                     raise
+            except CompilationError as err:
+                if not cfg.kwargs.get("GLUON_WS") or i == len(entry) - 1:
+                    raise
+                _warn_gluon_broken(err)
+
+
+def _warn_gluon_broken(err: CompilationError) -> None:
+    """Gluon is experimental and changes between Triton releases: a GLUON_WS config that this Triton cannot
+    compile is skipped for the Triton kernel's configs, with this warning, and later calls skip the Gluon
+    configs at once (_gluon_problems)."""
+    global _gluon_compile_error
+    if not _gluon_compile_error:
+        # the message; str(err) starts with the source excerpt
+        text = (getattr(err, "error_message", None) or str(err)).strip()
+        _gluon_compile_error = text.splitlines()[-1] if text else type(err).__name__
+        warnings.warn(
+            f"flashattention: the Gluon forward (kernels/fwd_ws.py) does not compile with triton "
+            f"{triton.__version__} ({_gluon_compile_error}); the Triton forward runs instead, ~15-25% slower "
+            "on Hopper. Install triton 3.6 for the Gluon forward, or report the error with your triton "
+            "version.",
+            stacklevel=5,
+        )
+
+
+_gluon_compile_error = ""  # why the Gluon forward failed to compile in this process, once it has
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
