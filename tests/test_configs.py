@@ -13,7 +13,7 @@ import triton.language as tl
 from _helpers import NAMES, ODD_HEAD_DIM, compare_to_reference, make_inputs, reference_dtype, run_reference
 
 from flashattention.kernels import configs, launch
-from flashattention.kernels.common import round_tf32
+from flashattention.kernels.common import persistent_tile, round_tf32
 
 
 def _entries() -> list:
@@ -154,6 +154,39 @@ def test_round_tf32_is_round_to_nearest_ties_away() -> None:
     expected = torch.sign(x64) * torch.floor(steps + 0.5) * spacing  # half away from zero
     assert torch.equal(y.double(), expected), (y.double() - expected).abs().max()
     assert not torch.equal(y, x)  # the low bits did change
+
+
+@triton.jit
+def _persistent_tile_kernel(
+    out_ptr, num_m, num_bh, heads_per_group, BLOCK_M: tl.constexpr, GROUPED: tl.constexpr
+):
+    tile = tl.program_id(0)
+    off_bh, start_m = persistent_tile(tile, num_m, num_bh, heads_per_group, BLOCK_M, GROUPED)
+    tl.store(out_ptr + 2 * tile, off_bh)
+    tl.store(out_ptr + 2 * tile + 1, start_m)
+
+
+@pytest.mark.parametrize("num_m, num_bh, heads_per_group", [(5, 7, 3), (4, 6, 3), (3, 2, 8), (6, 5, 1)])
+def test_persistent_tile_order(num_m: int, num_bh: int, heads_per_group: int) -> None:
+    """kernels.common.persistent_tile (the persistent forwards' schedule) visits every (head, query block)
+    once; grouped, tiles go group by group (heads_per_group heads, the last group smaller), longest block
+    first across a group's heads; ungrouped, head by head, each head's blocks longest-first."""
+    tiles = num_m * num_bh
+    for grouped in (True, False):
+        out = torch.full((tiles, 2), -1, dtype=torch.int32)
+        _persistent_tile_kernel[(tiles,)](out, num_m, num_bh, heads_per_group, BLOCK_M=16, GROUPED=grouped)
+        got = [(int(bh), int(m) // 16) for bh, m in out]
+        assert sorted(got) == [(bh, m) for bh in range(num_bh) for m in range(num_m)]  # a permutation
+        if grouped:
+            expected = [
+                (bh, m)
+                for start in range(0, num_bh, heads_per_group)
+                for m in reversed(range(num_m))
+                for bh in range(start, min(start + heads_per_group, num_bh))
+            ]
+        else:
+            expected = [(bh, m) for bh in range(num_bh) for m in reversed(range(num_m))]
+        assert got == expected, (grouped, got)
 
 
 def test_autotune_key_names_are_kernel_arguments() -> None:

@@ -35,7 +35,8 @@ AUTOTUNE_KEY = [
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int) -> triton.Config:
     """flags of the forward: USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
-    PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
+    PERSISTENT (one program per SM looping over the tiles; TILE_GROUPS: longest-first across groups of heads
+    whose K/V fit in L2, instead of head by head), LAZY_RESCALE (rescale the accumulator only when
     a row's max grows by > 2^8), POLY_EXP2 (16-bit inputs: half of the exponentials of unmasked tiles by a
     polynomial on the FMA units, FlashAttention-4's offload of the MUFU unit); of the dK/dV kernel: ONE_LOOP
     (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128/256): the
@@ -90,7 +91,7 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             256: [
                 _c(32, 16, 4, 1),
                 _c(16, 32, 4, 1, USE_TMA=True, POLY_EXP2=True),
-                _c(16, 16, 4, 1, PERSISTENT=True, LAZY_RESCALE=True),
+                _c(16, 16, 4, 1, PERSISTENT=True, TILE_GROUPS=True, LAZY_RESCALE=True),
             ]
         },
     },
@@ -172,9 +173,15 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
             ],
-            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
+            # TILE_GROUPS: the persistent schedule longest-first across groups of heads sized to L2 (causal
+            # balance; not yet run)
+            128: [
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, TILE_GROUPS=True),
+            ],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True, TILE_GROUPS=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 32, 4, 2, GLUON_WS=True),

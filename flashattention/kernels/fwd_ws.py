@@ -20,17 +20,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import tile_range, unit_strides, visible
+from .common import persistent_tile, tile_range, unit_strides, visible
 
 
 @gluon.jit
-def _tile(tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
-    """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles). Head by head, each
-    head's query blocks longest-first (causal: the last block sees the most keys)."""
-    start_m = (num_m - 1 - tile % num_m) * BLOCK_M
+def _tile(tile, num_m, num_bh, heads_per_group, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr,
+          BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+          GROUPED: gl.constexpr):  # fmt: skip
+    """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles), in the order of
+    common.persistent_tile."""
+    off_bh, start_m = persistent_tile(tile, num_m, num_bh, heads_per_group, BLOCK_M, GROUPED)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
-    return tile // num_m, start_m, lo, full_lo, full_hi, (hi - lo + BLOCK_N - 1) // BLOCK_N
+    return off_bh, start_m, lo, full_lo, full_hi, (hi - lo + BLOCK_N - 1) // BLOCK_N
 
 
 @gluon.jit
@@ -52,9 +53,9 @@ def _producer(
     Q, K, V,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-    first, end, step, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off,
+    first, end, step, num_m, num_bh, heads_per_group, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
+    HAS_HI: gl.constexpr, GROUPED: gl.constexpr,
 ):  # fmt: skip
     """One warp. For each tile of this program: the tile's Q (q_smem: [consumers, rows each, head dim])
     once the consumers have released the previous one, then K and V of its key tiles into the ring, copy i
@@ -67,7 +68,18 @@ def _producer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+            tile,
+            num_m,
+            num_bh,
+            heads_per_group,
+            seqlen_k,
+            lo_off,
+            hi_off,
+            BLOCK_M,
+            BLOCK_N,
+            HAS_LO,
+            HAS_HI,
+            GROUPED,
         )
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
@@ -145,10 +157,11 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O, LSE2,
     stride_ob, stride_oh, stride_om,
-    first, end, step, num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale,
+    first, end, step, num_m, num_bh, heads_per_group, num_heads, seqlen_q, seqlen_k, lo_off, hi_off,
+    qk_scale,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, turn, ME: gl.constexpr,
-    PINGPONG: gl.constexpr,
+    PINGPONG: gl.constexpr, GROUPED: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3: for each tile of this program, its ROWS query rows against every
     key tile of the block. With PINGPONG each issues its matmuls only in its turn (_take_turn /
@@ -177,7 +190,18 @@ def _consumer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+            tile,
+            num_m,
+            num_bh,
+            heads_per_group,
+            seqlen_k,
+            lo_off,
+            hi_off,
+            BLOCK_M,
+            BLOCK_N,
+            HAS_LO,
+            HAS_HI,
+            GROUPED,
         )
         start_m = start_m + ME * ROWS  # this consumer's rows
         offs_m = start_m + gl.arange(0, ROWS, row_s)
@@ -253,33 +277,33 @@ def _consumer(
         )  # fmt: skip
 
 
-@gluon.jit(do_not_specialize=["batch"])
+@gluon.jit(do_not_specialize=["batch", "heads_per_group"])
 def attn_fwd_ws_kernel(
     Q, K, V, O, LSE2,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     num_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left, window_right, qk_scale, batch,
-    HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
-    WS_PINGPONG: gl.constexpr = False,
-    WS_STAGES: gl.constexpr = 2,
-    WS_CONSUMERS: gl.constexpr = 2,
-    PERSISTENT: gl.constexpr = False,
+    heads_per_group, HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr, PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
+    GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
+    WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, TILE_GROUPS: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program
-    per SM (the launcher sizes the grid), each looping over tiles head by head, so that the producer loads
-    the next tile's Q, K and V while the consumers finish the current one. WS_STAGES K/V buffers (the
-    config's num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3 does) consumer
-    partitions of num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 * WS_CONSUMERS),
-    synchronise only through the K/V barriers, so one partition's thread barriers do not stall another.
-    (One partition of 8 warps over all the rows measured no faster than the Triton kernel: its barriers
-    held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to issue their
-    matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'."""
+    per SM (the launcher sizes the grid), each looping over tiles head by head (TILE_GROUPS: in groups of
+    heads_per_group heads, longest blocks first across a group; common.persistent_tile), so that the
+    producer loads the next tile's Q, K and V while the consumers finish the current one. WS_STAGES K/V
+    buffers (the config's num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3 does)
+    consumer partitions of num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 *
+    WS_CONSUMERS), synchronise only through the K/V barriers, so one partition's thread barriers do not
+    stall another. (One partition of 8 warps over all the rows measured no faster than the Triton kernel:
+    its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to
+    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
+    gl.static_assert(PERSISTENT or not TILE_GROUPS, "TILE_GROUPS orders a persistent schedule")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # per consumer
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
@@ -287,14 +311,17 @@ def attn_fwd_ws_kernel(
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
+    num_bh = batch * num_heads
     if PERSISTENT:
         first = gl.program_id(0)
         step = gl.num_programs(0)
-        end = num_m * batch * num_heads
+        end = num_m * num_bh
+        group_heads = heads_per_group
     else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
         first = gl.program_id(1) * num_m + gl.program_id(0)
         step = 1
         end = first + 1
+        group_heads = 1
     dtype: gl.constexpr = Q.dtype.element_ty
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -327,17 +354,20 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
-                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
+                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
+                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG,
+                             TILE_GROUPS)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
-                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
+                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
+                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG,
+                             TILE_GROUPS)),
                 (_producer, (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                             v_ready, k_empty, v_empty, first, end, step, num_m, num_heads, group, seqlen_q,
-                             seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
+                             v_ready, k_empty, v_empty, first, end, step, num_m, num_bh, group_heads,
+                             num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES,
+                             HAS_LO, HAS_HI, TILE_GROUPS)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -346,21 +376,25 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
-                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG)),
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
+                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
+                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG,
+                             TILE_GROUPS)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
-                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG)),
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
+                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
+                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG,
+                             TILE_GROUPS)),
                 (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads,
-                             seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                             HAS_LO, HAS_HI, num_warps, turn, 2, WS_PINGPONG)),
+                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
+                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
+                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 2, WS_PINGPONG,
+                             TILE_GROUPS)),
                 (_producer, (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                             v_ready, k_empty, v_empty, first, end, step, num_m, num_heads, group, seqlen_q,
-                             seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
+                             v_ready, k_empty, v_empty, first, end, step, num_m, num_bh, group_heads,
+                             num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES,
+                             HAS_LO, HAS_HI, TILE_GROUPS)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],
