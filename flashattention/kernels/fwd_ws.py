@@ -68,19 +68,9 @@ def _producer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile,
-            num_m,
-            num_bh,
-            heads_per_group,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            BLOCK_M,
-            BLOCK_N,
-            HAS_LO,
-            HAS_HI,
+            tile, num_m, num_bh, heads_per_group, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI,
             GROUPED,
-        )
+        )  # fmt: skip
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
         off_hk = off_h // group
@@ -190,19 +180,9 @@ def _consumer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile,
-            num_m,
-            num_bh,
-            heads_per_group,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            BLOCK_M,
-            BLOCK_N,
-            HAS_LO,
-            HAS_HI,
+            tile, num_m, num_bh, heads_per_group, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI,
             GROUPED,
-        )
+        )  # fmt: skip
         start_m = start_m + ME * ROWS  # this consumer's rows
         offs_m = start_m + gl.arange(0, ROWS, row_s)
         rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
