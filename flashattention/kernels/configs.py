@@ -188,6 +188,26 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             ],
         }
     },
+    # Backward tiles without register spills (sm_90a, triton 3.6, benchmarks/aot.py), not yet timed. The
+    # tables' dK/dV configs at D 64/128 spill 300-2250 B (64x64/4 warps at D128: 2248 B), ONE_LOOP least;
+    # 64x64 with 8 warps and ONE_LOOP is the D256 winner (+29% / +118% causal) and spills nothing at D128
+    "bwd_dkdv": {
+        "sm90": {
+            64: [
+                _c(64, 64, 8, 2, ONE_LOOP=True),
+                _c(32, 64, 4, 3, ONE_LOOP=True),
+                _c(64, 128, 8, 2, ONE_LOOP=True),
+                _c(32, 128, 8, 3, ONE_LOOP=True),
+            ],
+            128: [_c(64, 64, 8, 2, ONE_LOOP=True), _c(64, 128, 8, 2, ONE_LOOP=True)],  # 0 and 112 B
+        }
+    },
+    "bwd_dq": {
+        "sm90": {
+            64: [_c(128, 32, 4, 3), _c(128, 64, 8, 2), _c(64, 64, 8, 3)],
+            128: [_c(128, 32, 8, 3), _c(64, 64, 4, 3), _c(128, 64, 8, 2)],
+        }
+    },
 }
 # Measured and left out (H100 and H200, NOTES.md): PERSISTENT at D 64/128 (-6% to -50%), LAZY_RESCALE (-3%
 # to -8%), POLY_EXP2 (-3% to -15%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps
