@@ -59,8 +59,10 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: bool) -> dict:
     gluon = bool(config.kwargs.get("GLUON_WS"))
     fn = KERNELS[kernel]
-    if gluon:
+    if gluon and kernel == "fwd":
         from flashattention.kernels.fwd_ws import attn_fwd_ws_kernel as fn
+    elif gluon:
+        from flashattention.kernels.bwd_ws import attn_bwd_dkdv_ws_kernel as fn
     element = "*fp32" if fp32 else "*bf16"
     constexprs = dict(
         HEAD_DIM=head_dim_pad,
@@ -70,7 +72,7 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
         PRECISION="tf32" if fp32 else "ieee",
         **config.kwargs,
     )
-    if kernel == "fwd":
+    if kernel in ("fwd", "bwd_dkdv"):
         constexprs["CAN_TMA"] = True
     if kernel == "bwd_dkdv":
         constexprs.setdefault("ATOMIC_DQ", False)

@@ -280,6 +280,10 @@ def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch
     fp32 = {**args, "Q": q.float(), "HEAD_DIM": 72, "CAN_TMA": False}
     problems = " ".join(launch._gluon_problems(fp32))
     assert "float32" in problems and "head dim 64, 128 or 256, got 72" in problems and "TMA" in problems
+    dkdv = {**args, "DK": q, "HEAD_DIM": 256}  # the dK/dV kernel (kernels/bwd_ws.py) stops at 128
+    assert "head dim 64 or 128, got 256" in " ".join(launch._gluon_problems(dkdv))
+    with pytest.raises(ValueError, match="GLUON_WS dK/dV config does not apply"):
+        launch._run(FakeKernel(), None, dkdv, gluon)
 
 
 def test_tuner_picks_the_fastest_config_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -341,7 +345,7 @@ def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch
     q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
     args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "HEAD_DIM": 64, "CAN_TMA": True}
     assert launch._gluon_problems(args) == []  # it applies until it fails to compile
-    with pytest.warns(UserWarning, match=r"Gluon forward .* does not compile .*unsupported layout"):
+    with pytest.warns(UserWarning, match=r"Gluon kernel .* does not compile .*unsupported layout"):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)  # autotuning off: first that runs
     assert launched == ["gluon", "triton"]
     assert "failed to compile" in " ".join(launch._gluon_problems(args))

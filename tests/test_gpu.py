@@ -235,20 +235,47 @@ def test_every_autotune_config_passes(entry, import_error) -> None:
         assert not failures, f"Sq={seqlen_q} Sk={seqlen_k} D={head_dim}:\n" + "\n".join(failures)
 
 
-def _gluon_params() -> list:
+def _gluon_cases():
+    """(dtype, causal, left, right, seqlen_q, seqlen_k, input scale) of the Gluon kernels' GPU tests: every
+    mask kind, seqlen_q != seqlen_k both ways, lengths that are not a multiple of the tiles, one query row,
+    one and 15 keys (bf16), large scores, bf16 and fp16."""
+    masks = [(False, (-1, -1)), (True, (-1, -1)), (False, (300, 200)), (True, (300, -1))]
+    for dtype in (B16, F16):
+        for causal, (left, right) in masks:
+            shapes = ((1000, 1000, 1.0), (300, 1000, 1.0), (1000, 300, 1.0), (2048, 2048, 8.0), (1, 777, 1.0))
+            tiny = ((37, 1, 1.0), (130, 15, 1.0)) if dtype == B16 else ()  # one and 15 keys
+            for seqlen_q, seqlen_k, scale in shapes + tiny:
+                yield dtype, causal, left, right, seqlen_q, seqlen_k, scale
+
+
+def _assert_matches(inputs, ours: dict, causal: bool, window: tuple[int, int]) -> None:
+    """ours (some of out, lse, dq, dk, dv) against the float32 oracle by the low-precision rule."""
+    q, k, v, dout = inputs
+    mask = {"causal": causal, "window_size": window}
+    ref = run_reference(q, k, v, dout, dtype=reference_dtype(q.dtype, "cuda"), **mask)
+    same = run_reference(q, k, v, dout, dtype=q.dtype, **mask)
+    failures = [f for n, o in ours.items() if (f := compare_to_reference(n, o, ref[n], same[n])) is not None]
+    assert not failures, (
+        f"{q.dtype} causal={causal} window={window} Sq={q.shape[2]} Sk={k.shape[2]}:\n" + "\n".join(failures)
+    )
+
+
+def _gluon_params(kernel: str) -> list:
     try:
         from flashattention.kernels import configs
 
-        entries = [e for e in configs.all_configs(candidates=True) if e[3].kwargs.get("GLUON_WS")]
+        entries = [
+            e for e in configs.all_configs(candidates=True) if e[0] == kernel and e[3].kwargs.get("GLUON_WS")
+        ]
     except Exception as exc:  # collected on CPU machines too
         return [pytest.param(None, exc, id="kernels-not-importable")]
     return [
         pytest.param(e, None, id=f"D{e[2]}-{configs.label(e[3]).replace(' ', '-')}") for e in entries
-    ] or [pytest.param(None, RuntimeError("no GLUON_WS config listed"), id="none")]
+    ] or [pytest.param(None, RuntimeError(f"no GLUON_WS {kernel} config listed"), id="none")]
 
 
 @pytest.mark.configs
-@pytest.mark.parametrize("entry, import_error", _gluon_params())
+@pytest.mark.parametrize("entry, import_error", _gluon_params("fwd"))
 def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytest.MonkeyPatch) -> None:
     """The warp-specialised Gluon forward (GLUON_WS configs, kernels/fwd_ws.py) against the float32 oracle:
     every mask kind, GQA, seqlen_q != seqlen_k both ways (rows that see no key), lengths that are not a
@@ -266,30 +293,44 @@ def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytes
     monkeypatch.setattr(launch, "_heads_per_group", lambda k, group: 3)
 
     _, _, head_dim, config = entry
-    masks = [(False, (-1, -1)), (True, (-1, -1)), (False, (300, 200)), (True, (300, -1))]
-    for dtype in (B16, F16):
-        for causal, (left, right) in masks:
-            shapes = ((1000, 1000, 1.0), (300, 1000, 1.0), (1000, 300, 1.0), (2048, 2048, 8.0), (1, 777, 1.0))
-            tiny = ((37, 1, 1.0), (130, 15, 1.0)) if dtype == B16 else ()  # one and 15 keys
-            for seqlen_q, seqlen_k, scale in shapes + tiny:
-                q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda", scale)
-                out, lse, _ = launch.attention_forward(
-                    q,
-                    k,
-                    v,
-                    softmax_scale=1 / math.sqrt(head_dim),
-                    left=left,
-                    right=0 if causal else right,
-                    config=config,
-                )
-                mask = {"causal": causal, "window_size": (left, right)}
-                ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, "cuda"), **mask)
-                same = run_reference(q, k, v, dout, dtype=dtype, **mask)
-                failures = [
-                    compare_to_reference(n, o, ref[n], same[n]) for n, o in (("out", out), ("lse", lse))
-                ]
-                failures = [f for f in failures if f is not None]
-                assert not failures, (
-                    f"{dtype} causal={causal} window=({left}, {right}) Sq={seqlen_q} Sk={seqlen_k}:\n"
-                    + "\n".join(failures)
-                )
+    for dtype, causal, left, right, seqlen_q, seqlen_k, scale in _gluon_cases():
+        q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda", scale)
+        out, lse, _ = launch.attention_forward(
+            q,
+            k,
+            v,
+            softmax_scale=1 / math.sqrt(head_dim),
+            left=left,
+            right=0 if causal else right,
+            config=config,
+        )
+        _assert_matches((q, k, v, dout), {"out": out, "lse": lse}, causal, (left, right))
+
+
+@pytest.mark.configs
+@pytest.mark.parametrize("entry, import_error", _gluon_params("bwd_dkdv"))
+def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
+    """The warp-specialised Gluon dK/dV (GLUON_WS configs of the bwd_dkdv tables, kernels/bwd_ws.py)
+    against the float32 oracle: every mask kind, GQA (several query heads per key block), seqlen_q !=
+    seqlen_k both ways (rows that see no key, keys no query sees), lengths that are not a multiple of the
+    tiles, one query row, one and 15 keys, large scores, bf16 and fp16. dK and dV (dQ comes from the Triton
+    dQ kernel, checked too)."""
+    if import_error is not None:
+        pytest.fail(f"could not list the configs: {import_error!r}")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are Hopper-only")
+    from flashattention.kernels import launch
+
+    _, _, head_dim, config = entry
+    for dtype, causal, left, right, seqlen_q, seqlen_k, scale in _gluon_cases():
+        q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda", scale)
+        softmax_scale = 1 / math.sqrt(head_dim)
+        right_ = 0 if causal else right
+        out, lse, lse2 = launch.attention_forward(
+            q, k, v, softmax_scale=softmax_scale, left=left, right=right_
+        )
+        dq, dk, dv = launch.attention_backward(
+            dout, q, k, v, out, lse2, softmax_scale=softmax_scale, left=left, right=right_,
+            configs_override={"bwd_dkdv": config},
+        )  # fmt: skip
+        _assert_matches((q, k, v, dout), {"dq": dq, "dk": dk, "dv": dv}, causal, (left, right))

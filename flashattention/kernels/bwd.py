@@ -174,6 +174,7 @@ def attn_bwd_dkdv_kernel(
     ATOMIC_DQ: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
+    CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
 ):
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)

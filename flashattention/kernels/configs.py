@@ -42,7 +42,8 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128/256): the
     warp-specialised Gluon kernel of kernels/fwd_ws.py instead of the Triton one (num_stages unused: it
     keeps WS_STAGES K/V buffers, default 2; WS_CONSUMERS consumer partitions of num_warps = 4, 64 rows
-    each, default 2, so BLOCK_M = 64 * WS_CONSUMERS), with WS_PINGPONG their matmuls in turns."""
+    each, default 2, so BLOCK_M = 64 * WS_CONSUMERS), with WS_PINGPONG their matmuls in turns. GLUON_WS in
+    a dK/dV table: kernels/bwd_ws.py (BLOCK_N = 128 keys, two consumers of 64; WS_STAGES Q/dO buffers)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )
@@ -191,15 +192,25 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     # Backward tiles without register spills (sm_90a, triton 3.6, benchmarks/aot.py), not yet timed. The
     # tables' dK/dV configs at D 64/128 spill 300-2250 B (64x64/4 warps at D128: 2248 B), ONE_LOOP least;
     # 64x64 with 8 warps and ONE_LOOP is the D256 winner (+29% / +118% causal) and spills nothing at D128
+    # GLUON_WS dK/dV (kernels/bwd_ws.py): BLOCK_N = 128 keys (two consumers of 64), BLOCK_M queries per
+    # tile; sm_90a without spills at D64 64x128 and D128 32x128 (64x128 spills 248 B there). Not yet run
     "bwd_dkdv": {
         "sm90": {
             64: [
+                _c(64, 128, 4, 2, GLUON_WS=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(64, 64, 8, 2, ONE_LOOP=True),
                 _c(32, 64, 4, 3, ONE_LOOP=True),
                 _c(64, 128, 8, 2, ONE_LOOP=True),
                 _c(32, 128, 8, 3, ONE_LOOP=True),
             ],
-            128: [_c(64, 64, 8, 2, ONE_LOOP=True), _c(64, 128, 8, 2, ONE_LOOP=True)],  # 0 and 112 B
+            128: [
+                _c(32, 128, 4, 2, GLUON_WS=True),
+                _c(32, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
+                _c(64, 128, 4, 2, GLUON_WS=True),
+                _c(64, 64, 8, 2, ONE_LOOP=True),  # no spill
+                _c(64, 128, 8, 2, ONE_LOOP=True),  # 112 B
+            ],
         }
     },
     "bwd_dq": {

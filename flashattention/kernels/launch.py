@@ -82,17 +82,22 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
     if config.kwargs.get("GLUON_WS"):
         problems = _gluon_problems(args)
         if problems:
+            kind = "dK/dV" if "DK" in args else "forward"
             raise ValueError(
-                "flashattention: the GLUON_WS forward config does not apply: " + "; ".join(problems)
+                f"flashattention: the GLUON_WS {kind} config does not apply: " + "; ".join(problems)
             )
-        from .fwd_ws import attn_fwd_ws_kernel as kernel_fn  # Gluon is experimental in Triton: imported late
+        # Gluon is experimental in Triton: imported late
+        if "DK" in args:
+            from .bwd_ws import attn_bwd_dkdv_ws_kernel as kernel_fn
+        else:
+            from .fwd_ws import attn_fwd_ws_kernel as kernel_fn
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _gluon_problems(args: dict) -> list[str]:
-    """Why the warp-specialised Gluon forward (kernels/fwd_ws.py, GLUON_WS configs) cannot take these
-    arguments (empty if it can): it needs a Hopper GPU, 16-bit inputs, head dim 64, 128 or 256 and TMA-aligned
-    tensors."""
+    """Why the warp-specialised Gluon kernels (GLUON_WS configs: the forward of kernels/fwd_ws.py, the dK/dV
+    of kernels/bwd_ws.py, told apart by the arguments) cannot take these arguments (empty if they can): they
+    need a Hopper GPU, 16-bit inputs, head dim 64, 128 or 256 (dK/dV: 64 or 128) and TMA-aligned tensors."""
     problems = []
     q = args["Q"]
     if configs.interpreting() or q.device.type != "cuda":
@@ -101,10 +106,12 @@ def _gluon_problems(args: dict) -> list[str]:
         problems.append("it needs a Hopper GPU (sm_90)")
     if q.dtype not in (torch.float16, torch.bfloat16):
         problems.append(f"it takes float16/bfloat16 inputs, got {q.dtype}")
-    if args["HEAD_DIM"] not in (64, 128, 256):
-        problems.append(f"it takes head dim 64, 128 or 256, got {args['HEAD_DIM']}")
+    dims = (64, 128) if "DK" in args else (64, 128, 256)
+    if args["HEAD_DIM"] not in dims:
+        names = ", ".join(map(str, dims[:-1])) + f" or {dims[-1]}"
+        problems.append(f"it takes head dim {names}, got {args['HEAD_DIM']}")
     if not args["CAN_TMA"]:
-        problems.append("Q, K and V need 16-byte aligned base pointers and row strides (TMA)")
+        problems.append("Q, K and V (and dO) need 16-byte aligned base pointers and row strides (TMA)")
     if not problems and _gluon_missing():
         problems.append(f"this Triton ({triton.__version__}) lacks Gluon's Hopper API: {_gluon_missing()}")
     if _gluon_compile_error:
@@ -114,10 +121,10 @@ def _gluon_problems(args: dict) -> list[str]:
 
 @functools.cache
 def _gluon_missing() -> str:
-    """Why kernels/fwd_ws.py cannot be imported with this Triton (empty if it can): Gluon is experimental
-    and older Triton releases lack the parts it uses."""
+    """Why kernels/fwd_ws.py or bwd_ws.py cannot be imported with this Triton (empty if they can): Gluon is
+    experimental and older Triton releases lack the parts they use."""
     try:
-        from . import fwd_ws  # noqa: F401
+        from . import bwd_ws, fwd_ws  # noqa: F401
     except (ImportError, AttributeError) as err:
         return str(err)
     return ""
@@ -205,18 +212,18 @@ def _launch(
 
 def _warn_gluon_broken(err: CompilationError) -> None:
     """Gluon is experimental and changes between Triton releases: a GLUON_WS config that this Triton cannot
-    compile is skipped for the Triton kernel's configs, with this warning, and later calls skip the Gluon
-    configs at once (_gluon_problems)."""
+    compile is skipped for the Triton kernel's configs, with this warning, and later calls skip every Gluon
+    config at once (_gluon_problems)."""
     global _gluon_compile_error
     if not _gluon_compile_error:
         # the message; str(err) starts with the source excerpt
         text = (getattr(err, "error_message", None) or str(err)).strip()
         _gluon_compile_error = text.splitlines()[-1] if text else type(err).__name__
         warnings.warn(
-            f"flashattention: the Gluon forward (kernels/fwd_ws.py) does not compile with triton "
-            f"{triton.__version__} ({_gluon_compile_error}); the Triton forward runs instead, ~15-25% slower "
-            "on Hopper. Install triton 3.6 for the Gluon forward, or report the error with your triton "
-            "version.",
+            f"flashattention: a Gluon kernel (kernels/fwd_ws.py, bwd_ws.py) does not compile with triton "
+            f"{triton.__version__} ({_gluon_compile_error}); the Triton kernels run instead (the forward "
+            "~15-25% slower on Hopper). Install triton 3.6 for the Gluon kernels, or report the error with "
+            "your triton version.",
             stacklevel=5,
         )
 
@@ -399,6 +406,7 @@ def attention_backward(
         DV=dv,
         DQ_ACC=dq_acc,
         ATOMIC_DQ=atomic_dq,
+        CAN_TMA=_tma_ok(q, k, v, dout),
         num_kv_heads=kv_heads,
         **_strides("dk", dk, "n", unit),
         **_strides("dv", dv, "n", unit),
