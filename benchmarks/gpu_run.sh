@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_run.sh tune [ARGS]    # benchmarks.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
-#   bash benchmarks/gpu_run.sh gluon          # the Gluon forward: its GPU tests, then its configs timed (D 64-256;
-#                                             # SEQLEN=2048,8192 to time fewer lengths)
+#   bash benchmarks/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
+#                                             # (D 64-256; SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose)
 # Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
 # to append to benchmarks/RESULTS.md. The last lines printed are the summary (tests) or the table (bench).
 set -uo pipefail
@@ -60,9 +60,9 @@ case "$mode" in
     gluon)
         run_tests "gpu and configs" gpu_gluon_tests -k gluon; tests_rc=$?
         timeout "${TUNE_TIMEOUT:-400}" python -m benchmarks.tune --seqlen "${SEQLEN:-2048,8192,16384}" \
-            --dims 64,128,256 --kernels fwd --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1
+            --dims "${DIMS:-64,128,256}" --kernels "${KERNELS:-fwd}" --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1
         rc=$?
-        sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 80
+        sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 140
         echo "tune exit code: $rc"
         exit $((tests_rc || rc)) ;;
     all)
