@@ -170,6 +170,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # differs (no longest-first balance across heads); D64 three consumers spill 964 B
             64: [
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
+                # persistent without spills at D64 (sm_90a): two consumers, or three with 64-key tiles
+                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, TILE_GROUPS=True),
+                _c(192, 64, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, TILE_GROUPS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
