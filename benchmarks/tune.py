@@ -65,8 +65,8 @@ def _reference(q, k, v, do, causal) -> tuple[torch.Tensor, ...]:
 
 def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], table: str) -> list[dict]:
     """Rows for one shape: every config of `kernels` checked and timed, peers timed alongside."""
-    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     q, k, v, do = _inputs(seqlen, head_dim)
+    batch, heads = q.shape[:2]
     ref = _reference(q, k, v, do, causal)
     peer_out, peer_grads, _ = _sdpa_fwd_bwd(SDPBackend.FLASH_ATTENTION, q, k, v, do, causal)
     same = (peer_out, *peer_grads)

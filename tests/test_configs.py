@@ -24,7 +24,9 @@ def _entries() -> list:
             continue
         dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
         flags = tuple(
-            f for f in ("USE_TMA", "PERSISTENT", "LAZY_RESCALE", "ONE_LOOP", "POLY_EXP2") if kw.get(f)
+            f
+            for f in ("USE_TMA", "PERSISTENT", "TILE_GROUPS", "LAZY_RESCALE", "ONE_LOOP", "POLY_EXP2")
+            if kw.get(f)
         )
         key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], flags, dtype)
         if key in seen:

@@ -80,14 +80,15 @@ def _bwd_producer(
 
 @gluon.jit
 def _bwd_consumer(
-    k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV,
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi, n_tiles, lo_off,
-    hi_off, qk_scale, softmax_scale, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr,
+    shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
-    """Consumer ME: dK and dV of its ROWS keys over every query tile of every query head of the group.
-    HAS_LO / HAS_HI are the key-side bounds (the query-side flags swapped, as in bwd.py)."""
+    """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
+    dV of its ROWS keys over every query tile of every query head of the group. HAS_LO / HAS_HI are the
+    key-side bounds (the query-side flags swapped, as in bwd.py)."""
+    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, stride_dkb, stride_dkh,
+     stride_dkn, stride_dvb, stride_dvh, stride_dvn, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
+     start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
     ROWS: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
     k_c = k_smem.index(ME)
@@ -209,18 +210,14 @@ def attn_bwd_dkdv_ws_kernel(
     # the block's query range (both consumers' keys): each consumer masks its own rows where needed
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, stride_dkb,
+              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, off_b, off_hk, num_heads, group,
+              seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
+              softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV,
-                             stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, off_b,
-                             off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi,
-                             n_tiles, lo_off, hi_off, qk_scale, softmax_scale, BLOCK_M, STAGES, HAS_HI,
-                             HAS_LO, num_warps, 0)),
-            (_bwd_consumer, (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV,
-                             stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, off_b,
-                             off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi,
-                             n_tiles, lo_off, hi_off, qk_scale, softmax_scale, BLOCK_M, STAGES, HAS_HI,
-                             HAS_LO, num_warps, 1)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
             (_bwd_producer, (Q, K, V, DO, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, k_smem,
                              v_smem, kv_bar, q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q,

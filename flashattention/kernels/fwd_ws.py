@@ -50,17 +50,17 @@ def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.conste
 
 @gluon.jit
 def _producer(
-    Q, K, V,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
-    first, end, step, num_m, num_bh, heads_per_group, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
+    loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr, GROUPED: gl.constexpr,
 ):  # fmt: skip
-    """One warp. For each tile of this program: the tile's Q (q_smem: [consumers, rows each, head dim])
-    once the consumers have released the previous one, then K and V of its key tiles into the ring, copy i
-    into buffer i % STAGES once every consumer has released it (i counts this program's copies across
-    tiles, as the consumers count them)."""
+    """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
+    the tile's Q (q_smem: [consumers, rows each, head dim]) once the consumers have released the previous
+    one, then K and V of its key tiles into the ring, copy i into buffer i % STAGES once every consumer has
+    released it (i counts this program's copies across tiles, as the consumers count them)."""
+    (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first, end, step,
+     num_m, num_bh, heads_per_group, num_heads, group, seqlen_q, seqlen_k, lo_off,
+     hi_off) = loads  # fmt: skip
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
@@ -145,19 +145,19 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 
 @gluon.jit
 def _consumer(
-    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O, LSE2,
-    stride_ob, stride_oh, stride_om,
-    first, end, step, num_m, num_bh, heads_per_group, num_heads, seqlen_q, seqlen_k, lo_off, hi_off,
-    qk_scale,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, turn, ME: gl.constexpr,
-    PINGPONG: gl.constexpr, GROUPED: gl.constexpr,
+    shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
+    GROUPED: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
-    """Consumer ME of the block's 2 or 3: for each tile of this program, its ROWS query rows against every
-    key tile of the block. With PINGPONG each issues its matmuls only in its turn (_take_turn /
-    _pass_turn), so the consumers' matmuls take turns on the tensor cores and each one's softmax runs under
-    the others'. K/V copies and matmul issues are counted across tiles (`done`, `issues`), as the producer
-    and the other consumers count them."""
+    """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
+    kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
+    block. With PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the
+    consumers' matmuls take turns on the tensor cores and each one's softmax runs under the others'. K/V
+    copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
+    consumers count them."""
+    (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
+     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh, heads_per_group, num_heads, seqlen_q,
+     seqlen_k, lo_off, hi_off, qk_scale) = shared  # fmt: skip
     consumers: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     q_smem = q_smem.index(ME)
@@ -330,24 +330,21 @@ def attn_fwd_ws_kernel(
     lo_off = diag - window_left
     hi_off = diag + window_right
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
+    shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
+              stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh, group_heads, num_heads,
+              seqlen_q, seqlen_k, lo_off, hi_off, qk_scale)  # fmt: skip
+    loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+             stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first,
+             end, step, num_m, num_bh, group_heads, num_heads, group, seqlen_q, seqlen_k, lo_off,
+             hi_off)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
-                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
-                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG,
-                             TILE_GROUPS)),
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
-                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
-                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG,
-                             TILE_GROUPS)),
-                (_producer, (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                             stride_vb, stride_vh, stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                             v_ready, k_empty, v_empty, first, end, step, num_m, num_bh, group_heads,
-                             num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES,
-                             HAS_LO, HAS_HI, TILE_GROUPS)),
+                (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
+                             WS_PINGPONG, TILE_GROUPS, 0)),
+                (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
+                             WS_PINGPONG, TILE_GROUPS, 1)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, TILE_GROUPS)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -355,26 +352,13 @@ def attn_fwd_ws_kernel(
     else:  # 3 consumers at D64: registers for 3 warpgroups (160 each) instead of 2 (240)
         gl.warp_specialize(
             [
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
-                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
-                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 0, WS_PINGPONG,
-                             TILE_GROUPS)),
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
-                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
-                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 1, WS_PINGPONG,
-                             TILE_GROUPS)),
-                (_consumer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, O,
-                             LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh,
-                             group_heads, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale, BLOCK_M,
-                             BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps, turn, 2, WS_PINGPONG,
-                             TILE_GROUPS)),
-                (_producer, (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                             stride_vb, stride_vh, stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-                             v_ready, k_empty, v_empty, first, end, step, num_m, num_bh, group_heads,
-                             num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, STAGES,
-                             HAS_LO, HAS_HI, TILE_GROUPS)),
+                (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
+                             WS_PINGPONG, TILE_GROUPS, 0)),
+                (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
+                             WS_PINGPONG, TILE_GROUPS, 1)),
+                (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
+                             WS_PINGPONG, TILE_GROUPS, 2)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, TILE_GROUPS)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],

@@ -228,7 +228,7 @@ def _warn_gluon_broken(err: CompilationError) -> None:
         )
 
 
-_gluon_compile_error = ""  # why the Gluon forward failed to compile in this process, once it has
+_gluon_compile_error = ""  # why a Gluon kernel failed to compile in this process, once one has
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
