@@ -24,9 +24,7 @@ def _entries() -> list:
             continue
         dtype = torch.float32 if table.endswith("-fp32") else torch.bfloat16
         flags = tuple(
-            f
-            for f in ("USE_TMA", "PERSISTENT", "TILE_GROUPS", "LAZY_RESCALE", "ONE_LOOP", "POLY_EXP2")
-            if kw.get(f)
+            f for f in ("USE_TMA", "PERSISTENT", "LAZY_RESCALE", "ONE_LOOP", "POLY_EXP2") if kw.get(f)
         )
         key = (kernel, head_dim_pad, kw["BLOCK_M"], kw["BLOCK_N"], flags, dtype)
         if key in seen:
@@ -159,36 +157,22 @@ def test_round_tf32_is_round_to_nearest_ties_away() -> None:
 
 
 @triton.jit
-def _persistent_tile_kernel(
-    out_ptr, num_m, num_bh, heads_per_group, BLOCK_M: tl.constexpr, GROUPED: tl.constexpr
-):
+def _persistent_tile_kernel(out_ptr, num_m, BLOCK_M: tl.constexpr):
     tile = tl.program_id(0)
-    off_bh, start_m = persistent_tile(tile, num_m, num_bh, heads_per_group, BLOCK_M, GROUPED)
+    off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
     tl.store(out_ptr + 2 * tile, off_bh)
     tl.store(out_ptr + 2 * tile + 1, start_m)
 
 
-@pytest.mark.parametrize("num_m, num_bh, heads_per_group", [(5, 7, 3), (4, 6, 3), (3, 2, 8), (6, 5, 1)])
-def test_persistent_tile_order(num_m: int, num_bh: int, heads_per_group: int) -> None:
+@pytest.mark.parametrize("num_m, num_bh", [(5, 7), (1, 3), (6, 1)])
+def test_persistent_tile_order(num_m: int, num_bh: int) -> None:
     """kernels.common.persistent_tile (the persistent forwards' schedule) visits every (head, query block)
-    once; grouped, tiles go group by group (heads_per_group heads, the last group smaller), longest block
-    first across a group's heads; ungrouped, head by head, each head's blocks longest-first."""
+    once, head by head, each head's blocks longest-first (the last query block first)."""
     tiles = num_m * num_bh
-    for grouped in (True, False):
-        out = torch.full((tiles, 2), -1, dtype=torch.int32)
-        _persistent_tile_kernel[(tiles,)](out, num_m, num_bh, heads_per_group, BLOCK_M=16, GROUPED=grouped)
-        got = [(int(bh), int(m) // 16) for bh, m in out]
-        assert sorted(got) == [(bh, m) for bh in range(num_bh) for m in range(num_m)]  # a permutation
-        if grouped:
-            expected = [
-                (bh, m)
-                for start in range(0, num_bh, heads_per_group)
-                for m in reversed(range(num_m))
-                for bh in range(start, min(start + heads_per_group, num_bh))
-            ]
-        else:
-            expected = [(bh, m) for bh in range(num_bh) for m in reversed(range(num_m))]
-        assert got == expected, (grouped, got)
+    out = torch.full((tiles, 2), -1, dtype=torch.int32)
+    _persistent_tile_kernel[(tiles,)](out, num_m, BLOCK_M=16)
+    got = [(int(bh), int(m) // 16) for bh, m in out]
+    assert got == [(bh, m) for bh in range(num_bh) for m in reversed(range(num_m))], got
 
 
 def test_autotune_key_names_are_kernel_arguments() -> None:

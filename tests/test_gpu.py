@@ -281,8 +281,7 @@ def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytes
     every mask kind, GQA, seqlen_q != seqlen_k both ways (rows that see no key), lengths that are not a
     multiple of the tiles, one query row, one and 15 keys, large scores, bf16 and fp16. Forward outputs and
     LSE (the backward is the Triton one). PERSISTENT configs run on a grid of 5 programs, so that each one
-    loops over many tiles (long, short and empty ones) and its barrier phases run across tiles; TILE_GROUPS
-    ones with groups of 3 heads (a smaller last group: 8 heads here)."""
+    loops over many tiles (long, short and empty ones) and its barrier phases run across tiles."""
     if import_error is not None:
         pytest.fail(f"could not list the configs: {import_error!r}")
     if torch.cuda.get_device_capability()[0] != 9:
@@ -290,7 +289,6 @@ def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytes
     from flashattention.kernels import launch
 
     monkeypatch.setattr(launch, "_num_sms", lambda device: 5)
-    monkeypatch.setattr(launch, "_heads_per_group", lambda k, group: 3)
 
     _, _, head_dim, config = entry
     for dtype, causal, left, right, seqlen_q, seqlen_k, scale in _gluon_cases():

@@ -39,20 +39,11 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def persistent_tile(tile, num_m, num_bh, heads_per_group, BLOCK_M: tl.constexpr, GROUPED: tl.constexpr):
-    """Tile number -> (batch * head, first query row). GROUPED (a persistent forward): the heads go in groups
-    of heads_per_group (the launcher sizes a group so that its K and V stay in L2); within a group the query
-    blocks go longest-first across the group's heads (with a causal mask the last query blocks see the most
-    keys), so the programs, each taking every num_programs-th tile, get similar work. Else head by head,
-    each head's blocks longest-first (what heads_per_group = 1 gives, without its arithmetic)."""
-    if GROUPED:
-        per_group = heads_per_group * num_m
-        group_id = tile // per_group
-        within = tile - group_id * per_group
-        heads = tl.minimum(heads_per_group, num_bh - group_id * heads_per_group)  # the last may be smaller
-        return group_id * heads_per_group + within % heads, (num_m - 1 - within // heads) * BLOCK_M
-    else:
-        return tile // num_m, (num_m - 1 - tile % num_m) * BLOCK_M
+def persistent_tile(tile, num_m, BLOCK_M: tl.constexpr):
+    """Tile number -> (batch * head, first query row): head by head, each head's query blocks longest-first
+    (with a causal mask the last blocks see the most keys). (Longest-first across groups of heads sized to
+    L2 measured slower, 2026-11-26, NOTES.md.)"""
+    return tile // num_m, (num_m - 1 - tile % num_m) * BLOCK_M
 
 
 @triton.jit

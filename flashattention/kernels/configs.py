@@ -35,8 +35,7 @@ AUTOTUNE_KEY = [
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int) -> triton.Config:
     """flags of the forward: USE_TMA (tensor-descriptor loads), WARP_SPECIALIZE (tl.range warp roles),
-    PERSISTENT (one program per SM looping over the tiles; TILE_GROUPS: longest-first across groups of heads
-    whose K/V fit in L2, instead of head by head), LAZY_RESCALE (rescale the accumulator only when
+    PERSISTENT (one program per SM looping over the tiles), LAZY_RESCALE (rescale the accumulator only when
     a row's max grows by > 2^8), POLY_EXP2 (16-bit inputs: half of the exponentials of unmasked tiles by a
     polynomial on the FMA units, FlashAttention-4's offload of the MUFU unit); of the dK/dV kernel: ONE_LOOP
     (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128/256): the
@@ -92,21 +91,30 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             256: [
                 _c(32, 16, 4, 1),
                 _c(16, 32, 4, 1, USE_TMA=True, POLY_EXP2=True),
-                _c(16, 16, 4, 1, PERSISTENT=True, TILE_GROUPS=True, LAZY_RESCALE=True),
+                _c(16, 16, 4, 1, PERSISTENT=True, LAZY_RESCALE=True),
             ]
         },
     },
     "bwd_dkdv": {
         "sm90": {
+            # GLUON_WS (kernels/bwd_ws.py) first (2026-11-26, H100, 2k/8k): D64 +2% / +9% non-causal, 0 / +7%
+            # causal over the best Triton config; D128 64x128 (248 B of spill) +4% / +5%, +5% / +7% causal.
             # ONE_LOOP (2026-11-26, NOTES.md): +4% causal 8k at D64, +2% at D128; 64x128/4 warps dropped
             # (129 TFLOP/s non-causal: spills)
             64: [
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
+                _c(64, 128, 4, 2, GLUON_WS=True),
                 _c(32, 128, 4, 3),
                 _c(64, 64, 4, 3),
                 _c(32, 128, 4, 3, ONE_LOOP=True),
                 _c(64, 64, 4, 3, ONE_LOOP=True),
             ],
-            128: [_c(64, 128, 8, 3), _c(64, 64, 4, 2), _c(64, 128, 8, 3, ONE_LOOP=True)],
+            128: [
+                _c(64, 128, 4, 2, GLUON_WS=True),
+                _c(64, 128, 8, 3),
+                _c(64, 64, 4, 2),
+                _c(64, 128, 8, 3, ONE_LOOP=True),
+            ],
             # D256 (2026-11-26, H200, S 4k): 64x64/8/2 ONE_LOOP 225 / 203 causal vs 174 / 93 for the old
             # default (64x64/8 warps/1 stage, now dropped)
             256: [_c(64, 64, 8, 2, ONE_LOOP=True), _c(32, 64, 8, 2, ONE_LOOP=True), _c(32, 32, 4, 2)],
@@ -170,52 +178,20 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # differs (no longest-first balance across heads); D64 three consumers spill 964 B
             64: [
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
-                # persistent without spills at D64 (sm_90a): two consumers, or three with 64-key tiles
-                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, TILE_GROUPS=True),
-                _c(192, 64, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, TILE_GROUPS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
             ],
-            # TILE_GROUPS: the persistent schedule longest-first across groups of heads sized to L2 (causal
-            # balance; not yet run)
-            128: [
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, TILE_GROUPS=True),
-            ],
+            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True, TILE_GROUPS=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 32, 4, 2, GLUON_WS=True),
             ],
         }
     },
-    # Backward tiles without register spills (sm_90a, triton 3.6, benchmarks/aot.py), not yet timed. The
-    # tables' dK/dV configs at D 64/128 spill 300-2250 B (64x64/4 warps at D128: 2248 B), ONE_LOOP least;
-    # 64x64 with 8 warps and ONE_LOOP is the D256 winner (+29% / +118% causal) and spills nothing at D128
-    # GLUON_WS dK/dV (kernels/bwd_ws.py): BLOCK_N = 128 keys (two consumers of 64), BLOCK_M queries per
-    # tile; sm_90a without spills at D64 64x128 and D128 32x128 (64x128 spills 248 B there). Not yet run
-    "bwd_dkdv": {
-        "sm90": {
-            64: [
-                _c(64, 128, 4, 2, GLUON_WS=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
-                _c(64, 64, 8, 2, ONE_LOOP=True),
-                _c(32, 64, 4, 3, ONE_LOOP=True),
-                _c(64, 128, 8, 2, ONE_LOOP=True),
-                _c(32, 128, 8, 3, ONE_LOOP=True),
-            ],
-            128: [
-                _c(32, 128, 4, 2, GLUON_WS=True),
-                _c(32, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
-                _c(64, 128, 4, 2, GLUON_WS=True),
-                _c(64, 64, 8, 2, ONE_LOOP=True),  # no spill
-                _c(64, 128, 8, 2, ONE_LOOP=True),  # 112 B
-            ],
-        }
-    },
+    # Backward tiles without register spills (sm_90a, triton 3.6, benchmarks/aot.py), not yet timed
     "bwd_dq": {
         "sm90": {
             64: [_c(128, 32, 4, 3), _c(128, 64, 8, 2), _c(64, 64, 8, 3)],
@@ -227,6 +203,11 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
 # to -8%), POLY_EXP2 (-3% to -15%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps
 # ONE_LOOP dK/dV at D128 (-45%), 64x64/4 warps/2 stages (behind 3 stages everywhere), the atomic-dQ
 # backward (no faster than the dQ kernel), D256 dK/dV 32x64/8/2 and 32x32/4/2 ONE_LOOP, D256 dQ 64x64/8/2.
+# Spill-free Triton dK/dV tiles (2026-11-26, H100, 2k/8k): 64x64/8/2 ONE_LOOP -45% to -50% at D64 and D128,
+# 64x128/8/2 and 32x128/8/3 ONE_LOOP -8% to -15% at D64; the spills are not what holds the Triton dK/dV back.
+# Gluon dK/dV 32x128 at D128 (two or three stages): -1% to -7% against 64x128. TILE_GROUPS (persistent
+# forwards longest-first across groups of heads sized to L2; 2026-11-26, H100, 2k/8k, removed): ties
+# non-causal, -4% to -12% causal at 8k against the non-persistent Gluon configs; no better than head by head.
 
 
 def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:

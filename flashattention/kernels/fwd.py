@@ -218,9 +218,9 @@ def _fwd_block(
     tl.store(LSE2 + off_bh.to(tl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
 
 
-# batch and heads_per_group (read only by the persistent schedule) are not specialised: B = 1 and
-# B % 16 == 0 would each compile their own copy of an identical kernel
-@triton.jit(do_not_specialize=["batch", "heads_per_group"])
+# batch (read only by the persistent schedule) is not specialised: B = 1 and B % 16 == 0 would each
+# compile their own copy of an identical kernel
+@triton.jit(do_not_specialize=["batch"])
 def attn_fwd_kernel(
     Q,
     K,
@@ -240,7 +240,6 @@ def attn_fwd_kernel(
     stride_oh,
     stride_om,
     batch,
-    heads_per_group,
     num_heads,
     group,
     seqlen_q,
@@ -260,16 +259,14 @@ def attn_fwd_kernel(
     USE_TMA: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False,
     PERSISTENT: tl.constexpr = False,
-    TILE_GROUPS: tl.constexpr = False,
     LAZY_RESCALE: tl.constexpr = False,
     POLY_EXP2: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
 ):
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
     PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles head by
-    head, each head's blocks longest-first; with TILE_GROUPS in groups of heads_per_group heads, longest
-    blocks first across a group (common.persistent_tile; the launcher sizes the grid and the groups); else
-    one program per tile."""
+    head, each head's blocks longest-first (common.persistent_tile; the launcher sizes the grid); else one
+    program per tile."""
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
@@ -277,9 +274,7 @@ def attn_fwd_kernel(
     if PERSISTENT:
         num_m = tl.cdiv(seqlen_q, BLOCK_M)
         for tile in tl.range(tl.program_id(0), num_m * batch * num_heads, tl.num_programs(0)):
-            off_bh, start_m = persistent_tile(
-                tile, num_m, batch * num_heads, heads_per_group, BLOCK_M, TILE_GROUPS
-            )
+            off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
             _fwd_block(
                 start_m,
                 off_bh,

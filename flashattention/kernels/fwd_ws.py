@@ -24,12 +24,11 @@ from .common import persistent_tile, tile_range, unit_strides, visible
 
 
 @gluon.jit
-def _tile(tile, num_m, num_bh, heads_per_group, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr,
-          BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-          GROUPED: gl.constexpr):  # fmt: skip
+def _tile(tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
     """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles), in the order of
     common.persistent_tile."""
-    off_bh, start_m = persistent_tile(tile, num_m, num_bh, heads_per_group, BLOCK_M, GROUPED)
+    off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
     return off_bh, start_m, lo, full_lo, full_hi, (hi - lo + BLOCK_N - 1) // BLOCK_N
 
@@ -51,7 +50,7 @@ def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.conste
 @gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, GROUPED: gl.constexpr,
+    HAS_HI: gl.constexpr,
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [consumers, rows each, head dim]) once the consumers have released the previous
@@ -59,8 +58,7 @@ def _producer(
     released it (i counts this program's copies across tiles, as the consumers count them)."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
      stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first, end, step,
-     num_m, num_bh, heads_per_group, num_heads, group, seqlen_q, seqlen_k, lo_off,
-     hi_off) = loads  # fmt: skip
+     num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
@@ -68,8 +66,7 @@ def _producer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, num_bh, heads_per_group, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI,
-            GROUPED,
+            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
@@ -147,7 +144,7 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    GROUPED: gl.constexpr, ME: gl.constexpr,
+    ME: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
@@ -156,8 +153,8 @@ def _consumer(
     copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
     consumers count them."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh, heads_per_group, num_heads, seqlen_q,
-     seqlen_k, lo_off, hi_off, qk_scale) = shared  # fmt: skip
+     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q, seqlen_k,
+     lo_off, hi_off, qk_scale) = shared  # fmt: skip
     consumers: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     q_smem = q_smem.index(ME)
@@ -180,8 +177,7 @@ def _consumer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, num_bh, heads_per_group, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI,
-            GROUPED,
+            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         start_m = start_m + ME * ROWS  # this consumer's rows
         offs_m = start_m + gl.arange(0, ROWS, row_s)
@@ -257,24 +253,23 @@ def _consumer(
         )  # fmt: skip
 
 
-@gluon.jit(do_not_specialize=["batch", "heads_per_group"])
+@gluon.jit(do_not_specialize=["batch"])
 def attn_fwd_ws_kernel(
     Q, K, V, O, LSE2,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     num_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left, window_right, qk_scale, batch,
-    heads_per_group, HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr,
+    HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr, PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
-    WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, TILE_GROUPS: gl.constexpr = False,
+    WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False,
 ):  # fmt: skip
-    """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program
-    per SM (the launcher sizes the grid), each looping over tiles head by head (TILE_GROUPS: in groups of
-    heads_per_group heads, longest blocks first across a group; common.persistent_tile), so that the
-    producer loads the next tile's Q, K and V while the consumers finish the current one. WS_STAGES K/V
-    buffers (the config's num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3 does)
-    consumer partitions of num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 *
+    """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
+    SM (the launcher sizes the grid), each looping over tiles head by head (common.persistent_tile), so that
+    the producer loads the next tile's Q, K and V while the consumers finish the current one. WS_STAGES
+    K/V buffers (the config's num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3
+    does) consumer partitions of num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 *
     WS_CONSUMERS), synchronise only through the K/V barriers, so one partition's thread barriers do not
     stall another. (One partition of 8 warps over all the rows measured no faster than the Triton kernel:
     its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to
@@ -283,7 +278,6 @@ def attn_fwd_ws_kernel(
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
-    gl.static_assert(PERSISTENT or not TILE_GROUPS, "TILE_GROUPS orders a persistent schedule")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # per consumer
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
@@ -291,17 +285,14 @@ def attn_fwd_ws_kernel(
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
-    num_bh = batch * num_heads
     if PERSISTENT:
         first = gl.program_id(0)
         step = gl.num_programs(0)
-        end = num_m * num_bh
-        group_heads = heads_per_group
+        end = num_m * batch * num_heads
     else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
         first = gl.program_id(1) * num_m + gl.program_id(0)
         step = 1
         end = first + 1
-        group_heads = 1
     dtype: gl.constexpr = Q.dtype.element_ty
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -331,20 +322,19 @@ def attn_fwd_ws_kernel(
     hi_off = diag + window_right
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-              stride_ob, stride_oh, stride_om, first, end, step, num_m, num_bh, group_heads, num_heads,
-              seqlen_q, seqlen_k, lo_off, hi_off, qk_scale)  # fmt: skip
+              stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q,
+              seqlen_k, lo_off, hi_off, qk_scale)  # fmt: skip
     loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
              stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first,
-             end, step, num_m, num_bh, group_heads, num_heads, group, seqlen_q, seqlen_k, lo_off,
-             hi_off)  # fmt: skip
+             end, step, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, TILE_GROUPS, 0)),
+                             WS_PINGPONG, 0)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, TILE_GROUPS, 1)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, TILE_GROUPS)),
+                             WS_PINGPONG, 1)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -353,12 +343,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, TILE_GROUPS, 0)),
+                             WS_PINGPONG, 0)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, TILE_GROUPS, 1)),
+                             WS_PINGPONG, 1)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, TILE_GROUPS, 2)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, TILE_GROUPS)),
+                             WS_PINGPONG, 2)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],

@@ -255,23 +255,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _heads_per_group(k: torch.Tensor, group: int) -> int:
-    """Query heads whose K and V take about half of the GPU's L2 cache: a group of a persistent forward's
-    schedule (common.persistent_tile), within which it goes longest block first. (Query heads of one GQA
-    group read the same K and V.) In the interpreter 3, so that the tests meet groups and a smaller last
-    group."""
-    if configs.interpreting() or k.device.type != "cuda":
-        return 3
-    l2 = _l2_bytes(k.device)
-    per_kv_head = 2 * k.shape[2] * k.shape[3] * k.element_size()  # K and V
-    return max(1, (l2 // 2) * group // max(per_kv_head, 1))
-
-
-@functools.cache
-def _l2_bytes(device: torch.device) -> int:
-    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-
-
 def _stride_unit(*tensors: torch.Tensor) -> int:
     """The largest power of two up to 16 dividing every batch, head and sequence stride of `tensors`: the
     kernels take strides in these units (common.unit_strides says why)."""
@@ -334,8 +317,6 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         LSE2=lse2,
         **_strides("o", out, "m", unit),
         batch=batch,
-        # unmasked tiles all take the same time: head by head (as measured) is enough there
-        heads_per_group=_heads_per_group(k, heads // k.shape[1]) if left >= 0 or right >= 0 else 1,
         CAN_TMA=_tma_ok(q, k, v),
     )
 
