@@ -33,8 +33,8 @@ def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
 
 # Table configs may not spill, but for PERSISTENT ones a few loop-carried scalars (ptxas: 36-92 B of spill
 # traffic, a 16-byte stack frame at D128 with triton 3.6; measured faster at 2k all the same) and the D128
-# dK/dV of 64x128 (248 B with triton 3.6; measured 4-7% faster than the spill-free 32x128 all the same);
-# candidates only have to compile and fit (their spills are what tune runs measure)
+# dK/dV of 64x128 (248 B with triton 3.6, 264 B with 3.8; measured 4-7% faster than the spill-free 32x128
+# all the same); candidates only have to compile and fit (their spills are what tune runs measure)
 GLUON_SCRIPT = """
 from benchmarks import aot
 from flashattention.kernels import configs
@@ -46,7 +46,7 @@ for kernel, table, dim, cfg in configs.all_configs(candidates=True):
         assert r["shared"] <= aot.SHARED_LIMIT and r["wgmma"] > 0, (dim, cfg, r)
         if id(cfg) in in_table:
             dkdv128 = (kernel, dim) == ("bwd_dkdv", 128)
-            allowed = 128 if cfg.kwargs.get("PERSISTENT") else 256 if dkdv128 else 0
+            allowed = 128 if cfg.kwargs.get("PERSISTENT") else 320 if dkdv128 else 0
             assert r["spills"] <= allowed, (dim, cfg, r)
         n += 1
 print("compiled", n)

@@ -357,3 +357,39 @@ def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch
     monkeypatch.setattr(configs, "configs_for", lambda *a: [triton_cfg, configs._c(16, 16, 4, 1)])
     with pytest.raises(CompilationError, match="a bug in a Triton kernel"):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
+
+
+def test_every_thread_gets_the_scratch_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's allocator (device-side tensor descriptors of the Gluon kernels) lives in a ContextVar, so a
+    thread that did not set it has none: autograd's backward thread, a server's worker threads. The launcher
+    installs it in every thread that launches, and leaves an allocator the user set alone. (CPU: the check
+    runs as on a GPU, with the interpreter's switch off; nothing is allocated.)"""
+    from triton.runtime import _allocation
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    t = torch.zeros(4, 8, 16, 16)
+
+    def allocator_after_check(preset=None):
+        if preset is not None:
+            triton.set_allocator(preset)
+        assert launch._tma_ok(t, t)
+        return _allocation._allocator.get()
+
+    def in_new_thread(fn):
+        import threading
+
+        got = []
+        thread = threading.Thread(target=lambda: got.append(fn()))
+        thread.start()
+        thread.join()
+        return got[0]
+
+    # one thread installs it; a fresh thread starts without one all the same, and gets its own
+    assert in_new_thread(allocator_after_check) is launch._torch_scratch
+    assert isinstance(in_new_thread(_allocation._allocator.get), _allocation.NullAllocator)
+    assert in_new_thread(allocator_after_check) is launch._torch_scratch
+
+    def users(size, align, stream):
+        raise AssertionError("not called here")
+
+    assert in_new_thread(lambda: allocator_after_check(users)) is users

@@ -63,6 +63,29 @@ def test_matches_reference_gpu(case: Case, backend: str) -> None:
     check_attention(q, k, v, dout, backend=backend, **case.mask_kwargs())
 
 
+def test_forward_and_backward_in_a_new_thread() -> None:
+    """Triton's scratch allocator (the Gluon kernels' device-side tensor descriptors) is per thread: a
+    call from a thread that never launched before (a server's worker) passes the rule, forward and
+    backward (autograd runs the backward in a thread of its own as well)."""
+    import threading
+
+    case = Case(2, 8, 2, 2048, 2048, 128, B16, causal=True)
+    errors = []
+
+    def work():
+        try:
+            q, k, v, dout = case.inputs("cuda")
+            check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 @pytest.mark.parametrize("case", case_params([Case(2, 8, 2, 2048, 2048, 128, B16, causal=True)]))
 def test_autotuned_public_call(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The other GPU tests run with autotuning off (one config each, fast); users run with it on. Here the

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 import warnings
 
 import torch
@@ -232,20 +233,38 @@ _gluon_compile_error = ""  # why a Gluon kernel failed to compile in this proces
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned base pointers and row strides; installs the allocator that
-    device-side descriptors need on first use."""
+    """Tensor descriptors need 16-byte aligned base pointers and row strides; where they can be used,
+    installs the allocator that device-side descriptors need (_ensure_allocator)."""
     ok = all(
         t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
         for t in tensors
     )
-    global _allocator_set
-    if ok and not _allocator_set and not configs.interpreting():
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
+    if ok and not configs.interpreting():
+        _ensure_allocator()
     return ok
 
 
-_allocator_set = False
+def _ensure_allocator() -> None:
+    """Triton keeps its allocator in a ContextVar: each thread starts without one, and autograd runs the
+    backward in a thread of its own, so this checks the calling thread's, every call (a ContextVar read),
+    and installs torch's caching allocator only where none is set (a user's own allocator stays)."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another triton's internals: once per thread
+        if getattr(_thread_state, "allocator_set", False):
+            return
+    triton.set_allocator(_torch_scratch)
+    _thread_state.allocator_set = True
+
+
+def _torch_scratch(size: int, align: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_thread_state = threading.local()
 
 
 def _num_sms(device: torch.device) -> int:
