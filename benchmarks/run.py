@@ -301,6 +301,8 @@ def bench_provider(name, shape, q, k, v, dout, passes, device, timer) -> tuple[d
                 "tflops": shape.flops(pass_) / (ms * 1e-3) / 1e12,
                 "setup_s": round(setup_s, 3),
             }
+            if name == "ours":  # the configs the timed calls launched (the tuner's picks)
+                results[pass_]["configs"] = _launched_configs(pass_)
         except Exception as exc:  # noqa: BLE001
             _raise_if_fatal(exc)
             results[pass_] = {"ms": None, "tflops": None, "error": _describe(exc, caught)}
@@ -311,12 +313,26 @@ def bench_provider(name, shape, q, k, v, dout, passes, device, timer) -> tuple[d
     return results, check_summary
 
 
+def _launched_configs(pass_: str) -> dict[str, str]:
+    """Kernel -> the config of its last launch (flashattention.kernels.launch.last_launched), for the pass's
+    kernels; empty where the Triton launcher did not run (another backend)."""
+    try:
+        from flashattention.kernels import configs, launch
+    except ImportError:
+        return {}
+    names = ("fwd",) if pass_ == "fwd" else ("bwd_dkdv", "bwd_dq")
+    return {n: configs.label(launch.last_launched[n]) for n in names if n in launch.last_launched}
+
+
 def _progress(res: dict) -> str:
     if res.get("wrong"):
         return "WRONG: " + res["wrong"]
     if res.get("error"):
         return res["error"]
-    return f"{res['ms']:.3f} ms  {res['tflops']:.1f} TFLOP/s  (first call {res['setup_s']:.1f} s)"
+    picked = "; ".join(f"{k} {v}" for k, v in res.get("configs", {}).items())
+    return f"{res['ms']:.3f} ms  {res['tflops']:.1f} TFLOP/s  (first call {res['setup_s']:.1f} s)" + (
+        f"  [{picked}]" if picked else ""
+    )
 
 
 def run_matrix(

@@ -74,9 +74,11 @@ def _on(device: torch.device):
     return torch.cuda.device(device)
 
 
-# autotune case -> the config the tuner picked for it (see _launch); kernel name -> the last config tuned
+# autotune case -> the config the tuner picked for it (see _launch); kernel name -> the last config tuned,
+# and the config of its last launch (the benchmark records it)
 _best: dict[tuple, triton.Config] = {}
 last_tuned: dict[str, triton.Config] = {}
+last_launched: dict[str, triton.Config] = {}
 
 
 def _run(kernel_fn, grid, args: dict, config) -> None:
@@ -184,12 +186,14 @@ def _launch(
             key = (name, table, head_dim_pad, dtype, *case.values())
             best = _best.get(key)
             if best is not None:
+                last_launched[name] = best
                 _run(kernel_fn, grid, args, best)
                 return
         entry = [c for c in entry if _applies(c, args)]
         if tuning and len(entry) > 1:
             if not torch.cuda.is_current_stream_capturing():
                 best = _best[key] = last_tuned[name] = _tune(kernel_fn, grid, args, entry, reset_to_zero)
+                last_launched[name] = best
                 _run(kernel_fn, grid, args, best)
                 return
             warnings.warn(
@@ -201,6 +205,7 @@ def _launch(
         for i, cfg in enumerate(entry):
             try:
                 _run(kernel_fn, grid, args, cfg)
+                last_launched[name] = cfg
                 return
             except OutOfResources:
                 if i == len(entry) - 1:
