@@ -191,13 +191,6 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             ],
         }
     },
-    # Backward tiles without register spills (sm_90a, triton 3.6, benchmarks/aot.py), not yet timed
-    "bwd_dq": {
-        "sm90": {
-            64: [_c(128, 32, 4, 3), _c(128, 64, 8, 2), _c(64, 64, 8, 3)],
-            128: [_c(128, 32, 8, 3), _c(64, 64, 4, 3), _c(128, 64, 8, 2)],
-        }
-    },
 }
 # Measured and left out (H100 and H200, NOTES.md): PERSISTENT at D 64/128 (-6% to -50%), LAZY_RESCALE (-3%
 # to -8%), POLY_EXP2 (-3% to -15%), D64 128x128 with 8 warps (-13%), 64x128/4 warps at D64, 32x64/8 warps
@@ -205,9 +198,10 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
 # backward (no faster than the dQ kernel), D256 dK/dV 32x64/8/2 and 32x32/4/2 ONE_LOOP, D256 dQ 64x64/8/2.
 # Spill-free Triton dK/dV tiles (2026-11-26, H100, 2k/8k): 64x64/8/2 ONE_LOOP -45% to -50% at D64 and D128,
 # 64x128/8/2 and 32x128/8/3 ONE_LOOP -8% to -15% at D64; the spills are not what holds the Triton dK/dV back.
-# Gluon dK/dV 32x128 at D128 (two or three stages): -1% to -7% against 64x128. TILE_GROUPS (persistent
-# forwards longest-first across groups of heads sized to L2; 2026-11-26, H100, 2k/8k, removed): ties
-# non-causal, -4% to -12% causal at 8k against the non-persistent Gluon configs; no better than head by head.
+# Gluon dK/dV 32x128 at D128 (two or three stages): -1% to -7% against 64x128. Spill-free dQ tiles (same run):
+# D64 128x64/8/2 +2% non-causal 8k but -18% causal; 128x32, 64x64/8/3 (D64) and 64x64/4/3 (D128) -2% to -30%.
+# TILE_GROUPS (persistent forwards longest-first across groups of heads sized to L2; 2026-11-26, H100, 2k/8k,
+# removed): ties non-causal, -4% to -12% causal at 8k against the non-persistent Gluon configs.
 
 
 def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:
