@@ -124,6 +124,32 @@ def _softmax_step(
 
 
 @gluon.jit
+def _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+               HAS_HI: gl.constexpr):  # fmt: skip
+    """How many of the block's n_tiles key tiles (from lo) a consumer's rows [start_m, start_m + ROWS) see:
+    the block's range is its last rows', so with an upper mask (causal) the first consumers of a tall block
+    end earlier, and a consumer whose rows lie past seqlen_q sees none."""
+    rows_end = gl.minimum(start_m + ROWS, seqlen_q)
+    if HAS_HI:  # the last row r sees keys t <= r + hi_off
+        hi = gl.minimum(gl.maximum(rows_end + hi_off, 0), seqlen_k)
+    else:
+        hi = seqlen_k
+    own = gl.minimum(gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N, n_tiles)
+    return gl.where(rows_end > start_m, own, 0)
+
+
+@gluon.jit
+def _release_unread(k_ready, v_ready, k_empty, v_empty, first, last, STAGES: gl.constexpr):
+    """Releases copies [first, last) of the K/V ring that this consumer does not read, in order and each
+    only once it has landed: an early arrive would count toward the buffer's previous use."""
+    for j in range(first, last):
+        mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.arrive(k_empty.index(j % STAGES))
+        mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.arrive(v_empty.index(j % STAGES))
+
+
+@gluon.jit
 def _take_turn(turn_me, k, ME: gl.constexpr, PINGPONG: gl.constexpr):
     """Waits, before a consumer's k-th issue of matmuls, for the previous consumer's turn to end (round
     robin: consumer c passes the turn to c + 1, the last one to 0). The issues are numbered k = 0 (the first
@@ -160,6 +186,11 @@ def _consumer(
     q_smem = q_smem.index(ME)
     turn_me = turn.index(ME)
     turn_other = turn.index((ME + 1) % consumers)
+    # each consumer stops at its own rows' last key tile where that can skip one: the earlier consumers'
+    # rows end (consumers - 1) * ROWS keys before the block's (D64's 3 x 64 rows with 128-key tiles, D256's
+    # 64-key tiles; at D128 128x128 never, and that code stays as measured). Not with the ping-pong, whose
+    # turns count every consumer's issues alike
+    OWN_RANGE: gl.constexpr = HAS_HI and (consumers - 1) * ROWS >= BLOCK_N and not PINGPONG
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
@@ -180,6 +211,9 @@ def _consumer(
             tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         start_m = start_m + ME * ROWS  # this consumer's rows
+        total = n_tiles  # the block's key tiles: the producer loads them all
+        if OWN_RANGE:
+            n_tiles = _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS, BLOCK_N, HAS_HI)
         offs_m = start_m + gl.arange(0, ROWS, row_s)
         rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
@@ -235,7 +269,9 @@ def _consumer(
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
             mbarrier.arrive(v_empty.index(last))
             issues += n_tiles + 1
-        done += n_tiles
+        if OWN_RANGE:  # after this consumer's last P V: the producer's next copies may wait for that buffer
+            _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
+        done += total
         tiles_begun += 1
 
         empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
