@@ -307,6 +307,29 @@ def test_tuner_picks_the_fastest_config_that_fits(monkeypatch: pytest.MonkeyPatc
         launch._tune(FakeKernel(), None, args, entry, ())
 
 
+def test_tuner_times_close_configs_again_in_reverse_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU that slows down while it tunes (clocks drifting with heat) makes one pass in table order favour
+    the first configs. Here each timing grows by 0.02 per call: in the first pass A (1.00) reads faster
+    than B (true 0.99, read 1.01); the second pass, reversed, reads B 1.03 and A 1.06, so the means rank B
+    first. C (far slower) is not timed again."""
+    entry = [configs._c(64, 64, 4, 1), configs._c(32, 32, 4, 1), configs._c(16, 16, 4, 1)]
+    true = {64: 1.00, 32: 0.99, 16: 2.00}
+    order = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda **kw: order.append(kw["BLOCK_M"])
+
+    def fake_bench(fn, return_mode):
+        fn()
+        return true[order[-1]] + 0.02 * (len(order) - 1)
+
+    monkeypatch.setattr(launch.triton.testing, "do_bench", fake_bench)
+    best = launch._tune(FakeKernel(), None, {}, entry, ())
+    assert order == [64, 32, 16, 32, 64]
+    assert best is entry[1]
+
+
 def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     """Gluon is experimental: where this Triton cannot compile a GLUON_WS config (faked here), the launcher
     warns once, runs the table's Triton config, and skips the Gluon configs at once afterwards, tuned or not.
