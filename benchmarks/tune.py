@@ -188,8 +188,7 @@ def _public_call_row(q, k, v, causal: bool, flops: float, row: dict) -> dict:
         call()  # autotunes outside the timing
         eager = flops / do_bench(call) / 1e9
         graph = flops / do_bench_cudagraph(call, return_mode="median") / 1e9
-        best = launch.last_tuned.get("fwd")  # call() above tuned this case (a new length bucket)
-        picked = configs.label(best) if best is not None else "first config (autotune off or one config)"
+        picked = configs.label(launch.last_launched["fwd"])  # the tuner's pick (or the first config)
         row.update(kernel="call", config=f"{picked}; graph {graph:.0f}", ok=True, tflops=eager, graph=graph)
     except Exception as exc:  # noqa: BLE001
         row.update(kernel="call", config="public call", ok=False, tflops=0.0, error=str(exc)[:200])

@@ -241,7 +241,7 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
     with pytest.warns(UserWarning, match="CUDA graph capture"):
         run(seqlen_buckets=2)  # capturing a new case: the first config, launched directly
     assert calls == [("tune", len(entry)), direct(picked), direct(picked), direct(picked), direct(first)]
-    assert launch.last_tuned["fwd"] is picked
+    assert launch.last_launched["fwd"] is first  # the last launch
 
 
 def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,7 +370,7 @@ def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch
     launched.clear()
     with pytest.warns(UserWarning, match="does not compile"):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
-    assert launched == ["gluon", "triton", "triton"] and launch.last_tuned["fwd"] is triton_cfg
+    assert launched == ["gluon", "triton", "triton"] and launch.last_launched["fwd"] is triton_cfg
 
     def broken(kernel_fn, grid, args, cfg):
         raise CompilationError(None, None, "a bug in a Triton kernel")

@@ -74,10 +74,9 @@ def _on(device: torch.device):
     return torch.cuda.device(device)
 
 
-# autotune case -> the config the tuner picked for it (see _launch); kernel name -> the last config tuned,
-# and the config of its last launch (the benchmark records it)
+# autotune case -> the config the tuner picked for it (see _launch); kernel name -> the config of its last
+# launch (the benchmark and tune.py report it)
 _best: dict[tuple, triton.Config] = {}
-last_tuned: dict[str, triton.Config] = {}
 last_launched: dict[str, triton.Config] = {}
 
 
@@ -190,6 +189,7 @@ def _launch(
     with _on(device):
         if config is not None:
             _run(kernel_fn, grid, args, config)
+            last_launched[name] = config
             return
         table = configs.table_name(device, dtype)
         entry = configs.configs_for(name, table, head_dim_pad)
@@ -206,7 +206,7 @@ def _launch(
         entry = [c for c in entry if _applies(c, args)]
         if tuning and len(entry) > 1:
             if not torch.cuda.is_current_stream_capturing():
-                best = _best[key] = last_tuned[name] = _tune(kernel_fn, grid, args, entry, reset_to_zero)
+                best = _best[key] = _tune(kernel_fn, grid, args, entry, reset_to_zero)
                 last_launched[name] = best
                 _run(kernel_fn, grid, args, best)
                 return
