@@ -254,13 +254,13 @@ _gluon_compile_error = ""  # why a Gluon kernel failed to compile in this proces
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned base pointers and row strides; where they can be used,
     installs the allocator that device-side descriptors need (_ensure_allocator)."""
-    ok = all(
-        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-        for t in tensors
-    )
-    if ok and not configs.interpreting():
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    if not configs.interpreting():
         _ensure_allocator()
-    return ok
+    return True
 
 
 def _ensure_allocator() -> None:
@@ -296,17 +296,21 @@ def _num_sms(device: torch.device) -> int:
 def _stride_unit(*tensors: torch.Tensor) -> int:
     """The largest power of two up to 16 dividing every batch, head and sequence stride of `tensors`: the
     kernels take strides in these units (common.unit_strides says why)."""
-    g = 0
-    for t in tensors:
-        for stride in t.stride()[:3]:
-            g = math.gcd(g, stride)
-    return next(unit for unit in (16, 8, 4, 2, 1) if g % unit == 0)
+    g = math.gcd(*(stride for t in tensors for stride in t.stride()[:3]))
+    return min(16, g & -g) if g else 16  # g & -g: the lowest set bit, the largest power of two dividing g
 
 
 def _strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
     """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...), in
     units of `unit` elements."""
-    return {f"stride_{name}{axis}": s // unit for axis, s in zip("bh" + seq, t.stride()[:3], strict=True)}
+    batch, head, row = t.stride()[:3]
+    names = _STRIDE_NAMES.get((name, seq)) or _STRIDE_NAMES.setdefault(
+        (name, seq), tuple(f"stride_{name}{axis}" for axis in "bh" + seq)
+    )
+    return {names[0]: batch // unit, names[1]: head // unit, names[2]: row // unit}
+
+
+_STRIDE_NAMES: dict[tuple[str, str], tuple[str, str, str]] = {}  # built once per tensor name (host time)
 
 
 def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int) -> dict:
