@@ -416,3 +416,25 @@ def test_every_thread_gets_the_scratch_allocator(monkeypatch: pytest.MonkeyPatch
         raise AssertionError("not called here")
 
     assert in_new_thread(lambda: allocator_after_check(users)) is users
+
+
+def test_host_descriptors_cover_every_head_and_skip_broadcasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOST_DESC (Gluon forward): Q, K and V become [B, H, S, D] descriptors over the tensors' own strides
+    (a BSHD view included), with a consumer's 64 query rows or block_n keys per box and the swizzle of the
+    kernel's shared tiles; a broadcast (stride-0) K or V leaves the config out rather than failing later."""
+    gl = pytest.importorskip("triton.experimental.gluon.language")
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    q = torch.zeros(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # BSHD storage, BHSD view
+    k = torch.zeros(2, 2, 80, 64, dtype=torch.bfloat16)
+    descs = launch._host_descriptors({"Q": q, "K": k, "V": k}, 128)
+    assert list(descs["Q"].shape) == [2, 4, 100, 64] and list(descs["Q"].strides) == list(q.stride())
+    assert list(descs["Q"].block_shape) == [1, 1, 64, 64]
+    assert list(descs["K"].block_shape) == list(descs["V"].block_shape) == [1, 1, 128, 64]
+    kernel_tile = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
+    assert descs["Q"].layout.swizzle_byte_width == kernel_tile.swizzle_byte_width == 128
+
+    monkeypatch.setattr(launch, "_gluon_problems", lambda args: [])  # as on a Hopper GPU
+    cfg = configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True)
+    assert launch._applies(cfg, {"Q": q, "K": k, "V": k})
+    broadcast = torch.zeros(2, 1, 80, 64, dtype=torch.bfloat16).expand(2, 2, 80, 64)
+    assert not launch._applies(cfg, {"Q": q, "K": broadcast, "V": broadcast})

@@ -185,8 +185,15 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 # per-consumer ranges, 0.97 of the computed tiles useful at 2k against 0.94)
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, WS_STAGES=3),
                 _c(192, 64, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True),
             ],
-            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
+            # HOST_DESC (not yet run): [B, H, S, D] TMA descriptors made on the host instead of three built
+            # per tile on the device (NOTES.md: a suspect for the 2k rows' per-tile cost)
+            128: [
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, HOST_DESC=True),
+            ],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),

@@ -48,9 +48,21 @@ def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.conste
 
 
 @gluon.jit
+def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
+    """TMA copy of the tile at `row` of one (batch, head) into dst ([rows, head dim]): from a per-head 2-D
+    descriptor, or from a host-made 4-D one ([B, H, S, D], box [1, 1, rows, head dim]), whose box lands in
+    dst seen with the descriptor's layout (the leading unit dims change no address)."""
+    if HOST_DESC:
+        view = dst._reinterpret(desc.dtype, desc.block_shape, desc.layout)
+        tma.async_copy_global_to_shared(desc, [off_b.to(gl.int32), off_h.to(gl.int32), row, 0], bar, view)
+    else:
+        tma.async_copy_global_to_shared(desc, [row, 0], bar, dst)
+
+
+@gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
+    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr,
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [consumers, rows each, head dim]) once the consumers have released the previous
@@ -71,35 +83,39 @@ def _producer(
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
         off_hk = off_h // group
-        # per-(batch, head) descriptors: reads past seqlen come back as zeros, never another head's rows
-        _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES)
-        q_desc = tma.make_tensor_descriptor(
-            Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-            block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
-        )  # fmt: skip
-        k_desc = tma.make_tensor_descriptor(
-            K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-            block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
-        )  # fmt: skip
-        v_desc = tma.make_tensor_descriptor(
-            V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-            block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
-        )  # fmt: skip
+        if HOST_DESC:  # [B, H, S, D] descriptors made on the host: (batch, head, row) coordinates
+            q_desc = Q
+            k_desc = K
+            v_desc = V
+        else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not another head's rows
+            _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES)
+            q_desc = tma.make_tensor_descriptor(
+                Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
+                strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
+            )  # fmt: skip
+            k_desc = tma.make_tensor_descriptor(
+                K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
+                strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
+            )  # fmt: skip
+            v_desc = tma.make_tensor_descriptor(
+                V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
+                strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
+            )  # fmt: skip
         # a fresh barrier counts as having completed the phase before 0: the first wait passes
         mbarrier.wait(q_empty, (tiles_begun & 1) ^ 1)
         mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
-            tma.async_copy_global_to_shared(q_desc, [start_m + c * ROWS, 0], q_bar, q_smem.index(c))
+            _copy(q_desc, off_b, off_h, start_m + c * ROWS, q_bar, q_smem.index(c), HOST_DESC)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             phase = ((issued + i) // STAGES) & 1
             start_n = lo + i * BLOCK_N
             mbarrier.wait(k_empty.index(s), phase ^ 1)
             mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [start_n, 0], k_ready.index(s), k_smem.index(s))
+            _copy(k_desc, off_b, off_hk, start_n, k_ready.index(s), k_smem.index(s), HOST_DESC)
             mbarrier.wait(v_empty.index(s), phase ^ 1)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [start_n, 0], v_ready.index(s), v_smem.index(s))
+            _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
         issued += n_tiles
         tiles_begun += 1
 
@@ -299,7 +315,7 @@ def attn_fwd_ws_kernel(
     HAS_HI: gl.constexpr, PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
-    WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False,
+    WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles head by head (common.persistent_tile), so that
@@ -329,7 +345,7 @@ def attn_fwd_ws_kernel(
         first = gl.program_id(1) * num_m + gl.program_id(0)
         step = 1
         end = first + 1
-    dtype: gl.constexpr = Q.dtype.element_ty
+    dtype: gl.constexpr = Q.dtype if HOST_DESC else Q.dtype.element_ty  # HOST_DESC: Q, K, V are descriptors
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
@@ -370,7 +386,7 @@ def attn_fwd_ws_kernel(
                              WS_PINGPONG, 0)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
                              WS_PINGPONG, 1)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -384,7 +400,7 @@ def attn_fwd_ws_kernel(
                              WS_PINGPONG, 1)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
                              WS_PINGPONG, 2)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],

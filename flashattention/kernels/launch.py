@@ -93,7 +93,26 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
             from .bwd_ws import attn_bwd_dkdv_ws_kernel as kernel_fn
         else:
             from .fwd_ws import attn_fwd_ws_kernel as kernel_fn
+        if config.kwargs.get("HOST_DESC"):
+            args = dict(args, **_host_descriptors(args, config.kwargs["BLOCK_N"]))
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _host_descriptors(args: dict, block_n: int) -> dict:
+    """Q, K and V as [B, H, S, D] TMA descriptors made on the host (HOST_DESC: the Gluon forward then builds
+    none per tile); boxes of 64 query rows (a consumer's) and block_n keys, the kernel's shared layouts."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    q = args["Q"]
+    dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def describe(t: torch.Tensor, rows: int):
+        block = [1, 1, rows, t.shape[3]]
+        layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+    return dict(Q=describe(q, 64), K=describe(args["K"], block_n), V=describe(args["V"], block_n))
 
 
 def _gluon_problems(args: dict) -> list[str]:
@@ -133,6 +152,8 @@ def _gluon_missing() -> str:
 
 
 def _applies(config, args: dict) -> bool:
+    if config.kwargs.get("HOST_DESC") and any(0 in args[n].stride() for n in "QKV"):
+        return False  # host descriptors take no broadcast (stride-0) dimension
     return not config.kwargs.get("GLUON_WS") or not _gluon_problems(args)
 
 
