@@ -41,7 +41,8 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     (one masked pass instead of three loops). GLUON_WS (forward, Hopper, 16-bit, head dim 64/128/256): the
     warp-specialised Gluon kernel of kernels/fwd_ws.py instead of the Triton one (num_stages unused: it
     keeps WS_STAGES K/V buffers, default 2; WS_CONSUMERS consumer partitions of num_warps = 4, 64 rows
-    each, default 2, so BLOCK_M = 64 * WS_CONSUMERS), with WS_PINGPONG their matmuls in turns. GLUON_WS in
+    each, default 2, so BLOCK_M = 64 * WS_CONSUMERS), with WS_PINGPONG their matmuls in turns, with HOST_DESC
+    [B, H, S, D] TMA descriptors made on the host instead of per tile on the device. GLUON_WS in
     a dK/dV table: kernels/bwd_ws.py (BLOCK_N = 128 keys, two consumers of 64; WS_STAGES Q/dO buffers)."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
@@ -199,6 +200,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 64, 8, 2, PERSISTENT=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 32, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True),
             ],
         }
     },
