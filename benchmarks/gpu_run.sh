@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_run.sh bench [ARGS]   # the full benchmark against the peers (ARGS go to benchmarks.run)
 #   bash benchmarks/gpu_run.sh all [ARGS]     # both, where one call has the time (a warm compile cache)
 #   bash benchmarks/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
-#                                             # (D 64-256; SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose)
+#                                             # (D 64-256; SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose;
+#                                             # GLUON_K="gluon and HOST_DESC": which configs' GPU tests run, a -k)
 # Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
 # to append to benchmarks/RESULTS.md. The last lines printed are the summary (tests) or the table (bench).
 set -uo pipefail
@@ -58,7 +59,7 @@ case "$mode" in
         echo "tune exit code: $rc"
         exit $rc ;;
     gluon)
-        run_tests "gpu and configs" gpu_gluon_tests -k gluon; tests_rc=$?
+        run_tests "gpu and configs" gpu_gluon_tests -k "${GLUON_K:-gluon}"; tests_rc=$?
         timeout "${TUNE_TIMEOUT:-400}" python -m benchmarks.tune --seqlen "${SEQLEN:-2048,8192,16384}" \
             --dims "${DIMS:-64,128,256}" --kernels "${KERNELS:-fwd}" --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1
         rc=$?
