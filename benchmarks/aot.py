@@ -92,9 +92,10 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
     if config.kwargs.get("HOST_DESC"):  # Q, K and V arrive as [B, H, S, D] TMA descriptors (launch._run)
         from triton.experimental.gluon import language as gl
 
-        for name, rows in (("Q", 64), ("K", config.kwargs["BLOCK_N"]), ("V", config.kwargs["BLOCK_N"])):
-            block = [1, 1, rows, head_dim_pad]
-            layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+        from flashattention.kernels.launch import host_desc_boxes
+
+        boxes = host_desc_boxes(head_dim_pad, config.kwargs["BLOCK_N"], gl.bfloat16)
+        for name, (block, layout) in boxes.items():
             signature[name] = f"tensordesc<bf16[{', '.join(map(str, block))}],{layout!r}>"
     # what a launch with 16-byte aligned tensors and strides specialises on (pointers and strides divisible
     # by 16); without it Triton can neither vectorise the loads nor pipeline them

@@ -1,7 +1,7 @@
 """Hopper forward with warp specialisation (Gluon), the FlashAttention-3 schedule. One producer warp issues
-the TMA loads of K and V into a ring of STAGES shared-memory buffers. Two consumer partitions (one warpgroup
-and 64 query rows each) run Q K^T, the softmax and P V. Each consumer issues the next tile's Q K^T and the
-previous tile's P V asynchronously, then does the softmax while both run on the tensor cores
+the TMA loads of K and V into a ring of STAGES shared-memory buffers. Two consumer partitions (three at D64;
+one warpgroup and 64 query rows each) run Q K^T, the softmax and P V. Each consumer issues the next tile's
+Q K^T and the previous tile's P V asynchronously, then does the softmax while both run on the tensor cores
 (intra-warpgroup overlap).
 
 Same semantics, arguments and outputs as fwd.attn_fwd_kernel (O, and LSE2 in log2 units); bf16/fp16,

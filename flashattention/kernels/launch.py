@@ -100,19 +100,30 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
 
 def _host_descriptors(args: dict, block_n: int) -> dict:
     """Q, K and V as [B, H, S, D] TMA descriptors made on the host (HOST_DESC: the Gluon forward then builds
-    none per tile); boxes of 64 query rows (a consumer's) and block_n keys, the kernel's shared layouts."""
+    none per tile), with the boxes and layouts of host_desc_boxes."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     q = args["Q"]
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    boxes = host_desc_boxes(q.shape[3], block_n, dtype)
+    return {
+        name: TensorDescriptor(args[name], list(args[name].shape), list(args[name].stride()), *boxes[name])
+        for name in "QKV"
+    }
 
-    def describe(t: torch.Tensor, rows: int):
-        block = [1, 1, rows, t.shape[3]]
-        layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
-    return dict(Q=describe(q, 64), K=describe(args["K"], block_n), V=describe(args["V"], block_n))
+def host_desc_boxes(head_dim: int, block_n: int, dtype) -> dict:
+    """name -> (box, shared layout) of the HOST_DESC descriptors: 64 query rows (a consumer's) or block_n
+    keys of one (batch, head), the layout the kernel's shared tiles have. benchmarks/aot.py compiles
+    against the same."""
+    from triton.experimental.gluon import language as gl
+
+    boxes = {}
+    for name, rows in (("Q", 64), ("K", block_n), ("V", block_n)):
+        block = [1, 1, rows, head_dim]
+        boxes[name] = (block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+    return boxes
 
 
 def _gluon_problems(args: dict) -> list[str]:
@@ -325,13 +336,13 @@ def _strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
     """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...), in
     units of `unit` elements."""
     batch, head, row = t.stride()[:3]
-    names = _STRIDE_NAMES.get((name, seq)) or _STRIDE_NAMES.setdefault(
-        (name, seq), tuple(f"stride_{name}{axis}" for axis in "bh" + seq)
-    )
+    names = _stride_names(name, seq)
     return {names[0]: batch // unit, names[1]: head // unit, names[2]: row // unit}
 
 
-_STRIDE_NAMES: dict[tuple[str, str], tuple[str, str, str]] = {}  # built once per tensor name (host time)
+@functools.cache  # built once per tensor name (host time)
+def _stride_names(name: str, seq: str) -> tuple[str, ...]:
+    return tuple(f"stride_{name}{axis}" for axis in "bh" + seq)
 
 
 def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int) -> dict:
