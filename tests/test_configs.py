@@ -438,3 +438,26 @@ def test_host_descriptors_cover_every_head_and_skip_broadcasts(monkeypatch: pyte
     assert launch._applies(cfg, {"Q": q, "K": k, "V": k})
     broadcast = torch.zeros(2, 1, 80, 64, dtype=torch.bfloat16).expand(2, 2, 80, 64)
     assert not launch._applies(cfg, {"Q": q, "K": broadcast, "V": broadcast})
+
+
+def test_a_case_tuned_on_plain_tensors_never_gives_a_broadcast_one_its_host_desc_pick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tuning key tells broadcast (stride-0) K/V apart: a HOST_DESC config picked for plain tensors of a
+    case is not launched for expanded ones of the same shape, which get a config that takes them."""
+    host = configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True)
+    triton_cfg = configs.configs_for("fwd", "interpret", 64)[0]
+    launched = []
+    monkeypatch.setattr(configs, "configs_for", lambda *a: [host, triton_cfg])
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(launch, "_gluon_problems", lambda args: [])  # as on a Hopper GPU
+    monkeypatch.setattr(launch, "_tune", lambda kernel_fn, grid, args, entry, reset: entry[0])
+    monkeypatch.setattr(launch, "_run", lambda kernel_fn, grid, args, cfg: launched.append(cfg))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(launch, "_best", {})
+    q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
+    plain = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q}
+    kv = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16).expand(1, 2, 16, 64)
+    for args in (plain, {**plain, "K": kv, "V": kv}, plain):
+        launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
+    assert launched == [host, triton_cfg, host]

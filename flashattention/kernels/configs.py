@@ -60,7 +60,12 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # tuned pick: D64 three consumers 473 vs 392 non-causal 8k (+21%), 414 vs 374 causal; D128 583 vs
             # 474 (+23%), 523 vs 423 causal; D256 597 vs 488, 516 vs 465 causal. At 2k causal D64 the Triton
             # 64x64 tile still wins (314 vs 283): the tuner picks per length bucket.
+            # HOST_DESC (host-made [B, H, S, D] descriptors, none built per tile; 2026-11-26, H100 bf16, one
+            # run): D64 three consumers 455 vs 430 non-causal 2k, 324 vs 307 causal 2k, 472 vs 456 causal 8k;
+            # D128 persistent 602 vs 558-577 non-causal 2k, 651 vs 633 8k; plain D128 +3-5% non-causal, a tie
+            # causal. The configs without it stay for broadcast (stride-0) K/V, which host descriptors refuse.
             64: [
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True),
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
                 _c(128, 128, 4, 3, USE_TMA=True),
                 _c(128, 64, 4, 3),
@@ -71,6 +76,8 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # 2026-11-26 (NOTES.md): 64x64/4 warps/3 stages best at S 1k (causal 306 vs 271), 128x64/4
             # stages best at 8k in that run (486 vs 470 at 3 stages); ping-pong Gluon best at 2k non-causal
             128: [
+                _c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, HOST_DESC=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 # persistent: +4-6% at 2k non-causal (552 / 549 vs 520 / 527, H100), a tie at 8k
@@ -182,25 +189,14 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
-                # not yet run: three consumers with a third K/V buffer, and with 64-key tiles (causal: finer
-                # per-consumer ranges, 0.97 of the computed tiles useful at 2k against 0.94)
-                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, WS_STAGES=3),
-                _c(192, 64, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
-                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True),
             ],
-            # HOST_DESC (not yet run): [B, H, S, D] TMA descriptors made on the host instead of three built
-            # per tile on the device (NOTES.md: a suspect for the 2k rows' per-tile cost)
-            128: [
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, HOST_DESC=True),
-            ],
+            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 32, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True),  # not yet timed
             ],
         }
     },
@@ -215,6 +211,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
 # D64 128x64/8/2 +2% non-causal 8k but -18% causal; 128x32, 64x64/8/3 (D64) and 64x64/4/3 (D128) -2% to -30%.
 # TILE_GROUPS (persistent forwards longest-first across groups of heads sized to L2; 2026-11-26, H100, 2k/8k,
 # removed): ties non-causal, -4% to -12% causal at 8k against the non-persistent Gluon configs.
+# Gluon forward D64 three consumers with a third K/V buffer (WS_STAGES=3) or 64-key tiles (2026-11-26, H100,
+# 2k/8k): ties to -4% and -2% to -16% against 192x128 with two buffers.
 
 
 def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[triton.Config]:

@@ -162,8 +162,14 @@ def _gluon_missing() -> str:
     return ""
 
 
+def _broadcast(args: dict) -> bool:
+    """Whether Q, K or V has a stride-0 (broadcast, e.g. expanded) dimension, which HOST_DESC configs cannot
+    take: part of the tuning key, so a case tuned on plain tensors never hands its pick to a broadcast one."""
+    return any(0 in args[n].stride() for n in "QKV" if n in args)
+
+
 def _applies(config, args: dict) -> bool:
-    if config.kwargs.get("HOST_DESC") and any(0 in args[n].stride() for n in "QKV"):
+    if config.kwargs.get("HOST_DESC") and _broadcast(args):
         return False  # host descriptors take no broadcast (stride-0) dimension
     return not config.kwargs.get("GLUON_WS") or not _gluon_problems(args)
 
@@ -229,7 +235,7 @@ def _launch(
         # the key decides which configs apply (dtype, HEAD_DIM, CAN_TMA): a known case runs at once
         if tuning:
             case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
-            key = (name, table, head_dim_pad, dtype, *case.values())
+            key = (name, table, head_dim_pad, dtype, _broadcast(args), *case.values())
             best = _best.get(key)
             if best is not None:
                 last_launched[name] = best
