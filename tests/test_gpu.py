@@ -103,6 +103,21 @@ def test_autotuned_public_call(case: Case, monkeypatch: pytest.MonkeyPatch) -> N
     assert launch._best == tuned  # the same case: no second tuning
 
 
+def test_broadcast_kv_after_a_tuned_plain_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K/V expanded over the batch (stride 0) after the same case was tuned on plain tensors: the tuner's
+    HOST_DESC pick (host descriptors refuse stride 0) is not reused; both calls pass the rule."""
+    from flashattention.kernels import configs, launch
+
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(launch, "_best", {})
+    case = Case(2, 8, 8, 2048, 2048, 64, B16, causal=True)
+    q, k, v, dout = case.inputs("cuda")
+    check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+    k1, v1 = (t[:1].detach().expand_as(t).requires_grad_(False) for t in (k, v))
+    assert k1.stride(0) == 0
+    check_attention(q, k1, v1, dout, backend="triton", **case.mask_kwargs())
+
+
 @pytest.mark.parametrize("backend", ["torch"])
 @pytest.mark.parametrize(
     "case",
