@@ -108,21 +108,24 @@ def _host_descriptors(args: dict, block_n: int) -> dict:
     dtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     boxes = host_desc_boxes(q.shape[3], block_n, dtype)
     return {
-        name: TensorDescriptor(args[name], list(args[name].shape), list(args[name].stride()), *boxes[name])
-        for name in "QKV"
+        name: TensorDescriptor(
+            args[name], list(args[name].shape), list(args[name].stride()), list(box), layout
+        )
+        for name, (box, layout) in boxes.items()
     }
 
 
+@functools.cache  # per call the layouts cost more host time than the rest of the launch (H100 host profile)
 def host_desc_boxes(head_dim: int, block_n: int, dtype) -> dict:
     """name -> (box, shared layout) of the HOST_DESC descriptors: 64 query rows (a consumer's) or block_n
     keys of one (batch, head), the layout the kernel's shared tiles have. benchmarks/aot.py compiles
-    against the same."""
+    against the same. Cached: the dict is shared, read it only."""
     from triton.experimental.gluon import language as gl
 
     boxes = {}
     for name, rows in (("Q", 64), ("K", block_n), ("V", block_n)):
-        block = [1, 1, rows, head_dim]
-        boxes[name] = (block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+        block = (1, 1, rows, head_dim)
+        boxes[name] = (block, gl.NVMMASharedLayout.get_default_for(list(block), dtype))
     return boxes
 
 
