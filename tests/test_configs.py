@@ -228,7 +228,8 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
     monkeypatch.setattr(launch, "_tune", fake_tune)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
     monkeypatch.setattr(launch, "_best", {})
-    args = {k: 1 for k in configs.AUTOTUNE_KEY}
+    q = torch.zeros(1, 1, 16, 64)
+    args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, "seqlen_k": 16}
     cpu, dt = torch.device("cpu"), torch.bfloat16
 
     def run(**changes):
@@ -257,7 +258,15 @@ def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch
             return lambda **kw: launched.append((kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("GLUON_WS")))
 
     q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
-    args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "HEAD_DIM": 64, "CAN_TMA": True}
+    args = {
+        **{k: 1 for k in configs.AUTOTUNE_KEY},
+        "Q": q,
+        "K": q,
+        "V": q,
+        "seqlen_k": 16,
+        "HEAD_DIM": 64,
+        "CAN_TMA": True,
+    }
     assert launch._gluon_problems(args)  # the interpreter cannot run Gluon
     launch._launch(FakeKernel(), "fwd", None, args, 64, q.device, q.dtype)
     assert launched == [(triton_cfg.kwargs["BLOCK_M"], triton_cfg.kwargs["BLOCK_N"], None)]
@@ -352,7 +361,15 @@ def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch
 
     monkeypatch.setattr(launch, "_run", fake_run)
     q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
-    args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "HEAD_DIM": 64, "CAN_TMA": True}
+    args = {
+        **{k: 1 for k in configs.AUTOTUNE_KEY},
+        "Q": q,
+        "K": q,
+        "V": q,
+        "seqlen_k": 16,
+        "HEAD_DIM": 64,
+        "CAN_TMA": True,
+    }
     assert launch._gluon_problems(args) == []  # it applies until it fails to compile
     with pytest.warns(UserWarning, match=r"Gluon kernel .* does not compile .*unsupported layout"):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)  # autotuning off: first that runs
@@ -421,7 +438,8 @@ def test_every_thread_gets_the_scratch_allocator(monkeypatch: pytest.MonkeyPatch
 def test_host_descriptors_cover_every_head_and_skip_broadcasts(monkeypatch: pytest.MonkeyPatch) -> None:
     """HOST_DESC (Gluon forward): Q, K and V become [B, H, S, D] descriptors over the tensors' own strides
     (a BSHD view included), with a consumer's 64 query rows or block_n keys per box and the swizzle of the
-    kernel's shared tiles; a broadcast (stride-0) K or V leaves the config out rather than failing later."""
+    kernel's shared tiles; a broadcast (stride-0) K or V leaves the config out rather than failing later, and
+    so does a call too small for the descriptors' host time to pay off."""
     gl = pytest.importorskip("triton.experimental.gluon.language")
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     q = torch.zeros(2, 100, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # BSHD storage, BHSD view
@@ -435,9 +453,22 @@ def test_host_descriptors_cover_every_head_and_skip_broadcasts(monkeypatch: pyte
 
     monkeypatch.setattr(launch, "_gluon_problems", lambda args: [])  # as on a Hopper GPU
     cfg = configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True)
-    assert launch._applies(cfg, {"Q": q, "K": k, "V": k})
-    broadcast = torch.zeros(2, 1, 80, 64, dtype=torch.bfloat16).expand(2, 2, 80, 64)
-    assert not launch._applies(cfg, {"Q": q, "K": broadcast, "V": broadcast})
+    assert not launch._applies(cfg, {"Q": q, "K": k, "V": k, "seqlen_k": 80, "HAS_HI": False})  # too small
+    big = torch.empty(
+        8, 32, 2048, 64, dtype=torch.bfloat16, device="meta"
+    )  # 2**35 of work causal (the threshold)
+    for causal, sk, applies in (
+        (False, 2048, True),
+        (True, 2048, True),
+        (True, 1024, False),
+        (False, 512, False),
+    ):
+        args = {"Q": big, "K": big, "V": big, "seqlen_k": sk, "HAS_HI": causal}
+        assert launch._applies(cfg, args) is applies, (causal, sk)  # small calls: the host cost dominates
+    broadcast = torch.empty(8, 1, 2048, 64, dtype=torch.bfloat16, device="meta").expand(8, 32, 2048, 64)
+    assert not launch._applies(
+        cfg, {"Q": big, "K": broadcast, "V": broadcast, "seqlen_k": 2048, "HAS_HI": False}
+    )
 
 
 def test_a_case_tuned_on_plain_tensors_never_gives_a_broadcast_one_its_host_desc_pick(
@@ -455,8 +486,9 @@ def test_a_case_tuned_on_plain_tensors_never_gives_a_broadcast_one_its_host_desc
     monkeypatch.setattr(launch, "_run", lambda kernel_fn, grid, args, cfg: launched.append(cfg))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(launch, "_best", {})
+    monkeypatch.setattr(launch, "_HOST_DESC_MIN_WORK", 0)  # a tiny case stands for a large one
     q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
-    plain = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q}
+    plain = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, "seqlen_k": 16, "HAS_HI": False}
     kv = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16).expand(1, 2, 16, 64)
     for args in (plain, {**plain, "K": kv, "V": kv}, plain):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)

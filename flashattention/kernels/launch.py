@@ -165,15 +165,27 @@ def _gluon_missing() -> str:
     return ""
 
 
-def _broadcast(args: dict) -> bool:
-    """Whether Q, K or V has a stride-0 (broadcast, e.g. expanded) dimension, which HOST_DESC configs cannot
-    take: part of the tuning key, so a case tuned on plain tensors never hands its pick to a broadcast one."""
-    return any(0 in args[n].stride() for n in "QKV" if n in args)
+def _host_desc_ok(args: dict) -> bool:
+    """Whether HOST_DESC configs may run: no stride-0 (broadcast, e.g. expanded) dimension in Q, K or V, which
+    host descriptors cannot take, and at least _HOST_DESC_MIN_WORK of work. Part of the tuning key, so a
+    case tuned where they may run never hands its pick to one where they may not."""
+    if any(0 in args[n].stride() for n in "QKV"):
+        return False
+    return (args["Q"].numel() * args["seqlen_k"]) >> args["HAS_HI"] >= _HOST_DESC_MIN_WORK
+
+
+# B * H * Sq * D * Sk, halved under a causal (right) bound, below which HOST_DESC is left out: making three
+# host descriptors adds 60-100 us of host time per call on the H100 machine's slow host (benchmarks/
+# host_profile.py), more than it saves on the GPU below ~0.3 ms of kernel time, where the call is host-bound
+# (H100 bf16 D128 causal 512: 0.45 ms per call against 0.16 without it). 2**35 (2**37 FLOPs, ~0.3 ms at 450
+# TFLOP/s): at the benchmark's 16k tokens per batch, every row from 2k tokens up (where the GPU gain, +4-8%,
+# was measured) and the non-causal 1k rows.
+_HOST_DESC_MIN_WORK = 1 << 35
 
 
 def _applies(config, args: dict) -> bool:
-    if config.kwargs.get("HOST_DESC") and _broadcast(args):
-        return False  # host descriptors take no broadcast (stride-0) dimension
+    if config.kwargs.get("HOST_DESC") and not _host_desc_ok(args):
+        return False
     return not config.kwargs.get("GLUON_WS") or not _gluon_problems(args)
 
 
@@ -238,7 +250,7 @@ def _launch(
         # the key decides which configs apply (dtype, HEAD_DIM, CAN_TMA): a known case runs at once
         if tuning:
             case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
-            key = (name, table, head_dim_pad, dtype, _broadcast(args), *case.values())
+            key = (name, table, head_dim_pad, dtype, _host_desc_ok(args), *case.values())
             best = _best.get(key)
             if best is not None:
                 last_launched[name] = best
