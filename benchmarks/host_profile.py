@@ -1,108 +1,145 @@
-"""Host time per forward call of one forward config (tiny shape: the GPU waits on the host), and where it
-goes (cProfile's top entries). Usage: python -m benchmarks.host_profile [--dim 128] [--causal]"""
+"""Where the host (CPU) time of one call goes, at a tiny shape where the GPU work is negligible: cProfile
+over many back-to-back calls of the public forward (inputs requiring grad) and forward + backward.
+With --configs, the host time of the forward per forced forward config (Triton, Gluon, Gluon HOST_DESC);
+with --seqlen, the same configs at the benchmark's shape (16k tokens, hidden 2048): do_bench's median, the
+host time per call and whether a call synchronises.
+
+    PYTHONPATH=. python -m benchmarks.host_profile [--calls 300] [--lines 30]
+    PYTHONPATH=. python -m benchmarks.host_profile --configs [--seqlen 512 --dim 128 --causal]
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import time
+import warnings
 
 import torch
 
 from flashattention import flash_attention
 from flashattention.kernels import configs
 
+FWD_CONFIGS = {
+    "triton 64x64": configs._c(64, 64, 4, 3),
+    "gluon": configs._c(128, 128, 4, 2, GLUON_WS=True),
+    "gluon HOST_DESC": configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True),
+}
 
-def host_us(configs_list, dim: int, causal: bool, grad: bool, calls: int = 100) -> float:
-    q, k, v = (
-        torch.randn(1, 2, 256, dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in "qkv"
-    )
-    orig = configs.configs_for
-    configs.configs_for = lambda kernel, table, d: configs_list if kernel == "fwd" else orig(kernel, table, d)
+
+@contextlib.contextmanager
+def forced_forward(config):
+    """The forward launches `config` only (the backward keeps its tables); HOST_DESC's size gate is off."""
+    from flashattention.kernels import launch
+
+    orig, gate = configs.configs_for, launch._HOST_DESC_MIN_WORK
+    configs.configs_for = lambda kernel, table, d: [config] if kernel == "fwd" else orig(kernel, table, d)
+    launch._HOST_DESC_MIN_WORK = 0
     try:
-        for _ in range(10):
-            flash_attention(q, k, v, causal=causal)
-        best = float("inf")
-        for _ in range(5):  # the best of five: the host's own noise (other processes) only adds
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                flash_attention(q, k, v, causal=causal)
-            torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        return best
+        yield
     finally:
-        configs.configs_for = orig
+        configs.configs_for, launch._HOST_DESC_MIN_WORK = orig, gate
 
 
-def at_shape(configs_list, seqlen: int, dim: int, causal: bool, grad: bool) -> str:
-    """The benchmark's shape (16k tokens, hidden 2048): do_bench's median, the host time per call of 50
-    calls queued back to back (no sync between them), and whether a call synchronises (torch's sync debug
-    mode, which catches torch-side syncs only)."""
+def host_us(fn, calls: int) -> float:
+    """The best of five back-to-back runs (the host's own noise only adds), us per call."""
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def at_shape(seqlen: int, dim: int, causal: bool, grad: bool) -> str:
     from triton.testing import do_bench
 
     b, h = 16384 // seqlen, 2048 // dim
     q, k, v = (
         torch.randn(b, h, seqlen, dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for _ in "qkv"
     )
-    orig = configs.configs_for
-    configs.configs_for = lambda kernel, table, d: configs_list if kernel == "fwd" else orig(kernel, table, d)
-    try:
-        call = lambda: flash_attention(q, k, v, causal=causal)  # noqa: E731
+    call = lambda: flash_attention(q, k, v, causal=causal)  # noqa: E731
+    call()
+    ms = do_bench(call, return_mode="median")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):  # queued back to back, no sync between them
         call()
-        ms = do_bench(call, return_mode="median")
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            call()
-        host = (time.perf_counter() - t0) / 50 * 1e3
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        import warnings
+    host = (time.perf_counter() - t0) / 50 * 1e3
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")  # catches torch-side syncs only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message)[:80] for w in caught if "prototype" not in str(w.message)]
+    return f"do_bench {ms:.3f} ms, host {host:.3f} ms per call, syncs {syncs}"
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            call()
-        torch.cuda.set_sync_debug_mode(0)
-        syncs = [str(w.message)[:80] for w in caught]
-        return f"do_bench {ms:.3f} ms, host {host:.3f} ms per call, syncs {syncs}"
-    finally:
-        configs.configs_for = orig
+
+def per_config(args) -> None:
+    for grad in (False, True):
+        for name, cfg in FWD_CONFIGS.items():
+            with forced_forward(cfg):
+                if args.seqlen:
+                    result = at_shape(args.seqlen, args.dim, args.causal, grad)
+                else:
+                    q, k, v = (
+                        torch.randn(
+                            1, 2, 256, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad
+                        )
+                        for _ in "qkv"
+                    )
+                    for _ in range(10):
+                        flash_attention(q, k, v, causal=args.causal)
+                    us = host_us(lambda: flash_attention(q, k, v, causal=args.causal), args.calls)  # noqa: B023
+                    result = f"{us:.0f} us per call"
+            print(f"{name}, requires_grad={grad}: {result}", flush=True)
+
+
+def profile_calls(args) -> None:
+    q, k, v = (
+        torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    do = torch.randn_like(q)
+    fns = {
+        "forward": lambda: flash_attention(q, k, v, causal=True),
+        "forward + backward": lambda: torch.autograd.grad(
+            flash_attention(q, k, v, causal=True), (q, k, v), do
+        ),
+    }
+    for name, fn in fns.items():
+        for _ in range(50):  # compiles and autotunes outside the profile
+            fn()
+        print(f"== {name}: {host_us(fn, args.calls):.1f} us per call (no profiler)")
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            fn()
+        torch.cuda.synchronize()
+        profile.disable()
+        for order in ("tottime", "cumulative"):
+            print(f"-- {name}, {args.calls} calls, by {order}")
+            pstats.Stats(profile).sort_stats(order).print_stats(args.lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--seqlen", type=int, default=0, help="also time the benchmark's shape at this length")
-    a = p.parse_args()
-    cands = {
-        "triton 64x64": [configs._c(64, 64, 4, 3)],
-        "gluon": [configs._c(128, 128, 4, 2, GLUON_WS=True)],
-        "gluon HOST_DESC": [configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True)],
-    }
-    if a.seqlen:
-        for grad in (False, True):
-            for name, cl in cands.items():
-                print(f"S{a.seqlen} D{a.dim} causal={a.causal} {name}, grad={grad}: ", end="", flush=True)
-                print(at_shape(cl, a.seqlen, a.dim, a.causal, grad), flush=True)
-    for grad in (False, True):
-        for name, cl in cands.items():
-            print(f"host us per call, {name}, requires_grad={grad}: {host_us(cl, a.dim, a.causal, grad):.0f}")
-    orig = configs.configs_for
-    configs.configs_for = lambda kernel, table, d: (
-        cands["gluon HOST_DESC"] if kernel == "fwd" else orig(kernel, table, d)
-    )
-    q, k, v = (torch.randn(1, 2, 256, a.dim, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
-    flash_attention(q, k, v)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        flash_attention(q, k, v)
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--lines", type=int, default=30)
+    ap.add_argument("--configs", action="store_true", help="host time per forced forward config")
+    ap.add_argument("--seqlen", type=int, default=0, help="with --configs: at the benchmark's shape")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    args = ap.parse_args()
+    if args.configs:
+        per_config(args)
+    else:
+        profile_calls(args)
 
 
 if __name__ == "__main__":
