@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import blockwise
@@ -121,9 +122,13 @@ class _EagerAttention(torch.autograd.Function):
         return _grads(ctx, grad_out, _backward_impl)
 
 
-# With a separate setup_context, Function.apply binds the arguments to forward's signature on every call;
-# a stored signature saves inspect.signature's ~20 us per call.
+# With a separate setup_context, Function.apply binds the arguments to forward's signature on every call
+# (inspect: ~20 us per call on a CPU, ~3x that on the GPU machines' hosts). `attention` calls the C apply
+# under it directly where no torch.func transform is active (every argument is passed, none defaulted, so
+# there is nothing to bind), after the same unwrapping of dead functorch wrappers Function.apply does. Under
+# a transform it goes through Function.apply, for which the stored signature saves inspect.signature.
 _EagerAttention.forward.__signature__ = inspect.signature(_EagerAttention.forward)
+_apply_unbound = super(torch.autograd.Function, _EagerAttention).apply
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
@@ -141,5 +146,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
 def attention(q, k, v, softmax_scale: float, left: int, right: int, backend: str):
     """(out, lse, stats) of validated inputs, differentiable in q, k and v."""
     if _plain(q, k, v):
-        return _EagerAttention.apply(q, k, v, softmax_scale, left, right, backend)
+        if torch._C._are_functorch_transforms_active():
+            return _EagerAttention.apply(q, k, v, softmax_scale, left, right, backend)
+        return _apply_unbound(*unwrap_dead_wrappers((q, k, v, softmax_scale, left, right, backend)))
     return attention_forward(q, k, v, softmax_scale, left, right, backend)

@@ -220,8 +220,13 @@ def candidates_for(kernel: str, arch_name: str, head_dim_pad: int) -> list[trito
     return CANDIDATES.get(kernel, {}).get(arch_name, {}).get(head_dim_pad, [])
 
 
+# Triton reads TRITON_INTERPRET when the kernels are defined (import), so it is read once here too: a change
+# later in the process would not switch Triton's mode (and the lookup cost host time on every launch).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETING
 
 
 def autotune_enabled() -> bool:
