@@ -198,6 +198,12 @@ def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
     assert buckets(0, 0) == buckets(1, 1)
 
 
+def _fake_launch_args(q: torch.Tensor, **extra) -> dict:
+    """What _launch reads of a forward's arguments, for a fake launch: the tuning key's entries (all 1),
+    Q, K and V (one tensor) and seqlen_k."""
+    return {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, "seqlen_k": q.shape[2], **extra}
+
+
 def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -228,8 +234,7 @@ def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes
     monkeypatch.setattr(launch, "_tune", fake_tune)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
     monkeypatch.setattr(launch, "_best", {})
-    q = torch.zeros(1, 1, 16, 64)
-    args = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, "seqlen_k": 16}
+    args = _fake_launch_args(torch.zeros(1, 1, 16, 64))
     cpu, dt = torch.device("cpu"), torch.bfloat16
 
     def run(**changes):
@@ -258,15 +263,7 @@ def test_gluon_configs_apply_only_where_they_can(monkeypatch: pytest.MonkeyPatch
             return lambda **kw: launched.append((kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("GLUON_WS")))
 
     q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
-    args = {
-        **{k: 1 for k in configs.AUTOTUNE_KEY},
-        "Q": q,
-        "K": q,
-        "V": q,
-        "seqlen_k": 16,
-        "HEAD_DIM": 64,
-        "CAN_TMA": True,
-    }
+    args = _fake_launch_args(q, HEAD_DIM=64, CAN_TMA=True)
     assert launch._gluon_problems(args)  # the interpreter cannot run Gluon
     launch._launch(FakeKernel(), "fwd", None, args, 64, q.device, q.dtype)
     assert launched == [(triton_cfg.kwargs["BLOCK_M"], triton_cfg.kwargs["BLOCK_N"], None)]
@@ -361,15 +358,7 @@ def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(monkeypatch
 
     monkeypatch.setattr(launch, "_run", fake_run)
     q = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16)
-    args = {
-        **{k: 1 for k in configs.AUTOTUNE_KEY},
-        "Q": q,
-        "K": q,
-        "V": q,
-        "seqlen_k": 16,
-        "HEAD_DIM": 64,
-        "CAN_TMA": True,
-    }
+    args = _fake_launch_args(q, HEAD_DIM=64, CAN_TMA=True)
     assert launch._gluon_problems(args) == []  # it applies until it fails to compile
     with pytest.warns(UserWarning, match=r"Gluon kernel .* does not compile .*unsupported layout"):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)  # autotuning off: first that runs
@@ -488,7 +477,7 @@ def test_a_case_tuned_on_plain_tensors_never_gives_a_broadcast_one_its_host_desc
     monkeypatch.setattr(launch, "_best", {})
     monkeypatch.setattr(launch, "_HOST_DESC_MIN_WORK", 0)  # a tiny case stands for a large one
     q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
-    plain = {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, "seqlen_k": 16, "HAS_HI": False}
+    plain = _fake_launch_args(q, HAS_HI=False)
     kv = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16).expand(1, 2, 16, 64)
     for args in (plain, {**plain, "K": kv, "V": kv}, plain):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
