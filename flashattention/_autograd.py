@@ -1,7 +1,8 @@
 """The autograd wiring, in one place: the forward and backward are two torch.library custom ops (opaque to
 torch.compile, so a compiled model keeps them whole, fullgraph=True included) and the forward op's autograd
 formula saves (q, k, v, out, stats) and recomputes the probabilities in the backward. `stats` is what the
-backend's backward needs of the softmax (its LSE, in the backend's own units).
+backend's backward needs of the softmax (its LSE, in the backend's own units: `lse_of` turns it into the
+natural-log LSE, only for callers that asked for it, which saves a launch per call).
 
 `attention` is the entry point. Under torch.compile it calls the custom op. In eager mode it applies the
 same formula (`_setup_context`, `_grads`) through a plain autograd.Function: the custom op's Python
@@ -36,24 +37,30 @@ def attention_forward(
     left: int,
     right: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [B, H, Sq, D] contiguous, lse [B, H, Sq] float32, stats [B, H, Sq] float32), inputs validated."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, Sq, D] contiguous, stats [B, H, Sq] float32), inputs validated."""
     return _forward_impl(q, k, v, softmax_scale, left, right, backend)
 
 
 def _forward_impl(q, k, v, softmax_scale, left, right, backend):
-    out, lse, stats = _backend_module(backend).attention_forward(
+    return _backend_module(backend).forward_stats(
         q, k, v, softmax_scale=softmax_scale, left=left, right=right
     )
-    # a backend may hand back one tensor as both (its stats are the LSE); custom-op outputs must not alias
-    return out, lse, stats.clone() if stats is lse else stats
 
 
 @attention_forward.register_fake
 def _(q, k, v, softmax_scale, left, right, backend):
     batch, heads, seqlen_q, head_dim = q.shape
-    lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
-    return q.new_empty((batch, heads, seqlen_q, head_dim)), lse, torch.empty_like(lse)
+    return q.new_empty((batch, heads, seqlen_q, head_dim)), q.new_empty(
+        (batch, heads, seqlen_q), dtype=torch.float32
+    )
+
+
+def lse_of(stats: torch.Tensor, backend: str) -> torch.Tensor:
+    """The natural-log LSE [B, H, Sq] float32 from a backend's stats: a tensor of its own, so that changing
+    it in place leaves the stats the backward saved alone."""
+    scale = _backend_module(backend).STATS_TO_LSE
+    return stats * scale if scale != 1.0 else stats.clone()
 
 
 @torch.library.custom_op("flashattention::attention_backward", mutates_args=())
@@ -86,10 +93,10 @@ def _(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, softmax_scale, left, right, backend = inputs
-    out, lse, stats = output
+    out, stats = output
     ctx.save_for_backward(q, k, v, out, stats)
     ctx.args = (softmax_scale, left, right, backend)
-    ctx.mark_non_differentiable(lse, stats)
+    ctx.mark_non_differentiable(stats)
 
 
 def _grads(ctx, grad_out, backward_op):
@@ -100,7 +107,7 @@ def _grads(ctx, grad_out, backward_op):
     return dq, dk, dv, None, None, None, None
 
 
-def _backward(ctx, grad_out, grad_lse, grad_stats):
+def _backward(ctx, grad_out, grad_stats):
     return _grads(ctx, grad_out, attention_backward)
 
 
@@ -118,7 +125,7 @@ class _EagerAttention(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_stats):
+    def backward(ctx, grad_out, grad_stats):
         return _grads(ctx, grad_out, _backward_impl)
 
 
@@ -144,7 +151,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 
 def attention(q, k, v, softmax_scale: float, left: int, right: int, backend: str):
-    """(out, lse, stats) of validated inputs, differentiable in q, k and v."""
+    """(out, stats) of validated inputs, differentiable in q, k and v (lse_of(stats, backend): the LSE)."""
     if _plain(q, k, v):
         if torch._C._are_functorch_transforms_active():
             return _EagerAttention.apply(q, k, v, softmax_scale, left, right, backend)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation
-from ._autograd import attention
+from ._autograd import attention, lse_of
 
 
 def flash_attention(
@@ -43,5 +43,5 @@ def flash_attention(
     left, right = _validation.canonical_window(causal, window_size)
     backend = _validation.pick_backend(backend, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse, _ = attention(q, k, v, scale, left, right, backend)
-    return (out, lse) if return_lse else out
+    out, stats = attention(q, k, v, scale, left, right, backend)
+    return (out, lse_of(stats, backend)) if return_lse else out

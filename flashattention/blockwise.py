@@ -57,8 +57,17 @@ def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+STATS_TO_LSE = 1.0  # the stats are the LSE
+
+
 def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
     """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] float32, stats for the backward = lse)."""
+    out, lse = forward_stats(q, k, v, softmax_scale=softmax_scale, left=left, right=right)
+    return out, lse, lse
+
+
+def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int):
+    """(out, stats) of attention_forward."""
     b, h, seqlen_q, d = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     g = h // kv_heads
@@ -91,8 +100,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
         denom = torch.where(empty, torch.ones_like(row_sum), row_sum)
         out[:, :, :, q0:q1] = (acc / denom[..., None]).to(q.dtype)
         lse[:, :, :, q0:q1] = torch.where(empty, float("-inf"), m + torch.log(denom)).float()
-    lse = lse.view(b, h, seqlen_q)
-    return out.view(b, h, seqlen_q, d), lse, lse
+    return out.view(b, h, seqlen_q, d), lse.view(b, h, seqlen_q)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: int, right: int):

@@ -223,6 +223,19 @@ def test_return_lse_and_output_dtype(dtype, backend: str, device: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_changing_the_returned_lse_leaves_the_backward_alone(backend: str, device: str) -> None:
+    """The returned lse is the user's own tensor: writing into it changes neither the saved softmax
+    statistics nor the gradients (the backward recomputes the probabilities from those)."""
+    q, k, v, dout = make_inputs(1, 2, 2, 17, 17, 16, F32, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, backend=backend, causal=True, return_lse=True)
+    expected = torch.autograd.grad(flash_attention(*leaves, backend=backend, causal=True), leaves, dout)
+    lse.fill_(1e4)
+    for got, want in zip(torch.autograd.grad(out, leaves, dout), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lse_is_not_differentiable(backend: str, device: str) -> None:
     q, k, v, _ = make_inputs(1, 2, 2, 17, 17, 16, F32, device)
     q.requires_grad_()

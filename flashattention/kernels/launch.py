@@ -1,6 +1,7 @@
 """Thin launchers: allocate outputs, pick the config (autotuned, default or forced) and the grid, launch.
-Entry points match flashattention.blockwise: attention_forward -> (out, lse, stats) and
-attention_backward(dout, q, k, v, out, stats); here stats is the log2-unit LSE2 the backward needs."""
+Entry points match flashattention.blockwise: attention_forward -> (out, lse, stats), forward_stats ->
+(out, stats) (no LSE for the user: one launch less) and attention_backward(dout, q, k, v, out, stats); here
+stats is the log2-unit LSE2 the backward needs, and lse = stats * STATS_TO_LSE."""
 
 from __future__ import annotations
 
@@ -394,17 +395,26 @@ def _mask_flags(left: int, right: int) -> dict:
     return dict(window_left=max(left, 0), window_right=max(right, 0), HAS_LO=left >= 0, HAS_HI=right >= 0)
 
 
+STATS_TO_LSE = LN2  # the kernels' LSE2 is in log2 units
+
+
 def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
     """out [B, H, Sq, D] (q.dtype, contiguous), lse [B, H, Sq] float32 (natural log), lse2 = lse * log2(e)
     as the kernel computed it (saved for the backward)."""
+    out, lse2 = forward_stats(q, k, v, softmax_scale=softmax_scale, left=left, right=right, config=config)
+    return out, lse2 * STATS_TO_LSE, lse2
+
+
+def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
+    """(out, lse2) of attention_forward, without the natural-log LSE."""
     batch, heads, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
     lse2 = _empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
-        return out, lse2, lse2
+        return out, lse2
     if seqlen_k == 0:  # no keys: every row is empty (-inf is the same in both units)
-        return out.zero_(), lse2.fill_(-math.inf), lse2
+        return out.zero_(), lse2.fill_(-math.inf)
     unit = _stride_unit(q, k, v, out)
     args = dict(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
@@ -422,7 +432,7 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
         return tiles
 
     _launch(attn_fwd_kernel, "fwd", grid, args, args["HEAD_DIM_PAD"], q.device, q.dtype, config)
-    return out, lse2 * LN2, lse2
+    return out, lse2
 
 
 def attention_backward(
