@@ -6,6 +6,7 @@ host time per call and whether a call synchronises.
 
     PYTHONPATH=. python -m benchmarks.host_profile [--calls 300] [--lines 30]
     PYTHONPATH=. python -m benchmarks.host_profile --configs [--seqlen 512 --dim 128 --causal]
+    PYTHONPATH=. python -m benchmarks.host_profile --ab   # the direct apply and the LSE launch, A/B
 """
 
 from __future__ import annotations
@@ -127,6 +128,41 @@ def profile_calls(args) -> None:
             pstats.Stats(profile).sort_stats(order).print_stats(args.lines)
 
 
+def host_ab(args) -> None:
+    """This session's host changes against what they replaced, on one host, interleaved: the forward as it
+    is; with Function.apply's per-call argument binding back; and with the extra `stats * ln 2` launch a
+    plain call used to make."""
+    from flashattention import _autograd
+
+    q, k, v = (
+        torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    direct = _autograd._apply_unbound
+    variants = {
+        "now": (direct, False),
+        "with Function.apply": (_autograd._EagerAttention.apply, False),
+        "with Function.apply and the LSE launch": (_autograd._EagerAttention.apply, True),
+    }
+    results = {name: [] for name in variants}
+    try:
+        for _ in range(3):
+            for name, (apply, lse) in variants.items():
+                _autograd._apply_unbound = apply
+
+                def call(lse=lse):
+                    out = flash_attention(q, k, v, causal=True, return_lse=lse)
+                    return out
+
+                for _ in range(20):
+                    call()
+                results[name].append(host_us(call, args.calls))
+    finally:
+        _autograd._apply_unbound = direct
+    for name, times in results.items():
+        runs = ", ".join(f"{t:.0f}" for t in times)
+        print(f"host us per forward call, {name}: {min(times):.0f} (runs {runs})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=300)
@@ -135,8 +171,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=0, help="with --configs: at the benchmark's shape")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument(
+        "--ab", action="store_true", help="the host changes of 2026-11-26 against what they replaced"
+    )
     args = ap.parse_args()
-    if args.configs:
+    if args.ab:
+        host_ab(args)
+    elif args.configs:
         per_config(args)
     else:
         profile_calls(args)
