@@ -443,9 +443,8 @@ def test_host_descriptors_cover_every_head_and_skip_broadcasts(monkeypatch: pyte
     monkeypatch.setattr(launch, "_gluon_problems", lambda args: [])  # as on a Hopper GPU
     cfg = configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True)
     assert not launch._applies(cfg, {"Q": q, "K": k, "V": k, "seqlen_k": 80, "HAS_HI": False})  # too small
-    big = torch.empty(
-        8, 32, 2048, 64, dtype=torch.bfloat16, device="meta"
-    )  # 2**35 of work causal (the threshold)
+    # B * H * Sq * D * Sk = 2**36: 2**35 causal, the threshold
+    big = torch.empty(8, 32, 2048, 64, dtype=torch.bfloat16, device="meta")
     for causal, sk, applies in (
         (False, 2048, True),
         (True, 2048, True),
