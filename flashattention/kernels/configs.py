@@ -185,12 +185,29 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # the table). Causal: -3% to -34%: programs take every 132nd tile, head by head, so their work
             # differs (no longest-first balance across heads); D64 three consumers spill 964 B
             64: [
+                # the dynamic tile order (WS_DYNAMIC), not yet timed
+                _c(
+                    192,
+                    128,
+                    4,
+                    2,
+                    GLUON_WS=True,
+                    WS_CONSUMERS=3,
+                    PERSISTENT=True,
+                    WS_DYNAMIC=True,
+                    HOST_DESC=True,
+                ),
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
             ],
-            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
+            128: [
+                _c(
+                    128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, WS_DYNAMIC=True, HOST_DESC=True
+                ),  # not yet timed
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
+            ],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),
