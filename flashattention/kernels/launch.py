@@ -97,7 +97,7 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
         if config.kwargs.get("HOST_DESC"):
             args = dict(args, **_host_descriptors(args, config.kwargs["BLOCK_N"]))
         if config.kwargs.get("WS_DYNAMIC"):
-            args = dict(args, TILE_COUNTER=_tile_counter(args["Q"].device))
+            args = dict(args, TILE_COUNTER=_tile_counter(args["O"].device))
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
