@@ -107,12 +107,11 @@ _tile_counters: dict[tuple, torch.Tensor] = {}
 
 
 def _tile_counter(device: torch.device) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device)
-    if stream.is_capturing():
+    if torch.cuda.is_current_stream_capturing():
         # in a CUDA graph the zeroing is a node of the graph, run before the kernel at every replay (a
         # cached counter made here would never have been zeroed outside the graph)
         return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.index, stream.cuda_stream)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     counter = _tile_counters.get(key)
     if counter is None:
         counter = _tile_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
