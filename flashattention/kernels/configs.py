@@ -185,6 +185,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # the table). Causal: -3% to -34%: programs take every 132nd tile, head by head, so their work
             # differs (no longest-first balance across heads); D64 three consumers spill 964 B
             64: [
+                # one exponential in 4 or 2 on the FMA units (POLY_EXP2): not yet timed
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True, POLY_EXP2=4),
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True, POLY_EXP2=2),
                 # the dynamic tile order (WS_DYNAMIC), not yet timed
                 _c(
                     192,
@@ -203,6 +206,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
             ],
             128: [
+                _c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True, POLY_EXP2=4),  # not yet timed
                 _c(
                     128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, WS_DYNAMIC=True, HOST_DESC=True
                 ),  # not yet timed

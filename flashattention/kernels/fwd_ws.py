@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import persistent_tile, tile_range, unit_strides, visible
+from .common import exp2_split, persistent_tile, tile_range, unit_strides, visible
 
 
 @gluon.jit
@@ -186,19 +186,30 @@ def _producer(
 
 @gluon.jit
 def _softmax_step(
-    qk, m_i, l_i, start_n, rows, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr
-):
+    qk, m_i, l_i, start_n, rows, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    POLY_EXP2: gl.constexpr,
+):  # fmt: skip
     """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new). Element masks only on the tiles
     outside [full_lo, full_hi) (a scalar branch). rows: what stays fixed along a consumer's tiles, (offs_m,
-    full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)."""
+    full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale). POLY_EXP2 (2 or 4): on the unmasked tiles one
+    exponential in POLY_EXP2 by a polynomial on the FMA units (common.exp2_split), which has no exact 0
+    for a masked score."""
     offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = rows
-    if (start_n < full_lo) | (start_n >= full_hi):
+    masked = (start_n < full_lo) | (start_n >= full_hi)
+    if masked:
         offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, qk.type.layout))
         vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
         qk = gl.where(vis, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-    p = gl.exp2(qk * qk_scale - m_shift[:, None])
+    x = qk * qk_scale - m_shift[:, None]
+    if POLY_EXP2:
+        if masked:
+            p = gl.exp2(x)
+        else:
+            p = exp2_split(x, POLY_EXP2)
+    else:
+        p = gl.exp2(x)
     alpha = gl.exp2(m_i - m_shift)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
@@ -250,7 +261,7 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consume(
     shared, tile, done, issues, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr,
-    PINGPONG: gl.constexpr, ME: gl.constexpr,
+    PINGPONG: gl.constexpr, ME: gl.constexpr, POLY_EXP2: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME's work for one tile, once its Q has landed: its ROWS query rows against every key tile of
     the block, then its rows of O and LSE2. `done` (K/V copies) and `issues` (this consumer's matmul
@@ -305,7 +316,7 @@ def _consume(
         _pass_turn(turn_other, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
         mbarrier.arrive(k_empty.index(s))
-        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
+        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI, POLY_EXP2)
         p = gl.convert_layout(p32.to(dtype), p_layout)
     for i in range(1, n_tiles):
         s = (done + i) % STAGES
@@ -325,7 +336,9 @@ def _consume(
         _pass_turn(turn_other, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
         mbarrier.arrive(k_empty.index(s))
-        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI)
+        p32, alpha, m_i, l_i = _softmax_step(
+            qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, POLY_EXP2
+        )
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -363,7 +376,7 @@ def _consume(
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    ME: gl.constexpr, DYNAMIC: gl.constexpr,
+    ME: gl.constexpr, DYNAMIC: gl.constexpr, POLY_EXP2: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): _consume for each tile of this program, every step-th from its first, or with
@@ -382,7 +395,7 @@ def _consumer(
         while tile < end:
             done, issues = _consume(
                 shared, tile, done, issues, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                PINGPONG, ME,
+                PINGPONG, ME, POLY_EXP2,
             )  # fmt: skip
             tiles_begun += 1
             mbarrier.wait(q_bar, tiles_begun & 1)  # the next tile's Q, or the end
@@ -392,7 +405,7 @@ def _consumer(
             mbarrier.wait(q_bar, tiles_begun & 1)
             done, issues = _consume(
                 shared, tile, done, issues, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                PINGPONG, ME,
+                PINGPONG, ME, POLY_EXP2,
             )  # fmt: skip
             tiles_begun += 1
 
@@ -408,7 +421,7 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    WS_DYNAMIC: gl.constexpr = False, TILE_COUNTER=None,
+    WS_DYNAMIC: gl.constexpr = False, TILE_COUNTER=None, POLY_EXP2: gl.constexpr = 0,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles head by head (common.persistent_tile), so that
@@ -484,9 +497,9 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, WS_DYNAMIC)),
+                             WS_PINGPONG, 0, WS_DYNAMIC, POLY_EXP2)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, WS_DYNAMIC)),
+                             WS_PINGPONG, 1, WS_DYNAMIC, POLY_EXP2)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC)),
             ],
             [num_warps, 1],
@@ -496,11 +509,11 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, WS_DYNAMIC)),
+                             WS_PINGPONG, 0, WS_DYNAMIC, POLY_EXP2)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, WS_DYNAMIC)),
+                             WS_PINGPONG, 1, WS_DYNAMIC, POLY_EXP2)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 2, WS_DYNAMIC)),
+                             WS_PINGPONG, 2, WS_DYNAMIC, POLY_EXP2)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC)),
             ],
             [num_warps, num_warps, 1],
