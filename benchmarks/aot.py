@@ -38,7 +38,6 @@ def blocks_per_sm(shared: int, regs: int, warps: int) -> int:
 
 
 FP32_POINTERS = {"LSE2", "DELTA", "DQ_ACC"}
-INT32_POINTERS = {"TILE_COUNTER"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
 
@@ -78,16 +77,12 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
     if kernel == "bwd_dkdv":
         constexprs.setdefault("ATOMIC_DQ", False)
         constexprs["DQ_ACC"] = None
-    if gluon and kernel == "fwd" and not config.kwargs.get("WS_DYNAMIC"):
-        constexprs["TILE_COUNTER"] = None
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name[0].isupper():  # tensors are named in capitals
-            signature[name] = (
-                "*fp32" if name in FP32_POINTERS else "*i32" if name in INT32_POINTERS else element
-            )
+            signature[name] = "*fp32" if name in FP32_POINTERS else element
         else:
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     for param in fn.params:  # defaults of constexprs the config leaves out

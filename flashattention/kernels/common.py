@@ -136,16 +136,14 @@ def exp2_poly(x):
     return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
 
 
-def _exp2_pack_ptx(n: int) -> str:
-    """PTX for n elements: ex2.approx (the MUFU unit, 16 results per clock per SM on Hopper, a bottleneck
-    of the forward at D <= 128) for the first n - 1, the arithmetic of exp2_poly for the last."""
-    ex2 = "\n".join(f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1))
-    return f"""
-{{
+# The same arithmetic in PTX, for the second element of each register pair; the first goes to ex2.approx
+# (the MUFU unit, 16 results per clock per SM on Hopper, a bottleneck of the forward at D <= 128).
+_EXP2_PAIR_PTX = tl.constexpr("""
+{
 .reg .f32 xf, xt, xp;
 .reg .b32 bt, bp;
-{ex2}
-max.ftz.f32 xf, ${2 * n - 1}, 0fC2FC0000;
+ex2.approx.ftz.f32 $0, $2;
+max.ftz.f32 xf, $3, 0fC2FC0000;
 add.rn.ftz.f32 xt, xf, 0f4B400000;
 sub.rn.ftz.f32 xp, xt, 0f4B400000;
 sub.rn.ftz.f32 xf, xf, xp;
@@ -156,36 +154,24 @@ mov.b32 bt, xt;
 shl.b32 bt, bt, 23;
 mov.b32 bp, xp;
 add.s32 bp, bp, bt;
-mov.b32 ${n - 1}, bp;
-}}
-"""
-
-
-# one exponential in EVERY (2 or 4) by the polynomial: the asm and its constraints
-_EXP2_PACK_PTX_2 = tl.constexpr(_exp2_pack_ptx(2))
-_EXP2_PACK_PTX_4 = tl.constexpr(_exp2_pack_ptx(4))
+mov.b32 $1, bp;
+}
+""")
 
 if interpreting():
 
     @triton.jit
-    def exp2_split(x, EVERY: tl.constexpr = 2):
-        """Interpreter stand-in for the PTX below (no inline assembly there): every EVERY-th column by
-        exp2_poly."""
-        poly = (tl.arange(0, x.shape[1]) % EVERY == EVERY - 1)[None, :]
-        return tl.where(poly, exp2_poly(x), tl.math.exp2(x))
+    def exp2_split(x):
+        """Interpreter stand-in for the PTX below (no inline assembly there): odd columns by exp2_poly."""
+        odd = (tl.arange(0, x.shape[1]) % 2 == 1)[None, :]
+        return tl.where(odd, exp2_poly(x), tl.math.exp2(x))
 
 else:
 
     @triton.jit
-    def exp2_split(x, EVERY: tl.constexpr = 2):
-        """2^x of finite x <= 0, one element in EVERY (2 or 4) by exp2_poly on the FMA units and the others
-        on MUFU (ex2.approx), as FlashAttention-4 does: groups of EVERY elements of a thread's registers."""
-        if EVERY == 4:
-            p = tl.inline_asm_elementwise(
-                _EXP2_PACK_PTX_4, "=f,=f,=f,=f,f,f,f,f", [x], dtype=tl.float32, is_pure=True, pack=4
-            )
-        else:
-            p = tl.inline_asm_elementwise(
-                _EXP2_PACK_PTX_2, "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2
-            )
-        return p
+    def exp2_split(x):
+        """2^x of finite x <= 0, half on MUFU (ex2.approx) and half by exp2_poly on the FMA units, as
+        FlashAttention-4 does: pairs of adjacent elements, one each."""
+        return tl.inline_asm_elementwise(
+            _EXP2_PAIR_PTX, "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2
+        )

@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import exp2_split, persistent_tile, tile_range, unit_strides, visible
+from .common import persistent_tile, tile_range, unit_strides, visible
 
 
 @gluon.jit
@@ -60,156 +60,81 @@ def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
 
 
 @gluon.jit
-def _post_tile(tile_smem, tile):
-    """The producer's one warp writes the number of the tile whose Q it is about to load (or the end
-    sentinel) into shared memory, before the arrive on the Q barrier that publishes it (an mbarrier arrive
-    releases the thread's earlier writes; the warp barrier orders every lane's store before it)."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    tile_smem.store(gl.full([1], tile, gl.int32, layout))
-    gl.thread_barrier()
-
-
-@gluon.jit
-def _read_tile(tile_smem, num_warps: gl.constexpr):
-    """A consumer's read of _post_tile's number, after its wait on the Q barrier."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    return gl.max(tile_smem.load(layout), 0)
-
-
-@gluon.jit
-def _next_tile(step, end, tile_counter):
-    """WS_DYNAMIC: a program's next tile, from the launch's shared counter (step + the counter's value: each
-    program's first tile is its program id). Every program fetches once per tile it runs, so the launch's
-    fetches return 0 .. end - 1; the one that gets end - 1 is the last and sets the counter back to 0 for
-    the next launch on the stream."""
-    taken = gl.atomic_add(tile_counter, 1)
-    if taken == end - 1:
-        gl.atomic_xchg(tile_counter, 0)
-    return step + taken
-
-
-@gluon.jit
-def _produce(
-    loads, tile, issued, tiles_begun, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, DYNAMIC: gl.constexpr,
+def _producer(
+    loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr,
 ):  # fmt: skip
-    """The producer's work for one tile: its Q (q_smem: [consumers, rows each, head dim]) once the consumers
-    have released the previous one, then K and V of its key tiles into the ring, copy i into buffer
-    i % STAGES once every consumer has released it (i counts this program's copies across tiles, as the
-    consumers count them). With DYNAMIC it posts the tile's number with its Q and fetches the next one.
-    Returns (copies issued, the next tile of DYNAMIC)."""
+    """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
+    the tile's Q (q_smem: [consumers, rows each, head dim]) once the consumers have released the previous
+    one, then K and V of its key tiles into the ring, copy i into buffer i % STAGES once every consumer has
+    released it (i counts this program's copies across tiles, as the consumers count them)."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, tile_smem,
-     first, end, step, tile_counter, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off,
-     hi_off) = loads  # fmt: skip
+     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first, end, step,
+     num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-        tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
-    )  # fmt: skip
-    off_b = (off_bh // num_heads).to(gl.int64)
-    off_h = (off_bh % num_heads).to(gl.int64)
-    off_hk = off_h // group
-    if HOST_DESC:  # [B, H, S, D] descriptors made on the host: (batch, head, row) coordinates
-        q_desc = Q
-        k_desc = K
-        v_desc = V
-    else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not another head's rows
-        _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES)
-        q_desc = tma.make_tensor_descriptor(
-            Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
-            strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
-        )  # fmt: skip
-        k_desc = tma.make_tensor_descriptor(
-            K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
-            strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
-        )  # fmt: skip
-        v_desc = tma.make_tensor_descriptor(
-            V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
-            strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
-        )  # fmt: skip
-    # a fresh barrier counts as having completed the phase before 0: the first wait passes
-    mbarrier.wait(q_empty, (tiles_begun & 1) ^ 1)
-    if DYNAMIC:
-        _post_tile(tile_smem, tile)
-    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-    for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
-        _copy(q_desc, off_b, off_h, start_m + c * ROWS, q_bar, q_smem.index(c), HOST_DESC)
-    nxt = end
-    if DYNAMIC:  # its latency under this tile's copies
-        nxt = _next_tile(step, end, tile_counter)
-    for i in range(n_tiles):
-        s = (issued + i) % STAGES
-        phase = ((issued + i) // STAGES) & 1
-        start_n = lo + i * BLOCK_N
-        mbarrier.wait(k_empty.index(s), phase ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        _copy(k_desc, off_b, off_hk, start_n, k_ready.index(s), k_smem.index(s), HOST_DESC)
-        mbarrier.wait(v_empty.index(s), phase ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
-    return issued + n_tiles, nxt
-
-
-@gluon.jit
-def _producer(
-    loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, DYNAMIC: gl.constexpr,
-):  # fmt: skip
-    """One warp (`loads`: its runtime arguments, as the kernel packs them): _produce for each tile of this
-    program, every step-th from its first; with DYNAMIC in the counter's order (_next_tile), each tile's
-    number and then the end posted to the consumers (_post_tile)."""
-    (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, tile_smem,
-     first, end, step, tile_counter, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off,
-     hi_off) = loads  # fmt: skip
     issued = 0
     tiles_begun = 0
-    if DYNAMIC:
-        tile = first
-        while tile < end:
-            issued, tile = _produce(
-                loads, tile, issued, tiles_begun, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC
+    for tile in range(first, end, step):
+        off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
+            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+        )  # fmt: skip
+        off_b = (off_bh // num_heads).to(gl.int64)
+        off_h = (off_bh % num_heads).to(gl.int64)
+        off_hk = off_h // group
+        if HOST_DESC:  # [B, H, S, D] descriptors made on the host: (batch, head, row) coordinates
+            q_desc = Q
+            k_desc = K
+            v_desc = V
+        else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not another head's rows
+            _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES)
+            q_desc = tma.make_tensor_descriptor(
+                Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
+                strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
             )  # fmt: skip
-            tiles_begun += 1
-        mbarrier.wait(q_empty, (tiles_begun & 1) ^ 1)  # the end, once the consumers are done with the last Q
-        _post_tile(tile_smem, end)
-        mbarrier.arrive(q_bar)
-    else:
-        for tile in range(first, end, step):
-            issued, _ = _produce(
-                loads, tile, issued, tiles_begun, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC
+            k_desc = tma.make_tensor_descriptor(
+                K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
+                strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
             )  # fmt: skip
-            tiles_begun += 1
+            v_desc = tma.make_tensor_descriptor(
+                V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
+                strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
+            )  # fmt: skip
+        # a fresh barrier counts as having completed the phase before 0: the first wait passes
+        mbarrier.wait(q_empty, (tiles_begun & 1) ^ 1)
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
+            _copy(q_desc, off_b, off_h, start_m + c * ROWS, q_bar, q_smem.index(c), HOST_DESC)
+        for i in range(n_tiles):
+            s = (issued + i) % STAGES
+            phase = ((issued + i) // STAGES) & 1
+            start_n = lo + i * BLOCK_N
+            mbarrier.wait(k_empty.index(s), phase ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            _copy(k_desc, off_b, off_hk, start_n, k_ready.index(s), k_smem.index(s), HOST_DESC)
+            mbarrier.wait(v_empty.index(s), phase ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
+        issued += n_tiles
+        tiles_begun += 1
 
 
 @gluon.jit
 def _softmax_step(
-    qk, m_i, l_i, start_n, rows, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    POLY_EXP2: gl.constexpr,
-):  # fmt: skip
+    qk, m_i, l_i, start_n, rows, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr
+):
     """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new). Element masks only on the tiles
     outside [full_lo, full_hi) (a scalar branch). rows: what stays fixed along a consumer's tiles, (offs_m,
-    full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale). POLY_EXP2 (2 or 4): on the unmasked tiles one
-    exponential in POLY_EXP2 by a polynomial on the FMA units (common.exp2_split), which has no exact 0
-    for a masked score."""
+    full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)."""
     offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = rows
-    masked = (start_n < full_lo) | (start_n >= full_hi)
-    if masked:
+    if (start_n < full_lo) | (start_n >= full_hi):
         offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, qk.type.layout))
         vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
         qk = gl.where(vis, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-    x = qk * qk_scale - m_shift[:, None]
-    if POLY_EXP2:
-        if masked:
-            p = gl.exp2(x)
-        else:
-            p = exp2_split(x, POLY_EXP2)
-    else:
-        p = gl.exp2(x)
+    p = gl.exp2(qk * qk_scale - m_shift[:, None])
     alpha = gl.exp2(m_i - m_shift)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
@@ -258,18 +183,20 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consume(
-    shared, tile, done, issues, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr,
-    PINGPONG: gl.constexpr, ME: gl.constexpr, POLY_EXP2: gl.constexpr,
+def _consumer(
+    shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
+    ME: gl.constexpr,
 ):  # fmt: skip
-    """Consumer ME's work for one tile, once its Q has landed: its ROWS query rows against every key tile of
-    the block, then its rows of O and LSE2. `done` (K/V copies) and `issues` (this consumer's matmul
-    issues, the ping-pong's turns) count from the program's first tile, as the producer and the other
-    consumers count them; returns both after this tile."""
-    (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, tile_smem, O, LSE2,
-     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q, seqlen_k, lo_off,
-     hi_off, qk_scale) = shared  # fmt: skip
+    """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
+    kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
+    block. With PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the
+    consumers' matmuls take turns on the tensor cores and each one's softmax runs under the others'. K/V
+    copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
+    consumers count them."""
+    (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
+     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q, seqlen_k,
+     lo_off, hi_off, qk_scale) = shared  # fmt: skip
     consumers: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
     q_smem = q_smem.index(ME)
@@ -292,122 +219,90 @@ def _consume(
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-        tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
-    )  # fmt: skip
-    start_m = start_m + ME * ROWS  # this consumer's rows
-    total = n_tiles  # the block's key tiles: the producer loads them all
-    if OWN_RANGE:
-        n_tiles = _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS, BLOCK_N, HAS_HI)
-    offs_m = start_m + gl.arange(0, ROWS, row_s)
-    rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([ROWS], gl.float32, row_s)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-    if n_tiles > 0:
-        # tile 0: scores and softmax only (the accumulator is still zero)
-        s = done % STAGES
-        mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
-        _take_turn(turn_me, issues, ME, PINGPONG)
-        qk_token = warpgroup_mma(
-            q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-        )
-        _pass_turn(turn_other, PINGPONG)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-        mbarrier.arrive(k_empty.index(s))
-        p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI, POLY_EXP2)
-        p = gl.convert_layout(p32.to(dtype), p_layout)
-    for i in range(1, n_tiles):
-        s = (done + i) % STAGES
-        prev = (done + i - 1) % STAGES
-        prev_phase = ((done + i - 1) // STAGES) & 1
-        # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
-        mbarrier.wait(k_ready.index(s), ((done + i) // STAGES) & 1)
-        if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            _take_turn(turn_me, issues + i, ME, PINGPONG)
-        qk_token = warpgroup_mma(
-            q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-        )
-        if not PINGPONG:
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-        acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-        _pass_turn(turn_other, PINGPONG)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
-        mbarrier.arrive(k_empty.index(s))
-        p32, alpha, m_i, l_i = _softmax_step(
-            qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, POLY_EXP2
-        )
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-        mbarrier.arrive(v_empty.index(prev))
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p = gl.convert_layout(p32.to(dtype), p_layout)
-    mbarrier.arrive(q_empty)  # every Q K^T of this tile has completed: the producer may load the next Q
-    if n_tiles > 0:
-        last = (done + n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
-        _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
-        acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-        _pass_turn(turn_other, PINGPONG)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-        mbarrier.arrive(v_empty.index(last))
-        issues += n_tiles + 1
-    if OWN_RANGE:  # after this consumer's last P V: the producer's next copies may wait for that buffer
-        _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
-
-    empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
-    lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-    gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
-    out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
-    out = gl.convert_layout(out.to(dtype), store_layout)
-    out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
-    off_b = (off_bh // num_heads).to(gl.int64)
-    o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
-    gl.store(
-        O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
-        mask=(out_rows < seqlen_q)[:, None],
-    )  # fmt: skip
-    return done + total, issues
-
-
-@gluon.jit
-def _consumer(
-    shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    ME: gl.constexpr, DYNAMIC: gl.constexpr, POLY_EXP2: gl.constexpr,
-):  # fmt: skip
-    """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
-    kernel packs them): _consume for each tile of this program, every step-th from its first, or with
-    DYNAMIC the tiles whose numbers the producer posts with their Q until it posts the end. With PINGPONG
-    each issues its matmuls only in its turn (_take_turn / _pass_turn), so the consumers' matmuls take turns
-    on the tensor cores and each one's softmax runs under the others'."""
-    (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, tile_smem, O, LSE2,
-     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q, seqlen_k, lo_off,
-     hi_off, qk_scale) = shared  # fmt: skip
-    done = 0
-    issues = 0
+    done = 0  # K/V tiles consumed by this program before the current tile
+    issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     tiles_begun = 0
-    if DYNAMIC:
-        mbarrier.wait(q_bar, 0)  # the producer's first tile (its Q landed), or the end
-        tile = _read_tile(tile_smem, num_warps)
-        while tile < end:
-            done, issues = _consume(
-                shared, tile, done, issues, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                PINGPONG, ME, POLY_EXP2,
-            )  # fmt: skip
-            tiles_begun += 1
-            mbarrier.wait(q_bar, tiles_begun & 1)  # the next tile's Q, or the end
-            tile = _read_tile(tile_smem, num_warps)
-    else:
-        for tile in range(first, end, step):
-            mbarrier.wait(q_bar, tiles_begun & 1)
-            done, issues = _consume(
-                shared, tile, done, issues, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                PINGPONG, ME, POLY_EXP2,
-            )  # fmt: skip
-            tiles_begun += 1
+    for tile in range(first, end, step):
+        off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
+            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+        )  # fmt: skip
+        start_m = start_m + ME * ROWS  # this consumer's rows
+        total = n_tiles  # the block's key tiles: the producer loads them all
+        if OWN_RANGE:
+            n_tiles = _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS, BLOCK_N, HAS_HI)
+        offs_m = start_m + gl.arange(0, ROWS, row_s)
+        rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+        mbarrier.wait(q_bar, tiles_begun & 1)
+        if n_tiles > 0:
+            # tile 0: scores and softmax only (the accumulator is still zero)
+            s = done % STAGES
+            mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
+            _take_turn(turn_me, issues, ME, PINGPONG)
+            qk_token = warpgroup_mma(
+                q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
+            )
+            _pass_turn(turn_other, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
+            mbarrier.arrive(k_empty.index(s))
+            p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+        for i in range(1, n_tiles):
+            s = (done + i) % STAGES
+            prev = (done + i - 1) % STAGES
+            prev_phase = ((done + i - 1) // STAGES) & 1
+            # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
+            mbarrier.wait(k_ready.index(s), ((done + i) // STAGES) & 1)
+            if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
+                mbarrier.wait(v_ready.index(prev), prev_phase)
+                _take_turn(turn_me, issues + i, ME, PINGPONG)
+            qk_token = warpgroup_mma(
+                q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
+            )
+            if not PINGPONG:
+                mbarrier.wait(v_ready.index(prev), prev_phase)
+            acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+            _pass_turn(turn_other, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
+            mbarrier.arrive(k_empty.index(s))
+            p32, alpha, m_i, l_i = _softmax_step(
+                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI
+            )
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p = gl.convert_layout(p32.to(dtype), p_layout)
+        mbarrier.arrive(q_empty)  # every Q K^T of this tile has completed: the producer may load the next Q
+        if n_tiles > 0:
+            last = (done + n_tiles - 1) % STAGES
+            mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
+            _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
+            acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+            _pass_turn(turn_other, PINGPONG)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+            mbarrier.arrive(v_empty.index(last))
+            issues += n_tiles + 1
+        if OWN_RANGE:  # after this consumer's last P V: the producer's next copies may wait for that buffer
+            _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
+        done += total
+        tiles_begun += 1
+
+        empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
+        lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
+        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
+        out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
+        out = gl.convert_layout(out.to(dtype), store_layout)
+        out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+        off_b = (off_bh // num_heads).to(gl.int64)
+        o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
+        gl.store(
+            O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
+            mask=(out_rows < seqlen_q)[:, None],
+        )  # fmt: skip
 
 
 @gluon.jit(do_not_specialize=["batch"])
@@ -421,7 +316,6 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    WS_DYNAMIC: gl.constexpr = False, TILE_COUNTER=None, POLY_EXP2: gl.constexpr = 0,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles head by head (common.persistent_tile), so that
@@ -436,7 +330,6 @@ def attn_fwd_ws_kernel(
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
-    gl.static_assert(PERSISTENT or not WS_DYNAMIC, "WS_DYNAMIC orders a PERSISTENT program's tiles")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # per consumer
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
@@ -466,7 +359,6 @@ def attn_fwd_ws_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
-    tile_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(q_bar, count=1)
     mbarrier.init(q_empty, count=WS_CONSUMERS)  # every consumer releases the Q buffer
     for c in gl.static_range(WS_CONSUMERS):
@@ -481,26 +373,20 @@ def attn_fwd_ws_kernel(
     lo_off = diag - window_left
     hi_off = diag + window_right
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
-    # the tile counter of WS_DYNAMIC (without it any pointer fills its place in the producer's arguments)
-    if WS_DYNAMIC:
-        tile_counter = TILE_COUNTER
-    else:
-        tile_counter = LSE2
-    shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, tile_smem, O,
-              LSE2, stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q, seqlen_k,
-              lo_off, hi_off, qk_scale)  # fmt: skip
+    shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
+              stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q,
+              seqlen_k, lo_off, hi_off, qk_scale)  # fmt: skip
     loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-             stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, tile_smem,
-             first, end, step, tile_counter, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off,
-             hi_off)  # fmt: skip
+             stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first,
+             end, step, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, WS_DYNAMIC, POLY_EXP2)),
+                             WS_PINGPONG, 0)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, WS_DYNAMIC, POLY_EXP2)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC)),
+                             WS_PINGPONG, 1)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -509,12 +395,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, WS_DYNAMIC, POLY_EXP2)),
+                             WS_PINGPONG, 0)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, WS_DYNAMIC, POLY_EXP2)),
+                             WS_PINGPONG, 1)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 2, WS_DYNAMIC, POLY_EXP2)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC)),
+                             WS_PINGPONG, 2)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],

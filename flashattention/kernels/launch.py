@@ -96,26 +96,7 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
             from .fwd_ws import attn_fwd_ws_kernel as kernel_fn
         if config.kwargs.get("HOST_DESC"):
             args = dict(args, **_host_descriptors(args, config.kwargs["BLOCK_N"]))
-        if config.kwargs.get("WS_DYNAMIC"):
-            args = dict(args, TILE_COUNTER=_tile_counter(args["O"].device))
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-# (device index, stream) -> the int32 tile counter of the WS_DYNAMIC launches on that stream. Each launch
-# leaves it at 0 (fwd_ws._next_tile), so launches in stream order share one; two streams' may overlap.
-_tile_counters: dict[tuple, torch.Tensor] = {}
-
-
-def _tile_counter(device: torch.device) -> torch.Tensor:
-    if torch.cuda.is_current_stream_capturing():
-        # in a CUDA graph the zeroing is a node of the graph, run before the kernel at every replay (a
-        # cached counter made here would never have been zeroed outside the graph)
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    counter = _tile_counters.get(key)
-    if counter is None:
-        counter = _tile_counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
 
 
 def _host_descriptors(args: dict, block_n: int) -> dict:
