@@ -24,11 +24,16 @@ from .common import persistent_tile, tile_range, unit_strides, visible
 
 
 @gluon.jit
-def _tile(tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _tile(tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
           HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
     """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles), in the order of
-    common.persistent_tile."""
+    common.persistent_tile. With 192-row blocks the blocks end at seqlen_q, so where BLOCK_M does not
+    divide it the first block is the partial one, starting before row 0: under a causal mask that block
+    sees the fewest keys, where the last one sees the most (at 2k, D64: one consumer of three idle through
+    the longest tile)."""
     off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
+    if (BLOCK_M & (BLOCK_M - 1)) != 0:  # 192 rows (the 2^k blocks keep their code as measured)
+        start_m = start_m - (num_m * BLOCK_M - seqlen_q)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
     return off_bh, start_m, lo, full_lo, full_hi, (hi - lo + BLOCK_N - 1) // BLOCK_N
 
@@ -78,7 +83,7 @@ def _producer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
@@ -144,14 +149,14 @@ def _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS: gl.conste
                HAS_HI: gl.constexpr):  # fmt: skip
     """How many of the block's n_tiles key tiles (from lo) a consumer's rows [start_m, start_m + ROWS) see:
     the block's range is its last rows', so with an upper mask (causal) the first consumers of a tall block
-    end earlier, and a consumer whose rows lie past seqlen_q sees none."""
+    end earlier, and a consumer whose rows lie outside [0, seqlen_q) sees none."""
     rows_end = gl.minimum(start_m + ROWS, seqlen_q)
     if HAS_HI:  # the last row r sees keys t <= r + hi_off
         hi = gl.minimum(gl.maximum(rows_end + hi_off, 0), seqlen_k)
     else:
         hi = seqlen_k
     own = gl.minimum(gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N, n_tiles)
-    return gl.where(rows_end > start_m, own, 0)
+    return gl.where(rows_end > gl.maximum(start_m, 0), own, 0)
 
 
 @gluon.jit
@@ -207,6 +212,10 @@ def _consumer(
     # 64-key tiles; at D128 128x128 never, and that code stays as measured). Not with the ping-pong, whose
     # turns count every consumer's issues alike
     OWN_RANGE: gl.constexpr = HAS_HI and (consumers - 1) * ROWS >= BLOCK_N and not PINGPONG
+    # where the block spans more key tiles than a consumer's rows, the block's masked tiles (its diagonal
+    # tiles under a causal mask: two for 192 rows and 128-key tiles) are more than each consumer's (one)
+    SHIFTED: gl.constexpr = (BLOCK_M & (BLOCK_M - 1)) != 0  # blocks that end at seqlen_q (_tile)
+    OWN_MASKS: gl.constexpr = (HAS_LO or HAS_HI) and (consumers - 1) * ROWS >= BLOCK_N
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
@@ -224,10 +233,14 @@ def _consumer(
     tiles_begun = 0
     for tile in range(first, end, step):
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         start_m = start_m + ME * ROWS  # this consumer's rows
         total = n_tiles  # the block's key tiles: the producer loads them all
+        if OWN_MASKS:  # element masks only where this consumer's rows need them
+            _, full_lo, full_hi, _ = tile_range(
+                start_m, ROWS, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI
+            )  # fmt: skip
         if OWN_RANGE:
             n_tiles = _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS, BLOCK_N, HAS_HI)
         offs_m = start_m + gl.arange(0, ROWS, row_s)
@@ -292,7 +305,10 @@ def _consumer(
 
         empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
         lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=offs_m < seqlen_q)
+        in_q = offs_m < seqlen_q
+        if SHIFTED:  # the first block may start before row 0 (_tile)
+            in_q = in_q & (offs_m >= 0)
+        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
         out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
         out = gl.convert_layout(out.to(dtype), store_layout)
         out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -301,7 +317,7 @@ def _consumer(
         o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
         gl.store(
             O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
-            mask=(out_rows < seqlen_q)[:, None],
+            mask=(((out_rows >= 0) | (not SHIFTED)) & (out_rows < seqlen_q))[:, None],
         )  # fmt: skip
 
 
