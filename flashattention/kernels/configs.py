@@ -185,6 +185,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # the table). Causal: -3% to -34%: programs take every 132nd tile, head by head, so their work
             # differs (no longest-first balance across heads); D64 three consumers spill 964 B
             64: [
+                _c(
+                    192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True, WS_PINGPONG=True
+                ),  # not yet timed
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
