@@ -39,6 +39,16 @@ def _tile(tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr
 
 
 @gluon.jit
+def _in_q(rows, seqlen_q, BLOCK_M: gl.constexpr):
+    """Which of `rows` are query rows: below seqlen_q, and with _tile's 192-row blocks (whose first block
+    may start before row 0) not negative."""
+    inside = rows < seqlen_q
+    if (BLOCK_M & (BLOCK_M - 1)) != 0:  # as in _tile
+        inside = inside & (rows >= 0)
+    return inside
+
+
+@gluon.jit
 def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.constexpr):
     """Waits for the last Q copy and the last STAGES K and V copies to land (at most STAGES are in flight:
     issuing copy i waited for the consumers to release copy i - STAGES, which had landed), so that their
@@ -214,7 +224,6 @@ def _consumer(
     OWN_RANGE: gl.constexpr = HAS_HI and (consumers - 1) * ROWS >= BLOCK_N and not PINGPONG
     # where the block spans more key tiles than a consumer's rows, the block's masked tiles (its diagonal
     # tiles under a causal mask: two for 192 rows and 128-key tiles) are more than each consumer's (one)
-    SHIFTED: gl.constexpr = (BLOCK_M & (BLOCK_M - 1)) != 0  # blocks that end at seqlen_q (_tile)
     OWN_MASKS: gl.constexpr = (HAS_LO or HAS_HI) and (consumers - 1) * ROWS >= BLOCK_N
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -305,10 +314,7 @@ def _consumer(
 
         empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
         lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-        in_q = offs_m < seqlen_q
-        if SHIFTED:  # the first block may start before row 0 (_tile)
-            in_q = in_q & (offs_m >= 0)
-        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
+        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=_in_q(offs_m, seqlen_q, BLOCK_M))
         out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
         out = gl.convert_layout(out.to(dtype), store_layout)
         out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -317,7 +323,7 @@ def _consumer(
         o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
         gl.store(
             O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
-            mask=(((out_rows >= 0) | (not SHIFTED)) & (out_rows < seqlen_q))[:, None],
+            mask=_in_q(out_rows, seqlen_q, BLOCK_M)[:, None],
         )  # fmt: skip
 
 
