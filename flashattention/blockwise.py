@@ -60,14 +60,9 @@ def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
 STATS_TO_LSE = 1.0  # the stats are the LSE
 
 
-def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int):
-    """Returns (out [B, H, Sq, D] in q.dtype, lse [B, H, Sq] float32, stats for the backward = lse)."""
-    out, lse = forward_stats(q, k, v, softmax_scale=softmax_scale, left=left, right=right)
-    return out, lse, lse
-
-
 def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int):
-    """(out, stats) of attention_forward."""
+    """(out [B, H, Sq, D] in q.dtype, stats [B, H, Sq] float32): the stats the backward takes are the
+    natural-log LSE itself."""
     b, h, seqlen_q, d = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     g = h // kv_heads

@@ -1,7 +1,7 @@
 """Thin launchers: allocate outputs, pick the config (autotuned, default or forced) and the grid, launch.
-Entry points match flashattention.blockwise: attention_forward -> (out, lse, stats), forward_stats ->
-(out, stats) (no LSE for the user: one launch less) and attention_backward(dout, q, k, v, out, stats); here
-stats is the log2-unit LSE2 the backward needs, and lse = stats * STATS_TO_LSE."""
+Entry points match flashattention.blockwise: forward_stats -> (out, stats) and attention_backward(dout, q,
+k, v, out, stats); here stats is the log2-unit LSE2 the backward needs, and lse = stats * STATS_TO_LSE.
+attention_forward -> (out, lse, stats) adds the LSE (tests and benchmarks/tune.py)."""
 
 from __future__ import annotations
 
