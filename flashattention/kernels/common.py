@@ -39,6 +39,27 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def persistent_count(prog, progs, tiles):
+    """How many of `tiles` tiles program `prog` of `progs` takes in persistent_turn's order: one from every
+    full round of `progs` tiles, and one from the last, partial round if its place there is below
+    tiles % progs."""
+    rounds = tiles // progs
+    place = tl.where(rounds % 2 == 0, prog, progs - 1 - prog)
+    return rounds + (place < tiles % progs).to(tl.int32)
+
+
+@triton.jit
+def persistent_turn(j, prog, progs):
+    """The tile number of program `prog`'s j-th turn: the tiles are dealt in rounds of `progs`, forward in
+    even rounds and backward in odd ones (a snake). A program that took one of a round's first (longest)
+    tiles takes one of the next round's last. Dealt forward every round, a program would take every progs-th
+    tile, and where the query blocks per head divide progs (11 x 192 rows at 2k on 132 SMs) the same block of
+    every head: some programs all the longest causal blocks, others all the shortest. With one program per
+    tile (prog = tile number, progs = tiles, j = 0) this is the tile itself."""
+    return j * progs + tl.where(j % 2 == 0, prog, progs - 1 - prog)
+
+
+@triton.jit
 def persistent_tile(tile, num_m, BLOCK_M: tl.constexpr):
     """Tile number -> (batch * head, first query row): head by head, each head's query blocks longest-first
     (with a causal mask the last blocks see the most keys). (Longest-first across groups of heads sized to

@@ -70,6 +70,10 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 # 442 vs 437 / 435, 4k 482 / 473 vs 468 / 465, a tie at 8k; causal -1% to -4% (its turns
                 # leave out the per-consumer key ranges), so the tuner picks it per case
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True, WS_PINGPONG=True),
+                # persistent, tiles in common.persistent_turn's snake order, two Q buffers (2026-11-27, H100,
+                # benchmarks/probe.py, ms against the first config): non-causal 2k 0.584 vs 0.621, causal 4k
+                # 0.609 vs 0.643; causal 2k 0.405 vs 0.397 (its programs end 329-384 us apart)
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True),
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
                 _c(128, 128, 4, 3, USE_TMA=True),
                 _c(128, 64, 4, 3),
@@ -186,8 +190,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # consumers (419-421 vs 473 for three at 8k), ping-pong at D64/D256 (-1 to -6%), D256 32-key tiles
             # (-15 to -20%). Kept as candidates for other cards (H200) and other Tritons.
             # PERSISTENT with GLUON_WS (2026-11-26, H100, 2k/8k): ties or loses but at D128 non-causal 2k (in
-            # the table). Causal: -3% to -34%: programs take every 132nd tile, head by head, so their work
-            # differs (no longest-first balance across heads); D64 three consumers spill 964 B
+            # the table). Causal: -3% to -34%, measured when programs took every 132nd tile (the same query
+            # block of every head at D64 2k); common.persistent_turn deals them in a snake now
             64: [
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
                 _c(128, 128, 4, 2, GLUON_WS=True),

@@ -9,7 +9,17 @@ which the backward recomputes P.
 import triton
 import triton.language as tl
 
-from .common import exp2_split, load_tile, mma, persistent_tile, tile_range, unit_strides, visible
+from .common import (
+    exp2_split,
+    load_tile,
+    mma,
+    persistent_count,
+    persistent_tile,
+    persistent_turn,
+    tile_range,
+    unit_strides,
+    visible,
+)
 
 
 @triton.jit
@@ -264,17 +274,17 @@ def attn_fwd_kernel(
     STRIDE_UNIT: tl.constexpr = 1,
 ):
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
-    PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles head by
-    head, each head's blocks longest-first (common.persistent_tile; the launcher sizes the grid); else one
-    program per tile."""
+    PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles in
+    common.persistent_turn's order (the launcher sizes the grid); else one program per tile."""
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     if PERSISTENT:
         num_m = tl.cdiv(seqlen_q, BLOCK_M)
-        for tile in tl.range(tl.program_id(0), num_m * batch * num_heads, tl.num_programs(0)):
-            off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
+        prog, progs = tl.program_id(0), tl.num_programs(0)
+        for j in tl.range(0, persistent_count(prog, progs, num_m * batch * num_heads)):
+            off_bh, start_m = persistent_tile(persistent_turn(j, prog, progs), num_m, BLOCK_M)
             _fwd_block(
                 start_m,
                 off_bh,

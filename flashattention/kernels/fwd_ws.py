@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import persistent_tile, tile_range, unit_strides, visible
+from .common import persistent_count, persistent_tile, persistent_turn, tile_range, unit_strides
 
 
 @gluon.jit
@@ -49,12 +49,25 @@ def _in_q(rows, seqlen_q, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _stamp(PROBE, tile, slot):
+    """PROBE (benchmarks/probe.py; None in every launch of the library): the global timer (ns) into slot
+    `slot` of this tile's row of 16 int64, and the SM's number into slot 0."""
+    if PROBE is not None:
+        now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                        pack=1)  # fmt: skip
+        sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.store(PROBE + tile.to(gl.int64) * 16 + slot, now)
+        gl.store(PROBE + tile.to(gl.int64) * 16, sm.to(gl.int64))
+
+
+@gluon.jit
 def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.constexpr):
     """Waits for the last Q copy and the last STAGES K and V copies to land (at most STAGES are in flight:
     issuing copy i waited for the consumers to release copy i - STAGES, which had landed), so that their
     tensor descriptors may be rewritten for the next tile."""
     if tiles_begun > 0:
-        mbarrier.wait(q_bar, (tiles_begun - 1) & 1)
+        last = tiles_begun - 1
+        mbarrier.wait(q_bar.index(last % q_bar.shape[0]), (last // q_bar.shape[0]) & 1)
     for d in gl.static_range(STAGES):
         i = issued - 1 - d
         if i >= 0:
@@ -77,24 +90,27 @@ def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
 @gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr,
+    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, PROBE,
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [consumers, rows each, head dim]) once the consumers have released the previous
     one, then K and V of its key tiles into the ring, copy i into buffer i % STAGES once every consumer has
     released it (i counts this program's copies across tiles, as the consumers count them)."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first, end, step,
-     num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
-    CONSUMERS: gl.constexpr = q_smem.shape[0]
+     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog, progs,
+     turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
+    Q_BUFFERS: gl.constexpr = q_bar.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     issued = 0
     tiles_begun = 0
-    for tile in range(first, end, step):
+    for j in range(0, turns):
+        tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
             tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
+        _stamp(PROBE, tile, 1)
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
         off_hk = off_h // group
@@ -117,10 +133,12 @@ def _producer(
                 strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
             )  # fmt: skip
         # a fresh barrier counts as having completed the phase before 0: the first wait passes
-        mbarrier.wait(q_empty, (tiles_begun & 1) ^ 1)
-        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        qb = tiles_begun % Q_BUFFERS
+        mbarrier.wait(q_empty.index(qb), ((tiles_begun // Q_BUFFERS) & 1) ^ 1)
+        mbarrier.expect(q_bar.index(qb), CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
-            _copy(q_desc, off_b, off_h, start_m + c * ROWS, q_bar, q_smem.index(c), HOST_DESC)
+            dst = q_smem.index(qb * CONSUMERS + c)
+            _copy(q_desc, off_b, off_h, start_m + c * ROWS, q_bar.index(qb), dst, HOST_DESC)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             phase = ((issued + i) // STAGES) & 1
@@ -131,6 +149,7 @@ def _producer(
             mbarrier.wait(v_empty.index(s), phase ^ 1)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
             _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
+        _stamp(PROBE, tile, 12)
         issued += n_tiles
         tiles_begun += 1
 
@@ -144,8 +163,14 @@ def _softmax_step(
     full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)."""
     offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = rows
     if (start_n < full_lo) | (start_n >= full_hi):
+        # per row, the tile's last visible column (the key bound folded in), so one compare per element
         offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, qk.type.layout))
-        vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+        last = seqlen_k - 1
+        if HAS_HI:
+            last = gl.minimum(offs_m + hi_off, last)
+        vis = offs_n[None, :] <= last[:, None] if HAS_HI else offs_n[None, :] <= last
+        if HAS_LO:
+            vis = vis & (offs_n[None, :] >= (offs_m + lo_off)[:, None])
         qk = gl.where(vis, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
@@ -201,7 +226,7 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    ME: gl.constexpr,
+    ME: gl.constexpr, PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
@@ -210,11 +235,11 @@ def _consumer(
     copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
     consumers count them."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-     stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q, seqlen_k,
+     stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
      lo_off, hi_off, qk_scale) = shared  # fmt: skip
-    consumers: gl.constexpr = q_smem.shape[0]
+    Q_BUFFERS: gl.constexpr = q_bar.shape[0]
+    consumers: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
-    q_smem = q_smem.index(ME)
     turn_me = turn.index(ME)
     turn_other = turn.index((ME + 1) % consumers)
     # each consumer stops at its own rows' last key tile where that can skip one: the earlier consumers'
@@ -240,7 +265,8 @@ def _consumer(
     done = 0  # K/V tiles consumed by this program before the current tile
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     tiles_begun = 0
-    for tile in range(first, end, step):
+    for j in range(0, turns):
+        tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
             tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
@@ -258,15 +284,16 @@ def _consumer(
         l_i = gl.zeros([ROWS], gl.float32, row_s)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-        mbarrier.wait(q_bar, tiles_begun & 1)
+        qb = tiles_begun % Q_BUFFERS
+        q = q_smem.index(qb * consumers + ME)
+        mbarrier.wait(q_bar.index(qb), (tiles_begun // Q_BUFFERS) & 1)
+        _stamp(PROBE, tile, 2 + 3 * ME)
         if n_tiles > 0:
             # tile 0: scores and softmax only (the accumulator is still zero)
             s = done % STAGES
             mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
             _take_turn(turn_me, issues, ME, PINGPONG)
-            qk_token = warpgroup_mma(
-                q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-            )
+            qk_token = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             _pass_turn(turn_other, PINGPONG)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
             mbarrier.arrive(k_empty.index(s))
@@ -281,9 +308,7 @@ def _consumer(
             if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
                 mbarrier.wait(v_ready.index(prev), prev_phase)
                 _take_turn(turn_me, issues + i, ME, PINGPONG)
-            qk_token = warpgroup_mma(
-                q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-            )
+            qk_token = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             if not PINGPONG:
                 mbarrier.wait(v_ready.index(prev), prev_phase)
             acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
@@ -297,7 +322,8 @@ def _consumer(
             mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p = gl.convert_layout(p32.to(dtype), p_layout)
-        mbarrier.arrive(q_empty)  # every Q K^T of this tile has completed: the producer may load the next Q
+        _stamp(PROBE, tile, 3 + 3 * ME)
+        mbarrier.arrive(q_empty.index(qb))  # every Q K^T of this tile has completed: its Q buffer is free
         if n_tiles > 0:
             last = (done + n_tiles - 1) % STAGES
             mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
@@ -325,6 +351,7 @@ def _consumer(
             O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
             mask=_in_q(out_rows, seqlen_q, BLOCK_M)[:, None],
         )  # fmt: skip
+        _stamp(PROBE, tile, 4 + 3 * ME)
 
 
 @gluon.jit(do_not_specialize=["batch"])
@@ -338,9 +365,10 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
+    PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
-    SM (the launcher sizes the grid), each looping over tiles head by head (common.persistent_tile), so that
+    SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
     the producer loads the next tile's Q, K and V while the consumers finish the current one. WS_STAGES
     K/V buffers (the config's num_stages is not used). WS_CONSUMERS (2, or 3 at D64 as FlashAttention-3
     does) consumer partitions of num_warps = 4 warps (one warpgroup each), 64 rows each (BLOCK_M = 64 *
@@ -359,30 +387,34 @@ def attn_fwd_ws_kernel(
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
-    if PERSISTENT:
-        first = gl.program_id(0)
-        step = gl.num_programs(0)
-        end = num_m * batch * num_heads
+    if PERSISTENT:  # turns: this program's tiles, in common.persistent_turn's order
+        prog = gl.program_id(0)
+        progs = gl.num_programs(0)
+        turns = persistent_count(prog, progs, num_m * batch * num_heads)
     else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
-        first = gl.program_id(1) * num_m + gl.program_id(0)
-        step = 1
-        end = first + 1
+        prog = gl.program_id(1) * num_m + gl.program_id(0)
+        progs = 1
+        turns = 1
     dtype: gl.constexpr = Q.dtype if HOST_DESC else Q.dtype.element_ty  # HOST_DESC: Q, K, V are descriptors
 
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [WS_CONSUMERS, ROWS, HEAD_DIM], q_layout)
+    # two Q buffers in a persistent program (where they fit: not at D256): the next tile's Q lands while the
+    # last consumers finish this one, so that the first ones start the next tile at once
+    Q_BUFFERS: gl.constexpr = 2 if PERSISTENT and HEAD_DIM <= 128 else 1
+    q_smem = gl.allocate_shared_memory(dtype, [Q_BUFFERS * WS_CONSUMERS, ROWS, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFFERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
-    mbarrier.init(q_bar, count=1)
-    mbarrier.init(q_empty, count=WS_CONSUMERS)  # every consumer releases the Q buffer
+    for b in gl.static_range(Q_BUFFERS):
+        mbarrier.init(q_bar.index(b), count=1)
+        mbarrier.init(q_empty.index(b), count=WS_CONSUMERS)  # every consumer releases the Q buffer
     for c in gl.static_range(WS_CONSUMERS):
         mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(STAGES):
@@ -396,19 +428,19 @@ def attn_fwd_ws_kernel(
     hi_off = diag + window_right
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-              stride_ob, stride_oh, stride_om, first, end, step, num_m, num_heads, seqlen_q,
+              stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q,
               seqlen_k, lo_off, hi_off, qk_scale)  # fmt: skip
     loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-             stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, first,
-             end, step, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
+             stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog,
+             progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0)),
+                             WS_PINGPONG, 0, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC)),
+                             WS_PINGPONG, 1, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -417,12 +449,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0)),
+                             WS_PINGPONG, 0, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1)),
+                             WS_PINGPONG, 1, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 2)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC)),
+                             WS_PINGPONG, 2, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],
