@@ -510,3 +510,18 @@ def test_a_case_tuned_on_plain_tensors_never_gives_a_broadcast_one_its_host_desc
     for args in (plain, {**plain, "K": kv, "V": kv}, plain):
         launch._launch(None, "fwd", None, args, 64, q.device, q.dtype)
     assert launched == [host, triton_cfg, host]
+
+
+@pytest.mark.parametrize("sms", [1, 3, 132])
+def test_persistent_programs(sms: int) -> None:
+    """launch._persistent_programs: never more programs than SMs, no program more turns than one program
+    per SM would give, and the fewest such programs (one fewer would need another turn)."""
+    from flashattention.kernels.launch import _persistent_programs
+
+    for tiles in [1, 2, 5, 131, 132, 133, 2816, 10000]:
+        progs = _persistent_programs(tiles, sms)
+        turns = -(-tiles // min(sms, tiles))
+        assert 1 <= progs <= min(sms, tiles)
+        assert -(-tiles // progs) == turns
+        assert progs == 1 or -(-tiles // (progs - 1)) > turns
+    assert _persistent_programs(2816, 132) == 128  # 22 turns each: D64 at 2k on an H100
