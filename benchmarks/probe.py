@@ -19,7 +19,7 @@ from triton.testing import do_bench
 
 from flashattention.kernels import configs, launch
 
-CASES = {  # name -> (causal, seqlen, batch); 32 heads, the benchmark's shapes
+CASES = {  # name -> (causal, seqlen, batch); 2048 // D heads, the benchmark's shapes
     "nc2k": (False, 2048, 8),
     "c2k": (True, 2048, 8),
     "c4k": (True, 4096, 4),
@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--cases", default="nc2k,c2k,c4k")
     ap.add_argument("--programs", type=int, default=0, help="PERSISTENT grid size (default: one per SM)")
     args = ap.parse_args()
-    if args.programs:
-        launch._num_sms = lambda device: args.programs
+    if args.programs:  # the grid as given, not launch._persistent_programs' choice
+        launch._persistent_programs = lambda tiles, sms: min(args.programs, tiles)
     table = configs.configs_for("fwd", "sm90", args.dim) + configs.candidates_for("fwd", "sm90", args.dim)
     labels = [c.strip() for c in args.config.split(";") if c.strip()] or [configs.label(table[0])]
     print(torch.cuda.get_device_name(), flush=True)
@@ -127,7 +127,7 @@ def main() -> None:
         cfg = next(c for c in table if configs.label(c) == label)
         for case in args.cases.split(","):
             causal, seqlen, batch = CASES[case]
-            r = probe(cfg, causal, seqlen, batch, args.dim)
+            r = probe(cfg, causal, seqlen, batch, args.dim, heads=2048 // args.dim)
             text = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
             print(f"{label} | {case}: {text}", flush=True)
 
