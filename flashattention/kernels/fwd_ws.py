@@ -94,8 +94,9 @@ def _producer(
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [Q buffers x consumers, rows each, head dim], one or two buffers) once the
-    consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i into buffer i % STAGES once every consumer has
-    released it (i counts this program's copies across tiles, as the consumers count them)."""
+    consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i
+    into buffer i % STAGES once every consumer has released it (i counts this program's copies across
+    tiles, as the consumers count them)."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
      stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog, progs,
      turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
