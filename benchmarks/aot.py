@@ -85,8 +85,8 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
             signature[name] = "*fp32" if name in FP32_POINTERS else element
         else:
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
-    for param in fn.params:  # defaults of constexprs the config leaves out
-        if param.is_constexpr and param.name not in constexprs:
+    for param in fn.params:  # defaults of constexprs the config leaves out, and of optional pointers (None)
+        if (param.is_constexpr or param.default is None) and param.name not in constexprs:
             constexprs[param.name] = param.default
             signature[param.name] = "constexpr"
     if config.kwargs.get("HOST_DESC"):  # Q, K and V arrive as [B, H, S, D] TMA descriptors (launch._run)
