@@ -89,6 +89,9 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
         if (param.is_constexpr or param.default is None) and param.name not in constexprs:
             constexprs[param.name] = param.default
             signature[param.name] = "constexpr"
+    if config.kwargs.get("WS_DYNAMIC"):  # the launch's int32 tile counter (launch._run)
+        del constexprs["TILE_COUNTER"]
+        signature["TILE_COUNTER"] = "*i32"
     if config.kwargs.get("HOST_DESC"):  # Q, K and V arrive as [B, H, S, D] TMA descriptors (launch._run)
         from triton.experimental.gluon import language as gl
 

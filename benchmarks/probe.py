@@ -66,7 +66,8 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     tiles = key_tiles(causal, seqlen, bm, bn)
     num_m = len(tiles)
-    stamps = torch.zeros(num_m * batch * heads, 16, dtype=torch.int64, device="cuda")
+    # WS_DYNAMIC programs stamp their empty turns too, numbered from the tile count up (fewer than 4096)
+    stamps = torch.zeros(num_m * batch * heads + 4096, 16, dtype=torch.int64, device="cuda")
     original = launch._run
     launch._run = lambda fn, grid, args, config: original(fn, grid, dict(args, PROBE=stamps), config)
     try:
@@ -75,7 +76,7 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
         torch.cuda.synchronize()
     finally:
         launch._run = original
-    rows = stamps.cpu().tolist()
+    rows = stamps[: num_m * batch * heads].cpu().tolist()
     consumers = cfg.kwargs.get("WS_CONSUMERS", 2)
     t0 = min(r[1] for r in rows)
     ends = [max(r[4 + 3 * c] for c in range(consumers)) for r in rows]

@@ -194,6 +194,18 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
             # block of every head at D64 2k); common.persistent_turn deals them in a snake now
             64: [
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
+                # tiles from a counter (not yet timed): programs that run faster take more
+                _c(
+                    192,
+                    128,
+                    4,
+                    2,
+                    GLUON_WS=True,
+                    WS_CONSUMERS=3,
+                    PERSISTENT=True,
+                    HOST_DESC=True,
+                    WS_DYNAMIC=True,
+                ),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)

@@ -61,6 +61,15 @@ def _stamp(PROBE, tile, slot):
 
 
 @gluon.jit
+def _load_q(q_desc, off_b, off_h, start_m, bar, q_smem, qb, CONSUMERS: gl.constexpr, HOST_DESC: gl.constexpr):
+    """The tile's Q into Q buffer qb: each consumer's rows of it."""
+    ROWS: gl.constexpr = q_smem.shape[1]
+    mbarrier.expect(bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        _copy(q_desc, off_b, off_h, start_m + c * ROWS, bar, q_smem.index(qb * CONSUMERS + c), HOST_DESC)
+
+
+@gluon.jit
 def _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES: gl.constexpr):
     """Waits for the last Q copy and the last STAGES K and V copies to land (at most STAGES are in flight:
     issuing copy i waited for the consumers to release copy i - STAGES, which had landed), so that their
@@ -90,27 +99,42 @@ def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
 @gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, PROBE,
+    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, DYNAMIC: gl.constexpr, PROBE,
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [Q buffers x consumers, rows each, head dim], one or two buffers) once the
     consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i
     into buffer i % STAGES once every consumer has released it (i counts this program's copies across
-    tiles, as the consumers count them)."""
+    tiles, as the consumers count them). With DYNAMIC (WS_DYNAMIC) it takes each tile from the launch's
+    counter (the next one under this tile's copies) and posts its number with its Q; past the last tile it
+    posts numbers >= tiles, with no copies, until the program's turns run out."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
      stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog, progs,
-     turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
+     turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, tiles, counter,
+     tile_smem) = loads  # fmt: skip
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     issued = 0
     tiles_begun = 0
+    nxt = 0
+    if DYNAMIC:
+        nxt = gl.atomic_add(counter, 1)
     for j in range(0, turns):
-        tile = persistent_turn(j, prog, progs)
+        if DYNAMIC:  # past the last tile the counter only grows: no more fetches
+            tile = nxt
+            if (j + 1 < turns) & (tile < tiles):
+                nxt = gl.atomic_add(counter, 1)
+            else:
+                nxt = tiles
+        else:
+            tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
             tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
+        if DYNAMIC:
+            n_tiles = gl.where(tile < tiles, n_tiles, 0)
         _stamp(PROBE, tile, 1)
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
@@ -136,10 +160,14 @@ def _producer(
         # a fresh barrier counts as having completed the phase before 0: the first wait passes
         qb = tiles_begun % Q_BUFFERS
         mbarrier.wait(q_empty.index(qb), ((tiles_begun // Q_BUFFERS) & 1) ^ 1)
-        mbarrier.expect(q_bar.index(qb), CONSUMERS * q_desc.block_type.nbytes)
-        for c in gl.static_range(CONSUMERS):  # each consumer's rows of the Q tile
-            dst = q_smem.index(qb * CONSUMERS + c)
-            _copy(q_desc, off_b, off_h, start_m + c * ROWS, q_bar.index(qb), dst, HOST_DESC)
+        if DYNAMIC:  # the number before the barrier's arrival, which releases it to the consumers
+            tile_smem.index(qb).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+            if tile < tiles:
+                _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
+            else:
+                mbarrier.arrive(q_bar.index(qb))
+        else:
+            _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             phase = ((issued + i) // STAGES) & 1
@@ -227,17 +255,18 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    ME: gl.constexpr, PROBE,
+    ME: gl.constexpr, DYNAMIC: gl.constexpr, PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
     block. With PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the
     consumers' matmuls take turns on the tensor cores and each one's softmax runs under the others'. K/V
     copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
-    consumers count them."""
+    consumers count them. With DYNAMIC each tile's number comes with its Q (_producer); one >= tiles is
+    none (no key tiles, no stores)."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
      stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
-     lo_off, hi_off, qk_scale) = shared  # fmt: skip
+     lo_off, hi_off, qk_scale, tiles, tile_smem) = shared  # fmt: skip
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     consumers: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -267,10 +296,19 @@ def _consumer(
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     tiles_begun = 0
     for j in range(0, turns):
-        tile = persistent_turn(j, prog, progs)
+        if DYNAMIC:  # (waited again below: it returns at once)
+            mbarrier.wait(q_bar.index(tiles_begun % Q_BUFFERS), (tiles_begun // Q_BUFFERS) & 1)
+            posted = tile_smem.index(tiles_begun % Q_BUFFERS).load(
+                gl.BlockedLayout([1], [32], [num_warps], [0])
+            )  # fmt: skip
+            tile = gl.max(posted, 0)
+        else:
+            tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
             tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
+        if DYNAMIC:
+            n_tiles = gl.where(tile < tiles, n_tiles, 0)
         start_m = start_m + ME * ROWS  # this consumer's rows
         total = n_tiles  # the block's key tiles: the producer loads them all
         if OWN_MASKS:  # element masks only where this consumer's rows need them
@@ -341,16 +379,22 @@ def _consumer(
 
         empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
         lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=_in_q(offs_m, seqlen_q, BLOCK_M))
+        in_q = _in_q(offs_m, seqlen_q, BLOCK_M)
+        if DYNAMIC:
+            in_q = in_q & (tile < tiles)
+        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
         out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
         out = gl.convert_layout(out.to(dtype), store_layout)
         out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
         cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+        out_ok = _in_q(out_rows, seqlen_q, BLOCK_M)
+        if DYNAMIC:
+            out_ok = out_ok & (tile < tiles)
         off_b = (off_bh // num_heads).to(gl.int64)
         o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
         gl.store(
             O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
-            mask=_in_q(out_rows, seqlen_q, BLOCK_M)[:, None],
+            mask=out_ok[:, None],
         )  # fmt: skip
         _stamp(PROBE, tile, 4 + 3 * ME)
 
@@ -366,7 +410,7 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    PROBE=None,
+    WS_DYNAMIC: gl.constexpr = False, TILE_COUNTER=None, PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -376,22 +420,31 @@ def attn_fwd_ws_kernel(
     WS_CONSUMERS), synchronise only through the K/V barriers, so one partition's thread barriers do not
     stall another. (One partition of 8 warps over all the rows measured no faster than the Triton kernel:
     its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to
-    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'."""
+    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'. WS_DYNAMIC
+    (with PERSISTENT): programs take their tiles in order from TILE_COUNTER (int32, zero at launch; the
+    launcher makes one per call), so that a program that runs faster takes more of them: up to
+    WS_DYNAMIC_SLACK more than an even share (the grid then has one program per SM)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
     STAGES: gl.constexpr = WS_STAGES
+    WS_DYNAMIC_SLACK: gl.constexpr = 2
     ROWS: gl.constexpr = 64  # per consumer
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
+    gl.static_assert(PERSISTENT or not WS_DYNAMIC, "WS_DYNAMIC orders a persistent program's tiles")
+    tiles = num_m * batch * num_heads
     if PERSISTENT:  # turns: this program's tiles, in common.persistent_turn's order
         prog = gl.program_id(0)
         progs = gl.num_programs(0)
-        turns = persistent_count(prog, progs, num_m * batch * num_heads)
+        if WS_DYNAMIC:  # a bound: the programs together take progs * turns >= tiles fetches
+            turns = gl.cdiv(tiles, progs) + WS_DYNAMIC_SLACK
+        else:
+            turns = persistent_count(prog, progs, tiles)
     else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
         prog = gl.program_id(1) * num_m + gl.program_id(0)
         progs = 1
@@ -413,6 +466,14 @@ def attn_fwd_ws_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
+    if WS_DYNAMIC:  # each Q buffer's tile number, and the counter (others: unused stand-ins)
+        tile_smem = gl.allocate_shared_memory(
+            gl.int32, [Q_BUFFERS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0])
+        )
+        counter = TILE_COUNTER
+    else:
+        tile_smem = q_bar
+        counter = LSE2
     for b in gl.static_range(Q_BUFFERS):
         mbarrier.init(q_bar.index(b), count=1)
         mbarrier.init(q_empty.index(b), count=WS_CONSUMERS)  # every consumer releases the Q buffer
@@ -430,18 +491,19 @@ def attn_fwd_ws_kernel(
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
               stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q,
-              seqlen_k, lo_off, hi_off, qk_scale)  # fmt: skip
+              seqlen_k, lo_off, hi_off, qk_scale, tiles, tile_smem)  # fmt: skip
     loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
              stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog,
-             progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
+             progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, tiles, counter,
+             tile_smem)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, PROBE)),
+                             WS_PINGPONG, 0, WS_DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
+                             WS_PINGPONG, 1, WS_DYNAMIC, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC, PROBE)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -450,12 +512,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, PROBE)),
+                             WS_PINGPONG, 0, WS_DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, PROBE)),
+                             WS_PINGPONG, 1, WS_DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 2, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
+                             WS_PINGPONG, 2, WS_DYNAMIC, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC, PROBE)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],

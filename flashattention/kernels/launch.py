@@ -96,6 +96,8 @@ def _run(kernel_fn, grid, args: dict, config) -> None:
             from .fwd_ws import attn_fwd_ws_kernel as kernel_fn
         if config.kwargs.get("HOST_DESC"):
             args = dict(args, **_host_descriptors(args, config.kwargs["BLOCK_N"]))
+        if config.kwargs.get("WS_DYNAMIC"):  # the launch's tile counter, zero (fwd_ws.attn_fwd_ws_kernel)
+            args = dict(args, TILE_COUNTER=torch.zeros(1, dtype=torch.int32, device=args["O"].device))
     kernel_fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -437,6 +439,8 @@ def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, confi
 
     def grid(meta):
         tiles = _cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads
+        if meta.get("WS_DYNAMIC"):  # one program per SM takes tiles while there are any
+            return (min(_num_sms(q.device), tiles[0] * tiles[1]),)
         if meta.get("PERSISTENT"):  # at most one program per SM loops over the tiles
             return (_persistent_programs(tiles[0] * tiles[1], _num_sms(q.device)),)
         return tiles
