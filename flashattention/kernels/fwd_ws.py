@@ -467,9 +467,7 @@ def attn_fwd_ws_kernel(
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
     if WS_DYNAMIC:  # each Q buffer's tile number, and the counter (others: unused stand-ins)
-        tile_smem = gl.allocate_shared_memory(
-            gl.int32, [Q_BUFFERS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0])
-        )
+        tile_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFFERS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         counter = TILE_COUNTER
     else:
         tile_smem = q_bar
