@@ -196,7 +196,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
                 # tiles from a counter, programs that run faster take more (2026-11-27, H100, probe.py, ms
                 # against the static persistent config): non-causal 2k 0.577 vs 0.598, causal 2k 0.414 vs
-                # 0.410, causal 4k 0.639 vs 0.597 (tiles claimed two turns ahead of the consumers)
+                # 0.410, causal 4k 0.639 vs 0.597, with tiles claimed two turns ahead of the consumers; now
+                # claimed once the tile's Q buffer is free (not yet run on a GPU)
                 _c(
                     192,
                     128,

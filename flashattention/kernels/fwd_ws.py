@@ -106,7 +106,7 @@ def _producer(
     consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i
     into buffer i % STAGES once every consumer has released it (i counts this program's copies across
     tiles, as the consumers count them). With DYNAMIC (WS_DYNAMIC) it takes each tile from the launch's
-    counter (the next one under this tile's copies) and posts its number with its Q; past the last tile it
+    counter (once the tile's Q buffer is free) and posts its number with its Q; past the last tile it
     posts numbers >= tiles, with no copies, until the program's turns run out."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
      stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog, progs,
@@ -118,16 +118,15 @@ def _producer(
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     issued = 0
     tiles_begun = 0
-    nxt = 0
-    if DYNAMIC:
-        nxt = gl.atomic_add(counter, 1)
+    tile = 0
     for j in range(0, turns):
-        if DYNAMIC:  # past the last tile the counter only grows: no more fetches
-            tile = nxt
-            if (j + 1 < turns) & (tile < tiles):
-                nxt = gl.atomic_add(counter, 1)
-            else:
-                nxt = tiles
+        if DYNAMIC:
+            # claimed once the tile's Q buffer is free (the consumers have begun the tile before), not
+            # earlier: a claim two tiles ahead of the consumers left programs holding tiles near the end
+            # while others had none (measured). Past the last tile the counter only grows: no more claims
+            mbarrier.wait(q_empty.index(j % Q_BUFFERS), ((j // Q_BUFFERS) & 1) ^ 1)
+            if (j == 0) | (tile < tiles):
+                tile = gl.atomic_add(counter, 1)
         else:
             tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
