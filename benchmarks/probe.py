@@ -3,8 +3,9 @@
 Each program's tile gets a row of global-timer stamps (ns): the producer's start and last copy issue, each
 consumer's start (Q landed), end of its key-tile loop and end of its stores, and the SM it ran on. From them:
 the kernel's span, per tile the Q latency, loop and drain (last P V + epilogue) times, a least-squares fit
-of a tile's duration against its key tiles (fixed cost + cost per key tile), and per SM the idle gaps
-between one program's end and the next one's start (block launch). Timed without the probe beside SDPA.
+of a tile's duration against its key tiles (fixed cost + cost per key tile), per SM the idle gaps
+between one program's end and the next one's start (block launch), and per consumer and SM its time inside
+tiles and between them. Timed without the probe beside SDPA.
 Usage: PYTHONPATH=. python -m benchmarks.probe [--dim 64] [--config "192x128 ..."] [--cases nc2k,c2k,c4k]
 """
 
@@ -100,6 +101,17 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
         busy.append(sum(e - s for s, e in spans) / 1e3)
         first.append((spans[0][0] - t0) / 1e3)
         last.append((spans[-1][1] - t0) / 1e3)
+    # per consumer and SM: time inside its tiles (Q landed to stores done) and between them (waiting for
+    # the next tile's Q; in a persistent program also the other consumers' ends)
+    c_busy, c_idle = [], []
+    for c in range(consumers):
+        per_sm: dict[int, list[tuple[int, int]]] = {}
+        for r in rows:
+            per_sm.setdefault(r[0], []).append((r[2 + 3 * c], r[4 + 3 * c]))
+        for spans in per_sm.values():
+            spans.sort()
+            c_busy.append(sum(e - s for s, e in spans) / 1e3)
+            c_idle.append(sum(s2 - e1 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False)) / 1e3)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     flops = 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
     return dict(
@@ -109,6 +121,7 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
         gap_us=mean(gaps), gap_total_us=sum(gaps) / max(len(by_sm), 1), busy_us=mean(busy),
         first_start_us=max(first), end_min_us=min(last), end_mean_us=mean(last), mean_key_tiles=mean(n),
         loop_per_key_tile_us=mean([loop[i] / n[i] for i in range(len(n)) if n[i]]),
+        consumer_busy_us=mean(c_busy), consumer_idle_us=mean(c_idle),
     )  # fmt: skip
 
 
