@@ -78,7 +78,16 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
     finally:
         launch._run = original
     rows = stamps[: num_m * batch * heads].cpu().tolist()
-    consumers = cfg.kwargs.get("WS_CONSUMERS", 2)
+    flops = 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
+    return dict(
+        ms=ms, **peers, tflops=flops / ms / 1e9, **summarize(rows, tiles, cfg.kwargs.get("WS_CONSUMERS", 2))
+    )
+
+
+def summarize(rows: list[list[int]], tiles: list[int], consumers: int) -> dict:
+    """The timeline's numbers from the stamp rows (one per tile, in tile order; key_tiles' counts per query
+    block)."""
+    num_m = len(tiles)
     t0 = min(r[1] for r in rows)
     ends = [max(r[4 + 3 * c] for c in range(consumers)) for r in rows]
     span = (max(ends) - t0) / 1e3
@@ -113,9 +122,8 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
             c_busy.append(sum(e - s for s, e in spans) / 1e3)
             c_idle.append(sum(s2 - e1 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False)) / 1e3)
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    flops = 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
     return dict(
-        ms=ms, **peers, tflops=flops / ms / 1e9, span_us=span, sms=len(by_sm),
+        span_us=span, sms=len(by_sm),
         tiles_per_sm=len(rows) / max(len(by_sm), 1), fixed_us=a, per_key_tile_us=b,
         qlat_us=mean(qlat), loop_us=mean(loop), drain_us=mean(drain), skew_us=mean(skew),
         gap_us=mean(gaps), gap_total_us=sum(gaps) / max(len(by_sm), 1), busy_us=mean(busy),
