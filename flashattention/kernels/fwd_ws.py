@@ -24,18 +24,23 @@ from .common import persistent_count, persistent_tile, persistent_turn, tile_ran
 
 
 @gluon.jit
-def _tile(tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
+def _tile(
+    tile, tiles, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, DYNAMIC: gl.constexpr,
+):  # fmt: skip
     """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles), in the order of
-    common.persistent_tile. With 192-row blocks the blocks end at seqlen_q, so where BLOCK_M does not
-    divide it the first block is the partial one, starting before row 0: under a causal mask that block
-    sees the fewest keys, where the last one sees the most (at 2k, D64: one consumer of three idle through
-    the longest tile)."""
+    common.persistent_tile; with DYNAMIC a number >= tiles (an empty turn) has no key tiles. With 192-row
+    blocks the blocks end at seqlen_q, so where BLOCK_M does not divide it the first block is the partial
+    one, starting before row 0: under a causal mask that block sees the fewest keys, where the last one sees
+    the most (at 2k, D64: one consumer of three idle through the longest tile)."""
     off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
     if (BLOCK_M & (BLOCK_M - 1)) != 0:  # 192 rows (the 2^k blocks keep their code as measured)
         start_m = start_m - (num_m * BLOCK_M - seqlen_q)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
-    return off_bh, start_m, lo, full_lo, full_hi, (hi - lo + BLOCK_N - 1) // BLOCK_N
+    n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
+    if DYNAMIC:
+        n_tiles = gl.where(tile < tiles, n_tiles, 0)
+    return off_bh, start_m, lo, full_lo, full_hi, n_tiles
 
 
 @gluon.jit
@@ -117,7 +122,6 @@ def _producer(
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     issued = 0
-    tiles_begun = 0
     tile = 0
     for j in range(0, turns):
         if DYNAMIC:
@@ -130,10 +134,8 @@ def _producer(
         else:
             tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+            tile, tiles, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, DYNAMIC
         )  # fmt: skip
-        if DYNAMIC:
-            n_tiles = gl.where(tile < tiles, n_tiles, 0)
         _stamp(PROBE, tile, 1)
         off_b = (off_bh // num_heads).to(gl.int64)
         off_h = (off_bh % num_heads).to(gl.int64)
@@ -143,7 +145,7 @@ def _producer(
             k_desc = K
             v_desc = V
         else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not another head's rows
-            _wait_copies(q_bar, k_ready, v_ready, tiles_begun, issued, STAGES)
+            _wait_copies(q_bar, k_ready, v_ready, j, issued, STAGES)
             q_desc = tma.make_tensor_descriptor(
                 Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
                 strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
@@ -157,8 +159,8 @@ def _producer(
                 strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
             )  # fmt: skip
         # a fresh barrier counts as having completed the phase before 0: the first wait passes
-        qb = tiles_begun % Q_BUFFERS
-        mbarrier.wait(q_empty.index(qb), ((tiles_begun // Q_BUFFERS) & 1) ^ 1)
+        qb = j % Q_BUFFERS
+        mbarrier.wait(q_empty.index(qb), ((j // Q_BUFFERS) & 1) ^ 1)
         if DYNAMIC:  # the number before the barrier's arrival, which releases it to the consumers
             tile_smem.index(qb).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
             if tile < tiles:
@@ -179,7 +181,6 @@ def _producer(
             _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
         _stamp(PROBE, tile, 12)
         issued += n_tiles
-        tiles_begun += 1
 
 
 @gluon.jit
@@ -293,21 +294,18 @@ def _consumer(
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     done = 0  # K/V tiles consumed by this program before the current tile
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
-    tiles_begun = 0
     for j in range(0, turns):
         if DYNAMIC:  # (waited again below: it returns at once)
-            mbarrier.wait(q_bar.index(tiles_begun % Q_BUFFERS), (tiles_begun // Q_BUFFERS) & 1)
-            posted = tile_smem.index(tiles_begun % Q_BUFFERS).load(
+            mbarrier.wait(q_bar.index(j % Q_BUFFERS), (j // Q_BUFFERS) & 1)
+            posted = tile_smem.index(j % Q_BUFFERS).load(
                 gl.BlockedLayout([1], [32], [num_warps], [0])
             )  # fmt: skip
             tile = gl.max(posted, 0)
         else:
             tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+            tile, tiles, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, DYNAMIC
         )  # fmt: skip
-        if DYNAMIC:
-            n_tiles = gl.where(tile < tiles, n_tiles, 0)
         start_m = start_m + ME * ROWS  # this consumer's rows
         total = n_tiles  # the block's key tiles: the producer loads them all
         if OWN_MASKS:  # element masks only where this consumer's rows need them
@@ -322,9 +320,9 @@ def _consumer(
         l_i = gl.zeros([ROWS], gl.float32, row_s)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-        qb = tiles_begun % Q_BUFFERS
+        qb = j % Q_BUFFERS
         q = q_smem.index(qb * consumers + ME)
-        mbarrier.wait(q_bar.index(qb), (tiles_begun // Q_BUFFERS) & 1)
+        mbarrier.wait(q_bar.index(qb), (j // Q_BUFFERS) & 1)
         _stamp(PROBE, tile, 2 + 3 * ME)
         if n_tiles > 0:
             # tile 0: scores and softmax only (the accumulator is still zero)
@@ -374,7 +372,6 @@ def _consumer(
         if OWN_RANGE:  # after this consumer's last P V: the producer's next copies may wait for that buffer
             _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
         done += total
-        tiles_begun += 1
 
         empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
         lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
