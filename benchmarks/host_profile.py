@@ -6,7 +6,7 @@ host time per call and whether a call synchronises.
 
     PYTHONPATH=. python -m benchmarks.host_profile [--calls 300] [--lines 30]
     PYTHONPATH=. python -m benchmarks.host_profile --configs [--seqlen 512 --dim 128 --causal]
-    PYTHONPATH=. python -m benchmarks.host_profile --ab   # the direct apply and the LSE launch, A/B
+    PYTHONPATH=. python -m benchmarks.host_profile --ab   # the launch plans against the full path, A/B
 """
 
 from __future__ import annotations
@@ -129,37 +129,39 @@ def profile_calls(args) -> None:
 
 
 def host_ab(args) -> None:
-    """This session's host changes against what they replaced, on one host, interleaved: the forward as it
-    is; with Function.apply's per-call argument binding back; and with the extra `stats * ln 2` launch a
-    plain call used to make."""
-    from flashattention import _autograd
+    """Host time per call with the launch plans (kernels/launch.py's _Plan: a seen case replays its launches)
+    against the full launch path, on one host, interleaved: the forward (inputs requiring grad) and the
+    forward + backward, with the table's config (Triton at this tiny shape) and with Gluon HOST_DESC."""
+    from flashattention.kernels import launch
 
     q, k, v = (
-        torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
     )
-    direct = _autograd._apply_unbound
-    variants = {
-        "now": (direct, False),
-        "with Function.apply": (_autograd._EagerAttention.apply, False),
-        "with Function.apply and the LSE launch": (_autograd._EagerAttention.apply, True),
+    do = torch.randn_like(q)
+    calls = {
+        "forward": lambda: flash_attention(q, k, v, causal=True),
+        "forward + backward": lambda: torch.autograd.grad(
+            flash_attention(q, k, v, causal=True), (q, k, v), do
+        ),
     }
-    results = {name: [] for name in variants}
+    key = launch._plan_key
+    results = {}
     try:
         for _ in range(3):
-            for name, (apply, lse) in variants.items():
-                _autograd._apply_unbound = apply
-
-                def call(lse=lse):
-                    return flash_attention(q, k, v, causal=True, return_lse=lse)
-
-                for _ in range(20):
-                    call()
-                results[name].append(host_us(call, args.calls))
+            for forced in ("table", "gluon HOST_DESC"):
+                ctx = forced_forward(FWD_CONFIGS[forced]) if forced != "table" else contextlib.nullcontext()
+                with ctx:
+                    for plans in ("plans", "no plans"):
+                        launch._plan_key = key if plans == "plans" else (lambda *a: None)
+                        for name, call in calls.items():
+                            for _ in range(20):
+                                call()
+                            results.setdefault((forced, name, plans), []).append(host_us(call, args.calls))
     finally:
-        _autograd._apply_unbound = direct
-    for name, times in results.items():
+        launch._plan_key = key
+    for (forced, name, plans), times in results.items():
         runs = ", ".join(f"{t:.0f}" for t in times)
-        print(f"host us per forward call, {name}: {min(times):.0f} (runs {runs})")
+        print(f"host us per call, {forced} {name}, {plans}: {min(times):.0f} (runs {runs})")
 
 
 def main() -> None:
@@ -171,7 +173,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument(
-        "--ab", action="store_true", help="the host changes of 2026-11-26 against what they replaced"
+        "--ab", action="store_true", help="host time with the launch plans against the full launch path"
     )
     args = ap.parse_args()
     if args.ab:

@@ -401,3 +401,64 @@ def test_persistent_gluon_forward_in_a_cuda_graph(flags: dict, monkeypatch: pyte
         out, lse2 = launch.forward_stats(*fresh, **kw)
         torch.cuda.synchronize()
         assert torch.equal(captured_out, out) and torch.equal(captured_lse2, lse2)
+
+
+def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """The values of `t` in a view whose base pointer is one element past a 16-byte boundary, strides kept."""
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
+    view = buf[1 : 1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 and view.stride() == t.stride()
+    return view
+
+
+@pytest.mark.parametrize("forward", ["triton", "gluon-host-desc", "gluon-persistent-dynamic"])
+def test_replayed_launches(forward: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose shapes, strides, dtypes and pointer alignments were seen before launches the first
+    call's kernels again with its own tensors (launch._Plan, no argument building or Triton dispatch). On
+    fresh tensors the replayed forward and backward give what the full launch path gives on the same
+    inputs, bit for bit, and pass the rule; a misaligned copy of the same shape gets a key of its own (no
+    TMA, Triton's unaligned specialisation) and passes the rule; the first inputs again replay their plans."""
+    from flashattention.kernels import configs, launch
+
+    gluon = forward != "triton"
+    if gluon and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is Hopper-only")
+    plain = configs._c(128, 64, 4, 3)  # where TMA cannot run (misaligned)
+    config = {
+        "triton": configs._c(128, 64, 4, 3, USE_TMA=True),
+        "gluon-host-desc": configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True),
+        "gluon-persistent-dynamic": configs._c(
+            192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True, WS_DYNAMIC=True
+        ),
+    }[forward]
+    tables = configs.configs_for
+    forced = lambda kernel, t, d: [config, plain] if kernel == "fwd" else tables(kernel, t, d)  # noqa: E731
+    monkeypatch.setattr(configs, "configs_for", forced)
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: False)
+    monkeypatch.setattr(launch, "_HOST_DESC_MIN_WORK", 0)
+    monkeypatch.setattr(launch, "_num_sms", lambda device: 5)  # persistent programs loop over many tiles
+    monkeypatch.setattr(launch, "_plans", {})
+    case = Case(2, 4, 2, 1000, 1000, 64, B16, causal=True)
+    mask = case.mask_kwargs()
+    first = case.inputs("cuda")
+    run_ours(*first, backend="triton", **mask)
+    assert len(launch._plans) == 2 and launch.last_launched["fwd"] is config  # the forward's, the backward's
+    plans = dict(launch._plans)
+    fresh = [torch.randn_like(t) for t in first]
+    replayed = run_ours(*fresh, backend="triton", **mask)
+    assert launch._plans == plans  # replayed, none made
+    monkeypatch.setattr(launch, "_plans", {})
+    full = run_ours(*fresh, backend="triton", **mask)  # the full path, on the same inputs
+    assert len(launch._plans) == 2
+    for name, expected in full.items():
+        assert torch.equal(replayed[name], expected), f"{name}: the replay differs from the full launch"
+    _assert_matches(fresh, replayed, case.causal, case.window)
+    misaligned = [_misaligned_copy(t) for t in first]
+    ours = run_ours(*misaligned, backend="triton", **mask)
+    assert len(launch._plans) == 4  # a key of its own
+    assert launch.last_launched["fwd"] is plain  # TMA needs 16-byte aligned pointers
+    _assert_matches(first, ours, case.causal, case.window)
+    again = run_ours(*first, backend="triton", **mask)
+    assert len(launch._plans) == 4
+    _assert_matches(first, again, case.causal, case.window)
