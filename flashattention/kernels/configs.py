@@ -209,6 +209,34 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                     HOST_DESC=True,
                     WS_DYNAMIC=True,
                 ),
+                # the counter's tiles longest-first within groups of 32 heads (K and V of a group in L2),
+                # up to 4 or 6 tiles above an even share (not yet run on a GPU)
+                *(
+                    _c(
+                        192,
+                        128,
+                        4,
+                        2,
+                        GLUON_WS=True,
+                        WS_CONSUMERS=3,
+                        PERSISTENT=True,
+                        HOST_DESC=True,
+                        WS_DYNAMIC=32,
+                        WS_SLACK=slack,
+                    )
+                    for slack in (4, 6)
+                ),  # fmt: skip
+                _c(
+                    192,
+                    128,
+                    4,
+                    2,
+                    GLUON_WS=True,
+                    WS_CONSUMERS=3,
+                    PERSISTENT=True,
+                    HOST_DESC=True,
+                    WS_STAGES=3,
+                ),  # fmt: skip
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)

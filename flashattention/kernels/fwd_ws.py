@@ -33,7 +33,15 @@ def _tile(
     blocks the blocks end at seqlen_q, so where BLOCK_M does not divide it the first block is the partial
     one, starting before row 0: under a causal mask that block sees the fewest keys, where the last one sees
     the most (at 2k, D64: one consumer of three idle through the longest tile)."""
-    off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
+    if DYNAMIC:  # longest-first within groups of DYNAMIC heads (their K and V fit in L2 together)
+        span = DYNAMIC * num_m
+        first = tile // span * DYNAMIC
+        heads = gl.maximum(gl.minimum(tiles // num_m - first, DYNAMIC), 1)  # 1: past the last tile
+        r = tile % span
+        off_bh = first + r % heads
+        start_m = (num_m - 1 - r // heads) * BLOCK_M
+    else:
+        off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
     if (BLOCK_M & (BLOCK_M - 1)) != 0:  # 192 rows (the 2^k blocks keep their code as measured)
         start_m = start_m - (num_m * BLOCK_M - seqlen_q)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
@@ -406,7 +414,7 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    WS_DYNAMIC: gl.constexpr = False, TILE_COUNTER=None, PROBE=None,
+    WS_DYNAMIC: gl.constexpr = False, WS_SLACK: gl.constexpr = 2, TILE_COUNTER=None, PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -419,13 +427,14 @@ def attn_fwd_ws_kernel(
     issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'. WS_DYNAMIC
     (with PERSISTENT): programs take their tiles in order from TILE_COUNTER (int32, zero at launch; the
     launcher makes one per call), so that a program that runs faster takes more of them: up to
-    WS_DYNAMIC_SLACK more than an even share (the grid then has one program per SM)."""
+    WS_SLACK more than an even share (the grid then has one program per SM). The counter numbers the tiles
+    longest-first within groups of WS_DYNAMIC heads (True: 1, head by head), whose K and V stay in L2 while
+    the group's tiles run."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
     STAGES: gl.constexpr = WS_STAGES
-    WS_DYNAMIC_SLACK: gl.constexpr = 2
     ROWS: gl.constexpr = 64  # per consumer
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
@@ -433,12 +442,13 @@ def attn_fwd_ws_kernel(
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     gl.static_assert(PERSISTENT or not WS_DYNAMIC, "WS_DYNAMIC orders a persistent program's tiles")
+    DYNAMIC: gl.constexpr = int(WS_DYNAMIC)  # the group's heads (0: the static order)
     tiles = num_m * batch * num_heads
     if PERSISTENT:  # turns: this program's tiles, in common.persistent_turn's order
         prog = gl.program_id(0)
         progs = gl.num_programs(0)
         if WS_DYNAMIC:  # a bound: the programs together take progs * turns >= tiles fetches
-            turns = gl.cdiv(tiles, progs) + WS_DYNAMIC_SLACK
+            turns = gl.cdiv(tiles, progs) + WS_SLACK
         else:
             turns = persistent_count(prog, progs, tiles)
     else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
@@ -494,10 +504,10 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, WS_DYNAMIC, PROBE)),
+                             WS_PINGPONG, 0, DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, WS_DYNAMIC, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC, PROBE)),
+                             WS_PINGPONG, 1, DYNAMIC, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -506,12 +516,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, WS_DYNAMIC, PROBE)),
+                             WS_PINGPONG, 0, DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, WS_DYNAMIC, PROBE)),
+                             WS_PINGPONG, 1, DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 2, WS_DYNAMIC, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, WS_DYNAMIC, PROBE)),
+                             WS_PINGPONG, 2, DYNAMIC, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],
