@@ -263,7 +263,7 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    ME: gl.constexpr, DYNAMIC: gl.constexpr, PROBE,
+    OVERLAP: gl.constexpr, ME: gl.constexpr, DYNAMIC: gl.constexpr, PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
@@ -271,7 +271,9 @@ def _consumer(
     consumers' matmuls take turns on the tensor cores and each one's softmax runs under the others'. K/V
     copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
     consumers count them. With DYNAMIC each tile's number comes with its Q (_producer); one >= tiles is
-    none (no key tiles, no stores)."""
+    none (no key tiles, no stores). With OVERLAP a tile's stores wait for the next tile's first Q K^T to be
+    issued and run under it (after the last tile, at the end), so that the tensor cores do not idle through
+    them; the PROBE's end stamp is then the end of the tile's matmuls."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
      stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
      lo_off, hi_off, qk_scale, tiles, tile_smem) = shared  # fmt: skip
@@ -298,8 +300,13 @@ def _consumer(
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    # OVERLAP: the previous tile's output (normalised), LSE, rows and number, stored under the next Q K^T
+    out_prev = gl.zeros([ROWS, HEAD_DIM], dtype, o_layout)
+    lse_prev = gl.zeros([ROWS], gl.float32, row_s)
+    bh_prev = 0
+    m_prev = 0
+    tile_prev = 0
     done = 0  # K/V tiles consumed by this program before the current tile
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     for j in range(0, turns):
@@ -339,10 +346,19 @@ def _consumer(
             _take_turn(turn_me, issues, ME, PINGPONG)
             qk_token = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             _pass_turn(turn_other, PINGPONG)
+            if OVERLAP:
+                if j > 0:
+                    _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q,
+                                num_heads, stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
             mbarrier.arrive(k_empty.index(s))
             p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
             p = gl.convert_layout(p32.to(dtype), p_layout)
+        else:
+            if OVERLAP:
+                if j > 0:
+                    _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q,
+                                num_heads, stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
         for i in range(1, n_tiles):
             s = (done + i) % STAGES
             prev = (done + i - 1) % STAGES
@@ -383,24 +399,52 @@ def _consumer(
 
         empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
         lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-        in_q = _in_q(offs_m, seqlen_q, BLOCK_M)
-        if DYNAMIC:
-            in_q = in_q & (tile < tiles)
-        gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
-        out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
-        out = gl.convert_layout(out.to(dtype), store_layout)
-        out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
-        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
-        out_ok = _in_q(out_rows, seqlen_q, BLOCK_M)
-        if DYNAMIC:
-            out_ok = out_ok & (tile < tiles)
-        off_b = (off_bh // num_heads).to(gl.int64)
-        o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
-        gl.store(
-            O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
-            mask=out_ok[:, None],
-        )  # fmt: skip
+        out = (acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]).to(dtype)
+        if OVERLAP:
+            out_prev = out
+            lse_prev = lse2
+            bh_prev = off_bh
+            m_prev = start_m
+            tile_prev = tile
+        else:
+            _store_tile(O, LSE2, out, lse2, off_bh, start_m, tile, tiles, seqlen_q, num_heads, stride_ob,
+                        stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
         _stamp(PROBE, tile, 4 + 3 * ME)
+    if OVERLAP:
+        if turns > 0:
+            _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q, num_heads,
+                        stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+
+
+@gluon.jit
+def _store_tile(
+    O, LSE2, out, lse2, off_bh, start_m, tile, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om,
+    BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr,
+):  # fmt: skip
+    """A consumer's stores of one tile: its rows' LSE2 and output (normalised, in the output dtype), rows
+    [start_m, start_m + ROWS) of (batch * head) off_bh, those inside [0, seqlen_q) (none for a DYNAMIC
+    number >= tiles)."""
+    ROWS: gl.constexpr = out.shape[0]
+    HEAD_DIM: gl.constexpr = out.shape[1]
+    num_warps: gl.constexpr = gl.num_warps()
+    offs_m = start_m + gl.arange(0, ROWS, lse2.type.layout)
+    in_q = _in_q(offs_m, seqlen_q, BLOCK_M)
+    if DYNAMIC:
+        in_q = in_q & (tile < tiles)
+    gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    out = gl.convert_layout(out, store_layout)
+    out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+    out_ok = _in_q(out_rows, seqlen_q, BLOCK_M)
+    if DYNAMIC:
+        out_ok = out_ok & (tile < tiles)
+    off_b = (off_bh // num_heads).to(gl.int64)
+    o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
+    gl.store(
+        O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
+        mask=out_ok[:, None],
+    )  # fmt: skip
 
 
 @gluon.jit(do_not_specialize=["batch"])
@@ -414,7 +458,8 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    WS_DYNAMIC: gl.constexpr = False, WS_SLACK: gl.constexpr = 2, TILE_COUNTER=None, PROBE=None,
+    WS_DYNAMIC: gl.constexpr = False, WS_SLACK: gl.constexpr = 2, WS_OVERLAP: gl.constexpr = False,
+    TILE_COUNTER=None, PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -429,7 +474,8 @@ def attn_fwd_ws_kernel(
     launcher makes one per call), so that a program that runs faster takes more of them: up to
     WS_SLACK more than an even share (the grid then has one program per SM). The counter numbers the tiles
     longest-first within groups of WS_DYNAMIC heads (True: 1, head by head), whose K and V stay in L2 while
-    the group's tiles run."""
+    the group's tiles run. WS_OVERLAP (not with WS_PINGPONG): each consumer stores a tile's output under
+    the next tile's first Q K^T (_consumer)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
@@ -442,6 +488,7 @@ def attn_fwd_ws_kernel(
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     gl.static_assert(PERSISTENT or not WS_DYNAMIC, "WS_DYNAMIC orders a persistent program's tiles")
+    gl.static_assert(not (WS_OVERLAP and WS_PINGPONG), "WS_OVERLAP: the ping-pong's turns count every issue")
     DYNAMIC: gl.constexpr = int(WS_DYNAMIC)  # the group's heads (0: the static order)
     tiles = num_m * batch * num_heads
     if PERSISTENT:  # turns: this program's tiles, in common.persistent_turn's order
@@ -504,9 +551,9 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, PROBE)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, 1],
@@ -516,11 +563,11 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 0, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 1, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, 2, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 2, DYNAMIC, PROBE)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, num_warps, 1],
