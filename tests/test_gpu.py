@@ -375,7 +375,13 @@ def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
 
 @pytest.mark.configs
 @pytest.mark.parametrize(
-    "flags", [dict(PERSISTENT=True), dict(PERSISTENT=True, WS_DYNAMIC=True)], ids=["static", "dynamic"]
+    "flags",
+    [
+        dict(PERSISTENT=True),
+        dict(PERSISTENT=True, WS_DYNAMIC=True),
+        dict(PERSISTENT=True, WS_STAGES=3, WS_OVERLAP=True),
+    ],
+    ids=["static", "dynamic", "overlap"],
 )
 def test_persistent_gluon_forward_in_a_cuda_graph(flags: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A persistent Gluon forward captured in a CUDA graph and replayed on new inputs gives what the eager

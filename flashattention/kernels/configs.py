@@ -50,6 +50,9 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
 
 
 # kernel -> arch -> largest padded head dim -> configs (first = default)
+# the persistent D64 Gluon forward of the sm90 table (192 rows of three consumers, host descriptors)
+_D64_PERSISTENT = dict(GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True)
+
 TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "fwd": {
         # H100 bf16 S=8k (benchmarks/NOTES.md): 128x128/8 warps best at D128 (515 TFLOP/s); TMA loads +1-3%
@@ -72,8 +75,12 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True, WS_PINGPONG=True),
                 # persistent, tiles in common.persistent_turn's snake order, two Q buffers (2026-11-27, H100,
                 # benchmarks/probe.py, ms against the first config): non-causal 2k 0.584 vs 0.621, causal 4k
-                # 0.609 vs 0.643; causal 2k 0.405 vs 0.397 (its programs end 329-384 us apart)
-                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True),
+                # 0.609 vs 0.643; causal 2k 0.405 vs 0.397 (its programs end 329-384 us apart). With three
+                # K/V buffers, and with each tile's stores under the next tile's first Q K^T (WS_OVERLAP;
+                # 2026-11-27, H100, probe.py, ms against two buffers without it, 0.382 / 0.602 / 0.577):
+                # causal 2k 0.370 / 0.351, causal 4k 0.589 / 0.576, non-causal 2k 0.577 / 0.587
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True),
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3),
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
                 _c(128, 128, 4, 3, USE_TMA=True),
                 _c(128, 64, 4, 3),
@@ -182,9 +189,6 @@ for _kernel, _dims in _FP32.items():
     TABLES[_kernel]["sm80-fp32"] = _dims
 
 
-# the persistent D64 Gluon forward of the sm90 table (192 rows of three consumers, host descriptors)
-_D64_PERSISTENT = dict(GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True)
-
 # Configs to measure before they may enter a table: benchmarks/tune.py checks and times them beside it.
 CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "fwd": {
@@ -213,24 +217,16 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                     WS_DYNAMIC=True,
                 ),
                 # the counter's tiles longest-first within groups of 32 heads (K and V of a group in L2),
-                # up to 4 or 6 tiles above an even share (probe.py, H100, ms against the static order:
-                # causal 2k 0.372 / 0.420 vs 0.382, causal 4k 0.625 / 0.639 vs 0.602)
-                *(_c(192, 128, 4, 2, **_D64_PERSISTENT, WS_DYNAMIC=32, WS_SLACK=n) for n in (4, 6)),
-                # a third K/V buffer (same run: causal 2k 0.367, causal 4k 0.593), and each tile's stores
-                # under the next tile's first Q K^T (WS_OVERLAP, not yet run)
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3),
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_OVERLAP=True),
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True),
+                # up to 4 tiles above an even share (probe.py, H100, ms against the static order: causal 2k
+                # 0.372 vs 0.382, causal 4k 0.625 vs 0.602; with up to 6: 0.420 and 0.639)
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_DYNAMIC=32, WS_SLACK=4),
+                # the table's persistent config before (two K/V buffers)
+                _c(192, 128, 4, 2, **_D64_PERSISTENT),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)
             ],
-            128: [
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True),
-                # the table's persistent D128 config with each tile's stores under the next tile's first
-                # Q K^T (not yet run)
-                _c(128, 128, 4, 2, GLUON_WS=True, PERSISTENT=True, HOST_DESC=True, WS_OVERLAP=True),
-            ],
+            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
             256: [
                 _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
                 _c(128, 64, 8, 2, PERSISTENT=True),
@@ -253,6 +249,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
 # removed): ties non-causal, -4% to -12% causal at 8k against the non-persistent Gluon configs.
 # Gluon forward D64 three consumers with a third K/V buffer (WS_STAGES=3) or 64-key tiles (2026-11-26, H100,
 # 2k/8k): ties to -4% and -2% to -16% against 192x128 with two buffers.
+# WS_OVERLAP (each tile's stores under the next tile's first Q K^T; 2026-11-27, H100, probe.py, ms): D128
+# persistent HOST_DESC causal 2k 0.288 vs 0.248, non-causal 2k 0.494 vs 0.419; D64 persistent with two K/V
+# buffers causal 2k 0.357, causal 4k 0.588, non-causal 2k 0.601, behind three buffers with it (table).
 # Gluon forward, removed after their runs (2026-11-27, H100, 2k-8k, D 64/128, NOTES.md; code in commits
 # b555e19 and 6836966): a dynamic tile order for PERSISTENT programs (an atomic tile counter; fixed the static
 # order's causal loss but tied or lost -2% to -5% against the non-persistent HOST_DESC configs; D64 spills
