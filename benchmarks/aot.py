@@ -56,7 +56,11 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
     return (int(regs.group(1)) if regs else -1), sum(spills)
 
 
-def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: bool) -> dict:
+def compile_config(
+    kernel: str, config: triton.Config, head_dim_pad: int, fp32: bool, mask: str = "hi", aligned_lengths=False
+) -> dict:
+    """Compiles `config` for sm_90a as a launch with 16-byte aligned tensors would specialise it: `mask` "hi"
+    (causal), "none", "lo" or "lo+hi" (a window), sequence lengths divisible by 16 or (default) not."""
     gluon = bool(config.kwargs.get("GLUON_WS"))
     fn = KERNELS[kernel]
     if gluon and kernel == "fwd":
@@ -67,8 +71,8 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
     constexprs = dict(
         HEAD_DIM=head_dim_pad,
         HEAD_DIM_PAD=head_dim_pad,
-        HAS_LO=False,
-        HAS_HI=True,
+        HAS_LO="lo" in mask,
+        HAS_HI="hi" in mask,
         PRECISION="tf32" if fp32 else "ieee",
         **config.kwargs,
     )
@@ -103,6 +107,8 @@ def compile_config(kernel: str, config: triton.Config, head_dim_pad: int, fp32: 
     # what a launch with 16-byte aligned tensors and strides specialises on (pointers and strides divisible
     # by 16); without it Triton can neither vectorise the loads nor pipeline them
     aligned = [n for n in fn.arg_names if signature[n].startswith("*") or n.startswith("stride_")]
+    if aligned_lengths:
+        aligned += [n for n in fn.arg_names if n.startswith("seqlen_") and signature[n] == "i32"]
     if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource as source_type
 
@@ -140,6 +146,8 @@ def main() -> int:
     ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq")
     ap.add_argument("--candidates", action="store_true", help="also the configs of configs.CANDIDATES")
     ap.add_argument("--defaults", action="store_true", help="only the first (default) config of each entry")
+    ap.add_argument("--masks", default="hi", help="mask specialisations: none,hi,lo,lo+hi (default: causal)")
+    ap.add_argument("--aligned-lengths", action="store_true", help="sequence lengths divisible by 16")
     args = ap.parse_args()
     print(
         "| table | kernel | D | config | shared KB | regs | spill B | blocks/SM | wgmma | ex2 | cp.async "
@@ -153,10 +161,12 @@ def main() -> int:
                 cfgs = configs.configs_for(kernel, table, dim)[: 1 if args.defaults else None]
                 if args.candidates:
                     cfgs = cfgs + configs.candidates_for(kernel, table, dim)
-                for cfg in cfgs:
-                    label = configs.label(cfg)
+                for cfg, mask in ((c, m) for c in cfgs for m in args.masks.split(",")):
+                    label = configs.label(cfg) + ("" if args.masks == "hi" else f" [{mask}]")
                     try:
-                        r = compile_config(kernel, cfg, dim, table.endswith("fp32"))
+                        r = compile_config(
+                            kernel, cfg, dim, table.endswith("fp32"), mask, args.aligned_lengths
+                        )  # fmt: skip
                     except Exception as exc:  # report, keep going
                         failures += 1
                         error = str(exc).splitlines()[0][:80]

@@ -229,8 +229,9 @@ def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
 
 def _fake_launch_args(q: torch.Tensor, **extra) -> dict:
     """What _launch reads of a forward's arguments, for a fake launch: the tuning key's entries (all 1),
-    Q, K and V (one tensor) and seqlen_k."""
-    return {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, "seqlen_k": q.shape[2], **extra}
+    Q, K and V (one tensor), seqlen_q and seqlen_k."""
+    lengths = {"seqlen_q": q.shape[2], "seqlen_k": q.shape[2]}
+    return {**{k: 1 for k in configs.AUTOTUNE_KEY}, "Q": q, "K": q, "V": q, **lengths, **extra}
 
 
 def test_autotuned_case_launches_its_config_directly_and_capture_never_autotunes(
@@ -525,3 +526,16 @@ def test_persistent_programs(sms: int) -> None:
         assert -(-tiles // progs) == turns
         assert progs == 1 or -(-tiles // (progs - 1)) > turns
     assert _persistent_programs(2816, 132) == 128  # 22 turns each: D64 at 2k on an H100
+
+
+def test_overlap_configs_skip_length_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WS_OVERLAP forward config does not apply where a sequence length is 1 (Triton 3.6 cannot compile
+    that specialisation); others do, and the length-1 case has a tuning key of its own."""
+    monkeypatch.setattr(launch, "_gluon_problems", lambda args: [])  # as on a Hopper GPU
+    overlap = configs._c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, WS_OVERLAP=True)
+    plain = configs._c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True)
+    for seqlen_q, seqlen_k, applies in ((1, 777, False), (37, 1, False), (2, 2, True), (2048, 2048, True)):
+        args = {"seqlen_q": seqlen_q, "seqlen_k": seqlen_k}
+        assert launch._applies(overlap, args) is applies, (seqlen_q, seqlen_k)
+        assert launch._applies(plain, args), (seqlen_q, seqlen_k)
+        assert launch._length_one(args) is not applies

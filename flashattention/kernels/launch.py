@@ -85,6 +85,8 @@ def _run(kernel_fn, grid, args: dict, config) -> _Plan | None:
     """Launches `config` through Triton; returns the launch's plan (_Plan.of)."""
     if config.kwargs.get("GLUON_WS"):
         problems = _gluon_problems(args)
+        if config.kwargs.get("WS_OVERLAP") and _length_one(args):
+            problems.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
         if problems:
             kind = "dK/dV" if "DK" in args else "forward"
             raise ValueError(
@@ -292,8 +294,17 @@ def _host_desc_ok(args: dict) -> bool:
 _HOST_DESC_MIN_WORK = 1 << 35
 
 
+def _length_one(args: dict) -> bool:
+    """Whether a sequence length is 1, which Triton specialises as a constant: Triton 3.6 crashes compiling
+    the WS_OVERLAP forward then (ConvertTritonGPUToLLVM, an index assertion; seen with seqlen_q = 1 causal
+    and seqlen_k = 1 unmasked, benchmarks/aot.py), so those configs do not apply. Part of the tuning key."""
+    return args["seqlen_q"] == 1 or args["seqlen_k"] == 1
+
+
 def _applies(config, args: dict) -> bool:
     if config.kwargs.get("HOST_DESC") and not _host_desc_ok(args):
+        return False
+    if config.kwargs.get("WS_OVERLAP") and _length_one(args):
         return False
     return not config.kwargs.get("GLUON_WS") or not _gluon_problems(args)
 
@@ -359,7 +370,7 @@ def _launch(
         # the key decides which configs apply (dtype, HEAD_DIM, CAN_TMA): a known case runs at once
         if tuning:
             case = {k: args.get(k) for k in configs.AUTOTUNE_KEY}
-            key = (name, table, head_dim_pad, dtype, _host_desc_ok(args), *case.values())
+            key = (name, table, head_dim_pad, dtype, _host_desc_ok(args), _length_one(args), *case.values())
             best = _best.get(key)
             if best is not None:
                 last_launched[name] = best
