@@ -7,6 +7,7 @@ host time per call and whether a call synchronises.
     PYTHONPATH=. python -m benchmarks.host_profile [--calls 300] [--lines 30]
     PYTHONPATH=. python -m benchmarks.host_profile --configs [--seqlen 512 --dim 128 --causal]
     PYTHONPATH=. python -m benchmarks.host_profile --ab   # the launch plans against the full path, A/B
+    PYTHONPATH=. python -m benchmarks.host_profile --paths --seqlen 2048 --dim 64 --causal  # do_bench per path
 """
 
 from __future__ import annotations
@@ -164,6 +165,50 @@ def host_ab(args) -> None:
         print(f"host us per call, {forced} {name}, {plans}: {min(times):.0f} (runs {runs})")
 
 
+def paths(args) -> None:
+    """do_bench (L2 flushed) of one benchmark shape through each launch path, interleaved three times: the
+    public call (inputs requiring grad) with the launch plans, the same without them, forward_stats with the
+    tuned config forced (Triton's launch path, no autograd), and a CUDA graph replay of the public call."""
+    from triton.testing import do_bench
+
+    from flashattention.kernels import launch
+
+    b, h = 16384 // args.seqlen, 2048 // args.dim
+    q, k, v = (
+        torch.randn(b, h, args.seqlen, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in "qkv"
+    )
+    public = lambda: flash_attention(q, k, v, causal=args.causal)  # noqa: E731
+    public()  # tunes
+    cfg = launch.last_launched["fwd"]
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    right = 0 if args.causal else -1
+    forced = lambda: launch.forward_stats(  # noqa: E731
+        qd, kd, vd, softmax_scale=args.dim**-0.5, left=-1, right=right, config=cfg
+    )
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        public()
+    key = launch._plan_key
+    variants = {
+        "public, plans": (public, key),
+        "public, no plans": (public, lambda *a: None),
+        "forward_stats, forced config": (forced, key),
+        "CUDA graph of the public call": (graph.replay, key),
+    }
+    times = {name: [] for name in variants}
+    try:
+        for _ in range(3):
+            for name, (fn, plan_key) in variants.items():
+                launch._plan_key = plan_key
+                times[name].append(do_bench(fn, return_mode="median"))
+    finally:
+        launch._plan_key = key
+    print(f"S={args.seqlen} D={args.dim} causal={args.causal} config {configs.label(cfg)}")
+    for name, ms in times.items():
+        print(f"  {name}: " + ", ".join(f"{t:.3f}" for t in ms) + " ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=300)
@@ -175,8 +220,11 @@ def main() -> None:
     ap.add_argument(
         "--ab", action="store_true", help="host time with the launch plans against the full launch path"
     )
+    ap.add_argument("--paths", action="store_true", help="do_bench of one shape through each launch path")
     args = ap.parse_args()
-    if args.ab:
+    if args.paths:
+        paths(args)
+    elif args.ab:
         host_ab(args)
     elif args.configs:
         per_config(args)
