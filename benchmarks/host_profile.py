@@ -7,7 +7,7 @@ host time per call and whether a call synchronises.
     PYTHONPATH=. python -m benchmarks.host_profile [--calls 300] [--lines 30]
     PYTHONPATH=. python -m benchmarks.host_profile --configs [--seqlen 512 --dim 128 --causal]
     PYTHONPATH=. python -m benchmarks.host_profile --ab   # the launch plans against the full path, A/B
-    PYTHONPATH=. python -m benchmarks.host_profile --paths --seqlen 2048 --dim 64 --causal  # do_bench per path
+    PYTHONPATH=. python -m benchmarks.host_profile --paths --seqlen 2048 --dim 64 --causal  # per path
 """
 
 from __future__ import annotations
