@@ -57,17 +57,24 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
 
 
 def compile_config(
-    kernel: str, config: triton.Config, head_dim_pad: int, fp32: bool, mask: str = "hi", aligned_lengths=False
+    kernel: str,
+    config: triton.Config,
+    head_dim_pad: int,
+    fp32: bool,
+    mask: str = "hi",
+    aligned_lengths=False,
+    fp16=False,
 ) -> dict:
     """Compiles `config` for sm_90a as a launch with 16-byte aligned tensors would specialise it: `mask` "hi"
-    (causal), "none", "lo" or "lo+hi" (a window), sequence lengths divisible by 16 or (default) not."""
+    (causal), "none", "lo" or "lo+hi" (a window), sequence lengths divisible by 16 or (default) not, 16-bit
+    inputs in bfloat16 or (fp16) float16."""
     gluon = bool(config.kwargs.get("GLUON_WS"))
     fn = KERNELS[kernel]
     if gluon and kernel == "fwd":
         from flashattention.kernels.fwd_ws import attn_fwd_ws_kernel as fn
     elif gluon:
         from flashattention.kernels.bwd_ws import attn_bwd_dkdv_ws_kernel as fn
-    element = "*fp32" if fp32 else "*bf16"
+    element = "*fp32" if fp32 else ("*fp16" if fp16 else "*bf16")
     constexprs = dict(
         HEAD_DIM=head_dim_pad,
         HEAD_DIM_PAD=head_dim_pad,
@@ -101,9 +108,9 @@ def compile_config(
 
         from flashattention.kernels.launch import host_desc_boxes
 
-        boxes = host_desc_boxes(head_dim_pad, config.kwargs["BLOCK_N"], gl.bfloat16)
+        boxes = host_desc_boxes(head_dim_pad, config.kwargs["BLOCK_N"], gl.float16 if fp16 else gl.bfloat16)
         for name, (block, layout) in boxes.items():
-            signature[name] = f"tensordesc<bf16[{', '.join(map(str, block))}],{layout!r}>"
+            signature[name] = f"tensordesc<{element[1:]}[{', '.join(map(str, block))}],{layout!r}>"
     # what a launch with 16-byte aligned tensors and strides specialises on (pointers and strides divisible
     # by 16); without it Triton can neither vectorise the loads nor pipeline them
     aligned = [n for n in fn.arg_names if signature[n].startswith("*") or n.startswith("stride_")]
@@ -148,6 +155,7 @@ def main() -> int:
     ap.add_argument("--defaults", action="store_true", help="only the first (default) config of each entry")
     ap.add_argument("--masks", default="hi", help="mask specialisations: none,hi,lo,lo+hi (default: causal)")
     ap.add_argument("--aligned-lengths", action="store_true", help="sequence lengths divisible by 16")
+    ap.add_argument("--fp16", action="store_true", help="float16 inputs (default bfloat16)")
     args = ap.parse_args()
     print(
         "| table | kernel | D | config | shared KB | regs | spill B | blocks/SM | wgmma | ex2 | cp.async "
@@ -165,7 +173,7 @@ def main() -> int:
                     label = configs.label(cfg) + ("" if args.masks == "hi" else f" [{mask}]")
                     try:
                         r = compile_config(
-                            kernel, cfg, dim, table.endswith("fp32"), mask, args.aligned_lengths
+                            kernel, cfg, dim, table.endswith("fp32"), mask, args.aligned_lengths, args.fp16
                         )  # fmt: skip
                     except Exception as exc:  # report, keep going
                         failures += 1
