@@ -539,3 +539,59 @@ def test_overlap_configs_skip_length_one(monkeypatch: pytest.MonkeyPatch) -> Non
         assert launch._applies(overlap, args) is applies, (seqlen_q, seqlen_k)
         assert launch._applies(plain, args), (seqlen_q, seqlen_k)
         assert launch._length_one(args) is not applies
+
+
+def test_a_plan_replays_its_launch_with_the_calls_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """launch._Plan, the replay of a seen call's launch (GPU-only in use; here with a stand-in compiled
+    kernel): the kernel's arguments in its signature order, the config's constexprs and the defaults filled
+    in, the grid evaluated once and padded to three axes; a replay puts in the call's own tensors, remakes
+    the host descriptors around them (same shape, strides, box and layout) and makes a fresh zero tile
+    counter, and passes everything else as the first launch had it."""
+    hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    import inspect
+
+    def kernel(Q, K, O, n, BLOCK: tl.constexpr, FLAG: tl.constexpr = False, TILE_COUNTER=None, PROBE=None):
+        pass
+
+    launches = []
+
+    class Compiled:  # what Triton's launch returns: the launcher and its handles
+        function, packed_metadata = "function", "metadata"
+
+        def launch_metadata(self, grid, stream, *values):
+            return None
+
+        def run(self, *a):
+            launches.append(a)
+
+    class Driver:  # the current stream of the device
+        class active:  # noqa: N801
+            get_current_stream = staticmethod(lambda index: "stream")
+
+    monkeypatch.setattr(launch.triton.runtime, "driver", Driver)
+    monkeypatch.setattr(launch, "_ensure_allocator", lambda: None)  # (a CUDA allocator: not on this CPU)
+    fn = type("KernelFn", (), {"signature": inspect.signature(kernel)})()
+    q, k, o = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    boxes = launch.host_desc_boxes(16, 32, pytest.importorskip("triton.experimental.gluon.language").float32)
+    box, layout = boxes["K"]
+    desc = hopper.TensorDescriptor(k, list(k.shape), list(k.stride()), list(box), layout)
+    config = triton.Config({"BLOCK": 4, "WS_DYNAMIC": True}, num_warps=4)
+    args = dict(Q=q, K=desc, O=o, n=5, TILE_COUNTER=torch.zeros(1, dtype=torch.int32))
+    plan = launch._Plan.of(fn, Compiled(), lambda meta: (meta["BLOCK"] * 2, 3), args, config)
+    assert plan.grid == (8, 3, 1)
+
+    q2, k2, o2 = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    plan(torch.device("cpu"), {"Q": q2, "K": k2, "O": o2})
+    grid, stream, function, metadata = launches[0][:3], launches[0][3], launches[0][4], launches[0][5]
+    assert (grid, stream, function, metadata) == ((8, 3, 1), "stream", "function", "metadata")
+    values = launches[0][9:]
+    assert len(values) == 8 and values[0] is q2 and values[2] is o2
+    assert values[1].base is k2 and values[1].layout is layout
+    assert [list(x) for x in (values[1].shape, values[1].strides, values[1].block_shape)] == [
+        list(k.shape),
+        list(k.stride()),
+        list(box),
+    ]
+    assert values[3:6] == (5, 4, False)
+    assert values[6] is not args["TILE_COUNTER"] and values[6].tolist() == [0]
+    assert values[7] is None
