@@ -103,17 +103,23 @@ def per_config(args) -> None:
             print(f"{name}, requires_grad={grad}: {result}", flush=True)
 
 
-def profile_calls(args) -> None:
+def tiny_calls(seqlen: int) -> dict:
+    """name -> call: the public causal forward and forward + backward at a tiny shape (1 x 2 heads x seqlen
+    x 128, bf16, inputs requiring grad), where the GPU work is negligible."""
     q, k, v = (
-        torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        torch.randn(1, 2, seqlen, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
     )
     do = torch.randn_like(q)
-    fns = {
+    return {
         "forward": lambda: flash_attention(q, k, v, causal=True),
         "forward + backward": lambda: torch.autograd.grad(
             flash_attention(q, k, v, causal=True), (q, k, v), do
         ),
     }
+
+
+def profile_calls(args) -> None:
+    fns = tiny_calls(128)
     for name, fn in fns.items():
         for _ in range(50):  # compiles and autotunes outside the profile
             fn()
@@ -135,16 +141,7 @@ def host_ab(args) -> None:
     forward + backward, with the table's config (Triton at this tiny shape) and with Gluon HOST_DESC."""
     from flashattention.kernels import launch
 
-    q, k, v = (
-        torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-    )
-    do = torch.randn_like(q)
-    calls = {
-        "forward": lambda: flash_attention(q, k, v, causal=True),
-        "forward + backward": lambda: torch.autograd.grad(
-            flash_attention(q, k, v, causal=True), (q, k, v), do
-        ),
-    }
+    calls = tiny_calls(256)
     key = launch._plan_key
     results = {}
     try:
