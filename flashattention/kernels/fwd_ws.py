@@ -436,7 +436,10 @@ def _consumer(
             p = gl.convert_layout(p32.to(dtype), p_layout)
         _stamp(PROBE, tile, 3 + 3 * ME)
         mbarrier.arrive(q_empty.index(qb))  # every Q K^T of this tile has completed: its Q buffer is free
-        if LATE_PV:  # the last P V waits for the next tile's first Q K^T (above; after the loop, below)
+        if LATE_PV:  # the last P V waits for the next tile's first Q K^T (above; after the loop, below).
+            # Its V buffer stays held until then; the producer reaches the next tile's first K copy without
+            # it, since a consumer that reads any of a tile's key tiles skips at most one (its rows end at
+            # most (consumers - 1) * ROWS = BLOCK_N keys before the block's), fewer than the STAGES buffers
             if OWN_RANGE:  # before the next tile's copies are waited on: they may wait for these buffers
                 _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
             pv_prev = n_tiles > 0
