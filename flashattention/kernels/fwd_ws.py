@@ -378,15 +378,12 @@ def _consumer(
                             dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC
                         )
                     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-                mbarrier.arrive(k_empty.index(s))
-                p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
-                p = gl.convert_layout(p32.to(dtype), p_layout)
+                p, m_i, l_i = _first_softmax(
+                    qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI
+                )
             else:
                 if pv_prev:
-                    mbarrier.wait(v_ready.index(v_prev), phase_prev)
-                    acc_token = warpgroup_mma(p_prev, v_smem.index(v_prev), acc_prev, is_async=True)
-                    acc_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-                    mbarrier.arrive(v_empty.index(v_prev))
+                    acc_prev = _last_pv(p_prev, acc_prev, v_smem, v_ready, v_empty, last_prev, STAGES)
                 if j > 0:
                     _finish_tile(
                         dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC
@@ -403,9 +400,9 @@ def _consumer(
                     _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q,
                                 num_heads, stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-            mbarrier.arrive(k_empty.index(s))
-            p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, BLOCK_N, HAS_LO, HAS_HI)
-            p = gl.convert_layout(p32.to(dtype), p_layout)
+            p, m_i, l_i = _first_softmax(
+                qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI
+            )
         else:
             if OVERLAP:
                 if j > 0:
@@ -480,16 +477,36 @@ def _consumer(
         _stamp(PROBE, tile, 4 + 3 * ME)
     if LATE_PV:  # the last tile's last P V and stores
         if pv_prev:
-            mbarrier.wait(v_ready.index(last_prev % STAGES), (last_prev // STAGES) & 1)
-            acc_token = warpgroup_mma(p_prev, v_smem.index(last_prev % STAGES), acc_prev, is_async=True)
-            acc_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-            mbarrier.arrive(v_empty.index(last_prev % STAGES))
+            acc_prev = _last_pv(p_prev, acc_prev, v_smem, v_ready, v_empty, last_prev, STAGES)
         if turns > 0:
             _finish_tile(dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
     elif OVERLAP:
         if turns > 0:
             _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q, num_heads,
                         stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+
+
+@gluon.jit
+def _first_softmax(
+    qk, k_free, m_i, l_i, lo, rows, dtype: gl.constexpr, p_layout: gl.constexpr, HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr,
+):  # fmt: skip
+    """A tile's first scores done: their K buffer released (k_free), their softmax, and P in the inputs'
+    dtype in the P V operand's layout: (P, m, l)."""
+    mbarrier.arrive(k_free)
+    p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, qk.shape[1], HAS_LO, HAS_HI)
+    return gl.convert_layout(p32.to(dtype), p_layout), m_i, l_i
+
+
+@gluon.jit
+def _last_pv(p, acc, v_smem, v_ready, v_empty, copy, STAGES: gl.constexpr):
+    """acc + P V with the V of K/V copy number `copy` (once landed; its buffer released after)."""
+    s = copy % STAGES
+    mbarrier.wait(v_ready.index(s), (copy // STAGES) & 1)
+    token = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(token,))
+    mbarrier.arrive(v_empty.index(s))
+    return acc
 
 
 @gluon.jit
