@@ -138,7 +138,10 @@ class _Plan:
                 plan.tensors.append((i, name))
             elif type(value).__name__ == "TensorDescriptor":  # HOST_DESC: remade around each call's tensor
                 plan.descs.append((i, name, value.shape, value.strides, value.block_shape, value.layout))
-            plan.values.append(value)
+            else:
+                plan.values.append(value)
+                continue
+            plan.values.append(None)  # each call puts its own in: the plan keeps no tensor of this one alive
         return plan
 
     def __call__(self, device: torch.device, tensors: dict) -> None:
