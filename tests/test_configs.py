@@ -600,3 +600,39 @@ def test_a_plan_replays_its_launch_with_the_calls_tensors(monkeypatch: pytest.Mo
     assert values[3:6] == (5, 4, False)
     assert values[6].tolist() == [0]
     assert values[7] is None
+
+
+def test_plan_keys_tell_apart_what_the_launch_arguments_depend_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch plan is replayed only for a call whose key matches (launch._plan_key). The forward's and
+    the backward's keys change with the fp32 matmul precision (torch's global setting, which decides
+    PRECISION), and a key changes with a misaligned pointer, the strides, the scale and the tuning state;
+    the same call gets the same key."""
+    keys = []
+    real_key = launch._plan_key
+    monkeypatch.setattr(launch, "_plan_key", lambda *a: keys.append(a))  # the launchers' keys, recorded
+    q, k, v, dout = make_inputs(1, 2, 2, 32, 32, 16, torch.float32, "cpu")
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            out, _, lse2 = launch.attention_forward(q, k, v, softmax_scale=0.25, left=-1, right=0)
+            launch.attention_backward(dout, q, k, v, out, lse2, softmax_scale=0.25, left=-1, right=0)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    (fwd_exact, bwd_exact, fwd_tf32, bwd_tf32) = [a[0:1] + a[2:] for a in keys]  # (tensors left out)
+    assert fwd_exact != fwd_tf32 and bwd_exact != bwd_tf32, keys
+
+    monkeypatch.setattr(launch, "_plan_key", real_key)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)  # keys are made on GPUs only
+    buf = torch.randn(q.numel() + 1)
+
+    def key(t=q, scale=0.25):
+        return launch._plan_key("fwd", (t, k), scale, -1, 0, "ieee")
+
+    same = key()
+    assert key() == same
+    assert key(buf[1:].view(q.shape)) != same  # 4 bytes past a 16-byte boundary
+    assert key(q.transpose(2, 3).contiguous().transpose(2, 3)) != same
+    assert key(scale=0.5) != same
+    monkeypatch.setattr(launch, "_best", {})  # another tuning cache (as tests swap it)
+    assert key() != same

@@ -176,9 +176,10 @@ _PLANS_MAX = 1024
 
 def _plan_key(kind: str, tensors: tuple, *scalars) -> tuple | None:
     """The key of a launch: each tensor's shape, strides, dtype and pointer alignment (what Triton
-    specialises on, and what decides CAN_TMA and HOST_DESC), the device, the scalars, and the module state
-    that tests and benchmarks swap (the tuning cache, the tables, the SM count), so that a plan made under
-    other state is not reused. None (no plan) in the interpreter."""
+    specialises on, and what decides CAN_TMA and HOST_DESC), the device, the scalars (the caller's: scale,
+    window and the fp32 matmul precision, torch's global setting), and the module state that tests and
+    benchmarks swap (the tuning cache, the tables, the SM count), so that a plan made under other state is
+    not reused. None (no plan) in the interpreter."""
     if configs.interpreting():
         return None
     t0 = tensors[0]
@@ -551,7 +552,9 @@ def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, confi
         return out, lse2
     if seqlen_k == 0:  # no keys: every row is empty (-inf is the same in both units)
         return out.zero_(), lse2.fill_(-math.inf)
-    key = None if config is not None else _plan_key("fwd", (q, k, v, out, lse2), softmax_scale, left, right)
+    key = None
+    if config is None:
+        key = _plan_key("fwd", (q, k, v, out, lse2), softmax_scale, left, right, _precision(q.dtype))
     if _replay(key, q.device, {"Q": q, "K": k, "V": v, "O": out, "LSE2": lse2}):  # this case ran before
         return out, lse2
     unit = _stride_unit(q, k, v, out)
@@ -606,7 +609,7 @@ def attention_backward(
     tensors.update(DQ=dq, DK=dk, DV=dv)
     key = None
     if not forced and not atomic_dq:
-        key = _plan_key("bwd", tuple(tensors.values()), softmax_scale, left, right)
+        key = _plan_key("bwd", tuple(tensors.values()), softmax_scale, left, right, _precision(q.dtype))
     if _replay(key, q.device, tensors):  # this case ran before
         return dq, dk, dv
     pre_block = 64
