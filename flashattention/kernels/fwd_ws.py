@@ -303,6 +303,7 @@ def _consumer(
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    dest = (O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om)  # what _store_tile writes
     # OVERLAP: the previous tile's output (normalised), LSE, rows and number, stored under the next Q K^T
     out_prev = gl.zeros([ROWS, HEAD_DIM], dtype, o_layout)
     lse_prev = gl.zeros([ROWS], gl.float32, row_s)
@@ -312,7 +313,6 @@ def _consumer(
     # OVERLAP == 2: the previous tile's accumulator, last P, softmax state and last V buffer, its last P V
     # issued with the next tile's first Q K^T
     LATE_PV: gl.constexpr = OVERLAP == 2
-    dest = (O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om)
     acc_prev = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     p_prev = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
     mi_prev = gl.full([ROWS], float("-inf"), gl.float32, row_s)
@@ -397,8 +397,7 @@ def _consumer(
             _pass_turn(turn_other, PINGPONG)
             if OVERLAP:
                 if j > 0:
-                    _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q,
-                                num_heads, stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
             p, m_i, l_i = _first_softmax(
                 qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI
@@ -406,8 +405,7 @@ def _consumer(
         else:
             if OVERLAP:
                 if j > 0:
-                    _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q,
-                                num_heads, stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
         for i in range(1, n_tiles):
             s = (done + i) % STAGES
             prev = (done + i - 1) % STAGES
@@ -437,11 +435,8 @@ def _consumer(
             # Its V buffer stays held until then; the producer reaches the next tile's first K copy without
             # it, since a consumer that reads any of a tile's key tiles skips at most one (its rows end at
             # most (consumers - 1) * ROWS = BLOCK_N keys before the block's), fewer than the STAGES buffers
-            if OWN_RANGE:  # before the next tile's copies are waited on: they may wait for these buffers
-                _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
             pv_prev = n_tiles > 0
             last_prev = done + n_tiles - 1
-            done += total
             acc_prev = acc
             p_prev = p
             mi_prev = m_i
@@ -458,13 +453,13 @@ def _consumer(
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
             mbarrier.arrive(v_empty.index(last))
             issues += n_tiles + 1
+        # after this consumer's last P V (LATE_PV: before the next tile's copies are waited on): the
+        # producer's next copies may wait for these buffers
+        if OWN_RANGE:
+            _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
+        done += total
         if not LATE_PV:
-            if OWN_RANGE:  # after this consumer's last P V: the producer's next copies may wait for it
-                _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
-            done += total
-            empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
-            lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
-            out = (acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]).to(dtype)
+            out, lse2 = _normalise(acc, m_i, l_i, dtype)
             if OVERLAP:
                 out_prev = out
                 lse_prev = lse2
@@ -472,8 +467,7 @@ def _consumer(
                 m_prev = start_m
                 tile_prev = tile
             else:
-                _store_tile(O, LSE2, out, lse2, off_bh, start_m, tile, tiles, seqlen_q, num_heads, stride_ob,
-                            stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+                _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M, DYNAMIC)
         _stamp(PROBE, tile, 4 + 3 * ME)
     if LATE_PV:  # the last tile's last P V and stores
         if pv_prev:
@@ -482,8 +476,7 @@ def _consumer(
             _finish_tile(dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
     elif OVERLAP:
         if turns > 0:
-            _store_tile(O, LSE2, out_prev, lse_prev, bh_prev, m_prev, tile_prev, tiles, seqlen_q, num_heads,
-                        stride_ob, stride_oh, stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+            _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
 
 
 @gluon.jit
@@ -510,26 +503,28 @@ def _last_pv(p, acc, v_smem, v_ready, v_empty, copy, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _finish_tile(dest, acc, m_i, l_i, off_bh, start_m, tile, BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr):
-    """A tile's output from its accumulator and softmax state (rows that saw no key: 0 and LSE -inf),
-    stored (_store_tile; dest: O, LSE2, tiles, seqlen_q, num_heads and O's strides)."""
-    O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om = dest
+def _normalise(acc, m_i, l_i, dtype: gl.constexpr):
+    """A tile's output in `dtype` and its LSE2 from the accumulator and softmax state (rows that saw no
+    key: output 0, LSE -inf)."""
     empty = l_i == 0.0
     lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
     l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), gl.SliceLayout(1, acc.type.layout))
-    out = (acc / l_o[:, None]).to(O.dtype.element_ty)
-    _store_tile(O, LSE2, out, lse2, off_bh, start_m, tile, tiles, seqlen_q, num_heads, stride_ob, stride_oh,
-                stride_om, BLOCK_M, DYNAMIC)  # fmt: skip
+    return (acc / l_o[:, None]).to(dtype), lse2
 
 
 @gluon.jit
-def _store_tile(
-    O, LSE2, out, lse2, off_bh, start_m, tile, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om,
-    BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr,
-):  # fmt: skip
+def _finish_tile(dest, acc, m_i, l_i, off_bh, start_m, tile, BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr):
+    """A tile's output normalised (_normalise) and stored (_store_tile)."""
+    out, lse2 = _normalise(acc, m_i, l_i, dest[0].dtype.element_ty)
+    _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M, DYNAMIC)
+
+
+@gluon.jit
+def _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr):
     """A consumer's stores of one tile: its rows' LSE2 and output (normalised, in the output dtype), rows
     [start_m, start_m + ROWS) of (batch * head) off_bh, those inside [0, seqlen_q) (none for a DYNAMIC
-    number >= tiles)."""
+    number >= tiles). dest: O, LSE2, tiles, seqlen_q, num_heads and O's strides."""
+    O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om = dest
     ROWS: gl.constexpr = out.shape[0]
     HEAD_DIM: gl.constexpr = out.shape[1]
     num_warps: gl.constexpr = gl.num_warps()
