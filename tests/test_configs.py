@@ -542,11 +542,12 @@ def test_overlap_configs_skip_length_one(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_a_plan_replays_its_launch_with_the_calls_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """launch._Plan, the replay of a seen call's launch (GPU-only in use; here with a stand-in compiled
-    kernel): the kernel's arguments in its signature order, the config's constexprs and the defaults filled
-    in, the grid evaluated once and padded to three axes; a replay puts in the call's own tensors, remakes
-    the host descriptors around them (same shape, strides, box and layout) and makes a fresh zero tile
-    counter, and passes everything else as the first launch had it."""
+    """launch._Plan, the replay of a seen call's launch, kept by _keep and launched by _replay (GPU-only
+    in use; here with a stand-in compiled kernel): the kernel's arguments in its signature order, the
+    config's constexprs and the defaults filled in, the grid evaluated once and padded to three axes; a
+    replay puts in the call's own tensors, remakes the host descriptors around them (same shape, strides,
+    box and layout), makes a fresh zero tile counter, passes everything else as the first launch had it,
+    and records the config as the kernel's last launched."""
     hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
     import inspect
     import weakref
@@ -578,15 +579,20 @@ def test_a_plan_replays_its_launch_with_the_calls_tensors(monkeypatch: pytest.Mo
     desc = hopper.TensorDescriptor(k, list(k.shape), list(k.stride()), list(box), layout)
     config = triton.Config({"BLOCK": 4, "WS_DYNAMIC": True}, num_warps=4)
     args = dict(Q=q, K=desc, O=o, n=5, TILE_COUNTER=torch.zeros(1, dtype=torch.int32))
-    plan = launch._Plan.of(fn, Compiled(), lambda meta: (meta["BLOCK"] * 2, 3), args, config)
-    assert plan.grid == (8, 3, 1)
+    monkeypatch.setattr(launch, "_plans", {})
+    monkeypatch.setattr(launch, "last_launched", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launch._keep(("case",), ("fwd", fn, Compiled(), lambda meta: (meta["BLOCK"] * 2, 3), args, config))
+    (plan,) = launch._plans[("case",)]
+    assert plan.grid == (8, 3, 1) and plan.name == "fwd"
     # the plan keeps none of the first call's tensors alive (a cache of plans would hold their memory)
     alive = weakref.ref(q), weakref.ref(k), weakref.ref(args["TILE_COUNTER"])
     del q, k, o, desc, args
     assert all(ref() is None for ref in alive)
 
     q2, k2, o2 = (torch.randn(1, 2, 64, 16) for _ in range(3))
-    plan(torch.device("cpu"), {"Q": q2, "K": k2, "O": o2})
+    assert launch._replay(("case",), torch.device("cpu"), {"Q": q2, "K": k2, "O": o2})
+    assert launch.last_launched["fwd"] is config and not launch._replay(("other",), torch.device("cpu"), {})
     grid, stream, function, metadata = launches[0][:3], launches[0][3], launches[0][4], launches[0][5]
     assert (grid, stream, function, metadata) == ((8, 3, 1), "stream", "function", "metadata")
     values = launches[0][9:]

@@ -81,8 +81,9 @@ _best: dict[tuple, triton.Config] = {}
 last_launched: dict[str, triton.Config] = {}
 
 
-def _run(kernel_fn, grid, args: dict, config) -> _Plan | None:
-    """Launches `config` through Triton; returns the launch's plan (_Plan.of)."""
+def _run(kernel_fn, grid, args: dict, config) -> tuple:
+    """Launches `config` through Triton; returns what a plan of the launch is made from (_Plan.of, by _keep
+    where a plan is kept): the kernel function, the compiled kernel, the grid, the arguments, the config."""
     if config.kwargs.get("GLUON_WS"):
         problems = _gluon_problems(args)
         if config.kwargs.get("WS_OVERLAP") and _length_one(args):
@@ -103,7 +104,7 @@ def _run(kernel_fn, grid, args: dict, config) -> _Plan | None:
             args = dict(args, TILE_COUNTER=torch.zeros(1, dtype=torch.int32, device=args["O"].device))
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     compiled = kernel_fn[grid](**args, **config.kwargs, **options)
-    return _Plan.of(kernel_fn, compiled, grid, args, config)
+    return kernel_fn, compiled, grid, args, config
 
 
 class _Plan:
@@ -116,16 +117,16 @@ class _Plan:
     what the slow path would."""
 
     __slots__ = ("name", "config", "kernel", "grid", "values", "tensors", "descs", "counter")
-    name: str  # the kernel's name in last_launched (set by _launch)
 
     @classmethod
-    def of(cls, kernel_fn, compiled, grid, args: dict, config):
-        """The plan of a launch through Triton, or None where there is none to replay (the interpreter)."""
+    def of(cls, name: str, kernel_fn, compiled, grid, args: dict, config):
+        """The plan of a launch through Triton (name: the kernel's in last_launched, "" for none), or None
+        where there is none to replay (the interpreter)."""
         if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
             return None
         merged = dict(args, **config.kwargs) if config is not None else args
         plan = cls()
-        plan.name = ""
+        plan.name = name
         plan.config, plan.kernel, plan.tensors, plan.descs, plan.counter = config, compiled, [], [], None
         grid = grid(merged) if callable(grid) else grid
         plan.grid = (tuple(grid) + (1, 1))[:3]
@@ -191,10 +192,14 @@ def _plan_key(kind: str, tensors: tuple, *scalars) -> tuple | None:
     )  # fmt: skip
 
 
-def _keep(key: tuple | None, *plans: _Plan | None) -> None:
-    """Stores a call's plans, except during CUDA graph capture (where an untuned case launches the table's
-    default config, not the one later calls get)."""
-    if key is None or None in plans or torch.cuda.is_current_stream_capturing():
+def _keep(key: tuple | None, *launches: tuple | None) -> None:
+    """Stores the plans of a call's launches ((name, *what _run returned) each), except where the call has
+    no key or during CUDA graph capture (where an untuned case launches the table's default config, not the
+    one later calls get)."""
+    if key is None or None in launches or torch.cuda.is_current_stream_capturing():
+        return
+    plans = tuple(_Plan.of(*launch) for launch in launches)
+    if None in plans:
         return
     if len(_plans) >= _PLANS_MAX:
         _plans.clear()
@@ -357,13 +362,13 @@ _TUNE_CLOSE = 0.05  # configs this close to the fastest in the first pass are ti
 
 def _launch(
     kernel_fn, name: str, grid, args: dict, head_dim_pad: int, device, dtype, config=None, reset_to_zero=()
-) -> _Plan | None:
+) -> tuple | None:
     """Launches on `device` (not whichever GPU is current) with `config` if given, else a config of the
     table entry that applies to these arguments (configs.py). Autotuning picks the fastest on the case's
     first call (_tune) and later calls launch it directly. With autotuning off: the first config that fits
     this GPU's shared memory (smaller GPUs than the table's). During CUDA graph capture a case not tuned yet
     cannot be tuned (timing runs cannot be captured): it gets the first config, with a warning. Returns the
-    launch's plan (_Plan), for the caller to keep (_keep)."""
+    launch's name and what _run returned, for the caller to keep as a plan (_keep)."""
     with _on(device):
         if config is not None:
             last_launched[name] = config
@@ -393,9 +398,9 @@ def _launch(
             )
         for i, cfg in enumerate(entry):
             try:
-                plan = _run(kernel_fn, grid, args, cfg)
+                ran = _run(kernel_fn, grid, args, cfg)
                 last_launched[name] = cfg
-                return _named(plan, name)
+                return _named(ran, name)
             except OutOfResources:
                 if i == len(entry) - 1:
                     raise
@@ -405,10 +410,8 @@ def _launch(
                 _warn_gluon_broken(err)
 
 
-def _named(plan: _Plan | None, name: str) -> _Plan | None:
-    if plan is not None:
-        plan.name = name
-    return plan
+def _named(ran: tuple | None, name: str) -> tuple | None:
+    return None if ran is None else (name, *ran)
 
 
 def _warn_gluon_broken(err: CompilationError) -> None:
@@ -633,7 +636,7 @@ def attention_backward(
     pre_grid = (_cdiv(seqlen_q, pre_block), batch * heads)
     with _on(q.device):
         compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
-    pre = _Plan.of(attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
+    pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
     unit = _stride_unit(q, k, v, dout, dq, dk, dv)
     common = dict(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
@@ -672,8 +675,8 @@ def attention_backward(
         return dq.copy_(dq_acc), dk, dv
     dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m", unit))
     grid = lambda meta: (_cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    dq_plan = _launch(
+    dq_launch = _launch(
         attn_bwd_dq_kernel, "bwd_dq", grid, dq_args, head_dim_pad, q.device, q.dtype, forced.get("bwd_dq")
     )
-    _keep(key, pre, dkdv, dq_plan)
+    _keep(key, pre, dkdv, dq_launch)
     return dq, dk, dv
