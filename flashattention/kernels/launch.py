@@ -608,25 +608,19 @@ def attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim_pad = _head_dim_pad(head_dim)
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    tensors = {"O": out, "DO": dout, "DELTA": delta, "Q": q, "K": k, "V": v, "LSE2": lse2}
-    tensors.update(DQ=dq, DK=dk, DV=dv)
+    tensors = dict(O=out, DO=dout, DELTA=delta, Q=q, K=k, V=v, LSE2=lse2, DQ=dq, DK=dk, DV=dv)
     key = None
     if not forced and not atomic_dq:
         key = _plan_key("bwd", tuple(tensors.values()), softmax_scale, left, right, _precision(q.dtype))
     if _replay(key, q.device, tensors):  # this case ran before
         return dq, dk, dv
     pre_block = 64
-    (ob, oh, om), (dob, doh, dom) = out.stride()[:3], dout.stride()[:3]
-    pre_args = dict(
+    pre_args = dict(  # (strides in elements: unit 1)
         O=out,
         DO=dout,
         DELTA=delta,
-        stride_ob=ob,
-        stride_oh=oh,
-        stride_om=om,
-        stride_dob=dob,
-        stride_doh=doh,
-        stride_dom=dom,
+        **_strides("o", out, "m", 1),
+        **_strides("do", dout, "m", 1),
         num_heads=heads,
         seqlen_q=seqlen_q,
         HEAD_DIM=head_dim,
