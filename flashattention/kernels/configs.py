@@ -222,9 +222,6 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_DYNAMIC=32, WS_SLACK=4),
                 # the table's persistent config before (two K/V buffers)
                 _c(192, 128, 4, 2, **_D64_PERSISTENT),
-                # WS_OVERLAP=2: each tile's last P V issued with the next tile's first Q K^T, the stores under
-                # both (not yet run)
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=2),
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),  # 3 K/V buffers fit at D64 (130 KB)

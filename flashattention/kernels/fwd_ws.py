@@ -273,9 +273,7 @@ def _consumer(
     consumers count them. With DYNAMIC each tile's number comes with its Q (_producer); one >= tiles is
     none (no key tiles, no stores). With OVERLAP a tile's stores wait for the next tile's first Q K^T to be
     issued and run under it (after the last tile, at the end), so that the tensor cores do not idle through
-    them; the PROBE's end stamp is then the end of the tile's matmuls. With OVERLAP == 2 a tile's last P V
-    also waits: it is issued with the next tile's first Q K^T (that tile's K copy landed), and the stores
-    run under both (three K/V buffers keep the producer's next copies off the V buffer it holds)."""
+    them; the PROBE's end stamp is then the end of the tile's matmuls."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
      stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
      lo_off, hi_off, qk_scale, tiles, tile_smem) = shared  # fmt: skip
@@ -310,15 +308,6 @@ def _consumer(
     bh_prev = 0
     m_prev = 0
     tile_prev = 0
-    # OVERLAP == 2: the previous tile's accumulator, last P, softmax state and last V buffer, its last P V
-    # issued with the next tile's first Q K^T
-    LATE_PV: gl.constexpr = OVERLAP == 2
-    acc_prev = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    p_prev = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-    mi_prev = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    li_prev = gl.zeros([ROWS], gl.float32, row_s)
-    pv_prev = tiles < 0  # (false: no P V pending before the first tile)
-    last_prev = 0
     done = 0  # K/V tiles consumed by this program before the current tile
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     for j in range(0, turns):
@@ -351,44 +340,7 @@ def _consumer(
         q = q_smem.index(qb * consumers + ME)
         mbarrier.wait(q_bar.index(qb), (j // Q_BUFFERS) & 1)
         _stamp(PROBE, tile, 2 + 3 * ME)
-        if LATE_PV:  # the previous tile's last P V, then this tile's first Q K^T, the stores under both
-            v_prev = last_prev % STAGES  # the buffer and phase of the previous tile's last V
-            phase_prev = (last_prev // STAGES) & 1
-            if n_tiles > 0:
-                s = done % STAGES
-                mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
-                if pv_prev:
-                    mbarrier.wait(v_ready.index(v_prev), phase_prev)
-                    acc_token = warpgroup_mma(p_prev, v_smem.index(v_prev), acc_prev, is_async=True)
-                    qk_token = warpgroup_mma(
-                        q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-                    )  # fmt: skip
-                    acc_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc_token,))
-                    mbarrier.arrive(v_empty.index(v_prev))
-                    _finish_tile(
-                        dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC
-                    )
-                    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-                else:
-                    qk_token = warpgroup_mma(
-                        q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-                    )  # fmt: skip
-                    if j > 0:
-                        _finish_tile(
-                            dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC
-                        )
-                    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-                p, m_i, l_i = _first_softmax(
-                    qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI
-                )
-            else:
-                if pv_prev:
-                    acc_prev = _last_pv(p_prev, acc_prev, v_smem, v_ready, v_empty, last_prev, STAGES)
-                if j > 0:
-                    _finish_tile(
-                        dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC
-                    )
-        elif n_tiles > 0:
+        if n_tiles > 0:
             # tile 0: scores and softmax only (the accumulator is still zero)
             s = done % STAGES
             mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
@@ -431,20 +383,7 @@ def _consumer(
             p = gl.convert_layout(p32.to(dtype), p_layout)
         _stamp(PROBE, tile, 3 + 3 * ME)
         mbarrier.arrive(q_empty.index(qb))  # every Q K^T of this tile has completed: its Q buffer is free
-        if LATE_PV:  # the last P V waits for the next tile's first Q K^T (above; after the loop, below).
-            # Its V buffer stays held until then; the producer reaches the next tile's first K copy without
-            # it, since a consumer that reads any of a tile's key tiles skips at most one (its rows end at
-            # most (consumers - 1) * ROWS = BLOCK_N keys before the block's), fewer than the STAGES buffers
-            pv_prev = n_tiles > 0
-            last_prev = done + n_tiles - 1
-            acc_prev = acc
-            p_prev = p
-            mi_prev = m_i
-            li_prev = l_i
-            bh_prev = off_bh
-            m_prev = start_m
-            tile_prev = tile
-        elif n_tiles > 0:
+        if n_tiles > 0:
             last = (done + n_tiles - 1) % STAGES
             mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
             _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
@@ -453,31 +392,23 @@ def _consumer(
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
             mbarrier.arrive(v_empty.index(last))
             issues += n_tiles + 1
-        # after this consumer's last P V (LATE_PV: before the next tile's copies are waited on): the
-        # producer's next copies may wait for these buffers
+        # after this consumer's last P V: the producer's next copies may wait for these buffers
         if OWN_RANGE:
             _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
         done += total
-        if not LATE_PV:
-            out, lse2 = _normalise(acc, m_i, l_i, dtype)
-            if OVERLAP:
-                out_prev = out
-                lse_prev = lse2
-                bh_prev = off_bh
-                m_prev = start_m
-                tile_prev = tile
-            else:
-                _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M, DYNAMIC)
+        out, lse2 = _normalise(acc, m_i, l_i, dtype)
+        if OVERLAP:
+            out_prev = out
+            lse_prev = lse2
+            bh_prev = off_bh
+            m_prev = start_m
+            tile_prev = tile
+        else:
+            _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M, DYNAMIC)
         _stamp(PROBE, tile, 4 + 3 * ME)
-    if LATE_PV:  # the last tile's last P V and stores
-        if pv_prev:
-            acc_prev = _last_pv(p_prev, acc_prev, v_smem, v_ready, v_empty, last_prev, STAGES)
-        if turns > 0:
-            _finish_tile(dest, acc_prev, mi_prev, li_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
-    elif OVERLAP:
+    if OVERLAP:
         if turns > 0:
             _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
-
 
 @gluon.jit
 def _first_softmax(
@@ -492,17 +423,6 @@ def _first_softmax(
 
 
 @gluon.jit
-def _last_pv(p, acc, v_smem, v_ready, v_empty, copy, STAGES: gl.constexpr):
-    """acc + P V with the V of K/V copy number `copy` (once landed; its buffer released after)."""
-    s = copy % STAGES
-    mbarrier.wait(v_ready.index(s), (copy // STAGES) & 1)
-    token = warpgroup_mma(p, v_smem.index(s), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(token,))
-    mbarrier.arrive(v_empty.index(s))
-    return acc
-
-
-@gluon.jit
 def _normalise(acc, m_i, l_i, dtype: gl.constexpr):
     """A tile's output in `dtype` and its LSE2 from the accumulator and softmax state (rows that saw no
     key: output 0, LSE -inf)."""
@@ -510,13 +430,6 @@ def _normalise(acc, m_i, l_i, dtype: gl.constexpr):
     lse2 = gl.where(empty, float("-inf"), m_i + gl.log2(l_i))
     l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), gl.SliceLayout(1, acc.type.layout))
     return (acc / l_o[:, None]).to(dtype), lse2
-
-
-@gluon.jit
-def _finish_tile(dest, acc, m_i, l_i, off_bh, start_m, tile, BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr):
-    """A tile's output normalised (_normalise) and stored (_store_tile)."""
-    out, lse2 = _normalise(acc, m_i, l_i, dest[0].dtype.element_ty)
-    _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M, DYNAMIC)
 
 
 @gluon.jit
@@ -576,7 +489,7 @@ def attn_fwd_ws_kernel(
     WS_SLACK more than an even share (the grid then has one program per SM). The counter numbers the tiles
     longest-first within groups of WS_DYNAMIC heads (True: 1, head by head), whose K and V stay in L2 while
     the group's tiles run. WS_OVERLAP (not with WS_PINGPONG): each consumer stores a tile's output under
-    the next tile's first Q K^T (_consumer); WS_OVERLAP=2 also its last P V."""
+    the next tile's first Q K^T (_consumer)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
