@@ -410,6 +410,7 @@ def _consumer(
         if turns > 0:
             _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
 
+
 @gluon.jit
 def _first_softmax(
     qk, k_free, m_i, l_i, lo, rows, dtype: gl.constexpr, p_layout: gl.constexpr, HAS_LO: gl.constexpr,
