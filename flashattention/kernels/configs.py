@@ -220,10 +220,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 # up to 4 tiles above an even share (probe.py, H100, ms against the static order: causal 2k
                 # 0.372 vs 0.382, causal 4k 0.625 vs 0.602; with up to 6: 0.420 and 0.639)
                 _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_DYNAMIC=32, WS_SLACK=4),
-                # WS_EXP2_POLY: 1 or 2 of every 4 softmax exponentials by a polynomial on the FMA units
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_EXP2_POLY=1),
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_EXP2_POLY=2),
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True, WS_EXP2_POLY=1),
+                # WS_ROWSUM_MMA: the softmax's row sums on the tensor cores (P times a column of ones)
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True, WS_ROWSUM_MMA=True),
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_ROWSUM_MMA=True),
                 # the table's persistent config before (two K/V buffers)
                 _c(192, 128, 4, 2, **_D64_PERSISTENT),
                 _c(128, 128, 4, 2, GLUON_WS=True),

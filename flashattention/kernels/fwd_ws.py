@@ -15,6 +15,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -256,8 +257,10 @@ def _softmax_step(
     HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr,
     POLY: gl.constexpr,
+    ROWSUM: gl.constexpr,
 ):
-    """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new). Element masks only on the tiles
+    """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new; with ROWSUM l_i as it came: the
+    sums are the tensor cores' then, _consumer). Element masks only on the tiles
     outside [full_lo, full_hi) (a scalar branch). rows: what stays fixed along a consumer's tiles, (offs_m,
     full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)."""
     offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = rows
@@ -275,7 +278,9 @@ def _softmax_step(
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
     p = _exp2(qk * qk_scale - m_shift[:, None], POLY)
     alpha = gl.exp2(m_i - m_shift)
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+    if not ROWSUM:
+        l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
 
 
 @gluon.jit
@@ -325,7 +330,8 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, ME: gl.constexpr, DYNAMIC: gl.constexpr, POLY: gl.constexpr, PROBE,
+    OVERLAP: gl.constexpr, ME: gl.constexpr, DYNAMIC: gl.constexpr, POLY: gl.constexpr, ROWSUM: gl.constexpr,
+    PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
@@ -338,7 +344,7 @@ def _consumer(
     them; the PROBE's end stamp is then the end of the tile's matmuls."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
      stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
-     lo_off, hi_off, qk_scale, tiles, tile_smem) = shared  # fmt: skip
+     lo_off, hi_off, qk_scale, tiles, tile_smem, ones_smem) = shared  # fmt: skip
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     consumers: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -363,6 +369,14 @@ def _consumer(
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    # ROWSUM: the softmax's row sums as P times a column of ones (8 wide, wgmma's narrowest) on the tensor
+    # cores, beside each P V, instead of a float32 add per score on the consumer's own issue slots
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8, 16]
+    )
+    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
+    ones = ones_smem.permute((1, 0))
     dest = (O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om)  # what _store_tile writes
     # OVERLAP: the previous tile's output (normalised), LSE, rows and number, stored under the next Q K^T
     out_prev = gl.zeros([ROWS, HEAD_DIM], dtype, o_layout)
@@ -396,6 +410,7 @@ def _consumer(
         rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([ROWS], gl.float32, row_s)
+        l_acc = gl.zeros([ROWS, 8], gl.float32, l_layout)  # ROWSUM
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
         qb = j % Q_BUFFERS
@@ -414,7 +429,7 @@ def _consumer(
                     _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
             p, m_i, l_i = _first_softmax(
-                qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, POLY
+                qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, POLY, ROWSUM
             )
         else:
             if OVERLAP:
@@ -433,13 +448,22 @@ def _consumer(
             if not PINGPONG:
                 mbarrier.wait(v_ready.index(prev), prev_phase)
             acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-            _pass_turn(turn_other, PINGPONG)
-            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
+            if ROWSUM:
+                l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
+                _pass_turn(turn_other, PINGPONG)
+                qk = warpgroup_mma_wait(num_outstanding=2, deps=(qk_token,))  # the oldest group: S_i
+            else:
+                _pass_turn(turn_other, PINGPONG)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
             mbarrier.arrive(k_empty.index(s))
             p32, alpha, m_i, l_i = _softmax_step(
-                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, POLY
+                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, POLY, ROWSUM
             )
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+            if ROWSUM:
+                acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
+                l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
             mbarrier.arrive(v_empty.index(prev))
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p = gl.convert_layout(p32.to(dtype), p_layout)
@@ -450,14 +474,21 @@ def _consumer(
             mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
             _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
             acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-            _pass_turn(turn_other, PINGPONG)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+            if ROWSUM:
+                l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
+                _pass_turn(turn_other, PINGPONG)
+                acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
+            else:
+                _pass_turn(turn_other, PINGPONG)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
             mbarrier.arrive(v_empty.index(last))
             issues += n_tiles + 1
         # after this consumer's last P V: the producer's next copies may wait for these buffers
         if OWN_RANGE:
             _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
         done += total
+        if ROWSUM:  # (the 8 columns hold the same sums)
+            l_i = gl.convert_layout(gl.max(l_acc, 1), row_s)
         out, lse2 = _normalise(acc, m_i, l_i, dtype)
         if OVERLAP:
             out_prev = out
@@ -476,12 +507,12 @@ def _consumer(
 @gluon.jit
 def _first_softmax(
     qk, k_free, m_i, l_i, lo, rows, dtype: gl.constexpr, p_layout: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, POLY: gl.constexpr,
+    HAS_HI: gl.constexpr, POLY: gl.constexpr, ROWSUM: gl.constexpr,
 ):  # fmt: skip
     """A tile's first scores done: their K buffer released (k_free), their softmax, and P in the inputs'
     dtype in the P V operand's layout: (P, m, l)."""
     mbarrier.arrive(k_free)
-    p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, qk.shape[1], HAS_LO, HAS_HI, POLY)
+    p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, qk.shape[1], HAS_LO, HAS_HI, POLY, ROWSUM)
     return gl.convert_layout(p32.to(dtype), p_layout), m_i, l_i
 
 
@@ -536,7 +567,7 @@ def attn_fwd_ws_kernel(
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
     WS_DYNAMIC: gl.constexpr = False, WS_SLACK: gl.constexpr = 2, WS_OVERLAP: gl.constexpr = False,
-    WS_EXP2_POLY: gl.constexpr = 0, TILE_COUNTER=None, PROBE=None,
+    WS_EXP2_POLY: gl.constexpr = 0, WS_ROWSUM_MMA: gl.constexpr = False, TILE_COUNTER=None, PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -604,6 +635,16 @@ def attn_fwd_ws_kernel(
     else:
         tile_smem = q_bar
         counter = LSE2
+    if WS_ROWSUM_MMA:  # the consumers' column of ones (_consumer), K-major as K's buffers are
+        ones_smem = gl.allocate_shared_memory(
+            dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        )  # fmt: skip
+        ones_smem.store(
+            gl.full([8, BLOCK_N], 1.0, dtype, gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0]))
+        )
+        fence_async_shared()
+    else:
+        ones_smem = k_smem.index(0)  # (unused)
     for b in gl.static_range(Q_BUFFERS):
         mbarrier.init(q_bar.index(b), count=1)
         mbarrier.init(q_empty.index(b), count=WS_CONSUMERS)  # every consumer releases the Q buffer
@@ -621,7 +662,7 @@ def attn_fwd_ws_kernel(
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
               stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q,
-              seqlen_k, lo_off, hi_off, qk_scale, tiles, tile_smem)  # fmt: skip
+              seqlen_k, lo_off, hi_off, qk_scale, tiles, tile_smem, ones_smem)  # fmt: skip
     loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
              stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog,
              progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, tiles, counter,
@@ -630,9 +671,9 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_EXP2_POLY, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_EXP2_POLY, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, 1],
@@ -642,11 +683,11 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_EXP2_POLY, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_EXP2_POLY, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 2, DYNAMIC, WS_EXP2_POLY, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 2, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, num_warps, 1],
