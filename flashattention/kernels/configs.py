@@ -78,8 +78,11 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 # 0.609 vs 0.643; causal 2k 0.405 vs 0.397 (its programs end 329-384 us apart). With three
                 # K/V buffers, and with each tile's stores under the next tile's first Q K^T (WS_OVERLAP;
                 # 2026-11-27, H100, probe.py, ms against two buffers without it, 0.382 / 0.602 / 0.577):
-                # causal 2k 0.370 / 0.351, causal 4k 0.589 / 0.576, non-causal 2k 0.577 / 0.587
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True),
+                # causal 2k 0.370 / 0.351, causal 4k 0.589 / 0.576, non-causal 2k 0.577 / 0.587. The row sums
+                # on the tensor cores (WS_ROWSUM_MMA; 2026-11-27, H100, probe.py, ms against WS_OVERLAP alone
+                # and three buffers alone): causal 2k 0.340 vs 0.354 / 0.365, causal 4k 0.584 vs 0.609 /
+                # 0.596, non-causal 2k 0.637 vs 0.620 / 0.577 (three buffers alone stay for it)
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True, WS_ROWSUM_MMA=True),
                 _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3),
                 _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3),
                 _c(128, 128, 4, 3, USE_TMA=True),
@@ -220,9 +223,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 # up to 4 tiles above an even share (probe.py, H100, ms against the static order: causal 2k
                 # 0.372 vs 0.382, causal 4k 0.625 vs 0.602; with up to 6: 0.420 and 0.639)
                 _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_DYNAMIC=32, WS_SLACK=4),
-                # WS_ROWSUM_MMA: the softmax's row sums on the tensor cores (P times a column of ones)
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True, WS_ROWSUM_MMA=True),
-                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_ROWSUM_MMA=True),
+                # the table's WS_OVERLAP config before its row sums went to the tensor cores
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True),
                 # the table's persistent config before (two K/V buffers)
                 _c(192, 128, 4, 2, **_D64_PERSISTENT),
                 _c(128, 128, 4, 2, GLUON_WS=True),

@@ -11,7 +11,6 @@ kernel is tested on the GPU only (tests/test_gpu.py runs every table and candida
 compiles it for sm_90a (tests/test_aot.py).
 """
 
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -23,59 +22,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .common import persistent_count, persistent_tile, persistent_turn, tile_range, unit_strides
-
-# 2**f on [-0.5, 0.5] as 1 + f (c1 + f (c2 + f c3)): a least-squares fit of the relative error, weighted to
-# its minimax (Lawson's iteration; max 1.0e-4 in float32 arithmetic, against the 2**-9 of P's bf16 rounding)
-_EXP2_POLY = ("0f3F317AFD", "0f3E7805FF", "0f3D6150AE")  # c1, c2, c3 as PTX float32 literals
-_EXP2_PACK = gl.constexpr(4)  # values per inline-asm call
-
-
-@triton.constexpr_function
-def _exp2_asm(emulated):
-    """PTX of 2**x for _EXP2_PACK float32 values ($0.. out, then in): the last `emulated` of them by the
-    FMA units (FlashAttention-4's software exp2), the others by the MUFU's ex2, so that the exponentials
-    share two pipes. 2**x = 2**j * 2**f with j = round(x) (adding 1.5 * 2**23 rounds it into the low bits)
-    and f = x - j; 2**j from j's bits in the exponent field. x is clamped to -127 first (NaN kept), where
-    2**j is 0.0, so that -inf (a masked score) gives exactly 0 as the ex2 does."""
-    c1, c2, c3 = _EXP2_POLY
-    pack = _EXP2_PACK.value
-    lines = ["{", ".reg .f32 x, t, j, f, p, s;", ".reg .b32 e;"]
-    for i in range(pack):
-        out, arg = f"${i}", f"${pack + i}"
-        if i < pack - emulated:
-            lines.append(f"ex2.approx.ftz.f32 {out}, {arg};")
-            continue
-        lines += [
-            f"max.NaN.f32 x, {arg}, 0fC2FE0000;",  # -127.0
-            "add.rn.f32 t, x, 0f4B400000;",  # 1.5 * 2**23: round(x) + 2**22 in t's low mantissa bits
-            "sub.rn.f32 j, t, 0f4B400000;",
-            "sub.rn.f32 f, x, j;",
-            f"fma.rn.f32 p, f, {c3}, {c2};",
-            f"fma.rn.f32 p, p, f, {c1};",
-            "fma.rn.f32 p, p, f, 0f3F800000;",
-            "mov.b32 e, t;",
-            "shl.b32 e, e, 23;",  # j << 23 (the 2**22 offset and t's exponent shift out)
-            "add.s32 e, e, 1065353216;",  # + 1.0's bits: 2**j (0.0 at j = -127)
-            "mov.b32 s, e;",
-            f"mul.rn.f32 {out}, p, s;",
-        ]
-    return "\n".join(lines + ["}"])
-
-
-@triton.constexpr_function
-def _exp2_constraints():
-    return ",".join(["=f"] * _EXP2_PACK.value + ["f"] * _EXP2_PACK.value)
-
-
-@gluon.jit
-def _exp2(x, POLY: gl.constexpr):
-    """2**x elementwise (float32); POLY of each _EXP2_PACK values by a polynomial (_exp2_asm), 0: gl.exp2."""
-    if POLY == 0:
-        return gl.exp2(x)
-    else:
-        return gl.inline_asm_elementwise(
-            _exp2_asm(POLY), _exp2_constraints(), [x], dtype=gl.float32, is_pure=True, pack=_EXP2_PACK
-        )
 
 
 @gluon.jit
@@ -256,7 +202,6 @@ def _softmax_step(
     BLOCK_N: gl.constexpr,
     HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr,
-    POLY: gl.constexpr,
     ROWSUM: gl.constexpr,
 ):
     """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new; with ROWSUM l_i as it came: the
@@ -276,7 +221,7 @@ def _softmax_step(
         qk = gl.where(vis, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-    p = _exp2(qk * qk_scale - m_shift[:, None], POLY)
+    p = gl.exp2(qk * qk_scale - m_shift[:, None])
     alpha = gl.exp2(m_i - m_shift)
     if not ROWSUM:
         l_i = l_i * alpha + gl.sum(p, 1)
@@ -330,7 +275,7 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, ME: gl.constexpr, DYNAMIC: gl.constexpr, POLY: gl.constexpr, ROWSUM: gl.constexpr,
+    OVERLAP: gl.constexpr, ME: gl.constexpr, DYNAMIC: gl.constexpr, ROWSUM: gl.constexpr,
     PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
@@ -429,7 +374,7 @@ def _consumer(
                     _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
             p, m_i, l_i = _first_softmax(
-                qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, POLY, ROWSUM
+                qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, ROWSUM
             )
         else:
             if OVERLAP:
@@ -457,7 +402,7 @@ def _consumer(
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
             mbarrier.arrive(k_empty.index(s))
             p32, alpha, m_i, l_i = _softmax_step(
-                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, POLY, ROWSUM
+                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, ROWSUM
             )
             if ROWSUM:
                 acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
@@ -507,12 +452,12 @@ def _consumer(
 @gluon.jit
 def _first_softmax(
     qk, k_free, m_i, l_i, lo, rows, dtype: gl.constexpr, p_layout: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, POLY: gl.constexpr, ROWSUM: gl.constexpr,
+    HAS_HI: gl.constexpr, ROWSUM: gl.constexpr,
 ):  # fmt: skip
     """A tile's first scores done: their K buffer released (k_free), their softmax, and P in the inputs'
     dtype in the P V operand's layout: (P, m, l)."""
     mbarrier.arrive(k_free)
-    p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, qk.shape[1], HAS_LO, HAS_HI, POLY, ROWSUM)
+    p32, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, lo, rows, qk.shape[1], HAS_LO, HAS_HI, ROWSUM)
     return gl.convert_layout(p32.to(dtype), p_layout), m_i, l_i
 
 
@@ -567,7 +512,7 @@ def attn_fwd_ws_kernel(
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
     WS_DYNAMIC: gl.constexpr = False, WS_SLACK: gl.constexpr = 2, WS_OVERLAP: gl.constexpr = False,
-    WS_EXP2_POLY: gl.constexpr = 0, WS_ROWSUM_MMA: gl.constexpr = False, TILE_COUNTER=None, PROBE=None,
+    WS_ROWSUM_MMA: gl.constexpr = False, TILE_COUNTER=None, PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -583,9 +528,8 @@ def attn_fwd_ws_kernel(
     WS_SLACK more than an even share (the grid then has one program per SM). The counter numbers the tiles
     longest-first within groups of WS_DYNAMIC heads (True: 1, head by head), whose K and V stay in L2 while
     the group's tiles run. WS_OVERLAP (not with WS_PINGPONG): each consumer stores a tile's output under
-    the next tile's first Q K^T (_consumer). WS_EXP2_POLY: of every 8 exponentials of the softmax, how
-    many the FMA units compute by a polynomial (_exp2_asm; at D64 the MUFU's ex2 rate, 16 per cycle per
-    SM, nearly matches the tensor cores' rate for the matmuls around each score)."""
+    the next tile's first Q K^T (_consumer). WS_ROWSUM_MMA: the softmax's row sums on the tensor cores
+    (_consumer; at D64 the consumers' issue slots bound the softmax, not the MUFU's ex2 rate: NOTES.md)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
@@ -671,9 +615,9 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, 1],
@@ -683,11 +627,11 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 2, DYNAMIC, WS_EXP2_POLY, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 2, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
                 (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
             ],
             [num_warps, num_warps, 1],
