@@ -85,9 +85,7 @@ def _run(kernel_fn, grid, args: dict, config) -> tuple:
     """Launches `config` through Triton; returns what a plan of the launch is made from (_Plan.of, by _keep
     where a plan is kept): the kernel function, the compiled kernel, the grid, the arguments, the config."""
     if config.kwargs.get("GLUON_WS"):
-        problems = _gluon_problems(args)
-        if config.kwargs.get("WS_OVERLAP") and _length_one(args):
-            problems.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
+        problems = _config_problems(config, args)
         if problems:
             kind = "dK/dV" if "DK" in args else "forward"
             raise ValueError(
@@ -310,12 +308,22 @@ def _length_one(args: dict) -> bool:
     return args["seqlen_q"] == 1 or args["seqlen_k"] == 1
 
 
+def _config_problems(config, args: dict) -> list[str]:
+    """Why a GLUON_WS config cannot take these arguments (empty if it can, and for other configs):
+    _gluon_problems, and for WS_OVERLAP a sequence length of 1 (_length_one). _run raises them for a forced
+    config; _applies leaves such a config out of the tuner's choice."""
+    if not config.kwargs.get("GLUON_WS"):
+        return []
+    problems = _gluon_problems(args)
+    if config.kwargs.get("WS_OVERLAP") and _length_one(args):
+        problems.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
+    return problems
+
+
 def _applies(config, args: dict) -> bool:
     if config.kwargs.get("HOST_DESC") and not _host_desc_ok(args):
         return False
-    if config.kwargs.get("WS_OVERLAP") and _length_one(args):
-        return False
-    return not config.kwargs.get("GLUON_WS") or not _gluon_problems(args)
+    return not _config_problems(config, args)
 
 
 def _tune(kernel_fn, grid, args: dict, entry: list, reset_to_zero) -> triton.Config:
