@@ -194,16 +194,9 @@ def _producer(
 
 @gluon.jit
 def _softmax_step(
-    qk,
-    m_i,
-    l_i,
-    start_n,
-    rows,
-    BLOCK_N: gl.constexpr,
-    HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr,
+    qk, m_i, l_i, start_n, rows, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     ROWSUM: gl.constexpr,
-):
+):  # fmt: skip
     """Online softmax of one score tile: (P in fp32, alpha, m_new, l_new; with ROWSUM l_i as it came: the
     sums are the tensor cores' then, _consumer). Element masks only on the tiles
     outside [full_lo, full_hi) (a scalar branch). rows: what stays fixed along a consumer's tiles, (offs_m,
@@ -395,11 +388,8 @@ def _consumer(
             acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
             if ROWSUM:
                 l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
-                _pass_turn(turn_other, PINGPONG)
-                qk = warpgroup_mma_wait(num_outstanding=2, deps=(qk_token,))  # the oldest group: S_i
-            else:
-                _pass_turn(turn_other, PINGPONG)
-                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk_token,))  # the older group: S_i
+            _pass_turn(turn_other, PINGPONG)
+            qk = warpgroup_mma_wait(num_outstanding=1 + ROWSUM, deps=(qk_token,))  # the oldest group: S_i
             mbarrier.arrive(k_empty.index(s))
             p32, alpha, m_i, l_i = _softmax_step(
                 qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, ROWSUM
@@ -421,10 +411,10 @@ def _consumer(
             acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
             if ROWSUM:
                 l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
-                _pass_turn(turn_other, PINGPONG)
+            _pass_turn(turn_other, PINGPONG)
+            if ROWSUM:
                 acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
             else:
-                _pass_turn(turn_other, PINGPONG)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
             mbarrier.arrive(v_empty.index(last))
             issues += n_tiles + 1
