@@ -82,6 +82,19 @@ def _make_ours(shape: Shape, device: torch.device) -> AttentionFn:
     return lambda q, k, v: flash_attention(q, k, v, causal=causal)
 
 
+def _make_ours_prev(shape: Shape, device: torch.device) -> AttentionFn:
+    """An earlier commit's package, copied and renamed by tools/prev_package.sh (on the path: .prev/)."""
+    try:
+        from flashattention_prev import flash_attention
+    except ImportError as err:
+        raise RuntimeError(
+            "no flashattention_prev on the path: run `bash tools/prev_package.sh COMMIT` and add .prev to "
+            "PYTHONPATH"
+        ) from err
+    causal = shape.causal
+    return lambda q, k, v: flash_attention(q, k, v, causal=causal)
+
+
 def _sdpa(backend_name: str) -> Callable[[Shape, torch.device], AttentionFn]:
     def make(shape: Shape, device: torch.device) -> AttentionFn:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -123,6 +136,11 @@ PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
         Provider("ours", "flashattention.flash_attention (backend auto)", _make_ours),
+        Provider(
+            "ours-prev",
+            "an earlier commit of ours (tools/prev_package.sh), defaults as it had them",
+            _make_ours_prev,
+        ),
         Provider("sdpa-flash", "SDPA, FLASH_ATTENTION backend (FlashAttention-2)", _sdpa("FLASH_ATTENTION")),
         Provider("sdpa-cudnn", "SDPA, CUDNN_ATTENTION backend", _sdpa("CUDNN_ATTENTION")),
         Provider("sdpa-efficient", "SDPA, EFFICIENT_ATTENTION backend", _sdpa("EFFICIENT_ATTENTION")),

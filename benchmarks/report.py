@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RATIO_PEERS = (("sdpa-flash", "ours/sdpa-flash"), ("sdpa-cudnn", "ours/cudnn"))
+RATIO_PEERS = (("sdpa-flash", "ours/sdpa-flash"), ("sdpa-cudnn", "ours/cudnn"), ("ours-prev", "ours/prev"))
+SELF = ("ours", "ours-prev")  # ours and an earlier commit of it: not peers
 
 
 def environment_meta(device: torch.device, command: str, commit: str | None = None) -> dict:
@@ -95,7 +96,7 @@ def _ratio(ours: dict | None, peer_ms: float | None) -> str:
 
 def format_table(rows: list[dict], providers: list[str], unit: str) -> str:
     """Markdown tables, one per dtype: D, causal, S, pass, each provider's speed, and ours' ratios."""
-    peers = [p for p in providers if p != "ours"]
+    peers = [p for p in providers if p not in SELF]
     ratio_cols = []
     if "ours" in providers and peers:
         ratio_cols.append(("best", "ours/best peer"))

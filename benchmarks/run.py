@@ -314,14 +314,14 @@ def bench_provider(name, shape, q, k, v, dout, passes, device, timer) -> tuple[d
 
 
 def _launched_configs(pass_: str) -> dict[str, str]:
-    """Kernel -> the config of its last launch (flashattention.kernels.launch.last_launched), for the pass's
-    kernels; empty where the Triton launcher did not run (another backend)."""
+    """Kernel -> the config of its last launch (flashattention.kernels.registry.last_launched), for the
+    pass's kernels; empty where the Triton launcher did not run (another backend)."""
     try:
-        from flashattention.kernels import configs, launch
+        from flashattention.kernels import configs, registry
     except ImportError:
         return {}
     names = ("fwd",) if pass_ == "fwd" else ("bwd_dkdv", "bwd_dq")
-    return {n: configs.label(launch.last_launched[n]) for n in names if n in launch.last_launched}
+    return {n: configs.label(registry.last_launched[n]) for n in names if n in registry.last_launched}
 
 
 def _progress(res: dict) -> str:

@@ -6,19 +6,20 @@ import argparse
 import dataclasses
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 import flashattention
-from flashattention import flash_attention
+from flashattention import _env, flash_attention
 from flashattention.reference import attention_reference
 from flashattention.testing import DTYPE_NAMES, Case, error_and_bound
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env.interpreter_requested()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -80,8 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         device = torch.device("cpu")
         rows.append(("device", f"cpu only (no CUDA GPU visible to torch), {torch.get_num_threads()} threads"))
-    for var in ("TRITON_INTERPRET", "FLASHATTN_AUTOTUNE", "FLASHATTN_POISON"):
-        value = os.environ.get(var)
+    for var, value in _env.settings().items():
         rows.append((var, "unset" if value is None else repr(value)))
     rows.append(("backend auto", f"-> {'triton' if device.type == 'cuda' else 'torch'} on {device.type}"))
     for backend in ("triton", "torch"):
@@ -157,8 +157,8 @@ def _run_case(case: Case, dtype: torch.dtype, backend: str, device: torch.device
 
 def cmd_check(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not args.autotune:
-        os.environ.setdefault("FLASHATTN_AUTOTUNE", "0")
+    if args.autotune:
+        os.environ["FLASHATTN_AUTOTUNE"] = "1"
     os.environ.setdefault("FLASHATTN_POISON", "1")  # outputs start as NaN: an unwritten element fails
     plans: list[tuple[str, tuple[Case, ...], tuple[torch.dtype, ...]]] = []
     if device.type == "cuda":
@@ -172,10 +172,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         plans = [p for p in plans if p[0] == args.backend]
     print(
         f"flashattention {flashattention.__version__} check on {device.type}"
-        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
-        f"FLASHATTN_AUTOTUNE={os.environ.get('FLASHATTN_AUTOTUNE', 'unset')}, "
-        f"FLASHATTN_POISON={os.environ.get('FLASHATTN_POISON', 'unset')}, "
-        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}"
+        + "".join(f", {name}={value or 'unset'}" for name, value in _env.settings().items())
     )
     print(
         "rule: max|ours - ref| <= 2 * max|torch same dtype - ref| + floor, for out, lse, dq, dk, dv; "
@@ -219,13 +217,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, forwarded: list[str]) -> int:
-    """Runs benchmarks.run from the repository checkout this package lives in (or from sys.path)."""
+    """Runs `python -m benchmarks.run` in the repository checkout this package lives in, as a process of
+    its own (the benchmarks are not part of the installed package)."""
     checkout = Path(flashattention.__file__).resolve().parent.parent
-    if (checkout / "benchmarks" / "run.py").is_file() and str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
-    try:
-        from benchmarks.run import main as bench_main
-    except ImportError:
+    if not (checkout / "benchmarks" / "run.py").is_file():
         print(
             "The benchmarks live in the repository, not in the installed package. From a checkout run:\n"
             "    git clone <this repository> && cd flashattention\n"
@@ -234,7 +229,7 @@ def cmd_bench(args: argparse.Namespace, forwarded: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    return bench_main(forwarded)
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *forwarded], cwd=checkout).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--autotune",
         action="store_true",
-        help="let the kernels autotune (default: FLASHATTN_AUTOTUNE=0, first config, unless set)",
+        help="time every config of the tables (FLASHATTN_AUTOTUNE=1; default: the tables' measured picks)",
     )
     sub.add_parser(
         "bench",

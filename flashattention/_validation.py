@@ -4,9 +4,10 @@ and how to fix it. Nothing here touches tensor data (no device sync)."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from . import _env
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
@@ -121,7 +122,7 @@ def pick_backend(backend: object, device: torch.device) -> str:
     """Resolves "auto" and checks that an explicit backend can run on `device`; never falls back."""
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: `backend` must be one of {BACKENDS}, got {backend!r}.")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpret = _env.interpreter_requested()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "triton":

@@ -1,21 +1,6 @@
 """The seed's import path. Re-exports only; the code lives in flashattention.api and kv_cache."""
 
-from .api import flash_attention
-from .kv_cache import (
-    KVCache,
-    flash_attention_with_kv_cache,
-    incremental_attention,
-    initialize_kv_cache,
-    reorder_kv_cache,
-    update_kv_cache,
-)
+from . import *  # noqa: F403 (the package's public names)
+from . import __all__ as _package_names
 
-__all__ = [
-    "KVCache",
-    "flash_attention",
-    "flash_attention_with_kv_cache",
-    "incremental_attention",
-    "initialize_kv_cache",
-    "reorder_kv_cache",
-    "update_kv_cache",
-]
+__all__ = [name for name in _package_names if name != "__version__"]

@@ -1,21 +1,24 @@
-"""Test set-up: interpreter on CPU-only machines, single-config autotune, seeds, NaN-poisoned allocations,
-the `gpu` marker and CUDA OOM -> skip.
+"""Test set-up: interpreter on CPU-only machines, no autotuning (the tables' picks), a private tuning
+cache, seeds, NaN-poisoned allocations, the `gpu` marker and CUDA OOM -> skip.
 
 The environment variables must be set before triton (or flashattention, which imports it lazily) is
 imported, so they come first; torch itself may be imported before them.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     # Run the Triton kernels on the CPU through Triton's interpreter (read when triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Collapse autotuning to one config (tests that sweep every config say so explicitly).
+# The tables' picks, no tuning (tests that tune or sweep every config say so explicitly).
 os.environ.setdefault("FLASHATTN_AUTOTUNE", "0")
 # The kernels' launchers fill their outputs with NaN before launching (see also `_poison_empty`).
 os.environ.setdefault("FLASHATTN_POISON", "1")
+# Tuning picks of tests that tune go to a directory of this run, never to the user's cache.
+os.environ.setdefault("FLASHATTN_CACHE_DIR", tempfile.mkdtemp(prefix="flashattention-test-cache-"))
 
 import zlib  # noqa: E402
 
@@ -48,7 +51,7 @@ def pytest_runtest_call(item: pytest.Item):
 @pytest.fixture(autouse=True)
 def _release_cuda_cache():
     """On the GPU, gives cached blocks back to the driver after each test: the GPU suite runs in parallel
-    processes on one card (benchmarks/pytest_shards.py), and memory one process keeps cached is memory
+    processes on one card (tools/pytest_shards.py), and memory one process keeps cached is memory
     another's kernels cannot get (a launch of a kernel that spills needs local memory: CUDA out of memory
     at launch was seen with 14 processes)."""
     yield

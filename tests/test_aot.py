@@ -1,5 +1,5 @@
 """The default config of every table entry compiles for Hopper (sm_90a) and fits its shared memory, checked
-on any machine: Triton compiles ahead of time without a GPU (benchmarks/aot.py, in a subprocess because
+on any machine: Triton compiles ahead of time without a GPU (tools/aot.py, in a subprocess because
 TRITON_INTERPRET, set for the other tests, turns the kernels into interpreted functions)."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks" / "aot.py").exists(), reason="needs the checkout's benchmarks/")
+@pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
 def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.aot", "--defaults"],
+        [sys.executable, "-m", "tools.aot", "--defaults"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -36,11 +36,12 @@ def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
 # dK/dV of 64x128 (248 B with triton 3.6, 264 B with 3.8; measured 4-7% faster than the spill-free 32x128
 # all the same); candidates only have to compile and fit (their spills are what tune runs measure)
 GLUON_SCRIPT = """
-from benchmarks import aot
+from tools import aot
+from tools.tune import tables_and_candidates
 from flashattention.kernels import configs
 in_table = {id(c) for c in (e[3] for e in configs.all_configs())}
 n = 0
-for kernel, table, dim, cfg in configs.all_configs(candidates=True):
+for kernel, table, dim, cfg in tables_and_candidates():
     if cfg.kwargs.get("GLUON_WS"):
         r = aot.compile_config(kernel, cfg, dim, False)
         assert r["shared"] <= aot.SHARED_LIMIT and r["wgmma"] > 0, (dim, cfg, r)
@@ -53,7 +54,7 @@ print("compiled", n)
 """
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks" / "aot.py").exists(), reason="needs the checkout's benchmarks/")
+@pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
 def test_gluon_configs_compile_for_sm90_without_spills() -> None:
     """The Gluon forward (kernels/fwd_ws.py) cannot run in the interpreter; this at least compiles every
     GLUON_WS config for sm_90a on the CPU, through ptxas, and checks shared memory and wgmma use, and the

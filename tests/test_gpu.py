@@ -2,6 +2,7 @@
 peak memory, and every config of the autotune table. The oracle is float32 on the GPU (float64 for fp32
 inputs); DESIGN.md section 3's rule through tests/_helpers.py."""
 
+import json
 import math
 
 import pytest
@@ -87,36 +88,41 @@ def test_forward_and_backward_in_a_new_thread() -> None:
 
 
 @pytest.mark.parametrize("case", case_params([Case(2, 8, 2, 2048, 2048, 128, B16, causal=True)]))
-def test_autotuned_public_call(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The other GPU tests run with autotuning off (one config each, fast); users run with it on. Here the
-    launcher's tuner times every config of the table entries that applies (forward, dK/dV, dQ), launches
-    the fastest, and the result passes the rule; the second call reuses the pick."""
-    from flashattention.kernels import configs, launch
+def test_autotuned_public_call(case: Case, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other GPU tests launch the tables' picks; with FLASHATTN_AUTOTUNE=1 the tuner times every config
+    of the table entries that applies (forward, dK/dV, dQ), launches the fastest, and the result passes the
+    rule. The picks are kept on disk: a new process (here: the in-memory picks forgotten) launches them
+    without tuning again."""
+    from flashattention.kernels import hooks, tuning
 
-    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(launch, "_best", {})
+    monkeypatch.setenv("FLASHATTN_CACHE_DIR", str(tmp_path))
     q, k, v, dout = case.inputs("cuda")
-    check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
-    tuned = dict(launch._best)
-    assert {key[0] for key in tuned} == {"fwd", "bwd_dkdv", "bwd_dq"}, tuned
-    check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
-    assert launch._best == tuned  # the same case: no second tuning
+    with hooks.overrides(autotune=True):
+        check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+        (stored,) = tmp_path.glob("tuning-*.json")
+        picks = json.loads(stored.read_text())
+        assert {key.split("|")[0] for key in picks} == {"fwd", "bwd_dkdv", "bwd_dq"}, picks
+        hooks.clear_caches()  # as in a new process
+        monkeypatch.setattr(
+            tuning, "tune", lambda *a: pytest.fail("tuned again: the stored pick was not used")
+        )
+        check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+    assert json.loads(stored.read_text()) == picks
 
 
-def test_broadcast_kv_after_a_tuned_plain_call(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broadcast_kv_after_a_tuned_plain_call(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """K/V expanded over the batch (stride 0) after the same case was tuned on plain tensors: the tuner's
     HOST_DESC pick (host descriptors refuse stride 0) is not reused; both calls pass the rule."""
-    from flashattention.kernels import configs, launch
+    from flashattention.kernels import hooks
 
-    monkeypatch.setattr(configs, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(launch, "_best", {})
-    monkeypatch.setattr(launch, "_HOST_DESC_MIN_WORK", 0)  # this small case may take HOST_DESC too
+    monkeypatch.setenv("FLASHATTN_CACHE_DIR", str(tmp_path))
     case = Case(2, 8, 8, 2048, 2048, 64, B16, causal=True)
     q, k, v, dout = case.inputs("cuda")
-    check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
     k1, v1 = (t[:1].expand_as(t) for t in (k, v))
     assert k1.stride(0) == 0
-    check_attention(q, k1, v1, dout, backend="triton", **case.mask_kwargs())
+    with hooks.overrides(autotune=True, host_desc_min_work=0):  # this small case may take HOST_DESC too
+        check_attention(q, k, v, dout, backend="triton", **case.mask_kwargs())
+        check_attention(q, k1, v1, dout, backend="triton", **case.mask_kwargs())
 
 
 @pytest.mark.parametrize("backend", ["torch"])
@@ -223,8 +229,9 @@ def test_peak_memory_grows_linearly(backend: str) -> None:
 def _autotune_table_params() -> list:
     try:
         from flashattention.kernels import configs
+        from flashattention.kernels.device import arch as device_arch
 
-        arch = configs.arch(torch.device("cuda")) if torch.cuda.is_available() else None
+        arch = device_arch(torch.device("cuda")) if torch.cuda.is_available() else None
         entries = [e for e in configs.all_configs() if e[1] in (arch, f"{arch}-fp32")]
     except Exception as exc:  # collected on CPU machines too: an import error must not hide other tests
         return [pytest.param(None, exc, id="kernels-not-importable")]
@@ -247,7 +254,7 @@ def _autotune_table_params() -> list:
 def test_every_autotune_config_passes(entry, import_error) -> None:
     if import_error is not None:
         pytest.fail(f"could not list the autotune configs: {import_error!r}")
-    from flashattention.kernels import launch
+    from flashattention.kernels import hooks, launch
 
     kernel, table, head_dim_pad, config = entry
     dtype = F32 if table.endswith("-fp32") else B16  # the fp32 tables serve fp32 inputs only
@@ -258,20 +265,26 @@ def test_every_autotune_config_passes(entry, import_error) -> None:
     for seqlen_q, seqlen_k in ((1000, 1000), (300, 1000), (1000, 300)):
         q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda")
         scale = 1 / math.sqrt(head_dim)
-        fwd_config = config if kernel == "fwd" else None
-        bwd_override = None if kernel == "fwd" else {kernel: config}
-        out, lse, lse2 = launch.attention_forward(
-            q, k, v, softmax_scale=scale, left=300, right=0, config=fwd_config
-        )
-        dq, dk, dv = launch.attention_backward(
-            dout, q, k, v, out, lse2, softmax_scale=scale, left=300, right=0, configs_override=bwd_override
-        )
+        with hooks.overrides(configs={kernel: [config]}):
+            out, lse, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=300, right=0)
+            dq, dk, dv = launch.attention_backward(
+                dout, q, k, v, out, lse2, softmax_scale=scale, left=300, right=0
+            )
         ours = dict(zip(NAMES, (out, lse, dq, dk, dv), strict=True))
         ref = run_reference(q, k, v, dout, dtype=reference_dtype(dtype, "cuda"), **mask)
         same = run_reference(q, k, v, dout, dtype=dtype, **mask)
         failures = [compare_to_reference(n, ours[n], ref[n], same[n]) for n in NAMES]
         failures = [f for f in failures if f is not None]
         assert not failures, f"Sq={seqlen_q} Sk={seqlen_k} D={head_dim}:\n" + "\n".join(failures)
+
+
+@pytest.fixture
+def five_sms():
+    """Persistent grids sized for 5 SMs: each program loops over many tiles (long, short and empty ones)."""
+    from flashattention.kernels import hooks
+
+    with hooks.overrides(num_sms=5):
+        yield
 
 
 def _gluon_cases():
@@ -302,10 +315,9 @@ def _assert_matches(inputs, ours: dict, causal: bool, window: tuple[int, int]) -
 def _gluon_params(kernel: str) -> list:
     try:
         from flashattention.kernels import configs
+        from tools.tune import tables_and_candidates
 
-        entries = [
-            e for e in configs.all_configs(candidates=True) if e[0] == kernel and e[3].kwargs.get("GLUON_WS")
-        ]
+        entries = [e for e in tables_and_candidates() if e[0] == kernel and e[3].kwargs.get("GLUON_WS")]
     except Exception as exc:  # collected on CPU machines too
         return [pytest.param(None, exc, id="kernels-not-importable")]
     return [
@@ -315,7 +327,7 @@ def _gluon_params(kernel: str) -> list:
 
 @pytest.mark.configs
 @pytest.mark.parametrize("entry, import_error", _gluon_params("fwd"))
-def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gluon_forward_matches_reference(entry, import_error, five_sms) -> None:
     """The warp-specialised Gluon forward (GLUON_WS configs, kernels/fwd_ws.py) against the float32 oracle:
     every mask kind, GQA, seqlen_q != seqlen_k both ways (rows that see no key), lengths that are not a
     multiple of the tiles, one query row, one and 15 keys, large scores, bf16 and fp16. Forward outputs and
@@ -327,12 +339,10 @@ def test_gluon_forward_matches_reference(entry, import_error, monkeypatch: pytes
         pytest.skip("the Gluon forward is Hopper-only")
     from flashattention.kernels import launch
 
-    monkeypatch.setattr(launch, "_num_sms", lambda device: 5)
-
     _, _, head_dim, config = entry
     for dtype, causal, left, right, seqlen_q, seqlen_k, scale in _gluon_cases():
         q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda", scale)
-        if config.kwargs.get("WS_OVERLAP") and 1 in (seqlen_q, seqlen_k):  # refused (launch._length_one)
+        if config.kwargs.get("WS_OVERLAP") and 1 in (seqlen_q, seqlen_k):  # refused (gluon.length_one)
             with pytest.raises(ValueError, match="sequence length of 1"):
                 launch.attention_forward(q, k, v, softmax_scale=0.125, left=left, right=right, config=config)
             continue
@@ -360,7 +370,7 @@ def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
         pytest.fail(f"could not list the configs: {import_error!r}")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are Hopper-only")
-    from flashattention.kernels import launch
+    from flashattention.kernels import hooks, launch
 
     _, _, head_dim, config = entry
     for dtype, causal, left, right, seqlen_q, seqlen_k, scale in _gluon_cases():
@@ -370,24 +380,20 @@ def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
         out, lse, lse2 = launch.attention_forward(
             q, k, v, softmax_scale=softmax_scale, left=left, right=right_
         )
-        dq, dk, dv = launch.attention_backward(
-            dout, q, k, v, out, lse2, softmax_scale=softmax_scale, left=left, right=right_,
-            configs_override={"bwd_dkdv": config},
-        )  # fmt: skip
+        with hooks.overrides(configs={"bwd_dkdv": [config]}):
+            dq, dk, dv = launch.attention_backward(
+                dout, q, k, v, out, lse2, softmax_scale=softmax_scale, left=left, right=right_
+            )
         _assert_matches((q, k, v, dout), {"dq": dq, "dk": dk, "dv": dv}, causal, (left, right))
 
 
 @pytest.mark.configs
 @pytest.mark.parametrize(
     "flags",
-    [
-        dict(PERSISTENT=True),
-        dict(PERSISTENT=True, WS_DYNAMIC=True),
-        dict(PERSISTENT=True, WS_STAGES=3, WS_OVERLAP=True),
-    ],
-    ids=["static", "dynamic", "overlap"],
+    [dict(PERSISTENT=True), dict(PERSISTENT=True, WS_STAGES=3, WS_OVERLAP=True)],
+    ids=["static", "overlap"],
 )
-def test_persistent_gluon_forward_in_a_cuda_graph(flags: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_persistent_gluon_forward_in_a_cuda_graph(flags: dict, five_sms) -> None:
     """A persistent Gluon forward captured in a CUDA graph and replayed on new inputs gives what the eager
     launch gives (bit for bit: same config, same tile order per program, and with WS_DYNAMIC the launch's
     tile counter made and zeroed inside the graph, so that every replay starts from tile 0)."""
@@ -395,7 +401,6 @@ def test_persistent_gluon_forward_in_a_cuda_graph(flags: dict, monkeypatch: pyte
         pytest.skip("the Gluon forward is Hopper-only")
     from flashattention.kernels import configs, launch
 
-    monkeypatch.setattr(launch, "_num_sms", lambda device: 5)
     config = configs._c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, HOST_DESC=True, **flags)
     kw = dict(softmax_scale=0.125, left=-1, right=0, config=config)
     static = [torch.randn(2, 4, 1000, 64, device="cuda", dtype=B16) for _ in range(3)]
@@ -422,14 +427,14 @@ def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize("forward", ["triton", "gluon-host-desc", "gluon-persistent-dynamic"])
-def test_replayed_launches(forward: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("forward", ["triton", "gluon-host-desc", "gluon-persistent"])
+def test_replayed_launches(forward: str) -> None:
     """A call whose shapes, strides, dtypes and pointer alignments were seen before launches the first
-    call's kernels again with its own tensors (launch._Plan, no argument building or Triton dispatch). On
-    fresh tensors the replayed forward and backward give what the full launch path gives on the same
+    call's kernels again with its own tensors (kernels/plans.py, no argument building or Triton dispatch).
+    On fresh tensors the replayed forward and backward give what the full launch path gives on the same
     inputs, bit for bit, and pass the rule; a misaligned copy of the same shape gets a key of its own (no
     TMA, Triton's unaligned specialisation) and passes the rule; the first inputs again replay their plans."""
-    from flashattention.kernels import configs, launch
+    from flashattention.kernels import configs, hooks, plans, registry
 
     gluon = forward != "triton"
     if gluon and torch.cuda.get_device_capability()[0] != 9:
@@ -438,38 +443,35 @@ def test_replayed_launches(forward: str, monkeypatch: pytest.MonkeyPatch) -> Non
     config = {
         "triton": configs._c(128, 64, 4, 3, USE_TMA=True),
         "gluon-host-desc": configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True),
-        "gluon-persistent-dynamic": configs._c(
-            192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True, WS_DYNAMIC=True
+        "gluon-persistent": configs._c(
+            192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True, WS_STAGES=3
         ),
     }[forward]
-    tables = configs.configs_for
-    forced = lambda kernel, t, d: [config, plain] if kernel == "fwd" else tables(kernel, t, d)  # noqa: E731
-    monkeypatch.setattr(configs, "configs_for", forced)
-    monkeypatch.setattr(configs, "autotune_enabled", lambda: False)
-    monkeypatch.setattr(launch, "_HOST_DESC_MIN_WORK", 0)
-    monkeypatch.setattr(launch, "_num_sms", lambda device: 5)  # persistent programs loop over many tiles
-    monkeypatch.setattr(launch, "_plans", {})
     case = Case(2, 4, 2, 1000, 1000, 64, B16, causal=True)
     mask = case.mask_kwargs()
     first = case.inputs("cuda")
-    run_ours(*first, backend="triton", **mask)
-    assert len(launch._plans) == 2 and launch.last_launched["fwd"] is config  # the forward's, the backward's
-    plans = dict(launch._plans)
-    fresh = [torch.randn_like(t) for t in first]
-    replayed = run_ours(*fresh, backend="triton", **mask)
-    assert launch._plans == plans  # replayed, none made
-    monkeypatch.setattr(launch, "_plans", {})
-    full = run_ours(*fresh, backend="triton", **mask)  # the full path, on the same inputs
-    assert len(launch._plans) == 2
-    for name, expected in full.items():
-        assert torch.equal(replayed[name], expected), f"{name}: the replay differs from the full launch"
-    _assert_matches(fresh, replayed, case.causal, case.window)
-    misaligned = [_misaligned_copy(t) for t in first]
-    ours = run_ours(*misaligned, backend="triton", **mask)
-    assert len(launch._plans) == 4  # a key of its own
-    # Gluon needs TMA, which needs 16-byte aligned pointers; the Triton config runs with CAN_TMA off
-    assert launch.last_launched["fwd"] is (plain if gluon else config)
-    _assert_matches(first, ours, case.causal, case.window)
-    again = run_ours(*first, backend="triton", **mask)
-    assert len(launch._plans) == 4
-    _assert_matches(first, again, case.causal, case.window)
+    # persistent programs loop over many tiles on 5 SMs
+    with hooks.overrides(configs={"fwd": [config, plain]}, autotune=False, host_desc_min_work=0, num_sms=5):
+        run_ours(*first, backend="triton", **mask)
+        assert (
+            len(plans.PLANS) == 2 and registry.last_launched["fwd"] is config
+        )  # the forward's, the backward's
+        kept = plans.PLANS.snapshot()
+        fresh = [torch.randn_like(t) for t in first]
+        replayed = run_ours(*fresh, backend="triton", **mask)
+        assert plans.PLANS.snapshot() == kept  # replayed, none made
+        plans.PLANS.clear()
+        full = run_ours(*fresh, backend="triton", **mask)  # the full path, on the same inputs
+        assert len(plans.PLANS) == 2
+        for name, expected in full.items():
+            assert torch.equal(replayed[name], expected), f"{name}: the replay differs from the full launch"
+        _assert_matches(fresh, replayed, case.causal, case.window)
+        misaligned = [_misaligned_copy(t) for t in first]
+        ours = run_ours(*misaligned, backend="triton", **mask)
+        assert len(plans.PLANS) == 4  # a key of its own
+        # Gluon needs TMA, which needs 16-byte aligned pointers; the Triton config runs with CAN_TMA off
+        assert registry.last_launched["fwd"] is (plain if gluon else config)
+        _assert_matches(first, ours, case.causal, case.window)
+        again = run_ours(*first, backend="triton", **mask)
+        assert len(plans.PLANS) == 4
+        _assert_matches(first, again, case.causal, case.window)

@@ -1,4 +1,4 @@
-"""benchmarks/pytest_shards.py, which runs the GPU suite in parallel pytest processes on the device: every
+"""tools/pytest_shards.py, which runs the GPU suite in parallel pytest processes on the device: every
 collected test runs exactly once, and one failure anywhere makes the exit code 1."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _run_shards(tmp_path: Path, fail: bool) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     args = ["--jobs", "3", "--timeout", "120", "--log-dir", str(tmp_path / "logs"), "--", str(suite)]
     return subprocess.run(
-        [sys.executable, "-m", "benchmarks.pytest_shards", *args],
+        [sys.executable, "-m", "tools.pytest_shards", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -40,7 +40,7 @@ def _run_shards(tmp_path: Path, fail: bool) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks" / "pytest_shards.py").exists(), reason="needs benchmarks/")
+@pytest.mark.skipif(not (ROOT / "tools" / "pytest_shards.py").exists(), reason="needs tools/")
 @pytest.mark.parametrize("fail", [False, True])
 def test_shards_run_every_test_once_and_report_failures(tmp_path: Path, fail: bool) -> None:
     result = _run_shards(tmp_path, fail)

@@ -9,7 +9,7 @@ dK/dV:        self = key j, other = query i, lo_off = -off - right, hi_off = -of
 import triton
 import triton.language as tl
 
-from .configs import interpreting
+from .._env import interpreting
 
 # 2^f on [-0.5, 0.5] as 1 + f (C1 + f (C2 + f C3)): a least-squares fit weighted towards minimax relative
 # error (1.0e-4 at most, against bf16's 3.9e-3 and fp16's 4.9e-4 rounding of P)

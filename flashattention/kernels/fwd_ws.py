@@ -64,7 +64,7 @@ def _in_q(rows, seqlen_q, BLOCK_M: gl.constexpr):
 
 @gluon.jit
 def _stamp(PROBE, tile, slot):
-    """PROBE (benchmarks/probe.py; None in every launch of the library): the global timer (ns) into slot
+    """PROBE (tools/probe.py; None in every launch of the library): the global timer (ns) into slot
     `slot` of this tile's row of 16 int64, and the SM's number into slot 0."""
     if PROBE is not None:
         now = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,

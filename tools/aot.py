@@ -4,7 +4,7 @@ count of wgmma / ex2 / cp.async (pipelined loads) instructions in the PTX. Point
 specialised as divisible by 16, as a launch with aligned tensors is. Run it with the device's triton
 version. Costs no device time; catches configs that cannot fit before they reach a GPU.
 
-Usage: python -m benchmarks.aot [--tables sm90,sm90-fp32] [--dims 64,128,256] [--kernels fwd,bwd_dkdv,bwd_dq]
+Usage: python -m tools.aot [--tables sm90,sm90-fp32] [--dims 64,128,256] [--kernels fwd,bwd_dkdv,bwd_dq]
        [--candidates] [--defaults]
 Exit code 1 when a config does not compile or does not fit shared memory (spills are reported, not failed).
 """
@@ -21,11 +21,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from flashattention.kernels import configs
-from flashattention.kernels.bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
-from flashattention.kernels.fwd import attn_fwd_kernel
+from flashattention.kernels import configs, registry
+from tools.tune import candidates_for
 
-KERNELS = {"fwd": attn_fwd_kernel, "bwd_dkdv": attn_bwd_dkdv_kernel, "bwd_dq": attn_bwd_dq_kernel}
 SHARED_LIMIT = 232448  # bytes a block may use on an H100 (227 KB)
 SM_SHARED, SM_REGS, SM_WARPS = 233472, 65536, 64  # what one H100 SM has (228 KB; 1 KB more per block)
 
@@ -37,7 +35,7 @@ def blocks_per_sm(shared: int, regs: int, warps: int) -> int:
     return min(SM_SHARED // (shared + 1024), SM_REGS // (regs_per_warp * warps), SM_WARPS // warps)
 
 
-FP32_POINTERS = {"LSE2", "DELTA", "DQ_ACC"}
+FP32_POINTERS = {"LSE2", "DELTA"}
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
 
@@ -69,11 +67,7 @@ def compile_config(
     (causal), "none", "lo" or "lo+hi" (a window), sequence lengths divisible by 16 or (default) not, 16-bit
     inputs in bfloat16 or (fp16) float16."""
     gluon = bool(config.kwargs.get("GLUON_WS"))
-    fn = KERNELS[kernel]
-    if gluon and kernel == "fwd":
-        from flashattention.kernels.fwd_ws import attn_fwd_ws_kernel as fn
-    elif gluon:
-        from flashattention.kernels.bwd_ws import attn_bwd_dkdv_ws_kernel as fn
+    fn = registry.KERNELS[kernel].fn_for(config)
     element = "*fp32" if fp32 else ("*fp16" if fp16 else "*bf16")
     constexprs = dict(
         HEAD_DIM=head_dim_pad,
@@ -85,9 +79,6 @@ def compile_config(
     )
     if kernel in ("fwd", "bwd_dkdv"):
         constexprs["CAN_TMA"] = True
-    if kernel == "bwd_dkdv":
-        constexprs.setdefault("ATOMIC_DQ", False)
-        constexprs["DQ_ACC"] = None
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -100,13 +91,10 @@ def compile_config(
         if (param.is_constexpr or param.default is None) and param.name not in constexprs:
             constexprs[param.name] = param.default
             signature[param.name] = "constexpr"
-    if config.kwargs.get("WS_DYNAMIC"):  # the launch's int32 tile counter (launch._run)
-        del constexprs["TILE_COUNTER"]
-        signature["TILE_COUNTER"] = "*i32"
-    if config.kwargs.get("HOST_DESC"):  # Q, K and V arrive as [B, H, S, D] TMA descriptors (launch._run)
+    if config.kwargs.get("HOST_DESC"):  # Q, K and V arrive as [B, H, S, D] TMA descriptors (registry.run)
         from triton.experimental.gluon import language as gl
 
-        from flashattention.kernels.launch import host_desc_boxes
+        from flashattention.kernels.gluon import host_desc_boxes
 
         boxes = host_desc_boxes(head_dim_pad, config.kwargs["BLOCK_N"], gl.float16 if fp16 else gl.bfloat16)
         for name, (block, layout) in boxes.items():
@@ -151,7 +139,7 @@ def main() -> int:
     ap.add_argument("--tables", default="sm90,sm90-fp32")
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq")
-    ap.add_argument("--candidates", action="store_true", help="also the configs of configs.CANDIDATES")
+    ap.add_argument("--candidates", action="store_true", help="also the configs of tools.tune.CANDIDATES")
     ap.add_argument("--defaults", action="store_true", help="only the first (default) config of each entry")
     ap.add_argument("--masks", default="hi", help="mask specialisations: none,hi,lo,lo+hi (default: causal)")
     ap.add_argument("--aligned-lengths", action="store_true", help="sequence lengths divisible by 16")
@@ -168,7 +156,7 @@ def main() -> int:
             for dim in (int(d) for d in args.dims.split(",")):
                 cfgs = configs.configs_for(kernel, table, dim)[: 1 if args.defaults else None]
                 if args.candidates:
-                    cfgs = cfgs + configs.candidates_for(kernel, table, dim)
+                    cfgs = cfgs + candidates_for(kernel, table, dim)
                 for cfg, mask in ((c, m) for c in cfgs for m in args.masks.split(",")):
                     label = configs.label(cfg) + ("" if args.masks == "hi" else f" [{mask}]")
                     try:

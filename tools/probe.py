@@ -6,7 +6,7 @@ the kernel's span, per tile the Q latency, loop and drain (last P V + epilogue) 
 of a tile's duration against its key tiles (fixed cost + cost per key tile), per SM the idle gaps
 between one program's end and the next one's start (block launch), and per consumer and SM its time inside
 tiles and between them. Timed without the probe beside SDPA.
-Usage: PYTHONPATH=. python -m benchmarks.probe [--dim 64] [--config "192x128 ..."] [--cases nc2k,c2k,c4k]
+Usage: PYTHONPATH=. python -m tools.probe [--dim 64] [--config "192x128 ..."] [--cases nc2k,c2k,c4k]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from flashattention.kernels import configs, launch
+from flashattention.kernels import configs, hooks, launch
+from tools.tune import candidates_for
 
 CASES = {  # name -> (causal, seqlen, batch); 2048 // D heads, the benchmark's shapes
     "nc2k": (False, 2048, 8),
@@ -67,16 +68,11 @@ def probe(cfg, causal: bool, seqlen: int, batch: int, dim: int, heads: int = 32)
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     tiles = key_tiles(causal, seqlen, bm, bn)
     num_m = len(tiles)
-    # WS_DYNAMIC programs stamp their empty turns too, numbered from the tile count up (fewer than 4096)
-    stamps = torch.zeros(num_m * batch * heads + 4096, 16, dtype=torch.int64, device="cuda")
-    original = launch._run
-    launch._run = lambda fn, grid, args, config: original(fn, grid, dict(args, PROBE=stamps), config)
-    try:
+    stamps = torch.zeros(num_m * batch * heads, 16, dtype=torch.int64, device="cuda")
+    with hooks.overrides(extra_args={"fwd": {"PROBE": stamps}}):
         for _ in range(3):  # the last launch's stamps
             run()
         torch.cuda.synchronize()
-    finally:
-        launch._run = original
     rows = stamps[: num_m * batch * heads].cpu().tolist()
     flops = 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
     return dict(
@@ -138,18 +134,17 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--config", default="", help="a config label of the sm90 table (default: its first)")
     ap.add_argument("--cases", default="nc2k,c2k,c4k")
-    ap.add_argument("--programs", type=int, default=0, help="PERSISTENT grid size (default: one per SM)")
+    ap.add_argument("--programs", type=int, default=0, help="PERSISTENT grids sized for this many SMs")
     args = ap.parse_args()
-    if args.programs:  # the grid as given, not launch._persistent_programs' choice
-        launch._persistent_programs = lambda tiles, sms: min(args.programs, tiles)
-    table = configs.configs_for("fwd", "sm90", args.dim) + configs.candidates_for("fwd", "sm90", args.dim)
+    table = configs.configs_for("fwd", "sm90", args.dim) + candidates_for("fwd", "sm90", args.dim)
     labels = [c.strip() for c in args.config.split(";") if c.strip()] or [configs.label(table[0])]
     print(torch.cuda.get_device_name(), flush=True)
     for label in labels:
-        cfg = next(c for c in table if configs.label(c) == label)
+        cfg = configs.by_label(table, label)
         for case in args.cases.split(","):
             causal, seqlen, batch = CASES[case]
-            r = probe(cfg, causal, seqlen, batch, args.dim, heads=2048 // args.dim)
+            with hooks.overrides(num_sms=args.programs or None):
+                r = probe(cfg, causal, seqlen, batch, args.dim, heads=2048 // args.dim)
             text = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
             print(f"{label} | {case}: {text}", flush=True)
 

@@ -1,7 +1,7 @@
 """Runs a pytest selection in N processes at once on one machine, so that the Triton compiles (CPU-bound,
 seconds per kernel variant, one variant per test case) use the device machine's cores instead of one.
 
-Usage: python -m benchmarks.pytest_shards --jobs 8 --log-dir out --timeout 480 -- -m "gpu" tests
+Usage: python -m tools.pytest_shards --jobs 8 --log-dir out --timeout 480 -- -m "gpu" tests
 
 The test ids are collected once and dealt round-robin into the shards; each shard is one pytest process
 with its own log (`shard<i>.log`). A shard still running at --timeout is killed and counted as failed.

@@ -2,14 +2,14 @@
 
 For each (head dim, causal) it checks every config against a float32 reference with the tolerance rule
 (flashattention.testing; the same-dtype term is SDPA flash in bf16) and times it beside SDPA flash and
-cuDNN; configs.CANDIDATES (not in the tables yet) are run too. Backward configs are timed as the whole
-backward with that kernel's config forced; "bwd_atomic" times the experimental one-pass backward (dQ by
-atomics) over the dK/dV configs. A "call" row per shape times the public `flash_attention` forward (autotuned)
-twice: with do_bench, as benchmarks.run does, and replayed from a CUDA graph (no CPU launch cost), and names
-the config the autotuner picked; a gap between the two means the GPU waits on the launch path. First of
+cuDNN; CANDIDATES (below: configs not in the tables yet) are run too. Backward configs are timed as the
+whole backward with that kernel's config forced (hooks.overrides). A "call" row per shape times the public
+`flash_attention` forward (the table's pick) twice: with do_bench, as benchmarks.run does, and replayed from
+a CUDA graph (no CPU launch cost), and names the config it launched; a gap between the two means the GPU
+waits on the launch path; a "tuned" row does the same with FLASHATTN_AUTOTUNE's pick. First of
 all it prints the host time per call at a tiny shape (ours and SDPA flash): the CPU cost of a launch.
-Usage: PYTHONPATH=. python -m benchmarks.tune [--seqlen 4096[,1024,...]] [--dims 64,128,256]
-       [--kernels fwd,bwd_dkdv,bwd_dq,bwd_atomic] [--json PATH] [--warm-jobs N]
+Usage: PYTHONPATH=. python -m tools.tune [--seqlen 4096[,1024,...]] [--dims 64,128,256]
+       [--kernels fwd,bwd_dkdv,bwd_dq] [--json PATH] [--warm-jobs N]
 Before timing, N processes (default: cores - 2, at most 12) compile every config in parallel into Triton's
 disk cache, so the timing process does not compile one kernel at a time.
 """
@@ -30,10 +30,55 @@ from triton.testing import do_bench as _do_bench
 from triton.testing import do_bench_cudagraph
 
 from flashattention import flash_attention
-from flashattention.kernels import configs, launch
+from flashattention.kernels import configs, hooks, launch, registry
+from flashattention.kernels.configs import _c
+from flashattention.kernels.device import pow2_at_least
 from flashattention.testing import error_and_bound
 
 NAMES = ("out", "dq", "dk", "dv")
+
+_D64_PERSISTENT = dict(GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True)
+# Configs to measure before they may enter a table (kernel -> table -> padded head dim -> configs): they
+# must pass this tool's check on the GPU and win a case (benchmarks/NOTES.md has what each measured).
+CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
+    "fwd": {
+        "sm90": {
+            64: [
+                _c(192, 128, 4, 2, GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True),
+                _c(192, 128, 4, 2, **_D64_PERSISTENT, WS_STAGES=3, WS_OVERLAP=True),
+                _c(192, 128, 4, 2, **_D64_PERSISTENT),
+                _c(128, 128, 4, 2, GLUON_WS=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
+            ],
+            128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
+            256: [
+                _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
+                _c(128, 64, 8, 2, PERSISTENT=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
+                _c(128, 32, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True),
+            ],
+        }
+    },
+}
+
+
+def candidates_for(kernel: str, table: str, head_dim_pad: int) -> list:
+    """The candidates of exactly this padded head dim (empty when there are none)."""
+    return CANDIDATES.get(kernel, {}).get(table, {}).get(head_dim_pad, [])
+
+
+def tables_and_candidates() -> list:
+    """(kernel, table, head_dim_pad, config) of every table config, then of every candidate."""
+    candidates = [
+        (kernel, table, dim, config)
+        for kernel, tables in CANDIDATES.items()
+        for table, dims in tables.items()
+        for dim, entry in dims.items()
+        for config in entry
+    ]
+    return configs.all_configs() + candidates
 
 
 def do_bench(fn) -> float:
@@ -85,7 +130,7 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
         except RuntimeError as exc:
             print(f"peer {name} failed: {exc}")
     base = dict(D=head_dim, causal=causal, S=seqlen, **peers)
-    rows = [_public_call_row(q, k, v, causal, flops, base)]
+    rows = [_public_call_row(q, k, v, causal, flops, base, tuned) for tuned in (False, True)]
     for kernel, label, run in _config_runs(q, k, v, do, causal, kernels, table):
         row = dict(D=head_dim, causal=causal, S=seqlen, kernel=kernel, config=label, **peers)
         work = flops if kernel == "fwd" else 2.5 * flops
@@ -110,17 +155,14 @@ def tune_shape(head_dim: int, causal: bool, seqlen: int, kernels: list[str], tab
 
 def _config_runs(q, k, v, do, causal: bool, kernels: list[str], table: str):
     """(kernel, label, run) for every config of `kernels` (tables first, then candidates); run()
-    launches that config once and returns (out,) for "fwd", else (dq, dk, dv). "bwd_atomic": the dK/dV
-    configs with dQ added by atomics in the same kernel (no dQ kernel)."""
-    scale, right, pad = q.shape[-1] ** -0.5, (0 if causal else -1), launch._head_dim_pad(q.shape[-1])
+    launches that config once and returns (out,) for "fwd", else (dq, dk, dv)."""
+    scale, right, pad = q.shape[-1] ** -0.5, (0 if causal else -1), pow2_at_least(q.shape[-1])
     out, _, lse2 = launch.attention_forward(
         q, k, v, softmax_scale=scale, left=-1, right=right, config=configs.configs_for("fwd", table, pad)[0]
     )
     for kernel in kernels:
-        atomic = kernel == "bwd_atomic"
-        table_kernel = "bwd_dkdv" if atomic else kernel
-        candidates = configs.candidates_for(table_kernel, table, pad)
-        for cfg in configs.configs_for(table_kernel, table, pad) + candidates:
+        candidates = candidates_for(kernel, table, pad)
+        for cfg in configs.configs_for(kernel, table, pad) + candidates:
             label = configs.label(cfg) + (" (candidate)" if cfg in candidates else "")
             if kernel == "fwd":
 
@@ -131,20 +173,11 @@ def _config_runs(q, k, v, do, causal: bool, kernels: list[str], table: str):
 
             else:
 
-                def run(c=cfg, kern=table_kernel, atomic=atomic):
-                    return launch.attention_backward(
-                        do,
-                        q,
-                        k,
-                        v,
-                        out,
-                        lse2,
-                        softmax_scale=scale,
-                        left=-1,
-                        right=right,
-                        configs_override={kern: c},
-                        atomic_dq=atomic,
-                    )
+                def run(c=cfg, kern=kernel):
+                    with hooks.overrides(configs={kern: [c]}):
+                        return launch.attention_backward(
+                            do, q, k, v, out, lse2, softmax_scale=scale, left=-1, right=right
+                        )
 
             yield kernel, label, run
 
@@ -181,18 +214,22 @@ def warm(seqlens, dims, kernels, table: str, shard: int, shards: int) -> None:
         torch.cuda.synchronize()
 
 
-def _public_call_row(q, k, v, causal: bool, flops: float, row: dict) -> dict:
-    """flash_attention's forward as users call it: do_bench vs CUDA-graph replay, and the picked config."""
+def _public_call_row(q, k, v, causal: bool, flops: float, row: dict, autotune: bool) -> dict:
+    """flash_attention's forward as users call it (or with FLASHATTN_AUTOTUNE's pick): do_bench vs CUDA-graph
+    replay, and the config it launched."""
     call = lambda: flash_attention(q, k, v, causal=causal)
+    kind = "tuned" if autotune else "call"
+    row = dict(row)
     try:
-        call()  # autotunes outside the timing
-        eager = flops / do_bench(call) / 1e9
-        graph = flops / do_bench_cudagraph(call, return_mode="median") / 1e9
-        picked = configs.label(launch.last_launched["fwd"])  # the tuner's pick (or the first config)
-        row.update(kernel="call", config=f"{picked}; graph {graph:.0f}", ok=True, tflops=eager, graph=graph)
+        with hooks.overrides(autotune=autotune):
+            call()  # tunes (autotune) outside the timing
+            eager = flops / do_bench(call) / 1e9
+            graph = flops / do_bench_cudagraph(call, return_mode="median") / 1e9
+            picked = configs.label(registry.last_launched["fwd"])
+        row.update(kernel=kind, config=f"{picked}; graph {graph:.0f}", ok=True, tflops=eager, graph=graph)
     except Exception as exc:  # noqa: BLE001
-        row.update(kernel="call", config="public call", ok=False, tflops=0.0, error=str(exc)[:200])
-    print(f"D{row['D']} causal={causal} call {row['config']:20s} {row['tflops']:6.1f} TFLOP/s", flush=True)
+        row.update(kernel=kind, config="public call", ok=False, tflops=0.0, error=str(exc)[:200])
+    print(f"D{row['D']} causal={causal} {kind} {row['config']:20s} {row['tflops']:6.1f} TFLOP/s", flush=True)
     return row
 
 
@@ -235,7 +272,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", default="4096", help="one or more, comma-separated")
     ap.add_argument("--dims", default="64,128,256")
-    ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq,bwd_atomic")
+    ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq")
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--warm-jobs",
@@ -259,8 +296,8 @@ def main() -> None:
         return
     if args.warm_jobs > 1:
         start = time.perf_counter()
-        env = dict(os.environ, FLASHATTN_AUTOTUNE="0")  # every table config is also run forced
-        cmd = [sys.executable, "-m", "benchmarks.tune", "--seqlen", args.seqlen, "--dims", args.dims]
+        env = dict(os.environ, FLASHATTN_AUTOTUNE="0")  # every table config is run forced anyway
+        cmd = [sys.executable, "-m", "tools.tune", "--seqlen", args.seqlen, "--dims", args.dims]
         cmd += ["--kernels", args.kernels, "--warm-jobs", str(args.warm_jobs)]
         procs = [subprocess.Popen([*cmd, "--warm-shard", str(i)], env=env) for i in range(args.warm_jobs)]
         codes = [p.wait() for p in procs]

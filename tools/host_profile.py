@@ -4,16 +4,15 @@ With --configs, the host time of the forward per forced forward config (Triton, 
 with --seqlen, the same configs at the benchmark's shape (16k tokens, hidden 2048): do_bench's median, the
 host time per call and whether a call synchronises.
 
-    PYTHONPATH=. python -m benchmarks.host_profile [--calls 300] [--lines 30]
-    PYTHONPATH=. python -m benchmarks.host_profile --configs [--seqlen 512 --dim 128 --causal]
-    PYTHONPATH=. python -m benchmarks.host_profile --ab   # the launch plans against the full path, A/B
-    PYTHONPATH=. python -m benchmarks.host_profile --paths --seqlen 2048 --dim 64 --causal  # per path
+    PYTHONPATH=. python -m tools.host_profile [--calls 300] [--lines 30]
+    PYTHONPATH=. python -m tools.host_profile --configs [--seqlen 512 --dim 128 --causal]
+    PYTHONPATH=. python -m tools.host_profile --ab   # the launch plans against the full path, A/B
+    PYTHONPATH=. python -m tools.host_profile --paths --seqlen 2048 --dim 64 --causal  # per path
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import pstats
 import time
@@ -22,7 +21,7 @@ import warnings
 import torch
 
 from flashattention import flash_attention
-from flashattention.kernels import configs
+from flashattention.kernels import configs, hooks, launch, registry
 
 FWD_CONFIGS = {
     "triton 64x64": configs._c(64, 64, 4, 3),
@@ -31,18 +30,9 @@ FWD_CONFIGS = {
 }
 
 
-@contextlib.contextmanager
 def forced_forward(config):
     """The forward launches `config` only (the backward keeps its tables); HOST_DESC's size gate is off."""
-    from flashattention.kernels import launch
-
-    orig, gate = configs.configs_for, launch._HOST_DESC_MIN_WORK
-    configs.configs_for = lambda kernel, table, d: [config] if kernel == "fwd" else orig(kernel, table, d)
-    launch._HOST_DESC_MIN_WORK = 0
-    try:
-        yield
-    finally:
-        configs.configs_for, launch._HOST_DESC_MIN_WORK = orig, gate
+    return hooks.overrides(configs={"fwd": [config]}, host_desc_min_work=0)
 
 
 def host_us(fn, calls: int) -> float:
@@ -136,27 +126,24 @@ def profile_calls(args) -> None:
 
 
 def host_ab(args) -> None:
-    """Host time per call with the launch plans (kernels/launch.py's _Plan: a seen case replays its launches)
-    against the full launch path, on one host, interleaved: the forward (inputs requiring grad) and the
-    forward + backward, with the table's config (Triton at this tiny shape) and with Gluon HOST_DESC."""
-    from flashattention.kernels import launch
-
+    """Host time per call with the launch plans (kernels/plans.py: a seen case replays its launches) against
+    the full launch path, on one host, interleaved: the forward (inputs requiring grad) and the forward +
+    backward, with the table's config (Triton at this tiny shape) and with Gluon HOST_DESC."""
     calls = tiny_calls(256)
-    key = launch._plan_key
     results = {}
-    try:
-        for _ in range(3):
-            for forced in ("table", "gluon HOST_DESC"):
-                ctx = forced_forward(FWD_CONFIGS[forced]) if forced != "table" else contextlib.nullcontext()
-                with ctx:
-                    for plans in ("plans", "no plans"):
-                        launch._plan_key = key if plans == "plans" else (lambda *a: None)
-                        for name, call in calls.items():
-                            for _ in range(20):
-                                call()
-                            results.setdefault((forced, name, plans), []).append(host_us(call, args.calls))
-    finally:
-        launch._plan_key = key
+    for _ in range(3):
+        for forced in ("table", "gluon HOST_DESC"):
+            config = (
+                {"configs": {"fwd": [FWD_CONFIGS[forced]]}, "host_desc_min_work": 0}
+                if forced != "table"
+                else {}
+            )
+            for plans in ("plans", "no plans"):
+                with hooks.overrides(**config, plans=plans == "plans"):
+                    for name, call in calls.items():
+                        for _ in range(20):
+                            call()
+                        results.setdefault((forced, name, plans), []).append(host_us(call, args.calls))
     for (forced, name, plans), times in results.items():
         runs = ", ".join(f"{t:.0f}" for t in times)
         print(f"host us per call, {forced} {name}, {plans}: {min(times):.0f} (runs {runs})")
@@ -168,16 +155,14 @@ def paths(args) -> None:
     tuned config forced (Triton's launch path, no autograd), and a CUDA graph replay of the public call."""
     from triton.testing import do_bench
 
-    from flashattention.kernels import launch
-
     b, h = 16384 // args.seqlen, 2048 // args.dim
     q, k, v = (
         torch.randn(b, h, args.seqlen, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for _ in "qkv"
     )
     public = lambda: flash_attention(q, k, v, causal=args.causal)  # noqa: E731
-    public()  # tunes
-    cfg = launch.last_launched["fwd"]
+    public()  # compiles
+    cfg = registry.last_launched["fwd"]
     qd, kd, vd = (t.detach() for t in (q, k, v))
     right = 0 if args.causal else -1
     forced = lambda: launch.forward_stats(  # noqa: E731
@@ -186,21 +171,17 @@ def paths(args) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         public()
-    key = launch._plan_key
     variants = {
-        "public, plans": (public, key),
-        "public, no plans": (public, lambda *a: None),
-        "forward_stats, forced config": (forced, key),
-        "CUDA graph of the public call": (graph.replay, key),
+        "public, plans": (public, True),
+        "public, no plans": (public, False),
+        "forward_stats, forced config": (forced, True),
+        "CUDA graph of the public call": (graph.replay, True),
     }
     times = {name: [] for name in variants}
-    try:
-        for _ in range(3):
-            for name, (fn, plan_key) in variants.items():
-                launch._plan_key = plan_key
+    for _ in range(3):
+        for name, (fn, plans) in variants.items():
+            with hooks.overrides(plans=plans):
                 times[name].append(do_bench(fn, return_mode="median"))
-    finally:
-        launch._plan_key = key
     print(f"S={args.seqlen} D={args.dim} causal={args.causal} config {configs.label(cfg)}")
     for name, ms in times.items():
         print(f"  {name}: " + ", ".join(f"{t:.3f}" for t in ms) + " ms")

@@ -1,0 +1,49 @@
+"""Every environment variable the package reads, read here and nowhere else (the README lists them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default) not in ("", "0")
+
+
+# Triton reads TRITON_INTERPRET when the kernels are defined (import): read once, as Triton does.
+_INTERPRETING = _flag("TRITON_INTERPRET", "0")
+
+
+def interpreting() -> bool:
+    """Whether Triton's kernels were defined for its CPU interpreter (TRITON_INTERPRET at import)."""
+    return _INTERPRETING
+
+
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET as set now (validation: whether backend='triton' may take CPU tensors)."""
+    return _flag("TRITON_INTERPRET", "0")
+
+
+def autotune() -> bool:
+    """FLASHATTN_AUTOTUNE=1: time every config of a table entry on a case's first call (the pick is kept
+    on disk); unset or 0: the table's measured pick. Never in the interpreter."""
+    return _flag("FLASHATTN_AUTOTUNE", "0") and not _INTERPRETING
+
+
+def poison() -> bool:
+    """FLASHATTN_POISON=1: outputs are NaN-filled before the kernels write them."""
+    return _flag("FLASHATTN_POISON", "0")
+
+
+def cache_dir() -> Path:
+    """Where tuning results persist: FLASHATTN_CACHE_DIR, else $XDG_CACHE_HOME/flashattention (~/.cache)."""
+    explicit = os.environ.get("FLASHATTN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashattention"
+
+
+def settings() -> dict[str, str | None]:
+    """The variables as set (info, reports)."""
+    names = ("TRITON_INTERPRET", "FLASHATTN_AUTOTUNE", "FLASHATTN_POISON", "FLASHATTN_CACHE_DIR")
+    return {name: os.environ.get(name) for name in names}

@@ -1,0 +1,142 @@
+"""The kernels a launch may pick from, what each accepts, and the choice of config for one launch: forced
+(an argument or hooks.overrides), tuned (FLASHATTN_AUTOTUNE=1, kept on disk by kernels/tuning.py), or the
+table's measured pick (configs.ordered), in that order of precedence."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import warnings
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+from . import configs, gluon, hooks, tuning
+from . import device as dev
+from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from .fwd import attn_fwd_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One algorithm's kernels: the Triton one, and the Gluon one (module, name; imported on first use,
+    Gluon being experimental) that GLUON_WS configs launch, for the head dims it takes."""
+
+    name: str
+    title: str
+    triton_fn: object
+    gluon_fn: tuple[str, str] | None = None
+    gluon_dims: tuple[int, ...] = ()
+
+    def fn_for(self, config: triton.Config):
+        if config.kwargs.get("GLUON_WS"):
+            module, name = self.gluon_fn
+            return getattr(importlib.import_module(f".{module}", __package__), name)
+        return self.triton_fn
+
+    def problems(self, config: triton.Config, args: dict) -> list[str]:
+        """Why `config` cannot launch with these arguments (empty if it can)."""
+        if not config.kwargs.get("GLUON_WS"):
+            return []
+        if self.gluon_fn is None:
+            return [f"the {self.title} has no Gluon kernel"]
+        found = gluon.problems(self.gluon_dims, args)
+        if config.kwargs.get("WS_OVERLAP") and gluon.length_one(args):
+            found.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
+        return found
+
+    def applies(self, config: triton.Config, args: dict) -> bool:
+        if config.kwargs.get("HOST_DESC") and not gluon.host_desc_ok(args):
+            return False
+        return not self.problems(config, args)
+
+
+KERNELS = {
+    k.name: k
+    for k in (
+        Kernel("fwd", "forward", attn_fwd_kernel, ("fwd_ws", "attn_fwd_ws_kernel"), (64, 128, 256)),
+        Kernel("bwd_dkdv", "dK/dV", attn_bwd_dkdv_kernel, ("bwd_ws", "attn_bwd_dkdv_ws_kernel"), (64, 128)),
+        Kernel("bwd_dq", "dQ", attn_bwd_dq_kernel),
+    )
+}
+
+# kernel name -> the config of its last launch (the benchmark and tools report it)
+last_launched: dict[str, triton.Config] = {}
+
+
+def run(kernel: Kernel, grid, args: dict, config: triton.Config) -> tuple:
+    """Launches `config`; returns what a launch plan is made of: (name, kernel_fn, compiled, grid, args,
+    config)."""
+    problems = kernel.problems(config, args)
+    if problems:
+        raise ValueError(
+            f"flashattention: the GLUON_WS {kernel.title} config does not apply: " + "; ".join(problems)
+        )
+    fn = kernel.fn_for(config)
+    if config.kwargs.get("HOST_DESC"):
+        args = dict(args, **gluon.host_descriptors(args, config.kwargs["BLOCK_N"]))
+    extra = (hooks.current.extra_args or {}).get(kernel.name)
+    if extra:
+        args = dict(args, **extra)
+    compiled = fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    last_launched[kernel.name] = config
+    return kernel.name, fn, compiled, grid, args, config
+
+
+def launch(name: str, grid, args: dict, device: torch.device, dtype: torch.dtype, config=None) -> tuple:
+    """Launches kernel `name` on `device` with `config` if given, else with the config chosen for these
+    arguments (the module docstring's order). Returns run's launch record, for the caller's plan."""
+    kernel = KERNELS[name]
+    with dev.on(device):
+        if config is not None:
+            return run(kernel, grid, args, config)
+        forced = (hooks.current.configs or {}).get(name)
+        table = configs.table_name(device, dtype)
+        if forced is not None:
+            entry = list(forced)
+        else:
+            entry = configs.ordered(name, table, args["HEAD_DIM_PAD"], bool(args["HAS_HI"]), args["seqlen_k"])
+        usable = [c for c in entry if kernel.applies(c, args)]
+        if not usable:  # only forced lists can end here: every table entry holds a Triton config
+            return run(kernel, grid, args, entry[0])  # raises what keeps it from running
+        if forced is None and tuning.enabled() and len(usable) > 1:
+            picked = _tuned(kernel, grid, args, device, tuning.case_key(name, table, dtype, args), usable)
+            if picked is not None:
+                return run(kernel, grid, args, picked)
+        failure = None
+        for config in usable:
+            if failure is not None and kernel.problems(config, args):  # a Gluon compile failure above
+                continue
+            try:
+                return run(kernel, grid, args, config)
+            except OutOfResources as err:  # a smaller GPU than the table's
+                failure = err
+            except CompilationError as err:
+                if not config.kwargs.get("GLUON_WS"):
+                    raise
+                gluon.note_compile_error(err)
+                failure = err
+        raise failure
+
+
+def _tuned(kernel: Kernel, grid, args: dict, device, key: str, usable: list) -> triton.Config | None:
+    """The case's pick: stored, or timed now. During CUDA graph capture a case not tuned yet cannot be
+    (timing runs cannot be captured): None, with a warning, and the launch takes the table's choice."""
+    picked = tuning.PICKS.get(device, key, usable)
+    if picked is not None:
+        return picked
+    if dev.capturing():
+        warnings.warn(
+            f"flashattention: {kernel.name} has not been tuned for this case yet ({key}) and cannot be tuned "
+            "during CUDA graph capture; the captured graph uses the table's pick. Run the same call once "
+            "before capturing to capture the tuned config.",
+            stacklevel=5,
+        )
+        return None
+    picked = tuning.tune(
+        lambda config: run(kernel, grid, args, config), usable, lambda c: kernel.applies(c, args)
+    )
+    tuning.PICKS.put(device, key, picked)
+    return picked

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU machine's work in as few device calls as fit its 10-minute limit per command:
+#   bash tools/gpu_run.sh tests          # info + the GPU test suite, without the config sweep
+#   bash tools/gpu_run.sh configs        # the GPU tests of every table config (bf16 and fp32 tables)
+#   bash tools/gpu_run.sh alltests       # both test sets in one call
+#   bash tools/gpu_run.sh suite          # every test of tests/, the CPU suite's too, on the GPU
+#   bash tools/gpu_run.sh tune [ARGS]    # tools.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
+#   bash tools/gpu_run.sh bench [ARGS]   # the benchmark against the peers (ARGS go to benchmarks.run); with
+#                                        # .prev/ (tools/prev_package.sh COMMIT) add --providers ...,ours-prev
+#   bash tools/gpu_run.sh first          # benchmarks.first_call: time to first result, cold and warm cache
+#   bash tools/gpu_run.sh all [ARGS]     # tests, then the benchmark
+#   bash tools/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
+#                                        # (SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose;
+#                                        # GLUON_K="gluon and HOST_DESC": which configs' GPU tests run, a -k)
+# Outputs go to $OUT (the device tool's folder) or ./out: logs, bench.json, bench.png and RESULTS_entry.md
+# to append to benchmarks/RESULTS.md. The last lines printed are the summary (tests) or the table (bench).
+set -uo pipefail
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd):$(pwd)/.prev" PYTHONUNBUFFERED=1
+mode="${1:-all}"
+shift || true
+
+run_tests() {  # $1: the pytest marker expression, $2: the log's name, then more pytest arguments
+    python -m flashattention info 2>&1 | tee "$OUT/info.log"
+    echo "== GPU tests: $1"
+    # one pytest process per 2 cores: each test case compiles its own kernel variants (CPU-bound)
+    python -m tools.pytest_shards --jobs "${JOBS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}" --timeout "${SHARD_TIMEOUT:-480}" \
+        --log-dir "$OUT/$2" -- -m "$1" "${@:3}" tests >"$OUT/$2.log" 2>&1
+    local rc=$?
+    tail -n 60 "$OUT/$2.log"
+    echo "gpu tests exit code: $rc"
+    return $rc
+}
+
+run_bench() {
+    echo "== compiling the benchmark's kernels in parallel (Triton's disk cache then serves the timing)"
+    python -m tools.warm --dims "${WARM_DIMS:-64,128}" --seqlens "${WARM_SEQLENS:-2048,4096,8192,16384}"
+    if [ -d .prev/flashattention_prev ]; then
+        python -m tools.warm --module flashattention_prev --dims "${WARM_DIMS:-64,128}" \
+            --seqlens "${WARM_SEQLENS:-2048,4096,8192,16384}"
+    fi
+    echo "== benchmark"
+    python -m benchmarks.run --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+        --results-md "$OUT/RESULTS_entry.md" "$@" >"$OUT/bench_table.md" 2>"$OUT/bench.log"
+    local rc=$?
+    tail -n 5 "$OUT/bench.log"
+    echo "bench exit code: $rc"
+    cat "$OUT/bench_table.md"
+    return $rc
+}
+
+case "$mode" in
+    tests) run_tests "gpu and not configs" gpu_tests ;;
+    alltests) run_tests gpu gpu_tests ;;
+    suite) run_tests "gpu or not gpu" gpu_suite ;;
+    configs) run_tests "gpu and configs" gpu_configs ;;
+    bench) run_bench "$@" ;;
+    first)
+        python -m benchmarks.first_call --json "$OUT/first_call.json" 2>"$OUT/first_call.log"
+        echo "first_call exit code: $?" ;;
+    tune)
+        python -m flashattention info 2>&1 | tee "$OUT/info.log"
+        python -m tools.tune --json "$OUT/tune.json" "$@" >"$OUT/tune.log" 2>&1
+        rc=$?
+        sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 120  # the table, printed last
+        echo "tune exit code: $rc"
+        exit $rc ;;
+    gluon)
+        run_tests "gpu and configs" gpu_gluon_tests -k "${GLUON_K:-gluon}"; tests_rc=$?
+        timeout "${TUNE_TIMEOUT:-400}" python -m tools.tune --seqlen "${SEQLEN:-2048,8192,16384}" \
+            --dims "${DIMS:-64,128,256}" --kernels "${KERNELS:-fwd}" --json "$OUT/tune.json" >"$OUT/tune.log" 2>&1
+        rc=$?
+        sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 140
+        echo "tune exit code: $rc"
+        exit $((tests_rc || rc)) ;;
+    all)
+        run_tests gpu gpu_tests; tests_rc=$?
+        run_bench "$@"; bench_rc=$?
+        exit $((tests_rc || bench_rc)) ;;
+    *) echo "usage: $0 tests | configs | alltests | suite | tune [ARGS] | bench [ARGS] | first | all [ARGS] | gluon" >&2; exit 2 ;;
+esac
