@@ -2,8 +2,7 @@
 query heads of its GQA group, so no atomics are needed), and dQ (one program per query block and head).
 Both recompute P = exp2(qk_scale * Q K^T - LSE2) with the forward's own log2-unit LSE2 (no conversion, so
 no extra rounding of |scores|-sized numbers); dS = P * (dP - delta), dP = dO V^T, delta = rowsum(dO * O).
-Deterministic: every output element is written by exactly one program, in a fixed order (unless the
-experimental ATOMIC_DQ folds dQ into the dK/dV kernel with atomics).
+Deterministic: every output element is written by exactly one program, in a fixed order.
 """
 
 import triton
@@ -66,7 +65,6 @@ def _dkdv_tiles(
     do_base,
     lse2_row,
     delta_row,
-    dq_base,
     stride_qm,
     stride_dom,
     tile_start,
@@ -77,7 +75,6 @@ def _dkdv_tiles(
     lo_off,
     hi_off,
     qk_scale,
-    softmax_scale,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -85,11 +82,8 @@ def _dkdv_tiles(
     HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end). ATOMIC_DQ also adds
-    this block's share of dQ = scale * dS K into the float32 buffer at dq_base (one pass instead of a second
-    kernel; the order of the additions, hence the last bits of dQ, then varies from run to run)."""
+    """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end)."""
     d_mask = offs_d < HEAD_DIM
     for start_m in tl.range(tile_start, tile_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -118,10 +112,6 @@ def _dkdv_tiles(
         delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = mma(ds_t.to(q_t.dtype), tl.trans(q_t), dk, PRECISION)
-        if ATOMIC_DQ:
-            dq = mma(tl.trans(ds_t).to(k.dtype), k, None, PRECISION)  # [BLOCK_M, HEAD_DIM_PAD]
-            dq_ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq * softmax_scale, mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -135,7 +125,6 @@ def attn_bwd_dkdv_kernel(
     DELTA,
     DK,
     DV,
-    DQ_ACC,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -171,7 +160,6 @@ def attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr = False,
     ONE_LOOP: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
@@ -214,10 +202,6 @@ def attn_bwd_dkdv_kernel(
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse2_row = LSE2 + (off_b * num_heads + off_h) * seqlen_q
         delta_row = DELTA + (off_b * num_heads + off_h) * seqlen_q
-        if ATOMIC_DQ:
-            dq_base = DQ_ACC + (off_b * num_heads + off_h) * seqlen_q * HEAD_DIM
-        else:
-            dq_base = None
         # the tiles that need element masks, on either side of those that do not (tile_range)
         # ONE_LOOP: a single pass over [lo, hi) with element masks on every tile, for configs whose three
         # loops keep too many registers live (the compiler's report shows spills)
@@ -239,7 +223,6 @@ def attn_bwd_dkdv_kernel(
                 do_base,
                 lse2_row,
                 delta_row,
-                dq_base,
                 stride_qm,
                 stride_dom,
                 seg_start,
@@ -250,7 +233,6 @@ def attn_bwd_dkdv_kernel(
                 lo_off,
                 hi_off,
                 qk_scale,
-                softmax_scale,
                 BLOCK_M,
                 HEAD_DIM,
                 HEAD_DIM_PAD,
@@ -258,7 +240,6 @@ def attn_bwd_dkdv_kernel(
                 HAS_HI,
                 HAS_LO,
                 PRECISION,
-                ATOMIC_DQ,
             )
 
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]

@@ -158,23 +158,22 @@ def _bwd_consumer(
 
 @gluon.jit
 def attn_bwd_dkdv_ws_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACC,
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
     stride_dvn, num_heads, num_kv_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left,
     window_right, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, PRECISION: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
-    ATOMIC_DQ: gl.constexpr = False, ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
+    ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N = 128, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO
     buffers (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps, 64 keys
-    each. ATOMIC_DQ is not supported (dQ comes from the dQ kernel)."""
+    each."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_N == 128, "two consumers of 64 keys")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64 and 128")
-    gl.static_assert(not ATOMIC_DQ, "the Gluon dK/dV leaves dQ to the dQ kernel")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # keys per consumer
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)

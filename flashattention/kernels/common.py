@@ -9,14 +9,6 @@ dK/dV:        self = key j, other = query i, lo_off = -off - right, hi_off = -of
 import triton
 import triton.language as tl
 
-from .._env import interpreting
-
-# 2^f on [-0.5, 0.5] as 1 + f (C1 + f (C2 + f C3)): a least-squares fit weighted towards minimax relative
-# error (1.0e-4 at most, against bf16's 3.9e-3 and fp16's 4.9e-4 rounding of P)
-POLY_C1 = tl.constexpr(0.6932829022407532)
-POLY_C2 = tl.constexpr(0.2422109842300415)
-POLY_C3 = tl.constexpr(0.05500892922282219)
-
 
 @triton.jit
 def round_tf32(x):
@@ -143,56 +135,3 @@ def unit_strides(stride_b, stride_h, stride_s, STRIDE_UNIT: tl.constexpr):
     vectorise and pipeline even where Triton's own specialisation (integers that are multiples of 16) does
     not apply, e.g. contiguous tensors with head dim 40, 72 or 200."""
     return stride_b * STRIDE_UNIT, stride_h * STRIDE_UNIT, stride_s * STRIDE_UNIT
-
-
-@triton.jit
-def exp2_poly(x):
-    """2^x for finite x <= 0 on the FMA and integer units (no MUFU): x = j + f with j = round(x) (adding
-    and subtracting 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits), 2^f by the
-    polynomial, and j added to the exponent field. x is clamped at -126 so that the exponent stays >= 0."""
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = tl.fma(tl.fma(tl.fma(f, POLY_C3, POLY_C2), f, POLY_C1), f, 1.0)
-    return (p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-
-
-# The same arithmetic in PTX, for the second element of each register pair; the first goes to ex2.approx
-# (the MUFU unit, 16 results per clock per SM on Hopper, a bottleneck of the forward at D <= 128).
-_EXP2_PAIR_PTX = tl.constexpr("""
-{
-.reg .f32 xf, xt, xp;
-.reg .b32 bt, bp;
-ex2.approx.ftz.f32 $0, $2;
-max.ftz.f32 xf, $3, 0fC2FC0000;
-add.rn.ftz.f32 xt, xf, 0f4B400000;
-sub.rn.ftz.f32 xp, xt, 0f4B400000;
-sub.rn.ftz.f32 xf, xf, xp;
-fma.rn.ftz.f32 xp, xf, 0f3D61510B, 0f3E780628;
-fma.rn.ftz.f32 xp, xp, xf, 0f3F317AFD;
-fma.rn.ftz.f32 xp, xp, xf, 0f3F800000;
-mov.b32 bt, xt;
-shl.b32 bt, bt, 23;
-mov.b32 bp, xp;
-add.s32 bp, bp, bt;
-mov.b32 $1, bp;
-}
-""")
-
-if interpreting():
-
-    @triton.jit
-    def exp2_split(x):
-        """Interpreter stand-in for the PTX below (no inline assembly there): odd columns by exp2_poly."""
-        odd = (tl.arange(0, x.shape[1]) % 2 == 1)[None, :]
-        return tl.where(odd, exp2_poly(x), tl.math.exp2(x))
-
-else:
-
-    @triton.jit
-    def exp2_split(x):
-        """2^x of finite x <= 0, half on MUFU (ex2.approx) and half by exp2_poly on the FMA units, as
-        FlashAttention-4 does: pairs of adjacent elements, one each."""
-        return tl.inline_asm_elementwise(
-            _EXP2_PAIR_PTX, "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2
-        )

@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    exp2_split,
     load_tile,
     mma,
     persistent_count,
@@ -50,18 +49,11 @@ def _fwd_tiles(
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr,
-    POLY_EXP2: tl.constexpr,
 ):
     """Folds key tiles [tile_start, tile_end) into (acc, l_i, m_i); MASKED tiles apply element masks.
-    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM]).
-    LAZY_RESCALE (unmasked tiles): keep the running max, and skip rescaling acc and l, until some row's max
-    grows by more than 8 (log2 units); P then stays <= 2^8, harmless in fp32 and bf16.
-    POLY_EXP2 (unmasked tiles, 16-bit inputs): half of P's exponentials by a polynomial on the FMA units.
-    Masked tiles keep exp2: their -inf scores must give exactly 0."""
+    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM])."""
     d_mask = offs_d < HEAD_DIM
-    for start_n in tl.range(tile_start, tile_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n < seqlen_k
         if USE_TMA:
@@ -79,24 +71,11 @@ def _fwd_tiles(
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with it
             m_shift = m_new
-        if LAZY_RESCALE and not MASKED:
-            if tl.max(m_new - m_i, 0) > 8.0:  # every row's scores are finite here: no NaN
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            x = qk * qk_scale - m_shift[:, None]  # one FMA per score, in log2 units
-            if POLY_EXP2 and not MASKED and q.dtype != tl.float32:  # fp32 inputs keep full precision
-                p = exp2_split(x)
-            else:
-                p = tl.math.exp2(x)
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
         if USE_TMA:
             v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
@@ -143,9 +122,6 @@ def _fwd_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr,
-    POLY_EXP2: tl.constexpr,
 ):
     """One query block [start_m, start_m + BLOCK_M) of one (batch, head): O and LSE2 of its rows."""
     off_b = off_bh // num_heads
@@ -215,9 +191,6 @@ def _fwd_block(
             HAS_HI,
             PRECISION,
             TMA,
-            WARP_SPECIALIZE and seg == 1,
-            LAZY_RESCALE,
-            POLY_EXP2,
         )
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
@@ -267,10 +240,7 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False,
     PERSISTENT: tl.constexpr = False,
-    LAZY_RESCALE: tl.constexpr = False,
-    POLY_EXP2: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
 ):
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
@@ -321,9 +291,6 @@ def attn_fwd_kernel(
                 BLOCK_M,
                 BLOCK_N,
                 USE_TMA,
-                WARP_SPECIALIZE,
-                LAZY_RESCALE,
-                POLY_EXP2,
             )
     else:
         # Longest rows first: with a causal mask the last query blocks see the most keys.
@@ -364,7 +331,4 @@ def attn_fwd_kernel(
             BLOCK_M,
             BLOCK_N,
             USE_TMA,
-            WARP_SPECIALIZE,
-            LAZY_RESCALE,
-            POLY_EXP2,
         )

@@ -26,29 +26,19 @@ from .common import persistent_count, persistent_tile, persistent_turn, tile_ran
 
 @gluon.jit
 def _tile(
-    tile, tiles, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, DYNAMIC: gl.constexpr,
+    tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
 ):  # fmt: skip
     """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles), in the order of
-    common.persistent_tile; with DYNAMIC a number >= tiles (an empty turn) has no key tiles. With 192-row
-    blocks the blocks end at seqlen_q, so where BLOCK_M does not divide it the first block is the partial
-    one, starting before row 0: under a causal mask that block sees the fewest keys, where the last one sees
-    the most (at 2k, D64: one consumer of three idle through the longest tile)."""
-    if DYNAMIC:  # longest-first within groups of DYNAMIC heads (their K and V fit in L2 together)
-        span = DYNAMIC * num_m
-        first = tile // span * DYNAMIC
-        heads = gl.maximum(gl.minimum(tiles // num_m - first, DYNAMIC), 1)  # 1: past the last tile
-        r = tile % span
-        off_bh = first + r % heads
-        start_m = (num_m - 1 - r // heads) * BLOCK_M
-    else:
-        off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
+    common.persistent_tile. With 192-row blocks the blocks end at seqlen_q, so where BLOCK_M does not divide
+    it the first block is the partial one, starting before row 0: under a causal mask that block sees the
+    fewest keys, where the last one sees the most (at 2k, D64: one consumer of three idle through the
+    longest tile)."""
+    off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
     if (BLOCK_M & (BLOCK_M - 1)) != 0:  # 192 rows (the 2^k blocks keep their code as measured)
         start_m = start_m - (num_m * BLOCK_M - seqlen_q)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
-    if DYNAMIC:
-        n_tiles = gl.where(tile < tiles, n_tiles, 0)
     return off_bh, start_m, lo, full_lo, full_hi, n_tiles
 
 
@@ -113,37 +103,25 @@ def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
 @gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, DYNAMIC: gl.constexpr, PROBE,
+    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, PROBE,
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [Q buffers x consumers, rows each, head dim], one or two buffers) once the
     consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i
     into buffer i % STAGES once every consumer has released it (i counts this program's copies across
-    tiles, as the consumers count them). With DYNAMIC (WS_DYNAMIC) it takes each tile from the launch's
-    counter (once the tile's Q buffer is free) and posts its number with its Q; past the last tile it
-    posts numbers >= tiles, with no copies, until the program's turns run out."""
+    tiles, as the consumers count them)."""
     (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
      stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog, progs,
-     turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, tiles, counter,
-     tile_smem) = loads  # fmt: skip
+     turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     issued = 0
-    tile = 0
     for j in range(0, turns):
-        if DYNAMIC:
-            # claimed once the tile's Q buffer is free (the consumers have begun the tile before), not
-            # earlier: a claim two tiles ahead of the consumers left programs holding tiles near the end
-            # while others had none (measured). Past the last tile the counter only grows: no more claims
-            mbarrier.wait(q_empty.index(j % Q_BUFFERS), ((j // Q_BUFFERS) & 1) ^ 1)
-            if (j == 0) | (tile < tiles):
-                tile = gl.atomic_add(counter, 1)
-        else:
-            tile = persistent_turn(j, prog, progs)
+        tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, tiles, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, DYNAMIC
+            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         _stamp(PROBE, tile, 1)
         off_b = (off_bh // num_heads).to(gl.int64)
@@ -170,14 +148,7 @@ def _producer(
         # a fresh barrier counts as having completed the phase before 0: the first wait passes
         qb = j % Q_BUFFERS
         mbarrier.wait(q_empty.index(qb), ((j // Q_BUFFERS) & 1) ^ 1)
-        if DYNAMIC:  # the number before the barrier's arrival, which releases it to the consumers
-            tile_smem.index(qb).store(gl.full([1], tile, gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
-            if tile < tiles:
-                _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
-            else:
-                mbarrier.arrive(q_bar.index(qb))
-        else:
-            _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
+        _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             phase = ((issued + i) // STAGES) & 1
@@ -268,21 +239,19 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, ME: gl.constexpr, DYNAMIC: gl.constexpr, ROWSUM: gl.constexpr,
-    PROBE,
+    OVERLAP: gl.constexpr, ME: gl.constexpr, ROWSUM: gl.constexpr, PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
     block. With PINGPONG each issues its matmuls only in its turn (_take_turn / _pass_turn), so the
     consumers' matmuls take turns on the tensor cores and each one's softmax runs under the others'. K/V
     copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
-    consumers count them. With DYNAMIC each tile's number comes with its Q (_producer); one >= tiles is
-    none (no key tiles, no stores). With OVERLAP a tile's stores wait for the next tile's first Q K^T to be
-    issued and run under it (after the last tile, at the end), so that the tensor cores do not idle through
-    them; the PROBE's end stamp is then the end of the tile's matmuls."""
+    consumers count them. With OVERLAP a tile's stores wait for the next tile's first Q K^T to be issued
+    and run under it (after the last tile, at the end), so that the tensor cores do not idle through them;
+    the PROBE's end stamp is then the end of the tile's matmuls."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
      stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
-     lo_off, hi_off, qk_scale, tiles, tile_smem, ones_smem) = shared  # fmt: skip
+     lo_off, hi_off, qk_scale, ones_smem) = shared  # fmt: skip
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     consumers: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -315,26 +284,18 @@ def _consumer(
     pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
     ones = ones_smem.permute((1, 0))
-    dest = (O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om)  # what _store_tile writes
-    # OVERLAP: the previous tile's output (normalised), LSE, rows and number, stored under the next Q K^T
+    dest = (O, LSE2, seqlen_q, num_heads, stride_ob, stride_oh, stride_om)  # what _store_tile writes
+    # OVERLAP: the previous tile's output (normalised), LSE and rows, stored under the next Q K^T
     out_prev = gl.zeros([ROWS, HEAD_DIM], dtype, o_layout)
     lse_prev = gl.zeros([ROWS], gl.float32, row_s)
     bh_prev = 0
     m_prev = 0
-    tile_prev = 0
     done = 0  # K/V tiles consumed by this program before the current tile
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     for j in range(0, turns):
-        if DYNAMIC:  # (waited again below: it returns at once)
-            mbarrier.wait(q_bar.index(j % Q_BUFFERS), (j // Q_BUFFERS) & 1)
-            posted = tile_smem.index(j % Q_BUFFERS).load(
-                gl.BlockedLayout([1], [32], [num_warps], [0])
-            )  # fmt: skip
-            tile = gl.max(posted, 0)
-        else:
-            tile = persistent_turn(j, prog, progs)
+        tile = persistent_turn(j, prog, progs)
         off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, tiles, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, DYNAMIC
+            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
         )  # fmt: skip
         start_m = start_m + ME * ROWS  # this consumer's rows
         total = n_tiles  # the block's key tiles: the producer loads them all
@@ -364,7 +325,7 @@ def _consumer(
             _pass_turn(turn_other, PINGPONG)
             if OVERLAP:
                 if j > 0:
-                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
+                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, BLOCK_M)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
             p, m_i, l_i = _first_softmax(
                 qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, ROWSUM
@@ -372,7 +333,7 @@ def _consumer(
         else:
             if OVERLAP:
                 if j > 0:
-                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
+                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, BLOCK_M)
         for i in range(1, n_tiles):
             s = (done + i) % STAGES
             prev = (done + i - 1) % STAGES
@@ -430,13 +391,12 @@ def _consumer(
             lse_prev = lse2
             bh_prev = off_bh
             m_prev = start_m
-            tile_prev = tile
         else:
-            _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M, DYNAMIC)
+            _store_tile(dest, out, lse2, off_bh, start_m, BLOCK_M)
         _stamp(PROBE, tile, 4 + 3 * ME)
     if OVERLAP:
         if turns > 0:
-            _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, tile_prev, BLOCK_M, DYNAMIC)
+            _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, BLOCK_M)
 
 
 @gluon.jit
@@ -462,26 +422,22 @@ def _normalise(acc, m_i, l_i, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _store_tile(dest, out, lse2, off_bh, start_m, tile, BLOCK_M: gl.constexpr, DYNAMIC: gl.constexpr):
+def _store_tile(dest, out, lse2, off_bh, start_m, BLOCK_M: gl.constexpr):
     """A consumer's stores of one tile: its rows' LSE2 and output (normalised, in the output dtype), rows
-    [start_m, start_m + ROWS) of (batch * head) off_bh, those inside [0, seqlen_q) (none for a DYNAMIC
-    number >= tiles). dest: O, LSE2, tiles, seqlen_q, num_heads and O's strides."""
-    O, LSE2, tiles, seqlen_q, num_heads, stride_ob, stride_oh, stride_om = dest
+    [start_m, start_m + ROWS) of (batch * head) off_bh, those inside [0, seqlen_q). dest: O, LSE2,
+    seqlen_q, num_heads and O's strides."""
+    O, LSE2, seqlen_q, num_heads, stride_ob, stride_oh, stride_om = dest
     ROWS: gl.constexpr = out.shape[0]
     HEAD_DIM: gl.constexpr = out.shape[1]
     num_warps: gl.constexpr = gl.num_warps()
     offs_m = start_m + gl.arange(0, ROWS, lse2.type.layout)
     in_q = _in_q(offs_m, seqlen_q, BLOCK_M)
-    if DYNAMIC:
-        in_q = in_q & (tile < tiles)
     gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     out = gl.convert_layout(out, store_layout)
     out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
     cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
     out_ok = _in_q(out_rows, seqlen_q, BLOCK_M)
-    if DYNAMIC:
-        out_ok = out_ok & (tile < tiles)
     off_b = (off_bh // num_heads).to(gl.int64)
     o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
     gl.store(
@@ -501,8 +457,7 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    WS_DYNAMIC: gl.constexpr = False, WS_SLACK: gl.constexpr = 2, WS_OVERLAP: gl.constexpr = False,
-    WS_ROWSUM_MMA: gl.constexpr = False, TILE_COUNTER=None, PROBE=None,
+    WS_OVERLAP: gl.constexpr = False, WS_ROWSUM_MMA: gl.constexpr = False, PROBE=None,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -512,14 +467,10 @@ def attn_fwd_ws_kernel(
     WS_CONSUMERS), synchronise only through the K/V barriers, so one partition's thread barriers do not
     stall another. (One partition of 8 warps over all the rows measured no faster than the Triton kernel:
     its barriers held both warpgroups in lockstep; NOTES.md.) WS_PINGPONG: the consumers take turns to
-    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'. WS_DYNAMIC
-    (with PERSISTENT): programs take their tiles in order from TILE_COUNTER (int32, zero at launch; the
-    launcher makes one per call), so that a program that runs faster takes more of them: up to
-    WS_SLACK more than an even share (the grid then has one program per SM). The counter numbers the tiles
-    longest-first within groups of WS_DYNAMIC heads (True: 1, head by head), whose K and V stay in L2 while
-    the group's tiles run. WS_OVERLAP (not with WS_PINGPONG): each consumer stores a tile's output under
-    the next tile's first Q K^T (_consumer). WS_ROWSUM_MMA: the softmax's row sums on the tensor cores
-    (_consumer; at D64 the consumers' issue slots bound the softmax, not the MUFU's ex2 rate: NOTES.md)."""
+    issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'. WS_OVERLAP
+    (not with WS_PINGPONG): each consumer stores a tile's output under the next tile's first Q K^T
+    (_consumer). WS_ROWSUM_MMA: the softmax's row sums on the tensor cores (_consumer; at D64 the
+    consumers' issue slots bound the softmax, not the MUFU's ex2 rate: NOTES.md)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
@@ -531,17 +482,12 @@ def attn_fwd_ws_kernel(
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
     stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
-    gl.static_assert(PERSISTENT or not WS_DYNAMIC, "WS_DYNAMIC orders a persistent program's tiles")
     gl.static_assert(not (WS_OVERLAP and WS_PINGPONG), "WS_OVERLAP: the ping-pong's turns count every issue")
-    DYNAMIC: gl.constexpr = int(WS_DYNAMIC)  # the group's heads (0: the static order)
     tiles = num_m * batch * num_heads
     if PERSISTENT:  # turns: this program's tiles, in common.persistent_turn's order
         prog = gl.program_id(0)
         progs = gl.num_programs(0)
-        if WS_DYNAMIC:  # a bound: the programs together take progs * turns >= tiles fetches
-            turns = gl.cdiv(tiles, progs) + WS_SLACK
-        else:
-            turns = persistent_count(prog, progs, tiles)
+        turns = persistent_count(prog, progs, tiles)
     else:  # the tile of this program: (query block, batch * head) of the grid, the same numbering
         prog = gl.program_id(1) * num_m + gl.program_id(0)
         progs = 1
@@ -563,12 +509,6 @@ def attn_fwd_ws_kernel(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [WS_CONSUMERS, 1], mbarrier.MBarrierLayout())  # WS_PINGPONG
-    if WS_DYNAMIC:  # each Q buffer's tile number, and the counter (others: unused stand-ins)
-        tile_smem = gl.allocate_shared_memory(gl.int32, [Q_BUFFERS, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        counter = TILE_COUNTER
-    else:
-        tile_smem = q_bar
-        counter = LSE2
     if WS_ROWSUM_MMA:  # the consumers' column of ones (_consumer), K-major as K's buffers are
         ones_smem = gl.allocate_shared_memory(
             dtype, [8, BLOCK_N], gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
@@ -596,19 +536,18 @@ def attn_fwd_ws_kernel(
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
               stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q,
-              seqlen_k, lo_off, hi_off, qk_scale, tiles, tile_smem, ones_smem)  # fmt: skip
+              seqlen_k, lo_off, hi_off, qk_scale, ones_smem)  # fmt: skip
     loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
              stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog,
-             progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off, tiles, counter,
-             tile_smem)  # fmt: skip
+             progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, WS_ROWSUM_MMA, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -617,12 +556,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, WS_ROWSUM_MMA, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 2, DYNAMIC, WS_ROWSUM_MMA, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, DYNAMIC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 2, WS_ROWSUM_MMA, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],
