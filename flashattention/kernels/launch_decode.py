@@ -22,12 +22,13 @@ from .launch import (
     _strides,
 )
 
-# Packed query rows per program at most (GQA group * seqlen_q above it takes several row blocks): a
-# [64, HEAD_DIM_PAD] float32 accumulator over 4 warps stays in registers up to head dim 256.
+# Packed query rows per program at most (a GQA group * seqlen_q above it takes several row blocks): bounds
+# the [BLOCK_M, HEAD_DIM_PAD] float32 accumulator that a program keeps in registers.
 MAX_BLOCK_M = 64
 # The split count aims at this many waves of programs over the SMs...
 WAVES = 2
-# ...while giving each split at least this many keys (fewer do not pay for their partials and the combine).
+# ...while giving each split at least this many keys, so that its fixed costs (the partials it writes, its
+# share of the combine) stay small against its K/V reads.
 # In the interpreter (a few "SMs", _num_sms) a split of one 16-key tile, so that small tests split.
 MIN_SPLIT_KEYS = 256
 MIN_SPLIT_KEYS_INTERPRETED = 16
