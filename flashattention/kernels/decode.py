@@ -1,0 +1,247 @@
+"""Split-KV decode: one program per (batch, kv head, split), or per block of its rows when a GQA group has
+many; online softmax in exp2 over that split's keys, then a combine kernel merges the splits by their LSEs.
+
+The query rows of all heads that share a KV head are packed into one tile (row r = g * seqlen_q + i is
+query i of head kv_head * group + g), so each K/V tile is read once for the whole group. The KV range is
+clipped to what the mask lets any of a program's rows see, and split evenly over that visible range only:
+    O[i] = sum_s 2^(LSE2_s[i] - LSE2[i]) O_s[i],   LSE2[i] = log2 sum_s 2^LSE2_s[i]
+with O_s, LSE2_s the partial output and log2-unit LSE of split s (a split nobody sees: O_s 0, LSE2_s -inf).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import tile_range, unit_strides
+from .fwd import _fwd_tiles
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _visible_range(
+    i_first,
+    i_last,
+    seqlen_k,
+    lo_off,
+    hi_off,
+    BLOCK_N: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+):
+    """common.tile_range for a set of rows whose query indices span [i_first, i_last] (packed GQA rows are
+    not consecutive queries): the loosest bounds (lo, hi) come from the outer rows, the full-tile bounds
+    from the strictest ones (full_lo from i_last, full_hi from i_first)."""
+    lo, _, full_hi, _ = tile_range(i_first, 1, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    _, full_lo, _, hi = tile_range(i_last, 1, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+# seqlen_k grows by one every decode step and batch changes as requests come and go: not specialised, so
+# that they share one compiled kernel
+@triton.jit(do_not_specialize=["batch", "seqlen_k"])
+def attn_decode_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    O_PARTIAL,
+    LSE2_PARTIAL,
+    CACHE_SEQLENS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    batch,
+    num_kv_heads,
+    group,
+    seqlen_q,
+    seqlen_k,
+    num_splits,
+    window_left,
+    window_right,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    FINAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr = 1,
+):
+    """Softmax(scale * Q K^T) V of BLOCK_M packed rows of one (batch, kv head) over split program_id(1) of
+    their visible keys. Grid: (batch * num_kv_heads * row blocks, num_splits).
+    FINAL (one split): writes O (input dtype) and LSE (natural log) directly; else the float32 partials
+    O_PARTIAL [num_splits, batch * heads * seqlen_q, HEAD_DIM] and LSE2_PARTIAL [num_splits, ...] (log2).
+    HAS_SEQLENS: the batch row's key count is CACHE_SEQLENS[b] (int32 [batch]) instead of seqlen_k."""
+    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
+    rows = group * seqlen_q
+    row_blocks = tl.cdiv(rows, BLOCK_M)
+    split = tl.program_id(1)
+    off_bhk = tl.program_id(0) // row_blocks
+    row_start = tl.program_id(0) % row_blocks * BLOCK_M
+    off_b = off_bhk // num_kv_heads
+    off_hk = off_bhk % num_kv_heads
+    if HAS_SEQLENS:
+        seqlen_k = tl.load(CACHE_SEQLENS + off_b)
+
+    offs_r = row_start + tl.arange(0, BLOCK_M)  # packed row: (head in the group, query index)
+    row_mask = offs_r < rows
+    offs_i = offs_r % seqlen_q
+    off_h = (off_hk * group + offs_r // seqlen_q).to(tl.int64)  # [BLOCK_M] query head of each row
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h[:, None] * stride_qh + offs_i[:, None] * stride_qm
+    q = tl.load(q_ptrs + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+
+    # Query indices this block holds: a block inside one head holds a run of them, one that crosses a head
+    # boundary holds a head's last and the next head's first query, so all of [0, seqlen_q).
+    row_last = tl.minimum(row_start + BLOCK_M, rows) - 1
+    one_head = row_start // seqlen_q == row_last // seqlen_q
+    i_first = tl.where(one_head, row_start % seqlen_q, 0)
+    i_last = tl.where(one_head, row_last % seqlen_q, seqlen_q - 1)
+    diag = seqlen_k - seqlen_q
+    lo_off = diag - window_left
+    hi_off = diag + window_right
+    lo, full_lo, full_hi, hi = _visible_range(
+        i_first, i_last, seqlen_k, lo_off, hi_off, BLOCK_N, HAS_LO, HAS_HI
+    )
+    # this split's share of the visible tiles (lo is tile-aligned, so split bounds are too); the last
+    # splits may get none
+    tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
+    split_lo = tl.minimum(lo + split * tiles_per_split * BLOCK_N, hi)
+    split_hi = tl.minimum(split_lo + tiles_per_split * BLOCK_N, hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    # the element-masked tiles on either side of the unmasked ones, each cut to the split's range
+    for seg in tl.static_range(3):
+        if seg == 0:
+            seg_start, seg_end = lo, full_lo
+        elif seg == 1:
+            seg_start, seg_end = full_lo, full_hi
+        else:
+            seg_start, seg_end = full_hi, hi
+        seg_start = tl.maximum(seg_start, split_lo)  # an empty range (end <= start) visits no tile
+        seg_end = tl.minimum(seg_end, split_hi)
+        # int64 row strides (tl.cast: a stride of one unit is a constexpr): a key's offset in a long cache
+        # can pass 2^31 elements
+        acc, l_i, m_i = _fwd_tiles(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            None,
+            None,
+            tl.cast(stride_kn, tl.int64),
+            tl.cast(stride_vn, tl.int64),
+            seg_start,
+            seg_end,
+            offs_i,
+            offs_d,
+            seqlen_k,
+            lo_off,
+            hi_off,
+            qk_scale,
+            BLOCK_N,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            seg != 1,
+            HAS_LO,
+            HAS_HI,
+            PRECISION,
+            False,
+            False,
+            False,
+            False,
+        )
+
+    empty = l_i == 0.0  # rows that see no key in this split: output 0, LSE -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    # the row's index in [batch, heads, seqlen_q] order: (b * num_kv_heads + kv_head) * rows + r
+    offs_row = off_bhk.to(tl.int64) * rows + offs_r
+    if FINAL:
+        o_ptrs = O + off_b.to(tl.int64) * stride_ob + off_h[:, None] * stride_oh + offs_i[:, None] * stride_om
+        tl.store(o_ptrs + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
+        tl.store(LSE + offs_row, lse2 * LN2, mask=row_mask)
+    else:
+        offs_part = split.to(tl.int64) * (batch * num_kv_heads * rows) + offs_row
+        tl.store(O_PARTIAL + offs_part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+        tl.store(LSE2_PARTIAL + offs_part, lse2, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["total_rows"])
+def attn_decode_combine_kernel(
+    O_PARTIAL,
+    LSE2_PARTIAL,
+    O,
+    LSE,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    num_heads,
+    seqlen_q,
+    total_rows,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr = 1,
+):
+    """O[r] = sum_s w_s O_s[r] / sum_s w_s with w_s = 2^(LSE2_s[r] - max_s LSE2_s[r]), LSE[r] = ln 2 *
+    (max + log2 sum_s w_s), for BLOCK_R of the total_rows = batch * heads * seqlen_q rows. Rows whose every
+    split is empty (all -inf) get O 0 and LSE -inf."""
+    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = offs_r < total_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in tl.range(0, num_splits):
+        m = tl.maximum(m, tl.load(LSE2_PARTIAL + s * total_rows + offs_r, mask=row_mask, other=float("-inf")))
+    # all splits empty: shift by 0 so that every weight is exp2(-inf) = 0, not NaN
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in tl.range(0, num_splits):
+        offs_part = s * total_rows + offs_r
+        lse2 = tl.load(LSE2_PARTIAL + offs_part, mask=row_mask, other=float("-inf"))
+        w = tl.math.exp2(lse2 - m_shift)  # [BLOCK_R]
+        o = tl.load(O_PARTIAL + offs_part[:, None] * HEAD_DIM + offs_d[None, :], mask=io_mask, other=0.0)
+        acc += w[:, None] * o  # [BLOCK_R, HEAD_DIM_PAD]
+        l += w
+
+    empty = l == 0.0
+    l_safe = tl.where(empty, 1.0, l)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(l_safe)) * LN2)
+    offs_i = offs_r % seqlen_q
+    off_bh = offs_r // seqlen_q
+    o_ptrs = O + (off_bh // num_heads) * stride_ob + (off_bh % num_heads) * stride_oh + offs_i * stride_om
+    tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(LSE + offs_r, lse, mask=row_mask)

@@ -1,0 +1,164 @@
+"""Thin launcher of the split-KV decode (kernels/decode.py): allocate the outputs and the float32 partials,
+pick the split count and the grid, launch. Inputs are validated by the caller."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import configs
+from .decode import attn_decode_combine_kernel, attn_decode_kernel
+from .launch import (
+    LOG2E,
+    _cdiv,
+    _empty,
+    _mask_flags,
+    _num_sms,
+    _on,
+    _pow2_at_least,
+    _precision,
+    _stride_unit,
+    _strides,
+)
+
+# Packed query rows per program at most (a GQA group * seqlen_q above it takes several row blocks): bounds
+# the [BLOCK_M, HEAD_DIM_PAD] float32 accumulator that a program keeps in registers.
+MAX_BLOCK_M = 64
+# The split count aims at this many waves of programs over the SMs...
+WAVES = 2
+# ...while giving each split at least this many keys, so that its fixed costs (the partials it writes, its
+# share of the combine) stay small against its K/V reads.
+# In the interpreter (a few "SMs", _num_sms) a split of one 16-key tile, so that small tests split.
+MIN_SPLIT_KEYS = 256
+MIN_SPLIT_KEYS_INTERPRETED = 16
+MAX_SPLITS = 128
+COMBINE_BLOCK_R = 16
+
+
+def _visible_keys(capacity: int, seqlen_q: int, left: int, right: int) -> int:
+    """An upper bound on the keys one program's rows can see: with a left bound they lie in
+    [off - left, off + seqlen_q - 1 + max(right, 0)], else anywhere in the cache."""
+    if left < 0:
+        return capacity
+    return min(capacity, left + seqlen_q + max(right, 0))
+
+
+def num_splits_heuristic(programs: int, visible_keys: int, sms: int, min_split_keys: int) -> int:
+    """Splits of each (batch, kv head, row block) program's keys: one when the programs already fill the
+    SMs, else enough for about WAVES programs per SM, with at least min_split_keys keys per split."""
+    if programs >= sms:
+        return 1
+    return max(1, min(_cdiv(WAVES * sms, programs), visible_keys // min_split_keys, MAX_SPLITS))
+
+
+def _interpreted(device: torch.device) -> bool:
+    return configs.interpreting() or device.type != "cuda"
+
+
+def _blocks(head_dim_pad: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): untuned defaults; 16-key tiles in the interpreter so small tests cross tiles."""
+    if _interpreted(device):
+        return 16, 4
+    return (64 if head_dim_pad <= 128 else 32), 4
+
+
+def decode_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float,
+    left: int,
+    right: int,
+    cache_seqlens: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads, capacity, head_dim] (cache views, any
+    strides with stride 1 on the last dim); cache_seqlens: int32 [batch], each row's key count (<= capacity),
+    or None for capacity keys everywhere. Window (left, right) as in DESIGN.md, -1 = unbounded, offset
+    seqlen_k[b] - seqlen_q per row. num_splits None: num_splits_heuristic (from batch * kv_heads, the
+    visible length bounded by the capacity, the SM count; no device sync).
+    Returns out [batch, heads, seqlen_q, head_dim] (q.dtype) and lse [batch, heads, seqlen_q] (float32,
+    natural log; -inf with out 0 for a row that sees no key)."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, capacity = k.shape[1], k.shape[2]
+    out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
+    lse = _empty((batch, heads, seqlen_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    if capacity == 0:  # no keys in any row
+        return out.zero_(), lse.fill_(-math.inf)
+
+    group = heads // kv_heads
+    rows = group * seqlen_q
+    block_m = min(_pow2_at_least(rows), MAX_BLOCK_M)
+    row_blocks = _cdiv(rows, block_m)
+    programs = batch * kv_heads * row_blocks
+    if num_splits is None:
+        num_splits = num_splits_heuristic(
+            programs,
+            _visible_keys(capacity, seqlen_q, left, right),
+            _num_sms(q.device),
+            MIN_SPLIT_KEYS_INTERPRETED if _interpreted(q.device) else MIN_SPLIT_KEYS,
+        )
+    final = num_splits == 1
+    total_rows = batch * heads * seqlen_q
+    # float32 partials of every split (NaN-poisoned like the outputs: every element must be written)
+    o_partial = None if final else _empty((num_splits, total_rows, head_dim), torch.float32, q.device)
+    lse2_partial = None if final else _empty((num_splits, total_rows), torch.float32, q.device)
+
+    head_dim_pad = _pow2_at_least(head_dim)
+    block_n, num_warps = _blocks(head_dim_pad, q.device)
+    unit = _stride_unit(q, k, v, out)
+    with _on(q.device):
+        attn_decode_kernel[(programs, num_splits)](
+            Q=q,
+            K=k,
+            V=v,
+            O=out,
+            LSE=lse,
+            O_PARTIAL=o_partial,
+            LSE2_PARTIAL=lse2_partial,
+            CACHE_SEQLENS=cache_seqlens,
+            **_strides("q", q, "m", unit),
+            **_strides("k", k, "n", unit),
+            **_strides("v", v, "n", unit),
+            **_strides("o", out, "m", unit),
+            batch=batch,
+            num_kv_heads=kv_heads,
+            group=group,
+            seqlen_q=seqlen_q,
+            seqlen_k=capacity,
+            num_splits=num_splits,
+            qk_scale=softmax_scale * LOG2E,
+            **_mask_flags(left, right),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            HAS_SEQLENS=cache_seqlens is not None,
+            FINAL=final,
+            PRECISION=_precision(q.dtype),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            STRIDE_UNIT=unit,
+            num_warps=num_warps,
+            num_stages=2,
+        )
+        if not final:
+            attn_decode_combine_kernel[(_cdiv(total_rows, COMBINE_BLOCK_R),)](
+                O_PARTIAL=o_partial,
+                LSE2_PARTIAL=lse2_partial,
+                O=out,
+                LSE=lse,
+                **_strides("o", out, "m", unit),
+                num_heads=heads,
+                seqlen_q=seqlen_q,
+                total_rows=total_rows,
+                num_splits=num_splits,
+                HEAD_DIM=head_dim,
+                HEAD_DIM_PAD=head_dim_pad,
+                BLOCK_R=COMBINE_BLOCK_R,
+                STRIDE_UNIT=unit,
+                num_warps=4,
+            )
+    return out, lse
