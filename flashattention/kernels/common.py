@@ -135,3 +135,68 @@ def unit_strides(stride_b, stride_h, stride_s, STRIDE_UNIT: tl.constexpr):
     vectorise and pipeline even where Triton's own specialisation (integers that are multiples of 16) does
     not apply, e.g. contiguous tensors with head dim 40, 72 or 200."""
     return stride_b * STRIDE_UNIT, stride_h * STRIDE_UNIT, stride_s * STRIDE_UNIT
+
+
+@triton.jit
+def attend_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    stride_kn,
+    stride_vn,
+    tile_start,
+    tile_end,
+    offs_m,
+    offs_d,
+    seqlen_k,
+    lo_off,
+    hi_off,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """The online softmax over key tiles [tile_start, tile_end), folded into (acc, l_i, m_i) in log2 units
+    (the forward's and the decode's inner loop); MASKED tiles apply element masks.
+    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM])."""
+    d_mask = offs_d < HEAD_DIM
+    for start_n in tl.range(tile_start, tile_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = offs_n < seqlen_k
+        if USE_TMA:
+            k = k_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
+        else:
+            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+            k = load_tile(k_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        qk = mma(q, tl.trans(k), None, PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+        if MASKED:
+            vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+            qk = tl.where(vis, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with it
+            m_shift = m_new
+        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
+        else:
+            v = load_tile(v_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        acc = mma(p.to(v.dtype), v, acc, PRECISION)
+    return acc, l_i, m_i

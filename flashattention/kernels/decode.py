@@ -11,8 +11,7 @@ with O_s, LSE2_s the partial output and log2-unit LSE of split s (a split nobody
 import triton
 import triton.language as tl
 
-from .common import tile_range, unit_strides
-from .fwd import _fwd_tiles
+from .common import attend_tiles, tile_range, unit_strides
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -146,7 +145,7 @@ def attn_decode_kernel(
         seg_end = tl.minimum(seg_end, split_hi)
         # int64 row strides (tl.cast: a stride of one unit is a constexpr): a key's offset in a long cache
         # can pass 2^31 elements
-        acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i = attend_tiles(
             acc,
             l_i,
             m_i,
@@ -172,10 +171,7 @@ def attn_decode_kernel(
             HAS_LO,
             HAS_HI,
             PRECISION,
-            False,
-            False,
-            False,
-            False,
+            False,  # USE_TMA
         )
 
     empty = l_i == 0.0  # rows that see no key in this split: output 0, LSE -inf

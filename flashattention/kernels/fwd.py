@@ -10,79 +10,13 @@ import triton
 import triton.language as tl
 
 from .common import (
-    load_tile,
-    mma,
+    attend_tiles,
     persistent_count,
     persistent_tile,
     persistent_turn,
     tile_range,
     unit_strides,
-    visible,
 )
-
-
-@triton.jit
-def _fwd_tiles(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    k_desc,
-    v_desc,
-    stride_kn,
-    stride_vn,
-    tile_start,
-    tile_end,
-    offs_m,
-    offs_d,
-    seqlen_k,
-    lo_off,
-    hi_off,
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-):
-    """Folds key tiles [tile_start, tile_end) into (acc, l_i, m_i); MASKED tiles apply element masks.
-    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM])."""
-    d_mask = offs_d < HEAD_DIM
-    for start_n in tl.range(tile_start, tile_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = offs_n < seqlen_k
-        if USE_TMA:
-            k = k_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
-        else:
-            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-            k = load_tile(k_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
-        qk = mma(q, tl.trans(k), None, PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
-        if MASKED:
-            vis = visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
-            qk = tl.where(vis, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0: max commutes with it
-            m_shift = m_new
-        p = tl.math.exp2(qk * qk_scale - m_shift[:, None])  # one FMA per score, in log2 units
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if USE_TMA:
-            v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
-        else:
-            v = load_tile(v_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
-        acc = mma(p.to(v.dtype), v, acc, PRECISION)
-    return acc, l_i, m_i
 
 
 @triton.jit
@@ -164,7 +98,7 @@ def _fwd_block(
             seg_start, seg_end = full_lo, full_hi
         else:
             seg_start, seg_end = full_hi, hi
-        acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i = attend_tiles(
             acc,
             l_i,
             m_i,

@@ -36,7 +36,7 @@ def seqlen_buckets(seqlen_q: int, seqlen_k: int) -> int:
     return min(dev.pow2_at_least(seqlen_q), 16384) << 16 | min(dev.pow2_at_least(seqlen_k), 16384)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
@@ -50,23 +50,23 @@ def persistent_programs(tiles: int, sms: int) -> int:
     return dev.cdiv(tiles, turns)
 
 
-def _stride_unit(*tensors: torch.Tensor) -> int:
+def stride_unit(*tensors: torch.Tensor) -> int:
     """The largest power of two up to 16 dividing every batch, head and sequence stride of `tensors`: the
     kernels take strides in these units (common.unit_strides says why)."""
     g = math.gcd(*(stride for t in tensors for stride in t.stride()[:3]))
     return min(16, g & -g) if g else 16  # g & -g: the lowest set bit, the largest power of two dividing g
 
 
-def _strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
+def strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
     """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...), in
     units of `unit` elements."""
     batch, head, row = t.stride()[:3]
-    names = _stride_names(name, seq)
+    names = stride_names(name, seq)
     return {names[0]: batch // unit, names[1]: head // unit, names[2]: row // unit}
 
 
 @functools.cache  # built once per tensor name (host time)
-def _stride_names(name: str, seq: str) -> tuple[str, ...]:
+def stride_names(name: str, seq: str) -> tuple[str, ...]:
     return tuple(f"stride_{name}{axis}" for axis in "bh" + seq)
 
 
@@ -77,9 +77,9 @@ def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int
         Q=q,
         K=k,
         V=v,
-        **_strides("q", q, "m", unit),
-        **_strides("k", k, "n", unit),
-        **_strides("v", v, "n", unit),
+        **strides("q", q, "m", unit),
+        **strides("k", k, "n", unit),
+        **strides("v", v, "n", unit),
         num_heads=heads,
         group=heads // k.shape[1],
         seqlen_q=q.shape[2],
@@ -88,20 +88,22 @@ def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int
         qk_scale=softmax_scale * LOG2E,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=dev.pow2_at_least(head_dim),
-        PRECISION=_precision(q.dtype),
+        PRECISION=precision(q.dtype),
         STRIDE_UNIT=unit,
-        window_left=max(left, 0),
-        window_right=max(right, 0),
-        HAS_LO=left >= 0,
-        HAS_HI=right >= 0,
+        **mask_args(left, right),
     )
+
+
+def mask_args(left: int, right: int) -> dict:
+    """The window bounds as the kernels take them: non-negative ints and whether each applies."""
+    return dict(window_left=max(left, 0), window_right=max(right, 0), HAS_LO=left >= 0, HAS_HI=right >= 0)
 
 
 def call_key(kind: str, tensors, softmax_scale: float, left: int, right: int, dtype) -> tuple | None:
     """The call's plan key, or None where it makes no plan (a probe's extra arguments, plans turned off)."""
     if hooks.current.extra_args or not hooks.current.plans:
         return None
-    return plan_key(kind, tensors, softmax_scale, left, right, _precision(dtype))
+    return plan_key(kind, tensors, softmax_scale, left, right, precision(dtype))
 
 
 def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
@@ -126,12 +128,12 @@ def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, confi
         key = call_key("fwd", (q, k, v, out, lse2), softmax_scale, left, right, q.dtype)
     if PLANS.replay(key, q.device, {"Q": q, "K": k, "V": v, "O": out, "LSE2": lse2}, registry.last_launched):
         return out, lse2
-    unit = _stride_unit(q, k, v, out)
+    unit = stride_unit(q, k, v, out)
     args = dict(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
         O=out,
         LSE2=lse2,
-        **_strides("o", out, "m", unit),
+        **strides("o", out, "m", unit),
         batch=batch,
         CAN_TMA=dev.tma_ok(q, k, v),
     )
@@ -166,8 +168,8 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
         O=out,
         DO=dout,
         DELTA=delta,
-        **_strides("o", out, "m", 1),
-        **_strides("do", dout, "m", 1),
+        **strides("o", out, "m", 1),
+        **strides("do", dout, "m", 1),
         num_heads=heads,
         seqlen_q=seqlen_q,
         HEAD_DIM=head_dim,
@@ -178,13 +180,13 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
     with dev.on(q.device):
         compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
     pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
-    unit = _stride_unit(q, k, v, dout, dq, dk, dv)
+    unit = stride_unit(q, k, v, dout, dq, dk, dv)
     common = dict(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
         DO=dout,
         LSE2=lse2,
         DELTA=delta,
-        **_strides("do", dout, "m", unit),
+        **strides("do", dout, "m", unit),
         softmax_scale=softmax_scale,
     )
     dkdv_args = dict(
@@ -193,12 +195,12 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
         DV=dv,
         CAN_TMA=dev.tma_ok(q, k, v, dout),
         num_kv_heads=kv_heads,
-        **_strides("dk", dk, "n", unit),
-        **_strides("dv", dv, "n", unit),
+        **strides("dk", dk, "n", unit),
+        **strides("dv", dv, "n", unit),
     )
     grid = lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
     dkdv = registry.launch("bwd_dkdv", grid, dkdv_args, q.device, q.dtype)
-    dq_args = dict(common, DQ=dq, **_strides("dq", dq, "m", unit))
+    dq_args = dict(common, DQ=dq, **strides("dq", dq, "m", unit))
     grid = lambda meta: (dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     PLANS.put(key, (pre, dkdv, registry.launch("bwd_dq", grid, dq_args, q.device, q.dtype)))
     return dq, dk, dv

@@ -7,20 +7,10 @@ import math
 
 import torch
 
-from . import configs
+from .. import _env
+from . import device as dev
 from .decode import attn_decode_combine_kernel, attn_decode_kernel
-from .launch import (
-    LOG2E,
-    _cdiv,
-    _empty,
-    _mask_flags,
-    _num_sms,
-    _on,
-    _pow2_at_least,
-    _precision,
-    _stride_unit,
-    _strides,
-)
+from .launch import LOG2E, mask_args, precision, stride_unit, strides
 
 # Packed query rows per program at most (a GQA group * seqlen_q above it takes several row blocks): bounds
 # the [BLOCK_M, HEAD_DIM_PAD] float32 accumulator that a program keeps in registers.
@@ -29,7 +19,7 @@ MAX_BLOCK_M = 64
 WAVES = 2
 # ...while giving each split at least this many keys, so that its fixed costs (the partials it writes, its
 # share of the combine) stay small against its K/V reads.
-# In the interpreter (a few "SMs", _num_sms) a split of one 16-key tile, so that small tests split.
+# In the interpreter (a few "SMs", device.num_sms) a split of one 16-key tile, so that small tests split.
 MIN_SPLIT_KEYS = 256
 MIN_SPLIT_KEYS_INTERPRETED = 16
 MAX_SPLITS = 128
@@ -49,11 +39,11 @@ def num_splits_heuristic(programs: int, visible_keys: int, sms: int, min_split_k
     SMs, else enough for about WAVES programs per SM, with at least min_split_keys keys per split."""
     if programs >= sms:
         return 1
-    return max(1, min(_cdiv(WAVES * sms, programs), visible_keys // min_split_keys, MAX_SPLITS))
+    return max(1, min(dev.cdiv(WAVES * sms, programs), visible_keys // min_split_keys, MAX_SPLITS))
 
 
 def _interpreted(device: torch.device) -> bool:
-    return configs.interpreting() or device.type != "cuda"
+    return _env.interpreting() or device.type != "cuda"
 
 
 def _blocks(head_dim_pad: int, device: torch.device) -> tuple[int, int]:
@@ -83,8 +73,8 @@ def decode_forward(
     natural log; -inf with out 0 for a row that sees no key)."""
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, capacity = k.shape[1], k.shape[2]
-    out = _empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
-    lse = _empty((batch, heads, seqlen_q), torch.float32, q.device)
+    out = dev.empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
+    lse = dev.empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
     if capacity == 0:  # no keys in any row
@@ -92,26 +82,26 @@ def decode_forward(
 
     group = heads // kv_heads
     rows = group * seqlen_q
-    block_m = min(_pow2_at_least(rows), MAX_BLOCK_M)
-    row_blocks = _cdiv(rows, block_m)
+    block_m = min(dev.pow2_at_least(rows), MAX_BLOCK_M)
+    row_blocks = dev.cdiv(rows, block_m)
     programs = batch * kv_heads * row_blocks
     if num_splits is None:
         num_splits = num_splits_heuristic(
             programs,
             _visible_keys(capacity, seqlen_q, left, right),
-            _num_sms(q.device),
+            dev.num_sms(q.device),
             MIN_SPLIT_KEYS_INTERPRETED if _interpreted(q.device) else MIN_SPLIT_KEYS,
         )
     final = num_splits == 1
     total_rows = batch * heads * seqlen_q
     # float32 partials of every split (NaN-poisoned like the outputs: every element must be written)
-    o_partial = None if final else _empty((num_splits, total_rows, head_dim), torch.float32, q.device)
-    lse2_partial = None if final else _empty((num_splits, total_rows), torch.float32, q.device)
+    o_partial = None if final else dev.empty((num_splits, total_rows, head_dim), torch.float32, q.device)
+    lse2_partial = None if final else dev.empty((num_splits, total_rows), torch.float32, q.device)
 
-    head_dim_pad = _pow2_at_least(head_dim)
+    head_dim_pad = dev.pow2_at_least(head_dim)
     block_n, num_warps = _blocks(head_dim_pad, q.device)
-    unit = _stride_unit(q, k, v, out)
-    with _on(q.device):
+    unit = stride_unit(q, k, v, out)
+    with dev.on(q.device):
         attn_decode_kernel[(programs, num_splits)](
             Q=q,
             K=k,
@@ -121,10 +111,10 @@ def decode_forward(
             O_PARTIAL=o_partial,
             LSE2_PARTIAL=lse2_partial,
             CACHE_SEQLENS=cache_seqlens,
-            **_strides("q", q, "m", unit),
-            **_strides("k", k, "n", unit),
-            **_strides("v", v, "n", unit),
-            **_strides("o", out, "m", unit),
+            **strides("q", q, "m", unit),
+            **strides("k", k, "n", unit),
+            **strides("v", v, "n", unit),
+            **strides("o", out, "m", unit),
             batch=batch,
             num_kv_heads=kv_heads,
             group=group,
@@ -132,12 +122,12 @@ def decode_forward(
             seqlen_k=capacity,
             num_splits=num_splits,
             qk_scale=softmax_scale * LOG2E,
-            **_mask_flags(left, right),
+            **mask_args(left, right),
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             HAS_SEQLENS=cache_seqlens is not None,
             FINAL=final,
-            PRECISION=_precision(q.dtype),
+            PRECISION=precision(q.dtype),
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             STRIDE_UNIT=unit,
@@ -145,12 +135,12 @@ def decode_forward(
             num_stages=2,
         )
         if not final:
-            attn_decode_combine_kernel[(_cdiv(total_rows, COMBINE_BLOCK_R),)](
+            attn_decode_combine_kernel[(dev.cdiv(total_rows, COMBINE_BLOCK_R),)](
                 O_PARTIAL=o_partial,
                 LSE2_PARTIAL=lse2_partial,
                 O=out,
                 LSE=lse,
-                **_strides("o", out, "m", unit),
+                **strides("o", out, "m", unit),
                 num_heads=heads,
                 seqlen_q=seqlen_q,
                 total_rows=total_rows,
