@@ -138,7 +138,7 @@ _EagerAttention.forward.__signature__ = inspect.signature(_EagerAttention.forwar
 _apply_unbound = super(torch.autograd.Function, _EagerAttention).apply
 
 
-def _plain(*tensors: torch.Tensor) -> bool:
+def plain(*tensors: torch.Tensor) -> bool:
     """Real tensors run eagerly: no compiler or dispatch mode is tracing, and no tensor subclass (fake,
     functional, distributed tensors go through the custom op, which the dispatcher handles). torch.func
     transforms take the eager path too: the custom op's autograd does not support them, the Function
@@ -152,7 +152,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 def attention(q, k, v, softmax_scale: float, left: int, right: int, backend: str):
     """(out, stats) of validated inputs, differentiable in q, k and v (lse_of(stats, backend): the LSE)."""
-    if _plain(q, k, v):
+    if plain(q, k, v):
         if torch._C._are_functorch_transforms_active():
             return _EagerAttention.apply(q, k, v, softmax_scale, left, right, backend)
         return _apply_unbound(*unwrap_dead_wrappers((q, k, v, softmax_scale, left, right, backend)))

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from . import _validation
-from ._autograd import attention, lse_of
+from ._autograd import attention, lse_of, plain
+
+# Up to this many queries per sequence, an inference call (no gradient) runs the split-KV decode kernel
+# (kernels/decode.py), which spreads the keys over the SMs; longer ones, and calls that need gradients,
+# run the forward kernel.
+DECODE_MAX_QUERIES = 16
 
 
 def flash_attention(
@@ -37,11 +42,25 @@ def flash_attention(
     backend: "triton" (CUDA; on CPU under TRITON_INTERPRET=1), "torch" (blockwise PyTorch, any device) or
     "auto" (triton on CUDA, torch elsewhere). An explicit backend never falls back: it runs or raises.
     Inputs whose last dimension is not contiguous are copied once (other strides are used as they are).
+    With backend "triton", an inference call (no gradient recorded) with at most DECODE_MAX_QUERIES query
+    rows per sequence runs the split-KV decode kernel; its result follows the same rules.
     """
     _validation.check_qkv(q, k, v)
     scale = _validation.check_scale(softmax_scale, q.shape[-1])
     left, right = _validation.canonical_window(causal, window_size)
     backend = _validation.pick_backend(backend, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if backend == "triton" and _decode_applies(q, k, v):
+        from .kernels import launch_decode
+
+        out, lse = launch_decode.decode_forward(q, k, v, softmax_scale=scale, left=left, right=right)
+        return (out, lse) if return_lse else out
     out, stats = attention(q, k, v, scale, left, right, backend)
     return (out, lse_of(stats, backend)) if return_lse else out
+
+
+def _decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Few queries, no gradient to record, eager plain tensors (torch.compile keeps the custom op)."""
+    if q.shape[2] > DECODE_MAX_QUERIES or not plain(q, k, v):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))

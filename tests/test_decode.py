@@ -231,3 +231,29 @@ def test_split_heuristic():
     assert num_splits_heuristic(1, 1 << 20, sms, 256) == 128  # capped
     assert num_splits_heuristic(8, 1000, sms, 256) == 3  # at least 256 keys a split
     assert num_splits_heuristic(8, 100, sms, 256) == 1
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "with-grad"])
+def test_flash_attention_runs_decode_for_inference_calls(grad: bool, device, monkeypatch) -> None:
+    """flash_attention on the triton backend sends an inference call with few queries to the decode kernel
+    (same result, by the rule), and a call that records gradients to the forward kernel (which has a
+    backward); more than DECODE_MAX_QUERIES queries never take the decode kernel."""
+    from flashattention import api, flash_attention
+    from flashattention.kernels import launch_decode
+
+    calls = []
+    real = launch_decode.decode_forward
+    monkeypatch.setattr(launch_decode, "decode_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    case = Case(2, 8, 2, 3, 70, 64, B16, causal=True)
+    q, k, v, _ = case.inputs(device)
+    q.requires_grad_(grad)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    assert calls == ([] if grad else [1])
+    _check(case, (out.detach(), lse), q.detach(), k, v)
+    if grad:
+        out.float().sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+    long = Case(1, 2, 2, api.DECODE_MAX_QUERIES + 1, 40, 64, B16, causal=True).inputs(device)[:3]
+    with torch.no_grad():
+        flash_attention(*long, causal=True, backend="triton")
+    assert calls == ([] if grad else [1])

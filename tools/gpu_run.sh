@@ -4,6 +4,7 @@
 #   bash tools/gpu_run.sh configs        # the GPU tests of every table config (bf16 and fp32 tables)
 #   bash tools/gpu_run.sh alltests       # both test sets in one call
 #   bash tools/gpu_run.sh suite          # every test of tests/, the CPU suite's too, on the GPU
+#                                        # (TEST_PATHS="tests/test_gpu.py tests/test_decode.py": some files only)
 #   bash tools/gpu_run.sh tune [ARGS]    # tools.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
 #   bash tools/gpu_run.sh bench [ARGS]   # the benchmark against the peers (ARGS go to benchmarks.run); with
 #                                        # .prev/ (tools/prev_package.sh COMMIT) add --providers ...,ours-prev
@@ -26,7 +27,7 @@ run_tests() {  # $1: the pytest marker expression, $2: the log's name, then more
     echo "== GPU tests: $1"
     # one pytest process per 2 cores: each test case compiles its own kernel variants (CPU-bound)
     python -m tools.pytest_shards --jobs "${JOBS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}" --timeout "${SHARD_TIMEOUT:-480}" \
-        --log-dir "$OUT/$2" -- -m "$1" "${@:3}" tests >"$OUT/$2.log" 2>&1
+        --log-dir "$OUT/$2" -- -m "$1" "${@:3}" ${TEST_PATHS:-tests} >"$OUT/$2.log" 2>&1
     local rc=$?
     tail -n 60 "$OUT/$2.log"
     echo "gpu tests exit code: $rc"
