@@ -218,3 +218,27 @@ def results_header(meta: dict, settings: str) -> str:
 def append_results_md(path: str, header: str, table: str, problems: str) -> None:
     with open(path, "a") as f:
         f.write("\n" + header + "\n" + table + "\n" + (problems + "\n" if problems else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.report RUN.json --plot OUT.png [--table]`: redraws a run's plot (and prints its
+    table) from its JSON, so that only the JSON needs keeping."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("json", help="a run's JSON (benchmarks.run --json)")
+    ap.add_argument("--plot", metavar="PATH", help="write the PNG here")
+    ap.add_argument("--table", action="store_true", help="print the markdown table")
+    args = ap.parse_args(argv)
+    run = json.loads(Path(args.json).read_text())
+    meta, rows = run["meta"], run["rows"]
+    unit = "TFLOP/s" if any(res.get("tflops") for r in rows for res in r["results"].values()) else "ms"
+    if args.plot:
+        print(write_plot(args.plot, rows, meta["providers"], unit, f"{meta['card']}, {meta['date']}"))
+    if args.table:
+        print(format_table(rows, meta["providers"], unit))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
