@@ -467,3 +467,17 @@ def test_plan_keys_tell_apart_what_the_launch_arguments_depend_on(monkeypatch: p
         assert key() != same
     with hooks.overrides(extra_args={"fwd": {"PROBE": None}}):
         assert launch.call_key("fwd", (q, k), 0.25, -1, 0, torch.float32) is None
+
+
+def test_a_forced_host_desc_config_refuses_broadcast_kv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forcing a HOST_DESC config runs it below the work threshold (a speed rule) but never on stride-0 K/V,
+    which a TMA descriptor cannot describe: a clear error instead of a wrong launch."""
+    monkeypatch.setattr(gluon, "problems", lambda dims, args: [])  # as on a Hopper GPU
+    fwd = registry.KERNELS["fwd"]
+    cfg = configs._c(128, 128, 4, 2, GLUON_WS=True, HOST_DESC=True)
+    q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16).expand(1, 2, 16, 64)
+    assert fwd.problems(cfg, _fake_args(q)) == []
+    assert "stride-0" in " ".join(fwd.problems(cfg, _fake_args(q, K=kv, V=kv)))
+    with pytest.raises(ValueError, match="stride-0 .* in K, V"):
+        registry.run(fwd, None, _fake_args(q, K=kv, V=kv), cfg)

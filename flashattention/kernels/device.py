@@ -11,6 +11,7 @@ import torch
 import triton
 
 from .. import _env
+from . import hooks
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -57,8 +58,6 @@ def arch(device: torch.device) -> str:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of the GPU (a few in the interpreter, so that persistent programs loop);
     hooks.overrides(num_sms=...) replaces it."""
-    from . import hooks
-
     if hooks.current.num_sms is not None:
         return hooks.current.num_sms
     if _env.interpreting() or device.type != "cuda":

@@ -11,6 +11,7 @@ import triton
 
 from .. import _env
 from . import device as dev
+from . import hooks
 
 # B * H * Sq * D * Sk, halved under a causal (right) bound, below which HOST_DESC is left out: making three
 # host descriptors costs more host time than it saves on the GPU under ~0.3 ms of kernel time
@@ -73,13 +74,18 @@ def host_desc_ok(args: dict) -> bool:
     """Whether HOST_DESC configs may run: no stride-0 (broadcast) dimension in Q, K or V, which host
     descriptors cannot take, and enough work to pay for making them (HOST_DESC_MIN_WORK, or the hook's).
     Part of the tuning key, so a pick made where they may run never reaches a case where they may not."""
-    from . import hooks
-
-    if any(0 in args[n].stride() for n in "QKV"):
+    if host_desc_problems(args):
         return False
     threshold = hooks.current.host_desc_min_work
     threshold = HOST_DESC_MIN_WORK if threshold is None else threshold
     return (args["Q"].numel() * args["seqlen_k"]) >> args["HAS_HI"] >= threshold
+
+
+def host_desc_problems(args: dict) -> list[str]:
+    """Why host-made descriptors cannot describe Q, K and V (empty if they can): a stride-0 (broadcast)
+    dimension, which a TMA descriptor cannot have."""
+    broadcast = ", ".join(n for n in "QKV" if 0 in args[n].stride())
+    return [f"HOST_DESC takes no stride-0 (broadcast) dimension, got one in {broadcast}"] if broadcast else []
 
 
 def length_one(args: dict) -> bool:

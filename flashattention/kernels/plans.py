@@ -10,6 +10,7 @@ import triton
 
 from .. import _env
 from . import device as dev
+from . import tuning
 
 
 class Plan:
@@ -112,8 +113,6 @@ def key(kind: str, tensors: tuple, *scalars) -> tuple | None:
     launch would pick. None (no plan) in the interpreter."""
     if _env.interpreting():
         return None
-    from . import tuning
-
     return (
         kind, tensors[0].device, *scalars, tuning.enabled(),
         *[(t.shape, t.stride(), t.dtype, t.data_ptr() & 15) for t in tensors],

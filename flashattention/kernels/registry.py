@@ -43,11 +43,15 @@ class Kernel:
         if self.gluon_fn is None:
             return [f"the {self.title} has no Gluon kernel"]
         found = gluon.problems(self.gluon_dims, args)
+        if config.kwargs.get("HOST_DESC"):
+            found += gluon.host_desc_problems(args)
         if config.kwargs.get("WS_OVERLAP") and gluon.length_one(args):
             found.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
         return found
 
     def applies(self, config: triton.Config, args: dict) -> bool:
+        """Whether the choice may take `config`: it can run (problems), and where it makes host
+        descriptors, the call has the work to pay for them."""
         if config.kwargs.get("HOST_DESC") and not gluon.host_desc_ok(args):
             return False
         return not self.problems(config, args)
