@@ -225,3 +225,103 @@ def check_beam_idx(beam_idx: object, batch_size: int) -> None:
                 f"reorder_kv_cache: `beam_idx` values must be in [0, {batch_size}), got min {lowest} and "
                 f"max {highest}."
             )
+
+
+SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def check_cache_seqlens(
+    what: str, cache_seqlens: object, batch_size: int, capacity: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Per-row cache lengths: a 1-D int32/int64 tensor of batch_size values in [0, capacity], on `device` or
+    the CPU. Returns (an int32 copy on `device`, the longest row); syncs once (the range check)."""
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(
+            f"{what}: `cache_seqlens` must be a torch.Tensor of each row's valid tokens, got "
+            f"{type(cache_seqlens).__name__}. Use `torch.tensor(lengths, dtype=torch.int32)`."
+        )
+    if cache_seqlens.dtype not in SEQLENS_DTYPES:
+        raise TypeError(
+            f"{what}: `cache_seqlens` must hold int32 or int64 token counts, got dtype "
+            f"{cache_seqlens.dtype}. Use `cache_seqlens.to(torch.int32)`."
+        )
+    if cache_seqlens.dim() != 1 or cache_seqlens.numel() != batch_size:
+        raise ValueError(
+            f"{what}: `cache_seqlens` must be 1-D with one length per cache row (shape ({batch_size},)), got "
+            f"shape {tuple(cache_seqlens.shape)}."
+        )
+    if cache_seqlens.device not in (device, torch.device("cpu")):
+        raise ValueError(
+            f"{what}: `cache_seqlens` must be on the keys' device ({device}) or the CPU, got "
+            f"{cache_seqlens.device}. Move it with `cache_seqlens.to({str(device)!r})`."
+        )
+    longest = 0
+    if batch_size:
+        lowest, longest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
+        if lowest < 0 or longest > capacity:
+            raise ValueError(
+                f"{what}: `cache_seqlens` values must be in [0, {capacity}] (the cache's capacity), got min "
+                f"{lowest} and max {longest}. Each row holds at most the keys' seqlen dimension of tokens."
+            )
+    return cache_seqlens.to(device=device, dtype=torch.int32, copy=True), longest
+
+
+def check_cache_length(what: str, length: object, capacity: int, longest: int | None) -> None:
+    """A cache's `length`: an int in [0, capacity]; with per-row lengths (longest = their max), that max."""
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= capacity:
+        raise ValueError(f"{what}: `length` must be an int in [0, {capacity}], got {length!r}.")
+    if longest is not None and length != longest:
+        raise ValueError(
+            f"{what}: `length` must be the longest row of `cache_seqlens` ({longest}), got {length}. Leave "
+            f"`length` out when passing `cache_seqlens`."
+        )
+
+
+def check_seqlens_backend(
+    what: str, backend: str, seqlen_q: int, max_queries: int, needs_grad: bool, plain: bool
+) -> None:
+    """A cache with per-row lengths on the triton backend runs the split-KV decode kernel only: at most
+    max_queries queries per row, no gradient recorded, eager plain tensors. Anything else raises."""
+    if backend != "triton":
+        return
+    problems = []
+    if seqlen_q > max_queries:
+        problems.append(f"{seqlen_q} queries per row (at most {max_queries})")
+    if needs_grad:
+        problems.append("gradients requested (inputs that require grad, with grad mode on)")
+    if not plain:
+        problems.append("tracing (torch.compile, a dispatch mode or tensor subclasses)")
+    if problems:
+        raise NotImplementedError(
+            f"{what}: a cache with per-row lengths (cache_seqlens) runs, on backend='triton', only the "
+            f"split-KV decode kernel, which takes at most {max_queries} queries per row, records no "
+            f"gradient and runs eagerly; got {' and '.join(problems)}. Use backend='torch' (any device, "
+            f"differentiable), or call with at most {max_queries} new queries under torch.no_grad()."
+        )
+
+
+def check_prompt_queries(what: str, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Right-padded prompts (cache_seqlens with no cache): q is padded like k, one query per position."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{what}: with `cache_seqlens` and no cache, q, k and v are right-padded prompts alike (query i "
+            f"of row b is token i), so q needs k's padded length {k.shape[2]}, got seqlen_q={q.shape[2]}. "
+            f"To attend only some queries, build the cache with KVCache(k, v, cache_seqlens=...) and call "
+            f"incremental_attention."
+        )
+
+
+def check_kv_cache(what: str, kv_cache: object, cache_type: type) -> None:
+    """`kv_cache` must be a KVCache (cache_type)."""
+    if not isinstance(kv_cache, cache_type):
+        raise TypeError(f"{what}: `kv_cache` must be a KVCache, got {type(kv_cache).__name__}.")
+
+
+def check_new_cache_seqlens(what: str, kv_cache: object, cache_seqlens: object) -> None:
+    """`cache_seqlens` starts a new cache: it cannot come with an existing one (which has its own)."""
+    if kv_cache is not None and cache_seqlens is not None:
+        raise ValueError(
+            f"{what}: `cache_seqlens` starts a new cache from right-padded prompts (kv_cache=None), but a "
+            f"kv_cache was given too; its rows' lengths are `kv_cache.cache_seqlens`. Leave `cache_seqlens` "
+            f"out to append to the cache, or pass kv_cache=None to start a new one."
+        )

@@ -1,14 +1,15 @@
 """KVCache and the cache functions of the seed API: append, attend over the cache, reorder for beams.
 
 Attention over the cache is `flash_attention` with bottom-right causal alignment: a new query i sees every
-cached key j <= i + (cached_len - seqlen_q), which is exactly what incremental decoding needs.
+cached key j <= i + (cached_len - seqlen_q), which is exactly what incremental decoding needs. A cache with
+per-row lengths (`cache_seqlens`) applies that rule per row, with the row's own length as cached_len.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _validation
+from . import _validation, api
 from .api import flash_attention
 
 
@@ -18,16 +19,37 @@ class KVCache:
 
     `KVCache(keys, values)` holds exactly those tokens (the tensors become the storage, no copy). Appends
     past the capacity grow the storage (doubling, one copy), so an append never writes out of bounds.
+
+    Per-row lengths: `KVCache(keys, values, cache_seqlens=lengths)` with lengths an int32/int64 tensor
+    [batch] (on the keys' device or the CPU) of values in [0, capacity]: row b holds the first lengths[b]
+    positions of its keys/values (e.g. right-padded prompts), so prompts of different lengths decode
+    together. Then `cache_seqlens` is an int32 copy on the cache's device, `length` the longest row (one
+    device sync here), and `keys`/`values` are still the first `length` positions: in a row shorter than
+    that, the positions past its own length hold whatever the storage holds (padding, stale tokens), not
+    tokens of that row. Appends write each row at its own length; attention reads each row's own tokens.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, *, length: int | None = None) -> None:
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        length: int | None = None,
+        cache_seqlens: torch.Tensor | None = None,
+    ) -> None:
         _validation.check_cache_tensors("KVCache", keys, values)
+        capacity = keys.shape[2]
+        seqlens, longest = None, None
+        if cache_seqlens is not None:
+            seqlens, longest = _validation.check_cache_seqlens(
+                "KVCache", cache_seqlens, keys.shape[0], capacity, keys.device
+            )
         if length is None:
-            length = keys.shape[2]
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= keys.shape[2]:
-            raise ValueError(f"KVCache: `length` must be an int in [0, {keys.shape[2]}], got {length!r}.")
+            length = capacity if longest is None else longest
+        _validation.check_cache_length("KVCache", length, capacity, longest)
         self._keys = keys
         self._values = values
+        self._cache_seqlens = seqlens
         self.length = length
 
     @property
@@ -41,13 +63,20 @@ class KVCache:
         return self._values[:, :, : self.length]
 
     @property
+    def cache_seqlens(self) -> torch.Tensor | None:
+        """int32 [batch] on the cache's device: each row's token count; None when every row holds `length`.
+        The cache's own tensor, updated in place by appends and reorders."""
+        return self._cache_seqlens
+
+    @property
     def capacity(self) -> int:
         return self._keys.shape[2]
 
     def __repr__(self) -> str:
         b, h, _, d = self._keys.shape
+        per_row = "" if self._cache_seqlens is None else ", per-row lengths"
         return (
-            f"KVCache(batch={b}, kv_heads={h}, head_dim={d}, length={self.length}, "
+            f"KVCache(batch={b}, kv_heads={h}, head_dim={d}, length={self.length}{per_row}, "
             f"capacity={self.capacity}, dtype={self._keys.dtype}, device={self._keys.device})"
         )
 
@@ -84,16 +113,34 @@ def initialize_kv_cache(
 
 def update_kv_cache(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
     """Appends k_new, v_new ([batch, kv_heads, new_tokens, head_dim]) in place and returns the cache.
-    Past the capacity the storage grows (to at least twice its size): nothing is written out of bounds."""
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(f"update_kv_cache: `kv_cache` must be a KVCache, got {type(kv_cache).__name__}.")
+    Past the capacity the storage grows (to at least twice its size): nothing is written out of bounds.
+    With per-row lengths, row b's new tokens go to positions [cache_seqlens[b], cache_seqlens[b] +
+    new_tokens) of its own row (one batched index_put, no device sync), and every row grows by new_tokens."""
+    _validation.check_kv_cache("update_kv_cache", kv_cache, KVCache)
     _validation.check_cache_tensors("update_kv_cache", k_new, v_new, like=kv_cache._keys)
-    start, end = kv_cache.length, kv_cache.length + k_new.shape[2]
+    new_tokens = k_new.shape[2]
+    start, end = kv_cache.length, kv_cache.length + new_tokens
     kv_cache._reserve(end)
-    kv_cache._keys[:, :, start:end] = k_new
-    kv_cache._values[:, :, start:end] = v_new
+    if kv_cache._cache_seqlens is None:
+        kv_cache._keys[:, :, start:end] = k_new
+        kv_cache._values[:, :, start:end] = v_new
+    else:
+        _append_per_row(kv_cache, k_new, v_new)
+        kv_cache._cache_seqlens += new_tokens
     kv_cache.length = end
     return kv_cache
+
+
+def _append_per_row(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    """Writes row b of k_new/v_new [batch, kv_heads, n, head_dim] at positions cache_seqlens[b] + [0, n)
+    of the storage (which has room: the caller reserved length + n)."""
+    batch, _, new_tokens, _ = k_new.shape
+    device = kv_cache._keys.device
+    positions = kv_cache._cache_seqlens.long()[:, None] + torch.arange(new_tokens, device=device)  # [B, n]
+    rows = torch.arange(batch, device=device)[:, None].expand(-1, new_tokens)  # [B, n]
+    # [batch, capacity, kv_heads, head_dim] views: the indexed positions come first, [B, n, kv_heads, D]
+    kv_cache._keys.transpose(1, 2).index_put_((rows, positions), k_new.transpose(1, 2))
+    kv_cache._values.transpose(1, 2).index_put_((rows, positions), v_new.transpose(1, 2))
 
 
 def incremental_attention(
@@ -106,12 +153,25 @@ def incremental_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of new queries q [batch, heads, seqlen_q, head_dim] over every cached token (append the
-    new tokens' keys/values first). causal is bottom-right aligned: the last query sees the whole cache."""
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(
-            f"incremental_attention: `kv_cache` must be a KVCache, got {type(kv_cache).__name__}."
+    new tokens' keys/values first). causal is bottom-right aligned: the last query sees the whole cache.
+
+    With per-row lengths (kv_cache.cache_seqlens), row b attends over its own cache_seqlens[b] tokens with
+    offset cache_seqlens[b] - seqlen_q (causal and window_size per row). backend="triton" runs that on the
+    split-KV decode kernel: at most api.DECODE_MAX_QUERIES (16) queries per row and no gradient recorded,
+    else NotImplementedError; backend="torch" runs anything (one blockwise call per row)."""
+    _validation.check_kv_cache("incremental_attention", kv_cache, KVCache)
+    if kv_cache.cache_seqlens is None:
+        return flash_attention(
+            q,
+            kv_cache.keys,
+            kv_cache.values,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window_size=window_size,
+            backend=backend,
         )
-    return flash_attention(
+    call = api.check_cache_call(
+        "incremental_attention",
         q,
         kv_cache.keys,
         kv_cache.values,
@@ -119,7 +179,9 @@ def incremental_attention(
         softmax_scale=softmax_scale,
         window_size=window_size,
         backend=backend,
+        per_row=True,
     )
+    return api.attention_with_seqlens(q, kv_cache.keys, kv_cache.values, kv_cache.cache_seqlens, call)
 
 
 def flash_attention_with_kv_cache(
@@ -132,11 +194,43 @@ def flash_attention_with_kv_cache(
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     backend: str = "auto",
+    cache_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
-    """Appends k, v to kv_cache (a new cache holding them when None), then attends q over the whole cache.
-    Returns (output [batch, heads, seqlen_q, head_dim], the cache)."""
+    """Appends k, v ([batch, kv_heads, new_tokens, head_dim]) to kv_cache (a new cache holding them when
+    None), then attends q [batch, heads, seqlen_q, head_dim] over the whole cache (as incremental_attention,
+    per row for a cache with per-row lengths). Returns (output [batch, heads, seqlen_q, head_dim], the
+    cache). Every argument is checked before anything is appended.
+
+    cache_seqlens (with kv_cache=None only): int32/int64 [batch], starts a cache with per-row lengths from
+    right-padded prompts: q, k, v [batch, *, padded_len, head_dim] padded alike, row b's first
+    cache_seqlens[b] positions real. Query i of row b is token i and sees the row's keys j <= i (causal;
+    window_size likewise, offset 0 within the prompt); outputs at padding positions are to be ignored (0
+    when causal). On backend="triton" this takes padded_len <= 16 (the decode kernel); longer prompts:
+    backend="torch", or KVCache(k, v, cache_seqlens=...) and your own prefill."""
+    what = "flash_attention_with_kv_cache"
+    _validation.check_new_cache_seqlens(what, kv_cache, cache_seqlens)
+    if kv_cache is not None:
+        _validation.check_kv_cache(what, kv_cache, KVCache)
+    _validation.check_cache_tensors(what, k, v, like=None if kv_cache is None else kv_cache._keys)
+    per_row = cache_seqlens is not None or (kv_cache is not None and kv_cache.cache_seqlens is not None)
+    call = api.check_cache_call(
+        what,
+        q,
+        k,
+        v,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        backend=backend,
+        per_row=per_row,
+        cache_storage=() if kv_cache is None else (kv_cache._keys, kv_cache._values),
+    )
+    if cache_seqlens is not None:
+        _validation.check_prompt_queries(what, q, k)
+        kv_cache = KVCache(k.clone(), v.clone(), cache_seqlens=cache_seqlens)
+        out = api.attention_right_padded(q, kv_cache.keys, kv_cache.values, kv_cache.cache_seqlens, call)
+        return out, kv_cache
     if kv_cache is None:
-        _validation.check_cache_tensors("flash_attention_with_kv_cache", k, v)
         kv_cache = KVCache(k.clone(), v.clone())
     else:
         update_kv_cache(kv_cache, k, v)
@@ -147,13 +241,15 @@ def flash_attention_with_kv_cache(
 
 
 def reorder_kv_cache(kv_cache: KVCache, beam_idx: torch.Tensor) -> KVCache:
-    """In place: batch row b of the cache becomes old row beam_idx[b] (beam search). beam_idx: 1-D integer
-    tensor of length batch with values in [0, batch); anything else raises."""
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(f"reorder_kv_cache: `kv_cache` must be a KVCache, got {type(kv_cache).__name__}.")
+    """In place: batch row b of the cache (and its length, with per-row lengths) becomes old row
+    beam_idx[b] (beam search). beam_idx: 1-D integer tensor of length batch with values in [0, batch);
+    anything else raises."""
+    _validation.check_kv_cache("reorder_kv_cache", kv_cache, KVCache)
     _validation.check_beam_idx(beam_idx, kv_cache._keys.shape[0])
     idx = beam_idx.to(device=kv_cache._keys.device, dtype=torch.long)
     n = kv_cache.length
     kv_cache._keys[:, :, :n] = kv_cache._keys[:, :, :n].index_select(0, idx)
     kv_cache._values[:, :, :n] = kv_cache._values[:, :, :n].index_select(0, idx)
+    if kv_cache._cache_seqlens is not None:
+        kv_cache._cache_seqlens.copy_(kv_cache._cache_seqlens.index_select(0, idx))
     return kv_cache
