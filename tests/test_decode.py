@@ -14,14 +14,20 @@ import pytest
 import torch
 from _helpers import DTYPE_NAMES, Case, assert_close_to_reference, assert_same_result, case_params
 
+from flashattention.kernels import configs, hooks, plans
 from flashattention.kernels.launch_decode import decode_forward, num_splits_heuristic
 from flashattention.reference import attention_reference
 
 F16, B16, F32 = torch.float16, torch.bfloat16, torch.float32
 SPLITS = (1, 2, 3, 7)
-# Tiles before a sliding window are never read: keys below the window's start rounded down to this many
-# (a multiple of every BLOCK_N the launcher uses) are NaN in the window tests.
-TILE_ALIGN = 64
+
+
+def _tile_align(device: torch.device) -> int:
+    """Tiles before a sliding window are never read: keys below the window's start rounded down to this many
+    (a multiple of every BLOCK_N the launcher uses on the device) are NaN in the window tests."""
+    if device.type != "cuda":
+        return configs.DECODE_INTERPRETED.kwargs["BLOCK_N"]
+    return max(c.kwargs["BLOCK_N"] for dims in configs.DECODE.values() for c in dims.values())
 
 
 def _left_right(case: Case) -> tuple[int, int]:
@@ -56,8 +62,9 @@ def _poison_before_window(case: Case, k: torch.Tensor, v: torch.Tensor) -> tuple
     k, v = k.clone(), v.clone()
     if left >= 0:
         first_visible = max(case.seqlen_k - case.seqlen_q - left, 0)
-        k[:, :, : first_visible // TILE_ALIGN * TILE_ALIGN] = math.nan
-        v[:, :, : first_visible // TILE_ALIGN * TILE_ALIGN] = math.nan
+        align = _tile_align(k.device)
+        k[:, :, : first_visible // align * align] = math.nan
+        v[:, :, : first_visible // align * align] = math.nan
     return k, v
 
 
@@ -226,10 +233,11 @@ def test_split_heuristic():
     sms = 132
     assert num_splits_heuristic(64 * 8, 8192, sms, 256) == 1  # batch * kv_heads fills the GPU
     assert num_splits_heuristic(132, 8192, sms, 256) == 1
-    assert num_splits_heuristic(8, 8192, sms, 256) == 32  # batch 1, 8 kv heads: 2 waves would be 33
-    assert num_splits_heuristic(8, 1 << 20, sms, 256) == 33
+    assert num_splits_heuristic(8, 8192, sms, 256) == 17  # batch 1, 8 kv heads: one wave
+    assert num_splits_heuristic(8, 8192, sms, 512) == 16  # at least 512 keys a split
     assert num_splits_heuristic(1, 1 << 20, sms, 256) == 128  # capped
     assert num_splits_heuristic(8, 1000, sms, 256) == 3  # at least 256 keys a split
+    assert num_splits_heuristic(64, 8192, sms, 512) == 3  # batch 8: 192 programs
     assert num_splits_heuristic(8, 100, sms, 256) == 1
 
 
@@ -257,3 +265,32 @@ def test_flash_attention_runs_decode_for_inference_calls(grad: bool, device, mon
     with torch.no_grad():
         flash_attention(*long, causal=True, backend="triton")
     assert calls == ([] if grad else [1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", (1, 4), ids=("unsplit", "split4"))
+def test_replayed_decode_launches(num_splits: int) -> None:
+    """A decode call seen before replays its compiled launches (kernels/plans.py) with its own tensors: on
+    fresh inputs the replay gives what the full launch path gives, bit for bit, and passes the rule."""
+    case = Case(3, 8, 2, 2, 700, 128, B16, causal=True)
+    lengths = torch.tensor([700, 1, 333], dtype=torch.int32, device="cuda")
+    with hooks.overrides(autotune=False):
+        _decode(case, *case.inputs("cuda")[:3], cache_seqlens=lengths, num_splits=num_splits)
+        kept = plans.PLANS.snapshot()
+        assert len(kept) == 1
+        q, k, v = case.inputs("cuda")[:3]
+        replayed = _decode(case, q, k, v, cache_seqlens=lengths, num_splits=num_splits)
+        assert plans.PLANS.snapshot() == kept  # replayed, none made
+        plans.PLANS.clear()
+        full = _decode(case, q, k, v, cache_seqlens=lengths, num_splits=num_splits)
+    for name, ours, expected in zip(("out", "lse"), replayed, full, strict=True):
+        assert torch.equal(ours, expected), f"{name}: the replay differs from the full launch"
+    for b, n in enumerate(lengths.tolist()):
+        row = Case(1, 8, 2, 2, n, 128, B16, causal=True)
+        _check(
+            row,
+            (replayed[0][b : b + 1], replayed[1][b : b + 1]),
+            q[b : b + 1],
+            k[b : b + 1, :, :n],
+            v[b : b + 1, :, :n],
+        )

@@ -188,6 +188,27 @@ PICKS: dict[str, dict[str, dict[int, list[tuple[bool, int | None, str]]]]] = {
 }
 
 
+# The split-KV decode (kernels/decode.py): (splits the keys, largest padded head dim) -> config for 16-bit
+# inputs; an unsplit launch (many batch rows) streams whole rows with wider tiles. fp32 inputs take half-size
+# tiles, two stages (shared memory). Measured winners (benchmarks/NOTES.md); the interpreter: 16-key tiles.
+DECODE: dict[bool, dict[int, triton.Config]] = {
+    True: {128: triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+           256: triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)},
+    False: {128: triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+            256: triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)},
+}  # fmt: skip
+DECODE_FP32 = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)
+DECODE_INTERPRETED = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+
+def decode_config(split: bool, head_dim_pad: int, dtype: torch.dtype) -> triton.Config:
+    """The decode kernel's config (DECODE) for a launch that splits its keys or not."""
+    if dtype == torch.float32:
+        return DECODE_FP32
+    dims = DECODE[split]
+    return dims[min((d for d in dims if d >= head_dim_pad), default=max(dims))]
+
+
 def label(config: triton.Config) -> str:
     """A config as the reports print it: "128x64 w8 s3" plus its flags that are on (e.g. " USE_TMA")."""
     kw = config.kwargs

@@ -62,7 +62,12 @@ def num_sms(device: torch.device) -> int:
         return hooks.current.num_sms
     if _env.interpreting() or device.type != "cuda":
         return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count  # asked on every decode launch
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:

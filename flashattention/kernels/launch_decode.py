@@ -6,21 +6,24 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from .. import _env
+from . import configs, hooks
 from . import device as dev
 from .decode import attn_decode_combine_kernel, attn_decode_kernel
-from .launch import LOG2E, mask_args, precision, stride_unit, strides
+from .launch import LOG2E, call_key, mask_args, precision, stride_unit, strides
+from .plans import PLANS
 
 # Packed query rows per program at most (a GQA group * seqlen_q above it takes several row blocks): bounds
 # the [BLOCK_M, HEAD_DIM_PAD] float32 accumulator that a program keeps in registers.
 MAX_BLOCK_M = 64
-# The split count aims at this many waves of programs over the SMs...
-WAVES = 2
+# The split count aims at this many waves of programs over the SMs (one: a second wave measured slower)...
+WAVES = 1
 # ...while giving each split at least this many keys, so that its fixed costs (the partials it writes, its
 # share of the combine) stay small against its K/V reads.
 # In the interpreter (a few "SMs", device.num_sms) a split of one 16-key tile, so that small tests split.
-MIN_SPLIT_KEYS = 256
+MIN_SPLIT_KEYS = 512
 MIN_SPLIT_KEYS_INTERPRETED = 16
 MAX_SPLITS = 128
 COMBINE_BLOCK_R = 16
@@ -46,11 +49,15 @@ def _interpreted(device: torch.device) -> bool:
     return _env.interpreting() or device.type != "cuda"
 
 
-def _blocks(head_dim_pad: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): untuned defaults; 16-key tiles in the interpreter so small tests cross tiles."""
+def _config(split: bool, head_dim_pad: int, dtype: torch.dtype, device: torch.device) -> triton.Config:
+    """A forced config (hooks, for sweeps), else the table's; 16-key tiles in the interpreter so that small
+    tests cross tiles."""
+    forced = (hooks.current.configs or {}).get("decode")
+    if forced:
+        return forced[0]
     if _interpreted(device):
-        return 16, 4
-    return (64 if head_dim_pad <= 128 else 32), 4
+        return configs.DECODE_INTERPRETED
+    return configs.decode_config(split, head_dim_pad, dtype)
 
 
 def decode_forward(
@@ -98,44 +105,56 @@ def decode_forward(
     o_partial = None if final else dev.empty((num_splits, total_rows, head_dim), torch.float32, q.device)
     lse2_partial = None if final else dev.empty((num_splits, total_rows), torch.float32, q.device)
 
+    tensors = dict(
+        Q=q,
+        K=k,
+        V=v,
+        O=out,
+        LSE=lse,
+        O_PARTIAL=o_partial,
+        LSE2_PARTIAL=lse2_partial,
+        CACHE_SEQLENS=cache_seqlens,
+    )
+    # a call seen before (shapes, strides, dtypes, alignments, scalars) replays its compiled launches
+    kind = ("decode", num_splits, cache_seqlens is not None)
+    key = call_key(
+        kind, tuple(t for t in tensors.values() if t is not None), softmax_scale, left, right, q.dtype
+    )
+    if PLANS.replay(key, q.device, tensors, {}):
+        return out, lse
+
     head_dim_pad = dev.pow2_at_least(head_dim)
-    block_n, num_warps = _blocks(head_dim_pad, q.device)
+    config = _config(not final, head_dim_pad, q.dtype, q.device)
     unit = stride_unit(q, k, v, out)
+    args = dict(
+        tensors,
+        **strides("q", q, "m", unit),
+        **strides("k", k, "n", unit),
+        **strides("v", v, "n", unit),
+        **strides("o", out, "m", unit),
+        batch=batch,
+        num_kv_heads=kv_heads,
+        group=group,
+        seqlen_q=seqlen_q,
+        seqlen_k=capacity,
+        num_splits=num_splits,
+        qk_scale=softmax_scale * LOG2E,
+        **mask_args(left, right),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        HAS_SEQLENS=cache_seqlens is not None,
+        FINAL=final,
+        PRECISION=precision(q.dtype),
+        BLOCK_M=block_m,
+        STRIDE_UNIT=unit,
+        **config.kwargs,
+    )
+    grid = (programs, num_splits)
     with dev.on(q.device):
-        attn_decode_kernel[(programs, num_splits)](
-            Q=q,
-            K=k,
-            V=v,
-            O=out,
-            LSE=lse,
-            O_PARTIAL=o_partial,
-            LSE2_PARTIAL=lse2_partial,
-            CACHE_SEQLENS=cache_seqlens,
-            **strides("q", q, "m", unit),
-            **strides("k", k, "n", unit),
-            **strides("v", v, "n", unit),
-            **strides("o", out, "m", unit),
-            batch=batch,
-            num_kv_heads=kv_heads,
-            group=group,
-            seqlen_q=seqlen_q,
-            seqlen_k=capacity,
-            num_splits=num_splits,
-            qk_scale=softmax_scale * LOG2E,
-            **mask_args(left, right),
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad,
-            HAS_SEQLENS=cache_seqlens is not None,
-            FINAL=final,
-            PRECISION=precision(q.dtype),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            STRIDE_UNIT=unit,
-            num_warps=num_warps,
-            num_stages=2,
-        )
+        compiled = attn_decode_kernel[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+        launches = [("", attn_decode_kernel, compiled, grid, args, None)]
         if not final:
-            attn_decode_combine_kernel[(dev.cdiv(total_rows, COMBINE_BLOCK_R),)](
+            combine_args = dict(
                 O_PARTIAL=o_partial,
                 LSE2_PARTIAL=lse2_partial,
                 O=out,
@@ -149,6 +168,9 @@ def decode_forward(
                 HEAD_DIM_PAD=head_dim_pad,
                 BLOCK_R=COMBINE_BLOCK_R,
                 STRIDE_UNIT=unit,
-                num_warps=4,
             )
+            combine_grid = (dev.cdiv(total_rows, COMBINE_BLOCK_R),)
+            compiled = attn_decode_combine_kernel[combine_grid](**combine_args, num_warps=4)
+            launches.append(("", attn_decode_combine_kernel, compiled, combine_grid, combine_args, None))
+    PLANS.put(key, tuple(launches))
     return out, lse
