@@ -50,6 +50,7 @@ def flash_attention(
     _validation.check_qkv(q, k, v)
     scale = _validation.check_scale(softmax_scale, q.shape[-1])
     left, right = _validation.canonical_window(causal, window_size)
+    left, right = normalise_window(left, right, q.shape[2], k.shape[2])
     backend = _validation.pick_backend(backend, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if backend == "triton" and _decode_applies(q, k, v):
@@ -59,6 +60,20 @@ def flash_attention(
         return (out, lse) if return_lse else out
     out, stats = attention(q, k, v, scale, left, right, backend)
     return (out, lse_of(stats, backend)) if return_lse else out
+
+
+def normalise_window(left: int, right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+    """A canonical window (left, right) with each bound that hides no key turned into -1, so that every value
+    a kernel sees is below the lengths (huge Python ints would overflow its int32 offsets). Query i sees key
+    j >= i + off - left with off = seqlen_k - seqlen_q; the largest i + off is seqlen_k - 1, so the left
+    bound hides nothing iff left >= seqlen_k - 1. It sees j <= i + off + right; the smallest i + off is off,
+    so the right bound hides nothing iff right >= seqlen_q - 1 (whatever seqlen_k). Exactly equivalent.
+    With per-row key counts (a cache), seqlen_k is the largest one: the right rule does not depend on it."""
+    if left >= seqlen_k - 1:
+        left = -1
+    if right >= seqlen_q - 1:
+        right = -1
+    return left, right
 
 
 def _decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -73,7 +88,8 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 class CacheCall(NamedTuple):
-    """The checked, canonical arguments of an attention call over a cache."""
+    """The checked, canonical arguments of an attention call over a cache (the window not yet normalised
+    against the lengths: attention_with_seqlens does that)."""
 
     softmax_scale: float
     left: int
@@ -128,6 +144,10 @@ def attention_with_seqlens(
     [batch, heads, seqlen_q, head_dim]. triton: the split-KV decode kernel; torch: one blockwise call per
     row on its sliced K/V (one device sync for the lengths)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # normalised here, where the cache's keys are known (check_cache_call may see only the new tokens);
+    # every row holds at most seqlen_k keys, so a bound that hides none of those hides none of a row's
+    left, right = normalise_window(call.left, call.right, q.shape[2], k.shape[2])
+    call = call._replace(left=left, right=right)
     if call.backend == "triton":
         from .kernels import launch_decode
 
