@@ -25,18 +25,23 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     backend: str = "auto",
+    layout: str = "bhsd",
+    **unsupported: object,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, differentiable in q, k and v, in O(seqlen) memory.
 
-    Shapes (BHSD): q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads, seqlen_k, head_dim] with
-    heads % kv_heads == 0 (GQA/MQA: query head h reads kv head h // (heads // kv_heads)); returns out:
-    [batch, heads, seqlen_q, head_dim] in q's dtype and, with return_lse=True, also lse: [batch, heads,
-    seqlen_q], float32, the natural log-sum-exp of the scaled scores (not differentiable).
+    Shapes (layout="bhsd", as SDPA): q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads,
+    seqlen_k, head_dim] with heads % kv_heads == 0 (GQA/MQA: query head h reads kv head h // (heads //
+    kv_heads)); returns out: [batch, heads, seqlen_q, head_dim] in q's dtype and, with return_lse=True, also
+    lse: [batch, heads, seqlen_q], float32, the natural log-sum-exp of the scaled scores (not
+    differentiable). layout="bshd" (as flash-attn): q [batch, seqlen_q, heads, head_dim], k, v [batch,
+    seqlen_k, kv_heads, head_dim], out [batch, seqlen_q, heads, head_dim] (a transposed view of a BHSD
+    result, no copy either way); lse stays [batch, heads, seqlen_q].
 
     Masking, with off = seqlen_k - seqlen_q (bottom-right alignment, as flash-attn >= 2.1):
       - causal=True: query i sees key j iff j <= i + off (the same as window_size=(left, 0)).
       - window_size=(left, right): query i sees key j iff i + off - left <= j <= i + off + right;
-        -1 means unbounded on that side.
+        -1 means unbounded on that side. Any non-negative int is valid; one that hides no key is -1.
     A query row that sees no key returns 0 and lse -inf.
 
     softmax_scale defaults to 1/sqrt(head_dim). float32 inputs follow
@@ -46,8 +51,14 @@ def flash_attention(
     Inputs whose last dimension is not contiguous are copied once (other strides are used as they are).
     With backend "triton", an inference call (no gradient recorded) with at most DECODE_MAX_QUERIES query
     rows per sequence runs the split-KV decode kernel; its result follows the same rules.
+    Any other keyword raises TypeError; SDPA's (is_causal, attn_mask, dropout_p, scale, enable_gqa) say
+    what to pass instead.
     """
-    _validation.check_qkv(q, k, v)
+    _validation.check_keywords(unsupported)
+    _validation.check_layout(layout)
+    _validation.check_qkv(q, k, v, layout)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scale = _validation.check_scale(softmax_scale, q.shape[-1])
     left, right = _validation.canonical_window(causal, window_size)
     left, right = normalise_window(left, right, q.shape[2], k.shape[2])
@@ -57,9 +68,12 @@ def flash_attention(
         from .kernels import launch_decode
 
         out, lse = launch_decode.decode_forward(q, k, v, softmax_scale=scale, left=left, right=right)
-        return (out, lse) if return_lse else out
-    out, stats = attention(q, k, v, scale, left, right, backend)
-    return (out, lse_of(stats, backend)) if return_lse else out
+    else:
+        out, stats = attention(q, k, v, scale, left, right, backend)
+        lse = lse_of(stats, backend) if return_lse else None
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
 
 
 def normalise_window(left: int, right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
