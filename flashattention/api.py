@@ -47,7 +47,10 @@ def flash_attention(
     softmax_scale defaults to 1/sqrt(head_dim). float32 inputs follow
     torch.get_float32_matmul_precision(): "highest" uses IEEE fp32 products, "high"/"medium" allow tf32.
     backend: "triton" (CUDA; on CPU under TRITON_INTERPRET=1), "torch" (blockwise PyTorch, any device) or
-    "auto" (triton on CUDA, torch elsewhere). An explicit backend never falls back: it runs or raises.
+    "auto": triton on CUDA; on the CPU, PyTorch's own scaled_dot_product_attention (its CPU flash kernel)
+    where its result is ours exactly (sdpa_applies: no window, causal only with seqlen_q == seqlen_k or
+    one query, return_lse=False, no empty sequence), else torch; torch on other devices. An explicit
+    backend never falls back: it runs or raises.
     Inputs whose last dimension is not contiguous are copied once (other strides are used as they are).
     With backend "triton", an inference call (no gradient recorded) with at most DECODE_MAX_QUERIES query
     rows per sequence runs the split-KV decode kernel; its result follows the same rules.
@@ -62,9 +65,12 @@ def flash_attention(
     scale = _validation.check_scale(softmax_scale, q.shape[-1])
     left, right = _validation.canonical_window(causal, window_size)
     left, right = normalise_window(left, right, q.shape[2], k.shape[2])
+    requested = backend
     backend = _validation.pick_backend(backend, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if backend == "triton" and _decode_applies(q, k, v):
+    if requested == "auto" and sdpa_applies(q, k, left, right, return_lse):
+        out, lse = _sdpa(q, k, v, scale, causal=right == 0), None
+    elif backend == "triton" and _decode_applies(q, k, v):
         from .kernels import launch_decode
 
         out, lse = launch_decode.decode_forward(q, k, v, softmax_scale=scale, left=left, right=right)
@@ -74,6 +80,30 @@ def flash_attention(
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+# enable_gqa came with torch 2.5; before it, GQA calls take the blockwise path
+SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+def sdpa_applies(q: torch.Tensor, k: torch.Tensor, left: int, right: int, return_lse: bool) -> bool:
+    """Whether backend="auto" runs PyTorch's scaled_dot_product_attention: CPU tensors (BHSD views), the
+    normalised window (left, right) one that SDPA can express exactly, no LSE wanted (SDPA returns none).
+    SDPA's causal is top-left aligned, ours bottom-right: the same only where seqlen_q == seqlen_k (a single
+    query's causal bound was normalised to -1 already). A sequence without keys gives SDPA NaN, ours 0."""
+    if q.device.type != "cpu" or return_lse or left != -1:
+        return False
+    if right != -1 and not (right == 0 and q.shape[2] == k.shape[2]):
+        return False
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    return q.shape[1] == k.shape[1] or SDPA_HAS_GQA
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """SDPA with its default backend choice (on the CPU its flash kernel; differentiable)."""
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
 
 
 def normalise_window(left: int, right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
