@@ -82,6 +82,21 @@ def _make_ours(shape: Shape, device: torch.device) -> AttentionFn:
     return lambda q, k, v: flash_attention(q, k, v, causal=causal)
 
 
+def _make_ours_torch(shape: Shape, device: torch.device) -> AttentionFn:
+    from flashattention import flash_attention
+
+    causal = shape.causal
+    return lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="torch")
+
+
+def _make_sdpa_default(shape: Shape, device: torch.device) -> AttentionFn:
+    """SDPA as a user calls it: PyTorch picks the backend (on the CPU, its flash kernel)."""
+    from torch.nn.functional import scaled_dot_product_attention
+
+    causal = shape.causal
+    return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def _make_ours_prev(shape: Shape, device: torch.device) -> AttentionFn:
     """An earlier commit's package, copied and renamed by tools/prev_package.sh (on the path: .prev/)."""
     try:
@@ -137,6 +152,11 @@ PROVIDERS: dict[str, Provider] = {
     for p in (
         Provider("ours", "flashattention.flash_attention (backend auto)", _make_ours),
         Provider(
+            "ours-torch",
+            "flashattention.flash_attention, backend torch (blockwise PyTorch)",
+            _make_ours_torch,
+        ),
+        Provider(
             "ours-prev",
             "an earlier commit of ours (tools/prev_package.sh), defaults as it had them",
             _make_ours_prev,
@@ -146,9 +166,13 @@ PROVIDERS: dict[str, Provider] = {
         Provider("sdpa-efficient", "SDPA, EFFICIENT_ATTENTION backend", _sdpa("EFFICIENT_ATTENTION")),
         Provider("flex", "FlexAttention, torch.compile'd once per shape, causal block mask", _make_flex),
         Provider("sdpa-math", "SDPA, MATH backend (plain PyTorch; materialises the scores)", _sdpa("MATH")),
+        Provider(
+            "sdpa", "SDPA, its default backend choice (on the CPU: its flash kernel)", _make_sdpa_default
+        ),
     )
 }
 GPU_PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
-CPU_PROVIDERS = ("ours", "sdpa-math")
+# on the CPU, auto runs SDPA itself on these square shapes: ours-torch shows the blockwise backend's speed
+CPU_PROVIDERS = ("ours", "ours-torch", "sdpa")
 # Peers that serve as the correctness reference for "ours", first that runs wins.
 REFERENCE_CHAIN = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")

@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RATIO_PEERS = (("sdpa-flash", "ours/sdpa-flash"), ("sdpa-cudnn", "ours/cudnn"), ("ours-prev", "ours/prev"))
-SELF = ("ours", "ours-prev")  # ours and an earlier commit of it: not peers
+# (provider, peer, column title): the provider's speed over the peer's (peer's time / provider's time)
+RATIOS = (
+    ("ours", "sdpa-flash", "ours/sdpa-flash"),
+    ("ours", "sdpa-cudnn", "ours/cudnn"),
+    ("ours", "sdpa", "ours/sdpa"),
+    ("ours-torch", "sdpa", "ours-torch/sdpa"),
+    ("ours", "ours-prev", "ours/prev"),
+)
+SELF = ("ours", "ours-prev", "ours-torch")  # ours, an earlier commit of it, its torch backend: not peers
 
 
 def environment_meta(device: torch.device, command: str, commit: str | None = None) -> dict:
@@ -87,11 +94,12 @@ def _cell(result: dict | None, unit: str) -> str:
     return f"{result['tflops']:.1f}" if unit == "TFLOP/s" else f"{result['ms']:.2f}"
 
 
-def _ratio(ours: dict | None, peer_ms: float | None) -> str:
-    """Speed of ours over a peer's (same FLOPs, so the inverse ratio of times); "-" if either is missing."""
-    if not ours or ours.get("ms") is None or not peer_ms:
+def _ratio(result: dict | None, peer_ms: float | None) -> str:
+    """Speed of a provider over a peer's (same FLOPs, so the inverse ratio of times); "-" if either is
+    missing."""
+    if not result or result.get("ms") is None or not peer_ms:
         return "-"
-    return f"{peer_ms / ours['ms']:.2f}"
+    return f"{peer_ms / result['ms']:.2f}"
 
 
 def format_table(rows: list[dict], providers: list[str], unit: str) -> str:
@@ -99,24 +107,25 @@ def format_table(rows: list[dict], providers: list[str], unit: str) -> str:
     peers = [p for p in providers if p not in SELF]
     ratio_cols = []
     if "ours" in providers and peers:
-        ratio_cols.append(("best", "ours/best peer"))
-        ratio_cols += [(name, title) for name, title in RATIO_PEERS if name in providers]
+        ratio_cols.append(("ours", "best", "ours/best peer"))
+    ratio_cols += [c for c in RATIOS if c[0] in providers and c[1] in providers]
     what = "TFLOP/s, higher is better" if unit == "TFLOP/s" else "milliseconds, lower is better"
+    if ratio_cols:
+        what += "; a/b columns: a's speed over b's (b's time / a's time), higher is better for a"
     out = []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        header = ["D", "causal", "S", "pass", *providers, *(title for _, title in ratio_cols)]
+        header = ["D", "causal", "S", "pass", *providers, *(title for _, _, title in ratio_cols)]
         out += [f"{dtype}, {what}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in (r for r in rows if r["dtype"] == dtype):
             res = r["results"]
             cells = [str(r["head_dim"]), "yes" if r["causal"] else "no", str(r["seqlen"]), r["pass"]]
             cells += [_cell(res.get(p), unit) for p in providers]
-            ours = res.get("ours")
-            for name, _ in ratio_cols:
-                if name == "best":
+            for name, peer, _ in ratio_cols:
+                if peer == "best":
                     times = [res[p]["ms"] for p in peers if res.get(p) and res[p].get("ms") is not None]
-                    cells.append(_ratio(ours, min(times) if times else None))
+                    cells.append(_ratio(res.get(name), min(times) if times else None))
                 else:
-                    cells.append(_ratio(ours, (res.get(name) or {}).get("ms")))
+                    cells.append(_ratio(res.get(name), (res.get(peer) or {}).get("ms")))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -3,6 +3,7 @@ and how to fix it. Nothing here touches tensor data (no device sync)."""
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -14,17 +15,72 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
 BACKENDS = ("auto", "triton", "torch")
 
 
-def check_qkv(q: object, k: object, v: object) -> None:
-    """Checks types, ranks, dtypes, devices and shapes of BHSD q, k, v."""
+LAYOUTS = ("bhsd", "bshd")
+# flash_attention's keywords, in the order of its signature (a test keeps the two in step)
+FLASH_ATTENTION_KEYWORDS = ("causal", "softmax_scale", "window_size", "return_lse", "backend", "layout")
+# torch.nn.functional.scaled_dot_product_attention's keywords -> what flash_attention takes instead
+SDPA_KEYWORDS = {
+    "is_causal": "pass causal=True instead. Ours is bottom-right aligned (query i sees keys j <= i + "
+    "seqlen_k - seqlen_q): the same as SDPA's top-left is_causal when seqlen_q == seqlen_k",
+    "attn_mask": "arbitrary masks are not supported; the masks are causal=True and window_size=(left, "
+    "right) (a sliding window, -1 = unbounded). For other masks use torch.nn.functional."
+    "scaled_dot_product_attention or FlexAttention",
+    "dropout_p": "dropout is not supported: flash_attention computes attention without dropout (SDPA's "
+    "dropout_p=0.0). Leave it out, or apply dropout elsewhere",
+    "scale": "pass softmax_scale= instead (the same factor on q.k, default 1/sqrt(head_dim))",
+    "enable_gqa": "leave it out: GQA/MQA is automatic when k and v have fewer heads than q (heads % "
+    "kv_heads == 0), without copying K/V",
+}
+
+
+def check_keywords(unknown: dict) -> None:
+    """flash_attention takes no keyword beyond FLASH_ATTENTION_KEYWORDS: SDPA's names get what to pass
+    instead, any other name Python's wording, the closest valid name and the list of valid ones."""
+    if not unknown:
+        return
+    valid = ", ".join(FLASH_ATTENTION_KEYWORDS)
+    lines = []
+    for name in unknown:
+        if name in SDPA_KEYWORDS:
+            lines.append(f"flash_attention() got SDPA's keyword argument {name!r}: {SDPA_KEYWORDS[name]}.")
+        else:
+            close = difflib.get_close_matches(name, FLASH_ATTENTION_KEYWORDS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"flash_attention() got an unexpected keyword argument {name!r}.{hint}")
+    raise TypeError("\n".join(lines) + f"\nValid keyword arguments: {valid}.")
+
+
+def check_layout(layout: object) -> None:
+    """`layout` names the order of q, k, v's dimensions: "bhsd" or "bshd"."""
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"flash_attention: `layout` must be 'bhsd' ([batch, heads, seqlen, head_dim], as SDPA) or 'bshd' "
+            f"([batch, seqlen, heads, head_dim], as flash-attn), got {layout!r}."
+        )
+
+
+def _axes(layout: str, heads: str, seqlen: str) -> str:
+    """The dimension names of a q/k/v tensor in `layout`, e.g. (batch, heads, seqlen, head_dim)."""
+    middle = (heads, seqlen) if layout == "bhsd" else (seqlen, heads)
+    return f"(batch, {middle[0]}, {middle[1]}, head_dim)"
+
+
+def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
+    """Checks types, ranks, dtypes, devices and shapes of q, k, v in `layout` (BHSD or BSHD)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
+            other = (
+                "for (batch, seqlen, heads, head_dim) data pass layout='bshd'"
+                if layout == "bhsd"
+                else "for (batch, heads, seqlen, head_dim) data leave layout='bhsd'"
+            )
             raise ValueError(
-                f"flash_attention: `{name}` must have 4 dimensions (batch, heads, seqlen, head_dim), got "
-                f"shape {tuple(t.shape)}. For a single sequence add a batch dimension with `{name}[None]`; "
-                f"for (batch, seqlen, heads, head_dim) data pass `{name}.transpose(1, 2)` (a view, no copy)."
+                f"flash_attention: `{name}` must have 4 dimensions {_axes(layout, 'heads', 'seqlen')} "
+                f"(layout={layout!r}), got shape {tuple(t.shape)}. For a single sequence add a batch "
+                f"dimension with `{name}[None]`; {other}."
             )
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
@@ -41,10 +97,11 @@ def check_qkv(q: object, k: object, v: object) -> None:
             f"flash_attention: q, k and v must be on one device, got q on {q.device}, k on {k.device}, "
             f"v on {v.device}. Move them with `.to(q.device)`."
         )
-    batch, heads, _, head_dim = q.shape
+    heads_axis = 1 if layout == "bhsd" else 2
+    batch, heads, head_dim = q.shape[0], q.shape[heads_axis], q.shape[3]
     if k.shape != v.shape:
         raise ValueError(
-            f"flash_attention: k and v must have the same shape (batch, kv_heads, seqlen_k, head_dim), "
+            f"flash_attention: k and v must have the same shape {_axes(layout, 'kv_heads', 'seqlen_k')}, "
             f"got k {tuple(k.shape)} and v {tuple(v.shape)}."
         )
     if k.shape[0] != batch:
@@ -57,11 +114,12 @@ def check_qkv(q: object, k: object, v: object) -> None:
             f"flash_attention: q and k/v must have the same head_dim, got q head_dim={head_dim} and k/v "
             f"head_dim={k.shape[3]}. Project them to one head size first."
         )
-    kv_heads = k.shape[1]
+    kv_heads = k.shape[heads_axis]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(
             f"flash_attention: the number of query heads must be a multiple of the number of key/value "
-            f"heads (GQA/MQA), got H={heads} and H_kv={kv_heads}. Try H_kv in "
+            f"heads (GQA/MQA), got H={heads} and H_kv={kv_heads} (dimension {heads_axis} with "
+            f"layout={layout!r}). Try H_kv in "
             f"{[d for d in range(1, heads + 1) if heads % d == 0] if heads else '[...]'}."
         )
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:

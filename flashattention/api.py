@@ -25,40 +25,99 @@ def flash_attention(
     window_size: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     backend: str = "auto",
+    layout: str = "bhsd",
+    **unsupported: object,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention, differentiable in q, k and v, in O(seqlen) memory.
 
-    Shapes (BHSD): q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads, seqlen_k, head_dim] with
-    heads % kv_heads == 0 (GQA/MQA: query head h reads kv head h // (heads // kv_heads)); returns out:
-    [batch, heads, seqlen_q, head_dim] in q's dtype and, with return_lse=True, also lse: [batch, heads,
-    seqlen_q], float32, the natural log-sum-exp of the scaled scores (not differentiable).
+    Shapes (layout="bhsd", as SDPA): q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads,
+    seqlen_k, head_dim] with heads % kv_heads == 0 (GQA/MQA: query head h reads kv head h // (heads //
+    kv_heads)); returns out: [batch, heads, seqlen_q, head_dim] in q's dtype and, with return_lse=True, also
+    lse: [batch, heads, seqlen_q], float32, the natural log-sum-exp of the scaled scores (not
+    differentiable). layout="bshd" (as flash-attn): q [batch, seqlen_q, heads, head_dim], k, v [batch,
+    seqlen_k, kv_heads, head_dim], out [batch, seqlen_q, heads, head_dim] (a transposed view of a BHSD
+    result, no copy either way); lse stays [batch, heads, seqlen_q].
 
     Masking, with off = seqlen_k - seqlen_q (bottom-right alignment, as flash-attn >= 2.1):
       - causal=True: query i sees key j iff j <= i + off (the same as window_size=(left, 0)).
       - window_size=(left, right): query i sees key j iff i + off - left <= j <= i + off + right;
-        -1 means unbounded on that side.
+        -1 means unbounded on that side. Any non-negative int is valid; one that hides no key is -1.
     A query row that sees no key returns 0 and lse -inf.
 
     softmax_scale defaults to 1/sqrt(head_dim). float32 inputs follow
     torch.get_float32_matmul_precision(): "highest" uses IEEE fp32 products, "high"/"medium" allow tf32.
     backend: "triton" (CUDA; on CPU under TRITON_INTERPRET=1), "torch" (blockwise PyTorch, any device) or
-    "auto" (triton on CUDA, torch elsewhere). An explicit backend never falls back: it runs or raises.
+    "auto": triton on CUDA; on the CPU, PyTorch's own scaled_dot_product_attention (its CPU flash kernel)
+    where its result is ours exactly (sdpa_applies: no window, causal only with seqlen_q == seqlen_k or
+    one query, return_lse=False, no empty sequence), else torch; torch on other devices. An explicit
+    backend never falls back: it runs or raises.
     Inputs whose last dimension is not contiguous are copied once (other strides are used as they are).
     With backend "triton", an inference call (no gradient recorded) with at most DECODE_MAX_QUERIES query
     rows per sequence runs the split-KV decode kernel; its result follows the same rules.
+    Any other keyword raises TypeError; SDPA's (is_causal, attn_mask, dropout_p, scale, enable_gqa) say
+    what to pass instead.
     """
-    _validation.check_qkv(q, k, v)
+    _validation.check_keywords(unsupported)
+    _validation.check_layout(layout)
+    _validation.check_qkv(q, k, v, layout)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scale = _validation.check_scale(softmax_scale, q.shape[-1])
     left, right = _validation.canonical_window(causal, window_size)
+    left, right = normalise_window(left, right, q.shape[2], k.shape[2])
+    requested = backend
     backend = _validation.pick_backend(backend, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if backend == "triton" and _decode_applies(q, k, v):
+    if requested == "auto" and sdpa_applies(q, k, left, right, return_lse):
+        out, lse = _sdpa(q, k, v, scale, causal=right == 0), None
+    elif backend == "triton" and _decode_applies(q, k, v):
         from .kernels import launch_decode
 
         out, lse = launch_decode.decode_forward(q, k, v, softmax_scale=scale, left=left, right=right)
-        return (out, lse) if return_lse else out
-    out, stats = attention(q, k, v, scale, left, right, backend)
-    return (out, lse_of(stats, backend)) if return_lse else out
+    else:
+        out, stats = attention(q, k, v, scale, left, right, backend)
+        lse = lse_of(stats, backend) if return_lse else None
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+# enable_gqa came with torch 2.5; before it, GQA calls take the blockwise path
+SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+def sdpa_applies(q: torch.Tensor, k: torch.Tensor, left: int, right: int, return_lse: bool) -> bool:
+    """Whether backend="auto" runs PyTorch's scaled_dot_product_attention: CPU tensors (BHSD views), the
+    normalised window (left, right) one that SDPA can express exactly, no LSE wanted (SDPA returns none).
+    SDPA's causal is top-left aligned, ours bottom-right: the same only where seqlen_q == seqlen_k (a single
+    query's causal bound was normalised to -1 already). A sequence without keys gives SDPA NaN, ours 0."""
+    if q.device.type != "cpu" or return_lse or left != -1:
+        return False
+    if right != -1 and not (right == 0 and q.shape[2] == k.shape[2]):
+        return False
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    return q.shape[1] == k.shape[1] or SDPA_HAS_GQA
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """SDPA with its default backend choice (on the CPU its flash kernel; differentiable)."""
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
+
+
+def normalise_window(left: int, right: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
+    """A canonical window (left, right) with each bound that hides no key turned into -1, so that every value
+    a kernel sees is below the lengths (huge Python ints would overflow its int32 offsets). Query i sees key
+    j >= i + off - left with off = seqlen_k - seqlen_q; the largest i + off is seqlen_k - 1, so the left
+    bound hides nothing iff left >= seqlen_k - 1. It sees j <= i + off + right; the smallest i + off is off,
+    so the right bound hides nothing iff right >= seqlen_q - 1 (whatever seqlen_k). Exactly equivalent.
+    With per-row key counts (a cache), seqlen_k is the largest one: the right rule does not depend on it."""
+    if left >= seqlen_k - 1:
+        left = -1
+    if right >= seqlen_q - 1:
+        right = -1
+    return left, right
 
 
 def _decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -73,7 +132,8 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 class CacheCall(NamedTuple):
-    """The checked, canonical arguments of an attention call over a cache."""
+    """The checked, canonical arguments of an attention call over a cache (the window not yet normalised
+    against the lengths: attention_with_seqlens does that)."""
 
     softmax_scale: float
     left: int
@@ -128,6 +188,10 @@ def attention_with_seqlens(
     [batch, heads, seqlen_q, head_dim]. triton: the split-KV decode kernel; torch: one blockwise call per
     row on its sliced K/V (one device sync for the lengths)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # normalised here, where the cache's keys are known (check_cache_call may see only the new tokens);
+    # every row holds at most seqlen_k keys, so a bound that hides none of those hides none of a row's
+    left, right = normalise_window(call.left, call.right, q.shape[2], k.shape[2])
+    call = call._replace(left=left, right=right)
     if call.backend == "triton":
         from .kernels import launch_decode
 
