@@ -208,8 +208,12 @@ def incremental_attention(
             window_size=window_size,
             backend=backend,
         )
-    # the whole storage: each row's length bounds what it reads, and the host need not know the longest
-    keys, values = kv_cache._keys, kv_cache._values
+    # The longest row bounds the keys (and the launcher's split count) where the host knows it; inside a
+    # capture, or once only the device knows the lengths, the whole storage (each row reads its own length).
+    if kv_cache._length is None or _capturing(kv_cache._keys):
+        keys, values = kv_cache._keys, kv_cache._values
+    else:
+        keys, values = kv_cache.keys, kv_cache.values
     call = api.check_cache_call(
         "incremental_attention",
         q,

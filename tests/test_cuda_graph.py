@@ -72,7 +72,8 @@ def test_append_while_capturing(monkeypatch):
     """An append made while a capture is under way (simulated on the CPU, where it also runs): a uniform
     cache (host position) raises NotImplementedError and one that would grow raises ValueError, both before
     any write; a per-row cache appends in place and hands its lengths to the device: `length` then reads
-    them there, and later eager appends (past the capacity: growth) use those."""
+    them there, attention reads each row to its device length, and later eager appends (past the capacity:
+    growth) use those lengths."""
     monkeypatch.setattr(kv_cache_module, "_capturing", lambda storage: True)
     k_new = torch.randn(2, 2, 1, 16)
     uniform = KVCache(torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), length=3)
@@ -86,12 +87,22 @@ def test_append_while_capturing(monkeypatch):
         update_kv_cache(full, k_new, k_new)
     assert full.cache_seqlens.tolist() == [4, 1] and torch.equal(full._keys, before)
 
-    keys = torch.randn(2, 2, 4, 16)
-    cache = KVCache(keys.clone(), torch.randn(2, 2, 4, 16), cache_seqlens=torch.tensor([2, 0]))
+    keys, values = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16)
+    for t in (keys, values):  # past each row's tokens: NaN, which a read would carry into the output
+        t[0, :, 2:], t[1] = float("nan"), float("nan")
+    cache = KVCache(keys.clone(), values.clone(), cache_seqlens=torch.tensor([2, 0]))
     storage = cache._keys.data_ptr()
     update_kv_cache(cache, k_new, k_new)
     assert cache._keys.data_ptr() == storage and "length=on the device" in repr(cache)
     assert cache.cache_seqlens.tolist() == [3, 1] and cache.length == 3
+    q = torch.randn(2, 4, 1, 16)
+    with torch.no_grad():
+        out = incremental_attention(
+            q, cache, backend="triton"
+        )  # reads the whole storage, rows to their length
+    for b, n in enumerate([3, 1]):
+        sl = slice(b, b + 1)
+        _check_row(f"row {b}", out[sl], q[sl], cache._keys[sl, :, :n], cache._values[sl, :, :n], causal=True)
     cache._cache_seqlens += 1  # what a replay does: the host is not told
     assert cache.length == 4
 
