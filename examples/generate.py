@@ -2,8 +2,8 @@
 positions, GQA attention through flashattention, a SwiGLU MLP), greedy decoding and beam search, prompts of
 different lengths in one batch (the cache keeps each row's own length).
 
-    python examples/generate.py                     # CUDA + triton when there is a GPU, else CPU + torch
-    python examples/generate.py --backend triton    # on the CPU: TRITON_INTERPRET=1 (slow, small sizes)
+    python examples/generate.py                                      # CUDA + triton on a GPU, else torch
+    TRITON_INTERPRET=1 python examples/generate.py --backend triton  # the kernels on the CPU (interpreter)
 
 Prefill runs causal attention over the right-padded prompts without a cache (a real token never sees the
 padding after it) and stores their keys/values; each decode step appends one token per row at that row's
