@@ -176,3 +176,113 @@ GPU_PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 CPU_PROVIDERS = ("ours", "ours-torch", "sdpa")
 # Peers that serve as the correctness reference for "ours", first that runs wins.
 REFERENCE_CHAIN = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode (`--suite decode`): one new query token per sequence over a cache of keys/values, GQA 32/8, D 128.
+
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 32, 8, 128
+# (batch, cache length): batch 1 up to 128k tokens, and batches of 8k caches; the 1k rows are cheap.
+DECODE_SHAPES = ((1, 1024), (8, 1024), (1, 8192), (1, 65536), (1, 131072), (8, 8192), (64, 8192))
+DECODE_GPU_PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "flex")
+DECODE_CPU_PROVIDERS = ("ours", "sdpa-math")
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """q: [batch, heads, 1, head_dim] over k, v: [batch, kv_heads, cache, head_dim]."""
+
+    batch: int
+    cache: int
+    heads: int = DECODE_HEADS
+    kv_heads: int = DECODE_KV_HEADS
+    head_dim: int = DECODE_HEAD_DIM
+
+    def kv_bytes(self, element_size: int) -> int:
+        """The K and V bytes one call must read: 2 * batch * kv_heads * cache * head_dim * element size."""
+        return 2 * self.batch * self.kv_heads * self.cache * self.head_dim * element_size
+
+    def label(self) -> str:
+        return (
+            f"{self.batch}x{self.cache // 1024}k" if self.cache % 1024 == 0 else f"{self.batch}x{self.cache}"
+        )
+
+
+# How a decode provider read K/V: "gqa" (the kv heads as they are) or "expanded" (repeated to the query
+# heads beforehand, as a user of a backend without GQA would store them, so it reads heads/kv_heads times
+# the bytes that the GB/s column counts).
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeProvider:
+    name: str
+    description: str
+    make: Callable[[DecodeShape, torch.Tensor, torch.Tensor, torch.Tensor, str], tuple[DecodeFn, str]]
+
+
+def _decode_ours(shape: DecodeShape, q, k, v, backend: str) -> tuple[DecodeFn, str]:
+    from flashattention import flash_attention
+
+    def fn(q_, k_, v_):
+        with torch.no_grad():  # an inference call of <= 16 queries: the split-KV decode kernel on triton
+            return flash_attention(q_, k_, v_, backend=backend)
+
+    return fn, "gqa"
+
+
+def _decode_sdpa(backend_name: str):
+    def make(shape: DecodeShape, q, k, v, backend: str) -> tuple[DecodeFn, str]:
+        """enable_gqa=True where the backend takes it (tried once here), else K/V expanded to the query
+        heads once, outside timing: what a user of that backend would keep in the cache."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention
+
+        sdpa_backend = getattr(SDPBackend, backend_name)
+
+        def gqa(q_, k_, v_):
+            with sdpa_kernel(sdpa_backend):
+                return scaled_dot_product_attention(q_, k_, v_, enable_gqa=True)
+
+        try:
+            gqa(q, k, v)
+            return gqa, "gqa"
+        except RuntimeError:
+            pass
+        group = shape.heads // shape.kv_heads
+        k_exp, v_exp = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+        def expanded(q_, k_, v_):
+            with sdpa_kernel(sdpa_backend):
+                return scaled_dot_product_attention(q_, k_exp, v_exp)
+
+        return expanded, "expanded"
+
+    return make
+
+
+def _decode_flex(shape: DecodeShape, q, k, v, backend: str) -> tuple[DecodeFn, str]:
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()  # one compile per shape, under dynamo's recompile limit (as _make_flex)
+    compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return lambda q_, k_, v_: compiled(q_, k_, v_, enable_gqa=True), "gqa"
+
+
+DECODE_PROVIDERS: dict[str, DecodeProvider] = {
+    p.name: p
+    for p in (
+        DecodeProvider(
+            "ours", "flash_attention, seqlen_q 1, no grad (incremental_attention's path)", _decode_ours
+        ),
+        DecodeProvider("sdpa-flash", "SDPA, FLASH_ATTENTION backend", _decode_sdpa("FLASH_ATTENTION")),
+        DecodeProvider("sdpa-cudnn", "SDPA, CUDNN_ATTENTION backend", _decode_sdpa("CUDNN_ATTENTION")),
+        DecodeProvider(
+            "sdpa-efficient", "SDPA, EFFICIENT_ATTENTION backend", _decode_sdpa("EFFICIENT_ATTENTION")
+        ),
+        DecodeProvider("flex", "FlexAttention, torch.compile'd once per shape, enable_gqa", _decode_flex),
+        DecodeProvider("sdpa-math", "SDPA, MATH backend (plain PyTorch)", _decode_sdpa("MATH")),
+    )
+}
+DECODE_REFERENCE_CHAIN = ("sdpa-flash", "sdpa-math")

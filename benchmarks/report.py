@@ -132,7 +132,104 @@ def format_table(rows: list[dict], providers: list[str], unit: str) -> str:
 
 
 def _row_label(r: dict) -> str:
+    if r.get("suite") == "decode":
+        return f"{r['dtype']} decode {r['batch']}x{r['cache']}"
     return f"{r['dtype']} D{r['head_dim']} S{r['seqlen']} {'causal' if r['causal'] else 'full'} {r['pass']}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def _decode_label(r: dict) -> str:
+    cache = f"{r['cache'] // 1024}k" if r["cache"] % 1024 == 0 else str(r["cache"])
+    return f"{r['batch']} x {cache}"
+
+
+def format_decode_table(rows: list[dict], providers: list[str], copy_gbps: float) -> str:
+    """Markdown tables of the decode suite, one per dtype: GB/s of K/V read per provider, ours' share of
+    the copy bandwidth, and ours' ratios to the best peer and to SDPA flash / cuDNN."""
+    peers = [p for p in providers if p not in SELF]
+    ratio_cols = []
+    if "ours" in providers and peers:
+        ratio_cols.append(("best", "ours/best peer"))
+        ratio_cols += [(name, title) for name, title in RATIO_PEERS if name in peers]
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        header = ["batch x cache", *providers]
+        header += ["ours % of copy"] if "ours" in providers else []
+        header += [title for _, title in ratio_cols]
+        out += [
+            f"{dtype}, decode: GB/s of K+V read, higher is better (copy bandwidth {copy_gbps:.0f} GB/s):",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        expanded = set()
+        for r in (r for r in rows if r["dtype"] == dtype):
+            res = r["results"]
+            cells = [_decode_label(r)]
+            for p in providers:
+                result = res.get(p)
+                cell = "" if result is None else "WRONG" if result.get("wrong") else "-"
+                if result and result.get("gbps") is not None:
+                    gbps = result["gbps"]
+                    cell = f"{gbps:.0f}" if gbps >= 100 else f"{gbps:.2g}"  # small: CPU runs
+                    cell += "*" if result.get("kv") == "expanded" else ""
+                    if result.get("kv") == "expanded":
+                        expanded.add(p)
+                cells.append(cell)
+            ours = res.get("ours")
+            if "ours" in providers:
+                cells.append(f"{ours['pct_copy']:.0f}%" if ours and ours.get("gbps") is not None else "-")
+            for name, _ in ratio_cols:
+                if name == "best":
+                    times = [res[p]["ms"] for p in peers if res.get(p) and res[p].get("ms") is not None]
+                    cells.append(_ratio(ours, min(times) if times else None))
+                else:
+                    cells.append(_ratio(ours, (res.get(name) or {}).get("ms")))
+            out.append("| " + " | ".join(cells) + " |")
+        if expanded:
+            out += [
+                "",
+                f"\\* {', '.join(sorted(expanded))}: the backend rejects enable_gqa=True, so it reads K/V "
+                "expanded to the query heads (repeated once, outside timing, as a user of it would keep the "
+                "cache): heads / kv_heads times the bytes counted.",
+            ]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_decode_plot(path: str, rows: list[dict], providers: list[str], copy_gbps: float, title: str) -> str:
+    """GB/s per (batch x cache) shape, a line per provider and the copy bandwidth. Returns a message."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"plot skipped: matplotlib is not installed (pip install matplotlib), {path} not written"
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes.flat, dtypes, strict=True):
+        panel = [r for r in rows if r["dtype"] == dtype]
+        labels = [_decode_label(r) for r in panel]
+        for name in providers:
+            ys = [(r["results"].get(name) or {}).get("gbps") for r in panel]
+            ax.plot(labels, [float("nan") if y is None else y for y in ys], marker="o", label=name,
+                    color=f"C{providers.index(name)}", linewidth=2.2 if name == "ours" else 1.2)  # fmt: skip
+        ax.axhline(copy_gbps, color="gray", linestyle="--", linewidth=1, label="copy bandwidth")
+        ax.set_title(f"{dtype} decode", fontsize=9)
+        ax.set_xlabel("batch x cache")
+        ax.set_ylabel("GB/s of K+V read")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written to {path}"
 
 
 def format_problems(rows: list[dict], max_labels: int = 8) -> str:
@@ -241,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run = json.loads(Path(args.json).read_text())
     meta, rows = run["meta"], run["rows"]
+    if meta.get("suite") == "decode":
+        copy_gbps = meta["copy"]["gbps"]
+        if args.plot:
+            title = f"{meta['card']}, {meta['date']}"
+            print(write_decode_plot(args.plot, rows, meta["providers"], copy_gbps, title))
+        if args.table:
+            print(format_decode_table(rows, meta["providers"], copy_gbps))
+        return 0
     unit = "TFLOP/s" if any(res.get("tflops") for r in rows for res in r["results"].values()) else "ms"
     if args.plot:
         print(write_plot(args.plot, rows, meta["providers"], unit, f"{meta['card']}, {meta['date']}"))

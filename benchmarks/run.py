@@ -3,6 +3,7 @@
     python -m benchmarks.run                      # the full matrix of DESIGN.md section 4 (CUDA GPU)
     python -m benchmarks.run --quick              # a few shapes
     python -m benchmarks.run --json r.json --plot r.png --results-md
+    python -m benchmarks.run --suite decode       # decode GB/s (benchmarks/decode.py)
 
 Each shape gets fresh inputs shared by all providers. Before timing, ours is checked against a peer (SDPA
 flash where it runs): outputs and, for the backward, gradients must agree within a tolerance of the dtype,
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "shapes: 16k tokens per batch (B = 16384 // S), hidden 2048 (H = 2048 // D), square (Sq = Sk).",
     )
     sel = p.add_argument_group("what to run (defaults: the full standard matrix on a GPU)")
+    sel.add_argument(
+        "--suite",
+        choices=("attention", "decode"),
+        default="attention",
+        help="attention (default): the forward/backward matrix; decode: one query token over a KV cache, "
+        "GB/s against the copy bandwidth (benchmarks/decode.py; takes --decode-shapes, --backend, "
+        "--providers, --dtype and the timing and output options)",
+    )
     sel.add_argument("--dims", type=_int_list, help="head dims, e.g. 64,128 (default 64,128,256)")
     sel.add_argument("--seqlens", type=_int_list, help="sequence lengths, e.g. 512,2048 (default 512..16384)")
     sel.add_argument("--causal", choices=("both", "true", "false"), default="both", help="default both")
@@ -118,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: cuda if available, else the small CPU comparison. --device cpu with "
         "--providers runs any provider set on the CPU (to test the runner)",
     )
+    from . import decode  # here, not at the top: decode imports this module's helpers
+
+    decode.add_arguments(p)
     tim = p.add_argument_group("timing")
     tim.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     tim.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms (default 100)")
@@ -412,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda, but torch sees no CUDA GPU here.", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.suite == "decode":
+        from . import decode
+
+        return decode.main(args, argv, device)
     if device.type == "cpu" and args.device is None:
         print(
             "No CUDA GPU here: the benchmark of DESIGN.md section 4 needs one. Running a small CPU "

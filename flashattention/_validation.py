@@ -336,11 +336,18 @@ def check_cache_length(what: str, length: object, capacity: int, longest: int | 
 
 
 def check_seqlens_backend(
-    what: str, backend: str, seqlen_q: int, max_queries: int, needs_grad: bool, plain: bool
+    what: str, backend: str, seqlen_q: int, max_queries: int, needs_grad: bool, plain: bool, capturing: bool
 ) -> None:
     """A cache with per-row lengths on the triton backend runs the split-KV decode kernel only: at most
-    max_queries queries per row, no gradient recorded, eager plain tensors. Anything else raises."""
+    max_queries queries per row, no gradient recorded, eager plain tensors. Anything else raises. The torch
+    backend reads the lengths on the host, which a CUDA graph capture (capturing) cannot."""
     if backend != "triton":
+        if capturing:
+            raise NotImplementedError(
+                f"{what}: backend='torch' reads a cache's per-row lengths on the host (one call per row), "
+                f"which cannot happen inside a CUDA graph capture. Capture with backend='triton' (the "
+                f"split-KV decode kernel reads the lengths on the device)."
+            )
         return
     problems = []
     if seqlen_q > max_queries:
@@ -355,6 +362,25 @@ def check_seqlens_backend(
             f"split-KV decode kernel, which takes at most {max_queries} queries per row, records no "
             f"gradient and runs eagerly; got {' and '.join(problems)}. Use backend='torch' (any device, "
             f"differentiable), or call with at most {max_queries} new queries under torch.no_grad()."
+        )
+
+
+def check_captured_append(per_row: bool, length: int | None, new_tokens: int, capacity: int) -> None:
+    """An append inside a CUDA graph capture: only to a cache with per-row lengths (whose positions live on
+    the device), and without growing the storage (checked where the host knows the longest row)."""
+    if not per_row:
+        raise NotImplementedError(
+            "update_kv_cache: a cache without per-row lengths appends at a position the host keeps, which a "
+            "CUDA graph would freeze (every replay writing the same position). To capture decode steps, give "
+            "the cache device lengths: KVCache(keys, values, cache_seqlens=torch.full((batch,), length, "
+            "dtype=torch.int32, device=keys.device))."
+        )
+    if length is not None and length + new_tokens > capacity:
+        raise ValueError(
+            f"update_kv_cache: appending {new_tokens} token(s) to rows of up to {length} needs capacity "
+            f"{length + new_tokens}, but the cache holds {capacity} and cannot grow inside a CUDA graph "
+            f"capture. Create the cache with room for every replay (initialize_kv_cache's max_seq_len, or "
+            f"KVCache storage that long)."
         )
 
 

@@ -170,6 +170,7 @@ def check_cache_call(
             DECODE_MAX_QUERIES,
             needs_grad=_needs_grad(q, k, v, *cache_storage),
             plain=plain(q, k, v, *cache_storage),
+            capturing=q.is_cuda and torch.cuda.is_current_stream_capturing(),
         )
     return CacheCall(scale, left, right, backend)
 

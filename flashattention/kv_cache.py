@@ -27,6 +27,13 @@ class KVCache:
     device sync here), and `keys`/`values` are still the first `length` positions: in a row shorter than
     that, the positions past its own length hold whatever the storage holds (padding, stale tokens), not
     tokens of that row. Appends write each row at its own length; attention reads each row's own tokens.
+
+    CUDA graphs: with per-row lengths, a decode step (flash_attention_with_kv_cache, or update_kv_cache then
+    incremental_attention, backend "triton") makes no host sync and can be captured; each replay appends at
+    the device lengths and advances them. The storage cannot grow inside a capture: make it hold every
+    replay's tokens (initialize_kv_cache's max_seq_len, or KVCache storage with room). After a captured
+    append the host no longer knows the lengths: `length` reads them from the device (one sync each time),
+    and so do later eager appends, for their capacity check.
     """
 
     def __init__(
@@ -50,7 +57,15 @@ class KVCache:
         self._keys = keys
         self._values = values
         self._cache_seqlens = seqlens
-        self.length = length
+        self._length: int | None = length  # None: only the device knows (an append was captured)
+
+    @property
+    def length(self) -> int:
+        """The longest row's token count (every row's, without per-row lengths). After an append captured in
+        a CUDA graph, read from cache_seqlens on the device (a sync)."""
+        if self._length is None:
+            return int(self._cache_seqlens.max())
+        return self._length
 
     @property
     def keys(self) -> torch.Tensor:
@@ -75,8 +90,9 @@ class KVCache:
     def __repr__(self) -> str:
         b, h, _, d = self._keys.shape
         per_row = "" if self._cache_seqlens is None else ", per-row lengths"
+        length = "on the device" if self._length is None else self._length  # no sync
         return (
-            f"KVCache(batch={b}, kv_heads={h}, head_dim={d}, length={self.length}{per_row}, "
+            f"KVCache(batch={b}, kv_heads={h}, head_dim={d}, length={length}{per_row}, "
             f"capacity={self.capacity}, dtype={self._keys.dtype}, device={self._keys.device})"
         )
 
@@ -87,7 +103,7 @@ class KVCache:
         for name in ("_keys", "_values"):
             old = getattr(self, name)
             new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : self.length] = old[:, :, : self.length]
+            new[:, :, : old.shape[2]] = old  # every position: rows may hold up to the old capacity
             setattr(self, name, new)
 
 
@@ -115,11 +131,25 @@ def update_kv_cache(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor)
     """Appends k_new, v_new ([batch, kv_heads, new_tokens, head_dim]) in place and returns the cache.
     Past the capacity the storage grows (to at least twice its size): nothing is written out of bounds.
     With per-row lengths, row b's new tokens go to positions [cache_seqlens[b], cache_seqlens[b] +
-    new_tokens) of its own row (one batched index_put, no device sync), and every row grows by new_tokens."""
+    new_tokens) of its own row (one batched index_put, no device sync), and every row grows by new_tokens.
+
+    Inside a CUDA graph capture (per-row lengths only: a uniform cache's host position would be frozen into
+    the graph) the storage cannot grow; a replay that runs past the capacity stops at index_put's
+    device-side bounds check, writing nothing out of bounds."""
     _validation.check_kv_cache("update_kv_cache", kv_cache, KVCache)
     _validation.check_cache_tensors("update_kv_cache", k_new, v_new, like=kv_cache._keys)
     new_tokens = k_new.shape[2]
-    start, end = kv_cache.length, kv_cache.length + new_tokens
+    capturing = _capturing(kv_cache._keys)
+    if capturing:
+        _validation.check_captured_append(
+            kv_cache._cache_seqlens is not None, kv_cache._length, new_tokens, kv_cache.capacity
+        )
+        _append_per_row(kv_cache, k_new, v_new)
+        kv_cache._cache_seqlens += new_tokens
+        kv_cache._length = None  # replays advance the lengths on the device only
+        return kv_cache
+    start = kv_cache.length
+    end = start + new_tokens
     kv_cache._reserve(end)
     if kv_cache._cache_seqlens is None:
         kv_cache._keys[:, :, start:end] = k_new
@@ -127,8 +157,14 @@ def update_kv_cache(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor)
     else:
         _append_per_row(kv_cache, k_new, v_new)
         kv_cache._cache_seqlens += new_tokens
-    kv_cache.length = end
+    if kv_cache._length is not None:
+        kv_cache._length = end
     return kv_cache
+
+
+def _capturing(storage: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (for the cache on `storage`'s device)."""
+    return storage.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _append_per_row(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
@@ -158,7 +194,9 @@ def incremental_attention(
     With per-row lengths (kv_cache.cache_seqlens), row b attends over its own cache_seqlens[b] tokens with
     offset cache_seqlens[b] - seqlen_q (causal and window_size per row). backend="triton" runs that on the
     split-KV decode kernel: at most api.DECODE_MAX_QUERIES (16) queries per row and no gradient recorded,
-    else NotImplementedError; backend="torch" runs anything (one blockwise call per row)."""
+    else NotImplementedError; backend="torch" runs anything (one blockwise call per row, reading the lengths
+    on the host: not inside a CUDA graph capture). The triton path reads only the device lengths (graph-safe).
+    """
     _validation.check_kv_cache("incremental_attention", kv_cache, KVCache)
     if kv_cache.cache_seqlens is None:
         return flash_attention(
@@ -170,18 +208,24 @@ def incremental_attention(
             window_size=window_size,
             backend=backend,
         )
+    # The longest row bounds the keys (and the launcher's split count) where the host knows it; inside a
+    # capture, or once only the device knows the lengths, the whole storage (each row reads its own length).
+    if kv_cache._length is None or _capturing(kv_cache._keys):
+        keys, values = kv_cache._keys, kv_cache._values
+    else:
+        keys, values = kv_cache.keys, kv_cache.values
     call = api.check_cache_call(
         "incremental_attention",
         q,
-        kv_cache.keys,
-        kv_cache.values,
+        keys,
+        values,
         causal=causal,
         softmax_scale=softmax_scale,
         window_size=window_size,
         backend=backend,
         per_row=True,
     )
-    return api.attention_with_seqlens(q, kv_cache.keys, kv_cache.values, kv_cache.cache_seqlens, call)
+    return api.attention_with_seqlens(q, keys, values, kv_cache.cache_seqlens, call)
 
 
 def flash_attention_with_kv_cache(
