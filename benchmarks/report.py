@@ -153,7 +153,7 @@ def format_decode_table(rows: list[dict], providers: list[str], copy_gbps: float
     ratio_cols = []
     if "ours" in providers and peers:
         ratio_cols.append(("best", "ours/best peer"))
-        ratio_cols += [(name, title) for name, title in RATIO_PEERS if name in peers]
+        ratio_cols += [(peer, title) for who, peer, title in RATIOS if who == "ours" and peer in peers]
     out = []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         header = ["batch x cache", *providers]
