@@ -422,7 +422,7 @@ def check_pool_room(what: str, needed: int, free: int, num_blocks: int) -> None:
 
 
 def check_rows(what: str, name: str, rows: object, batch_size: int) -> list[int]:
-    """Row indices: an int or a list/tuple of distinct ints in [0, batch_size)."""
+    """Row (or block) indices: an int or a list/tuple of distinct ints in [0, batch_size)."""
     values = [rows] if isinstance(rows, int) and not isinstance(rows, bool) else rows
     if not isinstance(values, (list, tuple)) or not all(
         isinstance(r, int) and not isinstance(r, bool) for r in values
@@ -431,7 +431,7 @@ def check_rows(what: str, name: str, rows: object, batch_size: int) -> list[int]
     bad = [r for r in values if not 0 <= r < batch_size]
     if bad or len(set(values)) != len(values):
         raise ValueError(
-            f"{what}: `{name}` must be distinct row indices in [0, {batch_size}), got {list(values)}"
+            f"{what}: `{name}` must be distinct indices in [0, {batch_size}), got {list(values)}"
             f"{f' (out of range: {bad})' if bad else ' (repeated)'}."
         )
     return list(values)

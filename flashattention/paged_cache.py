@@ -26,7 +26,8 @@ class PagedKVCache:
     [batch_size, max_blocks_per_seq] on the pools' device; token p of row b is
     `key_pool[block_table[b, p // block_size], :, p % block_size]`. `cache_seqlens`: int32 [batch_size], each
     row's token count. Table entries past a row's length are unused (never read). block_size may be any
-    int >= 1 (16 or a multiple of 64 read fastest); max_blocks_per_seq defaults to num_blocks.
+    int >= 1 (a multiple of the kernel's key tile reads one table entry per tile, others one per key);
+    max_blocks_per_seq defaults to num_blocks.
 
     A new cache holds no tokens and every block is free. Appends (`append`, update_kv_cache) take blocks
     from the free list and raise ValueError before writing anything when the pool cannot hold the tokens.
@@ -132,7 +133,9 @@ class PagedKVCache:
 
     def refcount(self, block: int) -> int:
         """How many rows hold block `block` (0: it is free)."""
-        return self._refcounts[block]
+        return self._refcounts[
+            _validation.check_rows("PagedKVCache.refcount", "block", block, self.num_blocks)[0]
+        ]
 
     def gather(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s keys and values as dense copies, each [num_kv_heads, seqlen, head_dim]."""
