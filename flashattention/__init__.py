@@ -9,16 +9,20 @@ from .kv_cache import (
     reorder_kv_cache,
     update_kv_cache,
 )
+from .paged_cache import PagedKVCache, initialize_paged_kv_cache, paged_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KVCache",
+    "PagedKVCache",
     "__version__",
     "flash_attention",
     "flash_attention_with_kv_cache",
     "incremental_attention",
     "initialize_kv_cache",
+    "initialize_paged_kv_cache",
+    "paged_attention",
     "reorder_kv_cache",
     "update_kv_cache",
 ]

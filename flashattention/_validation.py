@@ -395,10 +395,12 @@ def check_prompt_queries(what: str, q: torch.Tensor, k: torch.Tensor) -> None:
         )
 
 
-def check_kv_cache(what: str, kv_cache: object, cache_type: type) -> None:
-    """`kv_cache` must be a KVCache (cache_type)."""
-    if not isinstance(kv_cache, cache_type):
-        raise TypeError(f"{what}: `kv_cache` must be a KVCache, got {type(kv_cache).__name__}.")
+def check_kv_cache(what: str, kv_cache: object, cache_type: type | tuple[type, ...]) -> None:
+    """`kv_cache` must be one of cache_type (KVCache, or KVCache and PagedKVCache)."""
+    types = cache_type if isinstance(cache_type, tuple) else (cache_type,)
+    if not isinstance(kv_cache, types):
+        names = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{what}: `kv_cache` must be a {names}, got {type(kv_cache).__name__}.")
 
 
 def check_new_cache_seqlens(what: str, kv_cache: object, cache_seqlens: object) -> None:
@@ -408,4 +410,174 @@ def check_new_cache_seqlens(what: str, kv_cache: object, cache_seqlens: object) 
             f"{what}: `cache_seqlens` starts a new cache from right-padded prompts (kv_cache=None), but a "
             f"kv_cache was given too; its rows' lengths are `kv_cache.cache_seqlens`. Leave `cache_seqlens` "
             f"out to append to the cache, or pass kv_cache=None to start a new one."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paged KV cache (flashattention/paged_cache.py): pools, block tables, appends, forks, releases
+
+
+def check_paged_dims(
+    batch_size: object,
+    num_kv_heads: object,
+    head_dim: object,
+    num_blocks: object,
+    block_size: object,
+    max_blocks_per_seq: object,
+    dtype: object,
+) -> int:
+    """Sizes given to PagedKVCache / initialize_paged_kv_cache; returns max_blocks_per_seq (default
+    num_blocks: one row may hold the whole pool)."""
+    what = "PagedKVCache"
+    for name, value, least in (
+        ("batch_size", batch_size, 0),
+        ("num_kv_heads", num_kv_heads, 1),
+        ("head_dim", head_dim, MIN_HEAD_DIM),
+        ("num_blocks", num_blocks, 0),
+        ("block_size", block_size, 1),
+        ("max_blocks_per_seq", num_blocks if max_blocks_per_seq is None else max_blocks_per_seq, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{what}: `{name}` must be an int >= {least}, got {value!r}.")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"{what}: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {head_dim}."
+        )
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: dtype must be float16, bfloat16 or float32, got {dtype}.")
+    return num_blocks if max_blocks_per_seq is None else max_blocks_per_seq
+
+
+def check_paged_grad(what: str, needs_grad: bool) -> None:
+    """The paged cache is for inference: nothing that would record a gradient."""
+    if needs_grad:
+        raise NotImplementedError(
+            f"{what}: the paged KV cache is inference-only and records no gradient, got tensors that require "
+            f"grad with grad mode on. Call it under torch.no_grad() (or pass detached tensors); for training "
+            f"use flash_attention on dense tensors."
+        )
+
+
+def check_paged_backend(what: str, backend: str, plain: bool) -> None:
+    """backend="triton" runs the decode kernel eagerly; tracing it is not supported."""
+    if backend == "triton" and not plain:
+        raise NotImplementedError(
+            f"{what}: paged attention on backend='triton' runs eagerly only, got tracing (torch.compile, a "
+            f"dispatch mode or tensor subclasses). Call it outside the compiled region, or use "
+            f"backend='torch'."
+        )
+
+
+def check_num_new(what: str, num_new: object, batch_size: int, new_tokens: int) -> list[int]:
+    """Per-row token counts of an append: a list/tuple of batch_size ints in [0, new_tokens]."""
+    if not isinstance(num_new, (list, tuple)) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in num_new
+    ):
+        raise TypeError(
+            f"{what}: `num_new` must be a list or tuple of ints (row b appends its first num_new[b] new "
+            f"tokens), got {num_new!r}. Use `lengths.tolist()` for a tensor."
+        )
+    if len(num_new) != batch_size or any(not 0 <= n <= new_tokens for n in num_new):
+        raise ValueError(
+            f"{what}: `num_new` must hold one count per row ({batch_size}) in [0, {new_tokens}] (the new "
+            f"tokens' seqlen dimension), got {list(num_new)}."
+        )
+    return list(num_new)
+
+
+def check_row_room(what: str, row: int, length: int, blocks: int, max_blocks: int, block_size: int) -> None:
+    """A row of `length` tokens needs `blocks` table entries; its table has max_blocks."""
+    if blocks > max_blocks:
+        raise ValueError(
+            f"{what}: row {row} would hold {length} tokens = {blocks} blocks of {block_size}, but its block "
+            f"table has {max_blocks} entries (max_blocks_per_seq). Nothing was written. Create the cache "
+            f"with a larger max_blocks_per_seq, or release rows that are done."
+        )
+
+
+def check_pool_room(what: str, needed: int, free: int, num_blocks: int) -> None:
+    """An operation that takes `needed` blocks from the free list of `free` (pool of num_blocks)."""
+    if needed > free:
+        raise ValueError(
+            f"{what}: the block pool is exhausted: this call needs {needed} new blocks (including copies of "
+            f"shared partly filled blocks) but {free} of {num_blocks} are free. Nothing was written. Release "
+            f"finished rows (cache.release(rows)) or create the cache with more num_blocks."
+        )
+
+
+def check_rows(what: str, name: str, rows: object, batch_size: int) -> list[int]:
+    """Row (or block) indices: an int or a list/tuple of distinct ints in [0, batch_size)."""
+    values = [rows] if isinstance(rows, int) and not isinstance(rows, bool) else rows
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(r, int) and not isinstance(r, bool) for r in values
+    ):
+        raise TypeError(f"{what}: `{name}` must be an int or a list/tuple of ints, got {rows!r}.")
+    bad = [r for r in values if not 0 <= r < batch_size]
+    if bad or len(set(values)) != len(values):
+        raise ValueError(
+            f"{what}: `{name}` must be distinct indices in [0, {batch_size}), got {list(values)}"
+            f"{f' (out of range: {bad})' if bad else ' (repeated)'}."
+        )
+    return list(values)
+
+
+def check_fork(what: str, src_row: object, dst_rows: list[int], prefix_len: object, src_len: int) -> int:
+    """fork(src_row, dst_rows, prefix_len): src not among dst, prefix_len in [0, src's length]; returns it."""
+    if src_row in dst_rows:
+        raise ValueError(f"{what}: `dst_rows` {dst_rows} must not contain the source row {src_row}.")
+    if prefix_len is None:
+        return src_len
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or not 0 <= prefix_len <= src_len:
+        raise ValueError(
+            f"{what}: `prefix_len` must be an int in [0, {src_len}] (row {src_row}'s length) or None for the "
+            f"whole row, got {prefix_len!r}."
+        )
+    return prefix_len
+
+
+def check_block_table(
+    what: str,
+    block_table: object,
+    cache_seqlens: torch.Tensor,
+    batch_size: int,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+) -> None:
+    """A block table: int32 [batch_size, max_blocks] on `device`, stride 1 on the last dim, and every entry
+    that a row's length covers (the first cdiv(cache_seqlens[b], block_size)) in [0, num_blocks). Checks the
+    entries on the device and syncs once. cache_seqlens: the checked int32 lengths on `device`."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"{what}: `block_table` must be a torch.Tensor, got {type(block_table).__name__}.")
+    if block_table.dtype != torch.int32:
+        raise TypeError(
+            f"{what}: `block_table` must be int32 block indices, got dtype {block_table.dtype}. Use "
+            f"`block_table.to(torch.int32)`."
+        )
+    if block_table.dim() != 2 or block_table.shape[0] != batch_size:
+        raise ValueError(
+            f"{what}: `block_table` must be 2-D [batch={batch_size}, max_blocks_per_seq], got shape "
+            f"{tuple(block_table.shape)}."
+        )
+    if block_table.device != device:
+        raise ValueError(
+            f"{what}: `block_table` must be on the pools' device ({device}), got {block_table.device}."
+        )
+    if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
+        raise ValueError(
+            f"{what}: `block_table` needs stride 1 on its last dim; pass `block_table.contiguous()`."
+        )
+    if block_table.numel() == 0:
+        return
+    used = (cache_seqlens.long()[:, None] + block_size - 1) // block_size  # [batch, 1] entries covered
+    covered = torch.arange(block_table.shape[1], device=device)[None, :] < used
+    bad = covered & ((block_table < 0) | (block_table >= num_blocks))
+    count, first = torch.stack([bad.sum(), bad.flatten().int().argmax()]).tolist()
+    if count:
+        row, col = divmod(first, block_table.shape[1])
+        raise ValueError(
+            f"{what}: `block_table` entries covered by a row's length must be block indices in [0, "
+            f"{num_blocks}) (the pools' first dim); got {count} outside, the first block_table[{row}, {col}] "
+            f"= {int(block_table[row, col])} (row {row} holds {int(cache_seqlens[row])} tokens = "
+            f"{int(used[row])} blocks of {block_size})."
         )

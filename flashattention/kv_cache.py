@@ -3,14 +3,17 @@
 Attention over the cache is `flash_attention` with bottom-right causal alignment: a new query i sees every
 cached key j <= i + (cached_len - seqlen_q), which is exactly what incremental decoding needs. A cache with
 per-row lengths (`cache_seqlens`) applies that rule per row, with the row's own length as cached_len.
+update_kv_cache, incremental_attention, flash_attention_with_kv_cache and reorder_kv_cache also take a
+PagedKVCache (paged_cache.py), which has per-row lengths always.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _validation, api
+from . import _validation, api, paged_cache
 from .api import flash_attention
+from .paged_cache import PagedKVCache
 
 
 class KVCache:
@@ -127,7 +130,9 @@ def initialize_kv_cache(
     return KVCache(keys, torch.empty_like(keys), length=0)
 
 
-def update_kv_cache(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
+def update_kv_cache(
+    kv_cache: KVCache | PagedKVCache, k_new: torch.Tensor, v_new: torch.Tensor
+) -> KVCache | PagedKVCache:
     """Appends k_new, v_new ([batch, kv_heads, new_tokens, head_dim]) in place and returns the cache.
     Past the capacity the storage grows (to at least twice its size): nothing is written out of bounds.
     With per-row lengths, row b's new tokens go to positions [cache_seqlens[b], cache_seqlens[b] +
@@ -135,8 +140,14 @@ def update_kv_cache(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor)
 
     Inside a CUDA graph capture (per-row lengths only: a uniform cache's host position would be frozen into
     the graph) the storage cannot grow; a replay that runs past the capacity stops at index_put's
-    device-side bounds check, writing nothing out of bounds."""
-    _validation.check_kv_cache("update_kv_cache", kv_cache, KVCache)
+    device-side bounds check, writing nothing out of bounds.
+
+    A PagedKVCache: kv_cache.append(k_new, v_new) (blocks from its free list; raises before any write when
+    the pool is exhausted)."""
+    _validation.check_kv_cache("update_kv_cache", kv_cache, (KVCache, PagedKVCache))
+    if isinstance(kv_cache, PagedKVCache):
+        kv_cache.append(k_new, v_new)
+        return kv_cache
     _validation.check_cache_tensors("update_kv_cache", k_new, v_new, like=kv_cache._keys)
     new_tokens = k_new.shape[2]
     capturing = _capturing(kv_cache._keys)
@@ -181,7 +192,7 @@ def _append_per_row(kv_cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor)
 
 def incremental_attention(
     q: torch.Tensor,
-    kv_cache: KVCache,
+    kv_cache: KVCache | PagedKVCache,
     causal: bool = True,
     *,
     softmax_scale: float | None = None,
@@ -196,8 +207,21 @@ def incremental_attention(
     split-KV decode kernel: at most api.DECODE_MAX_QUERIES (16) queries per row and no gradient recorded,
     else NotImplementedError; backend="torch" runs anything (one blockwise call per row, reading the lengths
     on the host: not inside a CUDA graph capture). The triton path reads only the device lengths (graph-safe).
-    """
-    _validation.check_kv_cache("incremental_attention", kv_cache, KVCache)
+
+    A PagedKVCache: the same per-row rule over its pages, inference only (gradients raise
+    NotImplementedError); backend="triton" runs the decode kernel for any number of queries per row."""
+    what = "incremental_attention"
+    _validation.check_kv_cache(what, kv_cache, (KVCache, PagedKVCache))
+    if isinstance(kv_cache, PagedKVCache):
+        return paged_cache.attend(
+            what,
+            q,
+            kv_cache,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            window_size=window_size,
+            backend=backend,
+        )
     if kv_cache.cache_seqlens is None:
         return flash_attention(
             q,
@@ -232,14 +256,14 @@ def flash_attention_with_kv_cache(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_cache: KVCache | None = None,
+    kv_cache: KVCache | PagedKVCache | None = None,
     causal: bool = True,
     *,
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
     backend: str = "auto",
     cache_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, KVCache]:
+) -> tuple[torch.Tensor, KVCache | PagedKVCache]:
     """Appends k, v ([batch, kv_heads, new_tokens, head_dim]) to kv_cache (a new cache holding them when
     None), then attends q [batch, heads, seqlen_q, head_dim] over the whole cache (as incremental_attention,
     per row for a cache with per-row lengths). Returns (output [batch, heads, seqlen_q, head_dim], the
@@ -250,11 +274,19 @@ def flash_attention_with_kv_cache(
     cache_seqlens[b] positions real. Query i of row b is token i and sees the row's keys j <= i (causal;
     window_size likewise, offset 0 within the prompt); outputs at padding positions are to be ignored (0
     when causal). On backend="triton" this takes padded_len <= 16 (the decode kernel); longer prompts:
-    backend="torch", or KVCache(k, v, cache_seqlens=...) and your own prefill."""
+    backend="torch", or KVCache(k, v, cache_seqlens=...) and your own prefill.
+
+    A PagedKVCache: appends k, v to every row (PagedKVCache.append) and attends as incremental_attention;
+    any number of new tokens (a prefill chunk) on either backend."""
     what = "flash_attention_with_kv_cache"
     _validation.check_new_cache_seqlens(what, kv_cache, cache_seqlens)
     if kv_cache is not None:
-        _validation.check_kv_cache(what, kv_cache, KVCache)
+        _validation.check_kv_cache(what, kv_cache, (KVCache, PagedKVCache))
+    if isinstance(kv_cache, PagedKVCache):
+        mask = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, backend=backend)
+        paged_cache.check_cache_call(what, q, kv_cache, **mask, new=(k, v))
+        kv_cache.append(k, v)
+        return paged_cache.attend(what, q, kv_cache, **mask), kv_cache
     _validation.check_cache_tensors(what, k, v, like=None if kv_cache is None else kv_cache._keys)
     per_row = cache_seqlens is not None or (kv_cache is not None and kv_cache.cache_seqlens is not None)
     call = api.check_cache_call(
@@ -284,11 +316,14 @@ def flash_attention_with_kv_cache(
     return out, kv_cache
 
 
-def reorder_kv_cache(kv_cache: KVCache, beam_idx: torch.Tensor) -> KVCache:
+def reorder_kv_cache(kv_cache: KVCache | PagedKVCache, beam_idx: torch.Tensor) -> KVCache | PagedKVCache:
     """In place: batch row b of the cache (and its length, with per-row lengths) becomes old row
     beam_idx[b] (beam search). beam_idx: 1-D integer tensor of length batch with values in [0, batch);
-    anything else raises."""
-    _validation.check_kv_cache("reorder_kv_cache", kv_cache, KVCache)
+    anything else raises. A PagedKVCache: PagedKVCache.reorder (rows share blocks; no K/V copied)."""
+    _validation.check_kv_cache("reorder_kv_cache", kv_cache, (KVCache, PagedKVCache))
+    if isinstance(kv_cache, PagedKVCache):
+        kv_cache.reorder(beam_idx)
+        return kv_cache
     _validation.check_beam_idx(beam_idx, kv_cache._keys.shape[0])
     idx = beam_idx.to(device=kv_cache._keys.device, dtype=torch.long)
     n = kv_cache.length

@@ -138,6 +138,36 @@ def unit_strides(stride_b, stride_h, stride_s, STRIDE_UNIT: tl.constexpr):
 
 
 @triton.jit
+def page_rows(
+    block_table,
+    start_n,
+    offs_n,
+    kv_mask,
+    stride_kpage,
+    stride_vpage,
+    stride_kn,
+    stride_vn,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """[BLOCK_N] int64 element offsets of keys offs_n in the K and V pools (from the kv head's base): row
+    n % PAGE_SIZE of page block_table[n // PAGE_SIZE]. A tile inside one page (PAGE_SIZE a multiple of
+    BLOCK_N; tiles start at multiples of BLOCK_N) reads one table entry; otherwise each key reads its own
+    (4 bytes beside a key's 2 * HEAD_DIM elements), masked to the keys below seqlen_k in masked tiles."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        pages = tl.load(block_table + start_n // PAGE_SIZE).to(tl.int64)  # start_n < seqlen_k: in the table
+        in_page = start_n % PAGE_SIZE + tl.arange(0, BLOCK_N)
+    else:
+        if MASKED:
+            pages = tl.load(block_table + offs_n // PAGE_SIZE, mask=kv_mask, other=0).to(tl.int64)
+        else:
+            pages = tl.load(block_table + offs_n // PAGE_SIZE).to(tl.int64)
+        in_page = offs_n % PAGE_SIZE
+    return pages * stride_kpage + in_page * stride_kn, pages * stride_vpage + in_page * stride_vn
+
+
+@triton.jit
 def attend_tiles(
     acc,
     l_i,
@@ -165,15 +195,31 @@ def attend_tiles(
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    block_table=None,
+    stride_kpage=0,
+    stride_vpage=0,
+    PAGE_SIZE: tl.constexpr = 1,
+    IS_PAGED: tl.constexpr = False,
 ):
     """The online softmax over key tiles [tile_start, tile_end), folded into (acc, l_i, m_i) in log2 units
     (the forward's and the decode's inner loop); MASKED tiles apply element masks.
-    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM])."""
+    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM]).
+    IS_PAGED: key n is row n % PAGE_SIZE of page block_table[n // PAGE_SIZE] (int32, this sequence's row of
+    the table); k_base/v_base point at the pools' kv head, stride_kpage/stride_vpage are the pages' (int64)
+    strides. Tiles start at multiples of BLOCK_N (tile_range), so the table entries read are those of keys
+    below seqlen_k only."""
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n < seqlen_k
-        if USE_TMA:
+        if IS_PAGED:
+            k_rows, v_rows = page_rows(
+                block_table, start_n, offs_n, kv_mask, stride_kpage, stride_vpage, stride_kn, stride_vn,
+                PAGE_SIZE, BLOCK_N, MASKED,
+            )  # fmt: skip
+            k_ptrs = k_base + k_rows[:, None] + offs_d[None, :]
+            k = load_tile(k_ptrs, kv_mask[:, None], d_mask[None, :], MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        elif USE_TMA:
             k = k_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
         else:
             k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -193,7 +239,10 @@ def attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         m_i = m_new
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if IS_PAGED:
+            v_ptrs = v_base + v_rows[:, None] + offs_d[None, :]
+        else:
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
         if USE_TMA:
             v = v_desc.load([start_n, 0])  # [BLOCK_N, HEAD_DIM_PAD]
         else:

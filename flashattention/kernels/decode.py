@@ -6,6 +6,8 @@ query i of head kv_head * group + g), so each K/V tile is read once for the whol
 clipped to what the mask lets any of a program's rows see, and split evenly over that visible range only:
     O[i] = sum_s 2^(LSE2_s[i] - LSE2[i]) O_s[i],   LSE2[i] = log2 sum_s 2^LSE2_s[i]
 with O_s, LSE2_s the partial output and log2-unit LSE of split s (a split nobody sees: O_s 0, LSE2_s -inf).
+A paged cache (IS_PAGED) is the same kernel reading each key through the row's block table
+(common.page_rows); every tile, split and mask is computed on logical key positions as for a dense cache.
 """
 
 import triton
@@ -50,6 +52,7 @@ def attn_decode_kernel(
     O_PARTIAL,
     LSE2_PARTIAL,
     CACHE_SEQLENS,
+    BLOCK_TABLE,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -62,6 +65,7 @@ def attn_decode_kernel(
     stride_ob,
     stride_oh,
     stride_om,
+    stride_tb,
     batch,
     num_kv_heads,
     group,
@@ -76,6 +80,8 @@ def attn_decode_kernel(
     HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr,
     HAS_SEQLENS: tl.constexpr,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     FINAL: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -86,7 +92,11 @@ def attn_decode_kernel(
     their visible keys. Grid: (batch * num_kv_heads * row blocks, num_splits).
     FINAL (one split): writes O (input dtype) and LSE (natural log) directly; else the float32 partials
     O_PARTIAL [num_splits, batch * heads * seqlen_q, HEAD_DIM] and LSE2_PARTIAL [num_splits, ...] (log2).
-    HAS_SEQLENS: the batch row's key count is CACHE_SEQLENS[b] (int32 [batch]) instead of seqlen_k."""
+    HAS_SEQLENS: the batch row's key count is CACHE_SEQLENS[b] (int32 [batch]) instead of seqlen_k.
+    IS_PAGED (with HAS_SEQLENS): K/V are block pools [num_blocks, kv_heads, PAGE_SIZE, HEAD_DIM] (stride_kb,
+    stride_vb: a block's stride) and key p of batch row b is row p % PAGE_SIZE of block
+    BLOCK_TABLE[b, p // PAGE_SIZE] (int32 [batch, max_blocks], row stride stride_tb); only the entries of
+    keys below the row's length (inside the visible tiles) are read."""
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
@@ -109,8 +119,14 @@ def attn_decode_kernel(
     io_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h[:, None] * stride_qh + offs_i[:, None] * stride_qm
     q = tl.load(q_ptrs + offs_d[None, :], mask=io_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    if IS_PAGED:  # the row's keys are spread over the pools' blocks: common.page_rows finds each one
+        k_base = K + off_hk.to(tl.int64) * stride_kh
+        v_base = V + off_hk.to(tl.int64) * stride_vh
+        table = BLOCK_TABLE + off_b.to(tl.int64) * stride_tb
+    else:
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+        v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+        table = BLOCK_TABLE
 
     # Query indices this block holds: a block inside one head holds a run of them, one that crosses a head
     # boundary holds a head's last and the next head's first query, so all of [0, seqlen_q).
@@ -172,6 +188,11 @@ def attn_decode_kernel(
             HAS_HI,
             PRECISION,
             False,  # USE_TMA
+            table,
+            tl.cast(stride_kb, tl.int64),
+            tl.cast(stride_vb, tl.int64),
+            PAGE_SIZE,
+            IS_PAGED,
         )
 
     empty = l_i == 0.0  # rows that see no key in this split: output 0, LSE -inf

@@ -69,17 +69,25 @@ def decode_forward(
     left: int,
     right: int,
     cache_seqlens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads, capacity, head_dim] (cache views, any
     strides with stride 1 on the last dim); cache_seqlens: int32 [batch], each row's key count (<= capacity),
     or None for capacity keys everywhere. Window (left, right) as in DESIGN.md, -1 = unbounded, offset
     seqlen_k[b] - seqlen_q per row. num_splits None: num_splits_heuristic (from batch * kv_heads, the
-    visible length bounded by the capacity, the SM count; no device sync).
+    visible length bounded by max_seqlen_k or else the capacity, the SM count; no device sync).
+    Paged (block_table: int32 [batch, max_blocks], stride 1 on the last dim; cache_seqlens required): k, v
+    are block pools [num_blocks, kv_heads, block_size, head_dim] and key p of row b is k[block_table[b, p //
+    block_size], :, p % block_size]; capacity = max_blocks * block_size. The table entries of keys below
+    each row's length must lie in [0, num_blocks) (the caller checks them).
     Returns out [batch, heads, seqlen_q, head_dim] (q.dtype) and lse [batch, heads, seqlen_q] (float32,
     natural log; -inf with out 0 for a row that sees no key)."""
     batch, heads, seqlen_q, head_dim = q.shape
-    kv_heads, capacity = k.shape[1], k.shape[2]
+    kv_heads, page_size = k.shape[1], k.shape[2]
+    paged = block_table is not None
+    capacity = block_table.shape[1] * page_size if paged else page_size
     out = dev.empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
     lse = dev.empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
@@ -95,7 +103,7 @@ def decode_forward(
     if num_splits is None:
         num_splits = num_splits_heuristic(
             programs,
-            _visible_keys(capacity, seqlen_q, left, right),
+            _visible_keys(capacity if max_seqlen_k is None else max_seqlen_k, seqlen_q, left, right),
             dev.num_sms(q.device),
             MIN_SPLIT_KEYS_INTERPRETED if _interpreted(q.device) else MIN_SPLIT_KEYS,
         )
@@ -114,9 +122,10 @@ def decode_forward(
         O_PARTIAL=o_partial,
         LSE2_PARTIAL=lse2_partial,
         CACHE_SEQLENS=cache_seqlens,
+        BLOCK_TABLE=block_table,
     )
     # a call seen before (shapes, strides, dtypes, alignments, scalars) replays its compiled launches
-    kind = ("decode", num_splits, cache_seqlens is not None)
+    kind = ("decode", num_splits, cache_seqlens is not None, paged)
     key = call_key(
         kind, tuple(t for t in tensors.values() if t is not None), softmax_scale, left, right, q.dtype
     )
@@ -132,6 +141,7 @@ def decode_forward(
         **strides("k", k, "n", unit),
         **strides("v", v, "n", unit),
         **strides("o", out, "m", unit),
+        stride_tb=block_table.stride(0) if paged else 0,
         batch=batch,
         num_kv_heads=kv_heads,
         group=group,
@@ -143,6 +153,8 @@ def decode_forward(
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         HAS_SEQLENS=cache_seqlens is not None,
+        IS_PAGED=paged,
+        PAGE_SIZE=page_size if paged else 1,
         FINAL=final,
         PRECISION=precision(q.dtype),
         BLOCK_M=block_m,
