@@ -3,12 +3,14 @@ positions, GQA attention through flashattention, a SwiGLU MLP), greedy decoding 
 different lengths in one batch (the cache keeps each row's own length).
 
     python examples/generate.py                                      # CUDA + triton on a GPU, else torch
+    python examples/generate.py --cache paged --block-size 16        # a PagedKVCache per layer
     TRITON_INTERPRET=1 python examples/generate.py --backend triton  # the kernels on the CPU (interpreter)
 
 Prefill runs causal attention over the right-padded prompts without a cache (a real token never sees the
 padding after it) and stores their keys/values; each decode step appends one token per row at that row's
 position and attends over the row's own tokens (flash_attention_with_kv_cache). The model reaches the cache
-only through `LayerCaches`, so that another cache layout can replace `DenseCaches`.
+only through `LayerCaches`: `DenseCaches` (one KVCache per layer) or `PagedCaches` (one PagedKVCache per
+layer: beam search then reorders block tables and shares blocks instead of copying rows).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from flashattention import KVCache, flash_attention, flash_attention_with_kv_cache, reorder_kv_cache
+from flashattention import (
+    KVCache,
+    PagedKVCache,
+    flash_attention,
+    flash_attention_with_kv_cache,
+    reorder_kv_cache,
+)
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -95,6 +103,58 @@ class DenseCaches:
     def reorder(self, beam_idx: torch.Tensor) -> None:
         for cache in self.layers:
             reorder_kv_cache(cache, beam_idx)
+
+
+class PagedCaches:
+    """One PagedKVCache per layer (blocks of block_size tokens): the prompts are appended with per-row
+    counts, beam reorders share blocks (a shared partly filled tail is copied on the next append)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        batch: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device,
+        backend: str,
+        block_size: int = 16,
+    ):
+        self.backend = backend
+        per_row = -(-capacity // block_size)
+        # every row holding capacity tokens in blocks of its own is the most a generation can take
+        self.layers = [
+            PagedKVCache(
+                batch,
+                cfg.kv_heads,
+                cfg.head_dim,
+                num_blocks=batch * per_row,
+                block_size=block_size,
+                max_blocks_per_seq=per_row,
+                dtype=dtype,
+                device=device,
+            )
+            for _ in range(cfg.layers)
+        ]
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        return self.layers[0].cache_seqlens
+
+    def store_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.layers[layer].append(k, v, num_new=lengths.tolist())
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, _ = flash_attention_with_kv_cache(q, k, v, self.layers[layer], backend=self.backend)
+        return out
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        for cache in self.layers:
+            reorder_kv_cache(cache, beam_idx)
+
+
+def paged(block_size: int) -> MakeCaches:
+    """make_caches for greedy / beam_search: PagedCaches with blocks of block_size tokens."""
+    return lambda *args: PagedCaches(*args, block_size=block_size)
 
 
 class TinyDecoder(torch.nn.Module):
@@ -280,15 +340,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--beams", type=int, default=3)
+    parser.add_argument("--cache", default="dense", choices=["dense", "paged"])
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged cache")
     args = parser.parse_args()
+    make_caches = DenseCaches if args.cache == "dense" else paged(args.block_size)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = TinyDecoder(Config()).to(device=args.device, dtype=dtype)
     prompts = [[5, 17, 42, 8, 1], [63], [9, 9, 30]]
-    print(f"TinyDecoder {Config()}, {dtype}, device {args.device}, backend {args.backend}")
-    trace = greedy(model, prompts, args.new_tokens, args.backend)
+    print(f"TinyDecoder {Config()}, {dtype}, {args.device}, backend {args.backend}, {args.cache} cache")
+    trace = greedy(model, prompts, args.new_tokens, args.backend, make_caches)
     for prompt, row in zip(prompts, trace.sequences[-1], strict=True):
         print(f"greedy  {prompt} -> {row[len(prompt) :]}")
-    _, best = beam_search(model, prompts, args.beams, args.new_tokens, args.backend)
+    _, best = beam_search(model, prompts, args.beams, args.new_tokens, args.backend, make_caches)
     for prompt, row in zip(prompts, best, strict=True):
         print(f"beam {args.beams}  {prompt} -> {row[len(prompt) :]}")
     drift = (trace.logits[-1] - recompute(model, trace.sequences[-1], args.backend).cpu()).abs().max()

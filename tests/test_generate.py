@@ -1,7 +1,8 @@
 """examples/generate.py: greedy decoding and beam search of a tiny float32 transformer through the KV cache
-(prompts of different lengths, per-row lengths, beams reordered in the cache). Every step's logits, computed
-through the cache, == the logits of the whole sequence recomputed without a cache (same backend), on both
-backends (triton in the interpreter on a CPU-only machine)."""
+(prompts of different lengths, per-row lengths, beams reordered in the cache), dense and paged (blocks of 16
+and of 3 tokens). Every step's logits, computed through the cache, == the logits of the whole sequence
+recomputed without a cache (same backend), on both backends (triton in the interpreter on a CPU-only
+machine)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from _helpers import assert_same_result
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "generate.py"
 BACKENDS = ("triton", "torch")
+# dense KVCache; paged with blocks a kernel tile divides (16) and with an odd size (3: a table entry per key)
+CACHES = ("dense", "paged16", "paged3")
 PROMPTS = [[5, 17, 42, 8, 1, 56, 3], [60], [9, 9, 30]]
 
 
@@ -33,6 +36,10 @@ def _model(generate, device):
     return generate.TinyDecoder(cfg, seed=3).to(device)
 
 
+def _make_caches(generate, cache: str):
+    return generate.DenseCaches if cache == "dense" else generate.paged(int(cache.removeprefix("paged")))
+
+
 def _check_trace(generate, model, trace, backend: str) -> None:
     assert len(trace.logits) == len(trace.sequences)
     for step, (rows, logits) in enumerate(zip(trace.sequences, trace.logits, strict=True)):
@@ -41,12 +48,13 @@ def _check_trace(generate, model, trace, backend: str) -> None:
         assert_same_result(f"step {step} logits (cached vs recomputed)", logits, expected)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_logits_match_recompute(generate, backend, device):
+def test_greedy_logits_match_recompute(generate, backend, cache, device):
     """Each step's logits of every row == the recomputed ones, and each generated token is the argmax of
     the previous step's logits."""
     model, new_tokens = _model(generate, device), 4
-    trace = generate.greedy(model, PROMPTS, new_tokens, backend)
+    trace = generate.greedy(model, PROMPTS, new_tokens, backend, _make_caches(generate, cache))
     assert len(trace.sequences) == new_tokens + 1
     for prompt, row in zip(PROMPTS, trace.sequences[-1], strict=True):
         assert row[: len(prompt)] == prompt and len(row) == len(prompt) + new_tokens
@@ -56,14 +64,17 @@ def test_greedy_logits_match_recompute(generate, backend, device):
     _check_trace(generate, model, trace, backend)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_beam_search_logits_match_recompute(generate, backend, device):
+def test_beam_search_logits_match_recompute(generate, backend, cache, device):
     """Each step's logits of every beam row == the recomputed ones for that beam's sequence; some step moves
     a beam onto another's history (so the cache reorder is exercised), and each prompt's result is one of
     its final beams."""
     model, beams, new_tokens = _model(generate, device), 3, 3
     prompts = PROMPTS[:2]
-    trace, best = generate.beam_search(model, prompts, beams, new_tokens, backend)
+    trace, best = generate.beam_search(
+        model, prompts, beams, new_tokens, backend, _make_caches(generate, cache)
+    )
     assert len(trace.sequences) == new_tokens + 1
     moved = any(
         row[:-1] != before
@@ -77,10 +88,10 @@ def test_beam_search_logits_match_recompute(generate, backend, device):
     _check_trace(generate, model, trace, backend)
 
 
-def test_example_runs(generate, monkeypatch, capsys):
-    monkeypatch.setattr(
-        sys, "argv", ["generate.py", "--backend", "torch", "--new-tokens", "3", "--beams", "2"]
-    )
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+def test_example_runs(generate, monkeypatch, capsys, cache):
+    argv = ["generate.py", "--backend", "torch", "--new-tokens", "3", "--beams", "2", "--cache", cache]
+    monkeypatch.setattr(sys, "argv", [*argv, "--block-size", "4"])
     generate.main()
     out = capsys.readouterr().out
-    assert "greedy" in out and "beam 2" in out and "recomputed" in out
+    assert "greedy" in out and "beam 2" in out and "recomputed" in out and f"{cache} cache" in out
