@@ -10,6 +10,7 @@ lengths are equal.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,6 +148,29 @@ def _make_flex(shape: Shape, device: torch.device) -> AttentionFn:
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
+def _fa4_installed() -> bool:
+    """FlashAttention-4 (`pip install flash-attn-4`: flash_attn.cute, CuTe DSL kernels) is importable."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:  # a flash_attn package without the cute subpackage
+        return False
+
+
+def _make_fa4(shape: Shape, device: torch.device) -> AttentionFn:
+    """FlashAttention-4's flash_attn_func on BSHD views of our BHSD tensors (no copy; it returns out, lse)."""
+    if not _fa4_installed():
+        raise RuntimeError("FlashAttention-4 is not installed: pip install flash-attn-4")
+    from flash_attn.cute import flash_attn_func
+
+    causal = shape.causal
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return (res[0] if isinstance(res, tuple) else res).transpose(1, 2)
+
+    return fn
+
+
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
@@ -165,13 +189,17 @@ PROVIDERS: dict[str, Provider] = {
         Provider("sdpa-cudnn", "SDPA, CUDNN_ATTENTION backend", _sdpa("CUDNN_ATTENTION")),
         Provider("sdpa-efficient", "SDPA, EFFICIENT_ATTENTION backend", _sdpa("EFFICIENT_ATTENTION")),
         Provider("flex", "FlexAttention, torch.compile'd once per shape, causal block mask", _make_flex),
+        Provider("fa4", "FlashAttention-4 (flash-attn-4, CuTe DSL) on BSHD views", _make_fa4),
         Provider("sdpa-math", "SDPA, MATH backend (plain PyTorch; materialises the scores)", _sdpa("MATH")),
         Provider(
             "sdpa", "SDPA, its default backend choice (on the CPU: its flash kernel)", _make_sdpa_default
         ),
     )
 }
-GPU_PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
+# FA4 joins the default GPU set where it is installed (the strongest peer on Hopper and Blackwell)
+GPU_PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex") + (
+    ("fa4",) if _fa4_installed() else ()
+)
 # on the CPU, auto runs SDPA itself on these square shapes: ours-torch shows the blockwise backend's speed
 CPU_PROVIDERS = ("ours", "ours-torch", "sdpa")
 # Peers that serve as the correctness reference for "ours", first that runs wins.
