@@ -16,10 +16,14 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_unsupported(what: str, **features: object) -> None:
-    """flash-attn features this package does not implement raise NotImplementedError naming the argument:
-    dropout_p != 0, softcap != 0, alibi_slopes, block_table (varlen), s_aux (attention sinks)."""
+    """flash-attn (and transformers) features this package does not implement raise NotImplementedError
+    naming the argument: dropout_p / dropout != 0, softcap != 0 (None is off too), alibi_slopes,
+    block_table (varlen), s_aux (attention sinks), position_bias."""
     reasons = {
         "dropout_p": "attention dropout is not implemented (pass dropout_p=0.0, as in evaluation)",
+        "dropout": "attention dropout is not implemented (set the model's attention_dropout to 0.0, or call "
+        "model.eval())",
+        "position_bias": "an additive position bias (T5-style) is not implemented",
         "softcap": "score soft-capping is not implemented (pass softcap=0.0)",
         "alibi_slopes": "ALiBi biases are not implemented (pass alibi_slopes=None)",
         "block_table": "a paged KV cache in the varlen function is not implemented; use "
@@ -27,7 +31,7 @@ def check_unsupported(what: str, **features: object) -> None:
         "s_aux": "attention sinks (s_aux) are not implemented",
     }
     for name, value in features.items():
-        if name in ("dropout_p", "softcap"):
+        if name in ("dropout_p", "dropout", "softcap") and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{what}: `{name}` must be a float, got {type(value).__name__}.")
             active = value != 0
@@ -348,3 +352,30 @@ def token_pool_strides(what: str, cache: torch.Tensor) -> int:
             f"backend='torch'."
         )
     return sb // ss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers integration
+
+
+def check_hf_mask(what: str, attention_mask: object, batch: int, seqlen_q: int, seqlen_k: int) -> None:
+    """A transformers attention mask: None, or a 4-D bool / float tensor [batch, 1 or heads, seqlen_q,
+    seqlen_k] (True / 0 = attend), as transformers' sdpa_mask builds it."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"{what}: `attention_mask` must be None or a 4-D tensor, got {type(attention_mask).__name__} (a "
+            f"flex-attention BlockMask? use attn_implementation='flex_attention' for those)."
+        )
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() != 4 or shape[0] not in (1, batch) or shape[2:] != (seqlen_q, seqlen_k):
+        raise ValueError(
+            f"{what}: `attention_mask` must be [batch={batch}, 1 or heads, seqlen_q={seqlen_q}, "
+            f"seqlen_k={seqlen_k}], got shape {shape}."
+        )
+
+
+def check_backend_name(what: str, backend: object) -> None:
+    if backend not in _validation.BACKENDS:
+        raise ValueError(f"{what}: `backend` must be one of {_validation.BACKENDS}, got {backend!r}.")
