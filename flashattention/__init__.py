@@ -13,6 +13,10 @@ from .paged_cache import PagedKVCache, initialize_paged_kv_cache, paged_attentio
 
 __version__ = "0.1.0"
 
+from . import _prefetch  # noqa: E402 (after the API: it imports the launch layer in a thread)
+
+_prefetch.start()  # Triton's import and cache key in a daemon thread, where a GPU is (FLASHATTN_WARMUP)
+
 __all__ = [
     "KVCache",
     "PagedKVCache",

@@ -153,6 +153,11 @@ def plain(*tensors: torch.Tensor) -> bool:
 def attention(q, k, v, softmax_scale: float, left: int, right: int, backend: str):
     """(out, stats) of validated inputs, differentiable in q, k and v (lse_of(stats, backend): the LSE)."""
     if plain(q, k, v):
+        wants_grad = q.requires_grad or k.requires_grad or v.requires_grad
+        if backend == "triton" and wants_grad and torch.is_grad_enabled():
+            from .kernels import warmup
+
+            warmup.backward_kernels(q, k, v, softmax_scale, left, right)  # once per process: compiles ahead
         if torch._C._are_functorch_transforms_active():
             return _EagerAttention.apply(q, k, v, softmax_scale, left, right, backend)
         return _apply_unbound(*unwrap_dead_wrappers((q, k, v, softmax_scale, left, right, backend)))

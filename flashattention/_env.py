@@ -35,6 +35,12 @@ def poison() -> bool:
     return _flag("FLASHATTN_POISON", "0")
 
 
+def warmup() -> bool:
+    """FLASHATTN_WARMUP=0: no work ahead of the first call (flashattention._prefetch's thread at import,
+    kernels/warmup.py's backward compiles at the first forward with gradients). Default 1."""
+    return _flag("FLASHATTN_WARMUP", "1")
+
+
 def cache_dir() -> Path:
     """Where tuning results persist: FLASHATTN_CACHE_DIR, else $XDG_CACHE_HOME/flashattention (~/.cache)."""
     explicit = os.environ.get("FLASHATTN_CACHE_DIR")
@@ -46,4 +52,5 @@ def cache_dir() -> Path:
 def settings() -> dict[str, str | None]:
     """The variables as set (info, reports)."""
     names = ("TRITON_INTERPRET", "FLASHATTN_AUTOTUNE", "FLASHATTN_POISON", "FLASHATTN_CACHE_DIR")
+    names += ("FLASHATTN_WARMUP",)
     return {name: os.environ.get(name) for name in names}

@@ -8,7 +8,8 @@
 #   bash tools/gpu_run.sh tune [ARGS]    # tools.tune (every config + candidates; ARGS e.g. --seqlen 1024,8192)
 #   bash tools/gpu_run.sh bench [ARGS]   # the benchmark against the peers (ARGS go to benchmarks.run); with
 #                                        # .prev/ (tools/prev_package.sh COMMIT) add --providers ...,ours-prev
-#   bash tools/gpu_run.sh first          # benchmarks.first_call: time to first result, cold and warm cache
+#   bash tools/gpu_run.sh first [ARGS]   # benchmarks.first_call: time to first result, cold and warm cache
+#                                        # (ARGS e.g. --dims 64 --setups 0,2 --providers ours,ours-nowarm,sdpa)
 #   bash tools/gpu_run.sh all [ARGS]     # tests, then the benchmark
 #   bash tools/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
 #                                        # (SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose;
@@ -58,7 +59,7 @@ case "$mode" in
     configs) run_tests "gpu and configs" gpu_configs ;;
     bench) run_bench "$@" ;;
     first)
-        python -m benchmarks.first_call --json "$OUT/first_call.json" 2>"$OUT/first_call.log"
+        python -m benchmarks.first_call --json "$OUT/first_call.json" "$@" 2>"$OUT/first_call.log"
         echo "first_call exit code: $?" ;;
     tune)
         python -m flashattention info 2>&1 | tee "$OUT/info.log"

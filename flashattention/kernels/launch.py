@@ -15,7 +15,7 @@ import torch
 
 from .. import _env
 from . import device as dev
-from . import hooks, registry
+from . import hooks, registry, warmup
 from .bwd import attn_bwd_preprocess_kernel
 from .plans import PLANS
 from .plans import key as plan_key
@@ -152,7 +152,6 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
     by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel)."""
     batch, heads, seqlen_q, head_dim = q.shape
-    kv_heads, seqlen_k = k.shape[1], k.shape[2]
     dq = dev.empty(q.shape, q.dtype, q.device)
     dk = dev.empty(k.shape, k.dtype, k.device)
     dv = dev.empty(v.shape, v.dtype, v.device)
@@ -163,29 +162,49 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
     key = call_key("bwd", tuple(tensors.values()), softmax_scale, left, right, q.dtype)
     if PLANS.replay(key, q.device, tensors, registry.last_launched):
         return dq, dk, dv
-    pre_block = 64
+    warmup.wait()  # the compiles kernels/warmup.py started at the first forward with grad, if any run
+    launches = backward_launches(tensors, softmax_scale, left, right)
+    (pre_args, pre_grid), (dkdv_args, dkdv_grid), (dq_args, dq_grid) = launches.values()
+    with dev.on(q.device):
+        compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
+    pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
+    dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype)
+    dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype)
+    PLANS.put(key, (pre, dkdv, dq_launch))
+    return dq, dk, dv
+
+
+PRE_BLOCK = 64  # query rows per program of the backward's preprocess
+
+
+def backward_launches(tensors: dict, softmax_scale: float, left: int, right: int) -> dict:
+    """name -> (arguments, grid) of the backward's three launches ("pre": the preprocess, "bwd_dkdv",
+    "bwd_dq"), from `tensors` as the kernels name them (O, DO, DELTA, Q, K, V, LSE2, DQ, DK, DV). The
+    backward launches them; kernels/warmup.py compiles them ahead with stand-ins for the tensors that do
+    not exist yet, which only their shapes, strides, dtypes and alignment reach through this function."""
+    q, k, v, out, dout = (tensors[name] for name in ("Q", "K", "V", "O", "DO"))
+    dq, dk, dv = (tensors[name] for name in ("DQ", "DK", "DV"))
+    batch, heads, seqlen_q, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
     pre_args = dict(  # (strides in elements: unit 1)
         O=out,
         DO=dout,
-        DELTA=delta,
+        DELTA=tensors["DELTA"],
         **strides("o", out, "m", 1),
         **strides("do", dout, "m", 1),
         num_heads=heads,
         seqlen_q=seqlen_q,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=dev.pow2_at_least(head_dim),
-        BLOCK_M=pre_block,
+        BLOCK_M=PRE_BLOCK,
     )
-    pre_grid = (dev.cdiv(seqlen_q, pre_block), batch * heads)
-    with dev.on(q.device):
-        compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
-    pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
+    pre_grid = (dev.cdiv(seqlen_q, PRE_BLOCK), batch * heads)
     unit = stride_unit(q, k, v, dout, dq, dk, dv)
     common = dict(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
         DO=dout,
-        LSE2=lse2,
-        DELTA=delta,
+        LSE2=tensors["LSE2"],
+        DELTA=tensors["DELTA"],
         **strides("do", dout, "m", unit),
         softmax_scale=softmax_scale,
     )
@@ -198,9 +217,9 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
         **strides("dk", dk, "n", unit),
         **strides("dv", dv, "n", unit),
     )
-    grid = lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
-    dkdv = registry.launch("bwd_dkdv", grid, dkdv_args, q.device, q.dtype)
     dq_args = dict(common, DQ=dq, **strides("dq", dq, "m", unit))
-    grid = lambda meta: (dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
-    PLANS.put(key, (pre, dkdv, registry.launch("bwd_dq", grid, dq_args, q.device, q.dtype)))
-    return dq, dk, dv
+    return {
+        "pre": (pre_args, pre_grid),
+        "bwd_dkdv": (dkdv_args, lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)),
+        "bwd_dq": (dq_args, lambda meta: (dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)),
+    }

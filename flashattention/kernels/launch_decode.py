@@ -8,7 +8,7 @@ import math
 import torch
 import triton
 
-from .. import _env
+from .. import _env, _prefetch
 from . import configs, hooks
 from . import device as dev
 from .decode import attn_decode_combine_kernel, attn_decode_kernel
@@ -134,6 +134,7 @@ def decode_forward(
 
     head_dim_pad = dev.pow2_at_least(head_dim)
     config = _config(not final, head_dim_pad, q.dtype, q.device)
+    _prefetch.wait()  # Triton's cache key, if the import-time thread is computing it
     unit = stride_unit(q, k, v, out)
     args = dict(
         tensors,

@@ -13,6 +13,7 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
+from .. import _prefetch
 from . import configs, gluon, hooks, tuning
 from . import device as dev
 from .bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
@@ -70,9 +71,10 @@ KERNELS = {
 last_launched: dict[str, triton.Config] = {}
 
 
-def run(kernel: Kernel, grid, args: dict, config: triton.Config) -> tuple:
-    """Launches `config`; returns what a launch plan is made of: (name, kernel_fn, compiled, grid, args,
-    config)."""
+def launch_args(kernel: Kernel, config: triton.Config, args: dict) -> tuple:
+    """(kernel_fn, arguments) of a launch of `config`: `args` with HOST_DESC's descriptors and a probe's
+    extra arguments (hooks); the config's meta-parameters, warps and stages go with them at the launch.
+    Raises where `config` does not apply (problems)."""
     problems = kernel.problems(config, args)
     if problems:
         raise ValueError(
@@ -84,29 +86,55 @@ def run(kernel: Kernel, grid, args: dict, config: triton.Config) -> tuple:
     extra = (hooks.current.extra_args or {}).get(kernel.name)
     if extra:
         args = dict(args, **extra)
+    return fn, args
+
+
+def run(kernel: Kernel, grid, args: dict, config: triton.Config) -> tuple:
+    """Launches `config`; returns what a launch plan is made of: (name, kernel_fn, compiled, grid, args,
+    config)."""
+    fn, args = launch_args(kernel, config, args)
     compiled = fn[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     last_launched[kernel.name] = config
     return kernel.name, fn, compiled, grid, args, config
+
+
+def first_choice(name: str, args: dict, device: torch.device, dtype: torch.dtype) -> triton.Config | None:
+    """The config that launch(name, ...) with these arguments tries first, or None where it would tune
+    (several configs apply and autotuning is on) or none applies: what kernels/warmup.py compiles ahead."""
+    kernel = KERNELS[name]
+    forced, _, usable = _usable(kernel, args, device, dtype)
+    if not usable or (forced is None and tuning.enabled() and len(usable) > 1):
+        return None
+    return usable[0]
+
+
+def _usable(kernel: Kernel, args: dict, device, dtype) -> tuple[list | None, list, list]:
+    """(the hooks' forced configs or None, the entry chosen from, its configs that apply to `args`)."""
+    forced = (hooks.current.configs or {}).get(kernel.name)
+    if forced is not None:
+        entry = list(forced)
+    else:
+        table = configs.table_name(device, dtype)
+        entry = configs.ordered(
+            kernel.name, table, args["HEAD_DIM_PAD"], bool(args["HAS_HI"]), args["seqlen_k"]
+        )
+    return forced, entry, [c for c in entry if kernel.applies(c, args)]
 
 
 def launch(name: str, grid, args: dict, device: torch.device, dtype: torch.dtype, config=None) -> tuple:
     """Launches kernel `name` on `device` with `config` if given, else with the config chosen for these
     arguments (the module docstring's order). Returns run's launch record, for the caller's plan."""
     kernel = KERNELS[name]
+    _prefetch.wait()  # Triton's cache key, if the import-time thread is computing it
     with dev.on(device):
         if config is not None:
             return run(kernel, grid, args, config)
-        forced = (hooks.current.configs or {}).get(name)
-        table = configs.table_name(device, dtype)
-        if forced is not None:
-            entry = list(forced)
-        else:
-            entry = configs.ordered(name, table, args["HEAD_DIM_PAD"], bool(args["HAS_HI"]), args["seqlen_k"])
-        usable = [c for c in entry if kernel.applies(c, args)]
+        forced, entry, usable = _usable(kernel, args, device, dtype)
         if not usable:  # only forced lists can end here: every table entry holds a Triton config
             return run(kernel, grid, args, entry[0])  # raises what keeps it from running
         if forced is None and tuning.enabled() and len(usable) > 1:
-            picked = _tuned(kernel, grid, args, device, tuning.case_key(name, table, dtype, args), usable)
+            key = tuning.case_key(name, configs.table_name(device, dtype), dtype, args)
+            picked = _tuned(kernel, grid, args, device, key, usable)
             if picked is not None:
                 return run(kernel, grid, args, picked)
         failure = None

@@ -1,0 +1,301 @@
+"""Work ahead of the first call: the import-time thread (flashattention/_prefetch.py: where it starts, what it
+does, FLASHATTN_WARMUP) and the backward compiles started at the first forward with gradients
+(kernels/warmup.py: which kernels, with which arguments and config, and that a failure or a slow compile
+changes no result). On the CPU the compiles are recorded through hooks.overrides(warmup_compile=...); the
+GPU tests run a fresh process end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from _helpers import make_inputs
+
+from flashattention import _env, _prefetch, flash_attention
+from flashattention.kernels import hooks, launch, registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fresh_process(code: str, **env) -> str:
+    """stdout of `code` run by a new interpreter with the package importable and `env` set (None: unset)."""
+    environ = dict(os.environ, PYTHONPATH=ROOT)
+    for name, value in env.items():
+        environ.pop(name, None) if value is None else environ.__setitem__(name, value)
+    result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+STARTED = "import threading, flashattention as fa; print(fa._prefetch._thread is not None)"
+
+
+# ---- the import-time thread ----------------------------------------------------------------------------
+
+
+def test_env_flag(monkeypatch):
+    monkeypatch.delenv("FLASHATTN_WARMUP", raising=False)
+    assert _env.warmup()
+    monkeypatch.setenv("FLASHATTN_WARMUP", "0")
+    assert not _env.warmup()
+    assert not _prefetch.should_start(cuda_built=True)
+
+
+def test_should_start_needs_cuda_and_no_interpreter(monkeypatch):
+    monkeypatch.delenv("FLASHATTN_WARMUP", raising=False)
+    assert not _prefetch.should_start(cuda_built=False)
+    if _env.interpreting():
+        assert not _prefetch.should_start(cuda_built=True)
+
+
+@pytest.mark.parametrize(
+    "env", [{"TRITON_INTERPRET": "1"}, {"FLASHATTN_WARMUP": "0"}], ids=["interpret", "off"]
+)
+def test_no_thread_when_off_or_interpreting(env):
+    assert _fresh_process(STARTED, **env) == "False"
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CPU-only build of torch")
+def test_no_thread_without_cuda_build():
+    assert _fresh_process(STARTED, TRITON_INTERPRET=None, FLASHATTN_WARMUP=None) == "False"
+
+
+def test_work_fills_triton_key_and_imports():
+    """The thread's work, run here with a GPU pretended: Triton's key is cached and sympy imported after."""
+    _prefetch.work(has_gpu=lambda: True)
+    assert not _prefetch.pending()
+    assert _prefetch._triton_key().cache_info().currsize == 1
+    assert "sympy" in sys.modules and "triton" in sys.modules
+
+
+def test_work_without_gpu_or_failing_ends_quietly():
+    _prefetch.work(has_gpu=lambda: False)
+    assert not _prefetch.pending()
+
+    def broken():
+        raise RuntimeError("no NVML here")
+
+    _prefetch.work(has_gpu=broken)  # swallowed (debug log)
+    assert not _prefetch.pending()
+    _prefetch.wait()  # returns at once
+
+
+# ---- backward compiles ahead ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """Stands in for the compile a warm-up thread runs: records (name, kernel_fn, grid, kwargs, device,
+    thread name)."""
+
+    def __init__(self, fail: bool = False, delay: float = 0.0) -> None:
+        self.calls, self.fail, self.delay = [], fail, delay
+
+    def __call__(self, name, fn, grid, kwargs, device):
+        time.sleep(self.delay)
+        self.calls.append((name, fn, grid, kwargs, device, threading.current_thread().name))
+        if self.fail:
+            raise RuntimeError("compile failed in the background")
+
+
+def _inputs(device, head_dim=40, kv_heads=1, dtype=torch.float16):
+    q, k, v, dout = make_inputs(1, 2, kv_heads, 33, 47, head_dim, dtype, device)
+    return [t.requires_grad_() for t in (q, k, v)], dout
+
+
+def _fwd_bwd(q, k, v, dout, **kw):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, backend="triton", **kw)
+    out.backward(dout)
+    return out, q.grad, k.grad, v.grad
+
+
+def _spec(value):
+    """What Triton specialises a launch argument on (tensors and stand-ins alike), plus shape and strides."""
+    if hasattr(value, "data_ptr"):
+        return ("tensor", value.dtype, tuple(value.shape), tuple(value.stride()), value.data_ptr() % 16 == 0)
+    return value
+
+
+def _expected(q, k, v, dout, scale, left, right):
+    """name -> (kernel_fn, kwargs) of the launches the backward makes for these real tensors."""
+    out, lse2 = launch.forward_stats(
+        q.detach(), k.detach(), v.detach(), softmax_scale=scale, left=left, right=right
+    )
+    tensors = dict(
+        O=out, DO=dout, DELTA=torch.empty(lse2.shape), Q=q, K=k, V=v, LSE2=lse2,
+        DQ=torch.empty(q.shape, dtype=q.dtype), DK=torch.empty(k.shape, dtype=k.dtype),
+        DV=torch.empty(v.shape, dtype=v.dtype),
+    )  # fmt: skip
+    expected = {}
+    for name, (args, grid) in launch.backward_launches(tensors, scale, left, right).items():
+        if name == "pre":
+            expected[name] = (None, args, grid)
+            continue
+        config = registry.first_choice(name, args, q.device, q.dtype)
+        fn, args = registry.launch_args(registry.KERNELS[name], config, args)
+        meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        expected[name] = (fn, dict(args, **meta), grid)
+    return expected
+
+
+@pytest.mark.parametrize(
+    "head_dim,kv_heads,causal", [(40, 1, True), (64, 2, False)], ids=["D40-MQA-causal", "D64-H2-full"]
+)
+def test_compiles_requested_with_the_backward_arguments(device, head_dim, kv_heads, causal):
+    (q, k, v), dout = _inputs(device, head_dim, kv_heads)
+    recorder = Recorder()
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        _fwd_bwd(q, k, v, dout, causal=True if causal else False)
+        calls = {
+            name: (fn, kwargs, grid, dev, thread) for name, fn, grid, kwargs, dev, thread in recorder.calls
+        }
+        assert sorted(calls) == ["bwd_dkdv", "bwd_dq", "pre"]
+        scale = head_dim**-0.5
+        left, right = (-1, 0) if causal else (-1, -1)
+        for name, (fn, kwargs, grid) in _expected(q, k, v, dout, scale, left, right).items():
+            got_fn, got_kwargs, got_grid, got_device, thread = calls[name]
+            assert thread.startswith("flashattention-compile-")
+            assert got_device == q.device
+            if fn is not None:
+                assert got_fn is fn
+            assert sorted(got_kwargs) == sorted(kwargs), name
+            for arg, value in kwargs.items():
+                assert _spec(got_kwargs[arg]) == _spec(value), (name, arg)
+            if callable(grid):
+                assert got_grid(got_kwargs) == grid(kwargs)
+            else:
+                assert got_grid == grid
+
+
+def test_specialisation_as_triton_sees_it(device):
+    """Triton's own binder (for an sm_90 target, no GPU needed) specialises the stand-ins as the real
+    tensors: the launch finds the compiled kernel in the cache."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as err:
+        pytest.skip(f"this Triton's internals differ: {err}")
+    (q, k, v), dout = _inputs(device)
+    recorder = Recorder()
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        _fwd_bwd(q, k, v, dout, causal=True)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    expected = _expected(q, k, v, dout, 40**-0.5, -1, 0)
+    for name, fn, _, kwargs, _, _ in recorder.calls:
+        raw = getattr(fn, "fn", fn)
+        jit = JITFunction(
+            raw, **{k: v for k, v in getattr(fn, "kwargs", {}).items() if k == "do_not_specialize"}
+        )
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        strip = lambda kw: {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}  # noqa: E731
+        assert binder(**strip(kwargs))[1] == binder(**strip(expected[name][1]))[1], name
+
+
+def test_once_per_process_and_rearmed_by_hooks(device):
+    (q, k, v), dout = _inputs(device)
+    recorder = Recorder()
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        _fwd_bwd(q, k, v, dout)
+        _fwd_bwd(q, k, v, dout, causal=True)
+        assert len(recorder.calls) == 3
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        _fwd_bwd(q, k, v, dout)
+        assert len(recorder.calls) == 6
+
+
+def test_nothing_without_gradients_or_when_off(device):
+    (q, k, v), dout = _inputs(device)
+    recorder = Recorder()
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        with torch.no_grad():
+            flash_attention(q, k, v, backend="triton")
+        flash_attention(q.detach(), k.detach(), v.detach(), backend="triton")
+        assert recorder.calls == []
+    with hooks.overrides(warmup=False, warmup_compile=recorder):
+        _fwd_bwd(q, k, v, dout)
+    with hooks.overrides(warmup_compile=recorder):  # default: CUDA only, never the interpreter
+        _fwd_bwd(q, k, v, dout)
+        if device == "cpu":
+            assert recorder.calls == []
+
+
+@pytest.mark.parametrize("recorder", [Recorder(fail=True), Recorder(delay=0.2)], ids=["failing", "slow"])
+def test_results_identical(device, recorder):
+    """A compile that fails in its thread, or one the backward has to wait for, changes nothing."""
+    (q, k, v), dout = _inputs(device)
+    with hooks.overrides(warmup=False):
+        off = _fwd_bwd(q, k, v, dout, causal=True)
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        on = _fwd_bwd(q, k, v, dout, causal=True)
+        assert len(recorder.calls) == 3
+    for a, b in zip(off, on, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---- on the GPU: a fresh process end to end ------------------------------------------------------------
+
+FRESH_FWD_BWD = """
+import torch, triton
+from flashattention import _prefetch, flash_attention
+from flashattention.kernels import warmup
+from flashattention.reference import attention_reference
+from flashattention.testing import compare_to_reference
+started = _prefetch._thread is not None
+compiles = []  # Triton calls the hook at each in-memory cache miss, before compiling (or loading from disk)
+triton.knobs.runtime.jit_cache_hook = lambda *args, **kwargs: compiles.append(1) and False
+torch.manual_seed(0)
+shape = (2, 4, 300, D)
+q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+dout = torch.randn_like(q)
+out = flash_attention(q, k, v, causal=True)
+warmup.wait()
+before = len(compiles)
+out.backward(dout)
+in_backward = len(compiles) - before
+failures = []
+for dtype in (torch.float32, torch.bfloat16):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*leaves, causal=True)
+    ref.backward(dout.to(dtype))
+    if dtype == torch.float32:
+        refs = [ref] + [t.grad for t in leaves]
+    else:
+        same = [ref] + [t.grad for t in leaves]
+for name, ours, r, s in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), refs, same):
+    message = compare_to_reference(name, ours.float(), r, s.float())
+    if message:
+        failures.append(message)
+print(started, in_backward, not failures, failures)
+"""
+
+
+def _run_fresh(tmp_path, head_dim, warmup_env):
+    env = dict(TRITON_CACHE_DIR=str(tmp_path / "triton"), FLASHATTN_WARMUP=warmup_env, TRITON_INTERPRET=None)
+    started, in_backward, passed, failures = _fresh_process(f"D = {head_dim}\n" + FRESH_FWD_BWD, **env).split(
+        " ", 3
+    )
+    assert passed == "True", failures
+    return started == "True", int(in_backward)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fresh_process_forward_backward(tmp_path, head_dim):
+    """Warm-up on (default), empty Triton cache: the import-time thread started, the backward compiled
+    nothing itself (its kernels came from the compiles ahead), and the results pass the rule."""
+    started, in_backward = _run_fresh(tmp_path, head_dim, None)
+    assert started
+    assert in_backward == 0
+
+
+@pytest.mark.gpu
+def test_fresh_process_warmup_off(tmp_path):
+    started, in_backward = _run_fresh(tmp_path, 64, "0")
+    assert not started
+    assert in_backward >= 2  # dK/dV and dQ (and the preprocess) compile in the backward
