@@ -5,18 +5,28 @@ Triton's own files and libtriton, ~0.4 s, once per process, at the first compile
 import sympy, which torch imports at a backward given an explicit gradient (`out.backward(grad)`) and at an
 optimizer's first step (torch._dynamo), ~0.3 s here and seconds where no bytecode cache is written.
 
+Triton's key depends only on those files, so the thread keeps it on disk (FLASHATTN_CACHE_DIR), under a
+fingerprint of the path, size and mtime of every file under the folders it hashes (a superset of what it
+reads): a process whose Triton files are unchanged takes the kept key and skips the 0.4 s hash; any change to
+them gives another fingerprint and a fresh hash. Triton looks its key up through
+`triton.runtime.cache.triton_key` at each compile or cache lookup; the thread points that name at the kept
+value (once the value is known, so every caller sees the same key).
+
 Only where torch is built for CUDA and a GPU is visible (counted through NVML by torch: no CUDA context is
 made), not under TRITON_INTERPRET, and not with FLASHATTN_WARMUP=0. Nothing here creates a CUDA context or
-changes a result: the thread only imports modules and fills Triton's lru_cache of its key; an error in it is
+changes a result: the thread only imports modules and hands Triton the key it would compute; an error in it is
 logged at debug level and dropped. The launchers call wait() before their first compile, so that they take
 the thread's key instead of hashing the same files again beside it."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
+import tempfile
 import threading
+from pathlib import Path
 
 import torch
 
@@ -67,7 +77,7 @@ def work(has_gpu=lambda: torch.cuda.device_count() > 0) -> None:
         if not has_gpu():  # NVML's count: no CUDA context
             return
         _import(MODULES[0])
-        _triton_key()()
+        use_kept_key(_env.cache_dir())
     except BaseException as err:  # noqa: BLE001 (an optimisation: never the caller's error)
         log.debug("flashattention: prefetching Triton's cache key failed: %r", err)
         return
@@ -87,18 +97,67 @@ def pending() -> bool:
 
 def wait() -> None:
     """Blocks until the thread has Triton's key (at once if it has, or never started, or failed): the
-    first launch takes it from Triton's lru_cache instead of hashing the same files a second time."""
+    first launch then takes the thread's key instead of hashing the same files a second time."""
     if not _key_done.is_set():
         _key_done.wait()
 
 
-def _triton_key():
-    """Triton's cache-key function (triton.runtime.cache in 3.5+, triton.compiler.compiler before)."""
+# what triton_key reads, relative to triton's folder: cache.py, three folders' modules, libtriton
+KEY_FOLDERS = ("compiler", "backends", "language")
+KEY_FILES = ("runtime/cache.py",)
+
+
+def fingerprint(triton_dir: Path, version: str) -> str:
+    """A hash of Triton's version and the path, size and mtime of every file under the folders its key
+    hashes and of its extension libraries (no file's content is read)."""
+    paths = [triton_dir / f for f in KEY_FILES] + list((triton_dir / "_C").glob("libtriton*"))
+    for folder in KEY_FOLDERS:
+        for root, _, names in os.walk(triton_dir / folder):
+            paths += [Path(root) / name for name in names]
+    digest = hashlib.sha256(f"{version}\0{triton_dir}".encode())
+    for path in sorted(paths):
+        st = path.stat()
+        digest.update(f"\0{path.relative_to(triton_dir)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def kept_key(compute, triton_dir: Path, version: str, cache_dir: Path) -> str:
+    """Triton's key as kept on disk for this fingerprint, else compute() (then kept; a failed write only
+    means hashing again next time)."""
+    path = cache_dir / f"triton-key-{fingerprint(triton_dir, version)}.txt"
     try:
-        from triton.runtime.cache import triton_key
-    except ImportError:
-        from triton.compiler.compiler import triton_key
-    return triton_key
+        key = path.read_text()
+        if key.startswith(version):  # a torn or foreign file is ignored
+            return key
+    except OSError:
+        pass
+    key = compute()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False, suffix=".tmp") as f:
+            f.write(key)
+        os.replace(f.name, path)
+    except OSError as err:
+        log.debug("flashattention: Triton's key not kept in %s: %r", cache_dir, err)
+    return key
+
+
+def use_kept_key(cache_dir: Path) -> str:
+    """Points Triton's key lookups (triton.runtime.cache and the autotuner's binding) at the kept key."""
+    import triton
+    from triton.runtime import autotuner, cache
+
+    original = cache.triton_key
+    key = kept_key(original, Path(triton.__file__).parent, triton.__version__, cache_dir)
+
+    def triton_key() -> str:
+        return key
+
+    triton_key.original = original
+    cache.triton_key = triton_key
+    if getattr(autotuner, "triton_key", None) is original:
+        autotuner.triton_key = triton_key
+    return key
 
 
 def _import(name: str) -> None:

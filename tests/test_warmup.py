@@ -65,12 +65,79 @@ def test_no_thread_without_cuda_build():
     assert _fresh_process(STARTED, TRITON_INTERPRET=None, FLASHATTN_WARMUP=None) == "False"
 
 
-def test_work_fills_triton_key_and_imports():
-    """The thread's work, run here with a GPU pretended: Triton's key is cached and sympy imported after."""
+@pytest.fixture
+def triton_key_restored(monkeypatch, tmp_path):
+    """Triton's key lookup as it was after the test, and FLASHATTN_CACHE_DIR in tmp_path."""
+    from triton.runtime import autotuner, cache
+
+    monkeypatch.setattr(cache, "triton_key", cache.triton_key)
+    monkeypatch.setattr(autotuner, "triton_key", autotuner.triton_key)
+    monkeypatch.setenv("FLASHATTN_CACHE_DIR", str(tmp_path / "cache"))
+    return cache
+
+
+def test_work_hands_triton_its_key_and_imports(triton_key_restored):
+    """The thread's work, run here with a GPU pretended: Triton's lookups return the key Triton computes,
+    kept on disk; sympy is imported after."""
+    cache = triton_key_restored
+    original = getattr(cache.triton_key, "original", cache.triton_key)
     _prefetch.work(has_gpu=lambda: True)
     assert not _prefetch.pending()
-    assert _prefetch._triton_key().cache_info().currsize == 1
+    assert cache.triton_key is not original and cache.triton_key() == original()
+    from triton.runtime import autotuner
+
+    assert autotuner.triton_key is cache.triton_key
+    assert len(list((_env.cache_dir()).glob("triton-key-*.txt"))) == 1
     assert "sympy" in sys.modules and "triton" in sys.modules
+
+
+def _fake_triton(root):
+    """A folder shaped like Triton's, for the fingerprint: files its key reads and one it does not."""
+    for rel in (
+        "runtime/cache.py",
+        "compiler/code.py",
+        "backends/nvidia/driver.py",
+        "language/core.py",
+        "_C/libtriton.so",
+        "tools/unrelated.py",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    return root
+
+
+def test_kept_key_is_reused_until_a_hashed_file_changes(tmp_path):
+    triton_dir, cache_dir = _fake_triton(tmp_path / "triton"), tmp_path / "cache"
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return f"9.9.9-key{len(computed)}"
+
+    assert _prefetch.kept_key(compute, triton_dir, "9.9.9", cache_dir) == "9.9.9-key1"
+    assert _prefetch.kept_key(compute, triton_dir, "9.9.9", cache_dir) == "9.9.9-key1"  # from disk
+    assert len(computed) == 1
+    (triton_dir / "tools/unrelated.py").write_text("not hashed by Triton")
+    assert _prefetch.kept_key(compute, triton_dir, "9.9.9", cache_dir) == "9.9.9-key1"
+    for rel in ("compiler/code.py", "_C/libtriton.so", "language/core.py", "runtime/cache.py"):
+        before = len(computed)
+        path = triton_dir / rel
+        path.write_text(path.read_text() + " edited")  # another size (and mtime)
+        assert _prefetch.kept_key(compute, triton_dir, "9.9.9", cache_dir) == f"9.9.9-key{before + 1}", rel
+    assert _prefetch.kept_key(compute, triton_dir, "9.9.10", cache_dir).startswith("9.9.9-key")
+    assert len(computed) == 6  # another version: another fingerprint
+
+
+def test_kept_key_ignores_torn_files_and_unwritable_folders(tmp_path):
+    triton_dir = _fake_triton(tmp_path / "triton")
+    cache_dir = tmp_path / "cache"
+    _prefetch.kept_key(lambda: "1.0-a", triton_dir, "1.0", cache_dir)
+    (kept,) = cache_dir.glob("triton-key-*.txt")
+    kept.write_text("")  # torn
+    assert _prefetch.kept_key(lambda: "1.0-b", triton_dir, "1.0", cache_dir) == "1.0-b"
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder would be")
+    assert _prefetch.kept_key(lambda: "1.0-c", triton_dir, "1.0", blocked / "sub") == "1.0-c"
 
 
 def test_work_without_gpu_or_failing_ends_quietly():
@@ -261,7 +328,7 @@ in_backward = len(compiles) - before
 failures = []
 for dtype in (torch.float32, torch.bfloat16):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    ref = attention_reference(*leaves, causal=True)
+    ref, _ = attention_reference(*leaves, causal=True, upcast=dtype == torch.float32)
     ref.backward(dout.to(dtype))
     if dtype == torch.float32:
         refs = [ref] + [t.grad for t in leaves]
