@@ -4,7 +4,8 @@ so that the next call of the same key replays it.
 
 Entry points match flashattention.blockwise: forward_stats -> (out, stats) and attention_backward(dout, q,
 k, v, out, stats); here stats is the log2-unit LSE2 the backward needs, and lse = stats * STATS_TO_LSE.
-attention_forward -> (out, lse, stats) adds the LSE (tests and tools)."""
+attention_forward -> (out, lse, stats) adds the LSE (tests and tools). With cu_seqlens_q (varlen), q, k, v,
+out are packed [total, heads, head_dim] and stats [heads, total_q]: the same kernels with IS_VARLEN."""
 
 from __future__ import annotations
 
@@ -113,8 +114,12 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
     return out, lse2 * STATS_TO_LSE, lse2
 
 
-def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
-    """(out, lse2) of attention_forward, without the natural-log LSE."""
+def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, config=None, **varlen):
+    """(out, lse2) of attention_forward, without the natural-log LSE. varlen: cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k (forward_varlen), all or none."""
+    if varlen:
+        return forward_varlen(q, k, v, softmax_scale=softmax_scale, left=left, right=right, config=config,
+                              **varlen)  # fmt: skip
     batch, heads, seqlen_q, head_dim = q.shape
     seqlen_k = k.shape[2]
     out = dev.empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
@@ -148,9 +153,13 @@ def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, confi
     return out, lse2
 
 
-def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int):
+def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int, **varlen):
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
-    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel)."""
+    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). varlen: as
+    forward_stats' (backward_varlen)."""
+    if varlen:
+        return backward_varlen(dout, q, k, v, out, lse2, softmax_scale=softmax_scale, left=left, right=right,
+                               **varlen)  # fmt: skip
     batch, heads, seqlen_q, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     dq = dev.empty(q.shape, q.dtype, q.device)
@@ -203,4 +212,153 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
     dq_args = dict(common, DQ=dq, **strides("dq", dq, "m", unit))
     grid = lambda meta: (dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
     PLANS.put(key, (pre, dkdv, registry.launch("bwd_dq", grid, dq_args, q.device, q.dtype)))
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Varlen: packed sequences through the same kernels (IS_VARLEN)
+
+
+def _bhsd(*packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Packed [total, heads, head_dim] tensors as the kernels' [1, heads, total, head_dim] views (no copy)."""
+    return tuple(t.transpose(0, 1).unsqueeze(0) for t in packed)
+
+
+def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> dict:
+    """The varlen kernels' extra arguments; the autotune key's lengths are the longest sequences'."""
+    return dict(
+        CU_SEQLENS_Q=cu_seqlens_q,
+        CU_SEQLENS_K=cu_seqlens_k,
+        IS_VARLEN=True,
+        seqlen_buckets=seqlen_buckets(max_seqlen_q, max_seqlen_k),
+    )
+
+
+def forward_varlen(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    left,
+    right,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    config=None,
+):
+    """Packed sequences: q [total_q, heads, head_dim], k, v [total_k, kv_heads, head_dim]; sequence b is
+    rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q (likewise k, v; int32 [batch + 1] on q's device, checked);
+    max_seqlen_q/k bound every sequence's lengths (the grid covers max_seqlen_q). Returns out [total_q, heads,
+    head_dim] (q.dtype) and lse2 [heads, total_q] (log2 units). Masks per sequence, offset seqlen_k_b -
+    seqlen_q_b. A forced config makes no plan."""
+    total_q, heads, head_dim = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    out = dev.empty((total_q, heads, head_dim), q.dtype, q.device)
+    lse2 = dev.empty((heads, total_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse2
+    if k.shape[0] == 0:  # no keys in any sequence
+        return out.zero_(), lse2.fill_(-math.inf)
+    tensors = dict(Q=q, K=k, V=v, O=out, LSE2=lse2, CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k)
+    key = None
+    if config is None:
+        kind = ("fwd_varlen", max_seqlen_q, max_seqlen_k)
+        key = call_key(kind, tuple(tensors.values()), softmax_scale, left, right, q.dtype)
+    views = dict(tensors, **dict(zip("QKVO", _bhsd(q, k, v, out), strict=True)))
+    if PLANS.replay(key, q.device, views, registry.last_launched):
+        return out, lse2
+    q4, k4, v4, o4 = views["Q"], views["K"], views["V"], views["O"]
+    unit = stride_unit(q4, k4, v4, o4)
+    args = dict(
+        _shared_args(q4, k4, v4, unit, softmax_scale, left, right),
+        O=o4,
+        LSE2=lse2,
+        **strides("o", o4, "m", unit),
+        **_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+        batch=batch,
+        max_seqlen_q=max_seqlen_q,
+        CAN_TMA=False,  # the kernel reads varlen K/V through pointers
+    )
+
+    def grid(meta):
+        tiles = dev.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * heads
+        if meta.get("PERSISTENT"):
+            return (persistent_programs(tiles[0] * tiles[1], dev.num_sms(q.device)),)
+        return tiles
+
+    launched = registry.launch("fwd", grid, args, q.device, q.dtype, config, seqlen_k=max_seqlen_k)
+    PLANS.put(key, (launched,))
+    return out, lse2
+
+
+def backward_varlen(
+    dout, q, k, v, out, lse2, *, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k,
+):  # fmt: skip
+    """(dq, dk, dv) of forward_varlen, packed like (q, k, v): the preprocess over the packed rows as one
+    sequence (delta is per row: [heads, total_q], like lse2), then the dK/dV and dQ kernels with IS_VARLEN,
+    their grids covering the longest sequence's keys and queries."""
+    total_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    dq = dev.empty(q.shape, q.dtype, q.device)
+    dk = dev.empty(k.shape, k.dtype, k.device)
+    dv = dev.empty(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:  # nothing flows: zero grads
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    packed = dict(O=out, DO=dout, DELTA=delta, Q=q, K=k, V=v, LSE2=lse2, DQ=dq, DK=dk, DV=dv)
+    packed.update(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k)
+    kind = ("bwd_varlen", max_seqlen_q, max_seqlen_k)
+    key = call_key(kind, tuple(packed.values()), softmax_scale, left, right, q.dtype)
+    names = ("O", "DO", "Q", "K", "V", "DQ", "DK", "DV")
+    tensors = dict(packed, **dict(zip(names, _bhsd(*(packed[n] for n in names)), strict=True)))
+    if PLANS.replay(key, q.device, tensors, registry.last_launched):
+        return dq, dk, dv
+    o4, do4, q4, k4, v4 = (tensors[n] for n in ("O", "DO", "Q", "K", "V"))
+    dq4, dk4, dv4 = (tensors[n] for n in ("DQ", "DK", "DV"))
+    pre_block = 64
+    pre_args = dict(  # every packed row as one sequence of one batch
+        O=o4,
+        DO=do4,
+        DELTA=delta,
+        **strides("o", o4, "m", 1),
+        **strides("do", do4, "m", 1),
+        num_heads=heads,
+        seqlen_q=total_q,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=dev.pow2_at_least(head_dim),
+        BLOCK_M=pre_block,
+    )
+    pre_grid = (dev.cdiv(total_q, pre_block), heads)
+    with dev.on(q.device):
+        compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
+    pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
+    unit = stride_unit(q4, k4, v4, do4, dq4, dk4, dv4)
+    common = dict(
+        _shared_args(q4, k4, v4, unit, softmax_scale, left, right),
+        DO=do4,
+        LSE2=lse2,
+        DELTA=delta,
+        **strides("do", do4, "m", unit),
+        **_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+        softmax_scale=softmax_scale,
+    )
+    dkdv_args = dict(
+        common,
+        DK=dk4,
+        DV=dv4,
+        CAN_TMA=False,
+        num_kv_heads=kv_heads,
+        **strides("dk", dk4, "n", unit),
+        **strides("dv", dv4, "n", unit),
+    )
+    grid = lambda meta: (dev.cdiv(max_seqlen_k, meta["BLOCK_N"]), batch * kv_heads)
+    dkdv = registry.launch("bwd_dkdv", grid, dkdv_args, q.device, q.dtype, seqlen_k=max_seqlen_k)
+    dq_args = dict(common, DQ=dq4, **strides("dq", dq4, "m", unit))
+    grid = lambda meta: (dev.cdiv(max_seqlen_q, meta["BLOCK_M"]), batch * heads)
+    dq_launch = registry.launch("bwd_dq", grid, dq_args, q.device, q.dtype, seqlen_k=max_seqlen_k)
+    PLANS.put(key, (pre, dkdv, dq_launch))
     return dq, dk, dv
