@@ -4,8 +4,9 @@ Both recompute P = exp2(qk_scale * Q K^T - LSE2) with the forward's own log2-uni
 no extra rounding of |scores|-sized numbers); dS = P * (dP - delta), dP = dO V^T, delta = rowsum(dO * O).
 Deterministic: every output element is written by exactly one program, in a fixed order.
 IS_VARLEN (dK/dV and dQ): packed sequences, as the forward's (fwd.attn_fwd_kernel): the batch index is the
-sequence's, its rows read from cu_seqlens, LSE2 and DELTA are [heads, total_q]. The preprocess needs no
-flag: delta is per row, so it runs over the packed rows as one sequence.
+sequence's, its rows read from cu_seqlens; the program moves every tensor to the sequence's first row and
+goes on as batch 0 of one sequence of its own lengths (LSE2 and DELTA are [heads, total_q]). The preprocess
+needs no flag: delta is per row, so it runs over the packed rows as one sequence.
 """
 
 import triton
@@ -182,24 +183,34 @@ def attn_bwd_dkdv_kernel(
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // num_kv_heads).to(tl.int64)
     off_hk = (off_bhk % num_kv_heads).to(tl.int64)
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA
     if IS_VARLEN:
-        q_start, k_start, seqlen_q_i, seqlen_k_i = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
-        if start_n >= seqlen_k_i:  # past this sequence's keys
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_n >= seqlen_k:  # past this sequence's keys
             return
-        total_q = seqlen_q
-        seqlen_q = seqlen_q_i
-        seqlen_k = seqlen_k_i
+        # every tensor from the sequence's first row on: the sequence is batch 0 from here
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        LSE2 += q_start
+        DELTA += q_start
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        DK += k_start * stride_dkn
+        DV += k_start * stride_dvn
+        off_b = 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    if IS_VARLEN:
-        k_base = K + k_start * stride_kn + off_hk * stride_kh
-        v_base = V + k_start * stride_vn + off_hk * stride_vh
-    else:
-        k_base = K + off_b * stride_kb + off_hk * stride_kh
-        v_base = V + off_b * stride_vb + off_hk * stride_vh
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )  # [BLOCK_N, HEAD_DIM_PAD]
+    v = tl.load(
+        V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left
     diag = seqlen_k - seqlen_q
@@ -211,16 +222,10 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     for g in range(0, group):
         off_h = off_hk * group + g
-        if IS_VARLEN:
-            q_base = Q + q_start * stride_qm + off_h * stride_qh
-            do_base = DO + q_start * stride_dom + off_h * stride_doh
-            lse2_row = LSE2 + off_h * total_q + q_start
-            delta_row = DELTA + off_h * total_q + q_start
-        else:
-            q_base = Q + off_b * stride_qb + off_h * stride_qh
-            do_base = DO + off_b * stride_dob + off_h * stride_doh
-            lse2_row = LSE2 + (off_b * num_heads + off_h) * seqlen_q
-            delta_row = DELTA + (off_b * num_heads + off_h) * seqlen_q
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        lse2_row = LSE2 + (off_b * num_heads + off_h) * lse_len
+        delta_row = DELTA + (off_b * num_heads + off_h) * lse_len
         # the tiles that need element masks, on either side of those that do not (tile_range)
         # ONE_LOOP: a single pass over [lo, hi) with element masks on every tile, for configs whose three
         # loops keep too many registers live (the compiler's report shows spills)
@@ -261,14 +266,8 @@ def attn_bwd_dkdv_kernel(
                 PRECISION,
             )
 
-    if IS_VARLEN:
-        dk_base = DK + k_start * stride_dkn + off_hk * stride_dkh
-        dv_base = DV + k_start * stride_dvn + off_hk * stride_dvh
-    else:
-        dk_base = DK + off_b * stride_dkb + off_hk * stride_dkh
-        dv_base = DV + off_b * stride_dvb + off_hk * stride_dvh
-    dk_ptrs = dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -386,35 +385,39 @@ def attn_bwd_dq_kernel(
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
     off_hk = off_h // group
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA
     if IS_VARLEN:
-        q_start, k_start, seqlen_q_i, seqlen_k_i = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
-        if start_m >= seqlen_q_i:  # past this sequence's queries
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_m >= seqlen_q:  # past this sequence's queries
             return
-        lse2_row = LSE2 + off_h * seqlen_q + q_start  # [heads, total_q]
-        delta_row = DELTA + off_h * seqlen_q + q_start
-        seqlen_q = seqlen_q_i
-        seqlen_k = seqlen_k_i
-        q_base = Q + q_start * stride_qm + off_h * stride_qh
-        do_base = DO + q_start * stride_dom + off_h * stride_doh
-    else:
-        lse2_row = LSE2 + off_bh.to(tl.int64) * seqlen_q
-        delta_row = DELTA + off_bh.to(tl.int64) * seqlen_q
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        # every tensor from the sequence's first row on: the sequence is batch 0 from here
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        DQ += q_start * stride_dqm
+        LSE2 += q_start
+        DELTA += q_start
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        off_b = 0
+        off_bh = off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m_mask = offs_m < seqlen_q
     q_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = _load_lse2(lse2_row, offs_m, m_mask)
-    delta = tl.load(delta_row + offs_m, mask=m_mask, other=0.0)
-    if IS_VARLEN:
-        k_base = K + k_start * stride_kn + off_hk * stride_kh
-        v_base = V + k_start * stride_vn + off_hk * stride_vh
-    else:
-        k_base = K + off_b * stride_kb + off_hk * stride_kh
-        v_base = V + off_b * stride_vb + off_hk * stride_vh
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    lse = _load_lse2(LSE2 + off_bh.to(tl.int64) * lse_len, offs_m, m_mask)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * lse_len + offs_m, mask=m_mask, other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
 
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
@@ -456,9 +459,5 @@ def attn_bwd_dq_kernel(
             HAS_HI,
             PRECISION,
         )
-    if IS_VARLEN:
-        dq_base = DQ + q_start * stride_dqm + off_h * stride_dqh
-    else:
-        dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
-    dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
