@@ -40,10 +40,10 @@ def attention_forward(
     left: int,
     right: int,
     backend: str,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, D] contiguous, stats [B, H, Sq] float32), inputs validated; varlen (cu_seqlens_q not
     None): out [total_q, H, D], stats [H, total_q]."""
@@ -70,7 +70,7 @@ def _forward_impl(q, k, v, softmax_scale, left, right, backend, *varlen):
 
 
 @attention_forward.register_fake
-def _(q, k, v, softmax_scale, left, right, backend, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _(q, k, v, softmax_scale, left, right, backend, cu_seqlens_q=None, cu_seqlens_k=None, *max_seqlens):
     if cu_seqlens_q is not None:
         total_q, heads, _ = q.shape
         return q.new_empty(q.shape), q.new_empty((heads, total_q), dtype=torch.float32)
@@ -99,10 +99,10 @@ def attention_backward(
     left: int,
     right: int,
     backend: str,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the shapes and dtypes of (q, k, v)."""
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -130,13 +130,13 @@ def _(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend, *varle
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, left, right, backend, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = (
-        inputs
-    )
+    q, k, v, softmax_scale, left, right, backend, *varlen = inputs  # varlen: absent in a dense op call
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen or (None, None, 0, 0)
     out, stats = output
     ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k)
     ctx.args = (softmax_scale, left, right, backend)
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(stats)
 
 
@@ -146,7 +146,7 @@ def _grads(ctx, grad_out, backward_op):
         grad_out = grad_out.contiguous()
     varlen = (cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
     dq, dk, dv = backward_op(grad_out, q, k, v, out, stats, *ctx.args, *varlen)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 def _backward(ctx, grad_out, grad_stats):

@@ -298,3 +298,14 @@ def test_gpu_varlen_equals_per_sequence_with_window() -> None:
     case = VarlenCase((1000, 17, 3000, 1), (1500, 17, 3000, 700), heads=16, kv_heads=4, head_dim=64,
                       dtype=BF16, causal=True, window=(256, -1))  # fmt: skip
     test_varlen_equals_per_sequence_calls(case, "cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_varlen(backend: str, device) -> None:
+    """The custom op's registrations (fake, autograd) are consistent for varlen arguments too."""
+    from flashattention._autograd import attention_forward
+
+    case = VarlenCase((5, 0, 11), (7, 3, 11), dtype=F32)
+    q, k, v, _, cq, ck = case.inputs(device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_forward, (q, k, v, 0.25, 4, 0, backend, cq, ck, 11, 11))
