@@ -1,6 +1,6 @@
 """flashattention: exact, fast, memory-efficient attention for PyTorch, with Triton kernels."""
 
-from .api import flash_attention
+from .api import flash_attention, flash_attention_varlen
 from .kv_cache import (
     KVCache,
     flash_attention_with_kv_cache,
@@ -22,6 +22,7 @@ __all__ = [
     "PagedKVCache",
     "__version__",
     "flash_attention",
+    "flash_attention_varlen",
     "flash_attention_with_kv_cache",
     "incremental_attention",
     "initialize_kv_cache",

@@ -3,6 +3,9 @@ torch.compile, so a compiled model keeps them whole, fullgraph=True included) an
 formula saves (q, k, v, out, stats) and recomputes the probabilities in the backward. `stats` is what the
 backend's backward needs of the softmax (its LSE, in the backend's own units: `lse_of` turns it into the
 natural-log LSE, only for callers that asked for it, which saves a launch per call).
+Packed varlen sequences go through the same op and Function: cu_seqlens_q/k (int32 [batch + 1], checked)
+and max_seqlen_q/k, None and 0 for dense calls; then q, k, v, out are [total, heads, head_dim] and stats
+[heads, total_q].
 
 `attention` is the entry point. Under torch.compile it calls the custom op. In eager mode it applies the
 same formula (`_setup_context`, `_grads`) through a plain autograd.Function: the custom op's Python
@@ -37,19 +40,40 @@ def attention_forward(
     left: int,
     right: int,
     backend: str,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Sq, D] contiguous, stats [B, H, Sq] float32), inputs validated."""
-    return _forward_impl(q, k, v, softmax_scale, left, right, backend)
+    """(out [B, H, Sq, D] contiguous, stats [B, H, Sq] float32), inputs validated; varlen (cu_seqlens_q not
+    None): out [total_q, H, D], stats [H, total_q]."""
+    varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _forward_impl(q, k, v, softmax_scale, left, right, backend, *varlen)
 
 
-def _forward_impl(q, k, v, softmax_scale, left, right, backend):
+def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> dict:
+    """The backends' varlen keywords: none for a dense call."""
+    if cu_seqlens_q is None:
+        return {}
+    return dict(
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+    )
+
+
+def _forward_impl(q, k, v, softmax_scale, left, right, backend, *varlen):
     return _backend_module(backend).forward_stats(
-        q, k, v, softmax_scale=softmax_scale, left=left, right=right
+        q, k, v, softmax_scale=softmax_scale, left=left, right=right, **_varlen(*varlen)
     )
 
 
 @attention_forward.register_fake
-def _(q, k, v, softmax_scale, left, right, backend):
+def _(q, k, v, softmax_scale, left, right, backend, cu_seqlens_q=None, cu_seqlens_k=None, *max_seqlens):
+    if cu_seqlens_q is not None:
+        total_q, heads, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((heads, total_q), dtype=torch.float32)
     batch, heads, seqlen_q, head_dim = q.shape
     return q.new_empty((batch, heads, seqlen_q, head_dim)), q.new_empty(
         (batch, heads, seqlen_q), dtype=torch.float32
@@ -75,36 +99,54 @@ def attention_backward(
     left: int,
     right: int,
     backend: str,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous, in the shapes and dtypes of (q, k, v)."""
-    return _backward_impl(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend)
+    varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _backward_impl(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend, *varlen)
 
 
-def _backward_impl(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend):
+def _backward_impl(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend, *varlen):
     return _backend_module(backend).attention_backward(
-        grad_out, q, k, v, out, stats, softmax_scale=softmax_scale, left=left, right=right
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        stats,
+        softmax_scale=softmax_scale,
+        left=left,
+        right=right,
+        **_varlen(*varlen),
     )
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend):
+def _(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend, *varlen):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, left, right, backend = inputs
+    q, k, v, softmax_scale, left, right, backend, *varlen = inputs  # varlen: absent in a dense op call
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen or (None, None, 0, 0)
     out, stats = output
-    ctx.save_for_backward(q, k, v, out, stats)
+    ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k)
     ctx.args = (softmax_scale, left, right, backend)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(stats)
 
 
 def _grads(ctx, grad_out, backward_op):
-    q, k, v, out, stats = ctx.saved_tensors
+    q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
         grad_out = grad_out.contiguous()
-    dq, dk, dv = backward_op(grad_out, q, k, v, out, stats, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    varlen = (cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
+    dq, dk, dv = backward_op(grad_out, q, k, v, out, stats, *ctx.args, *varlen)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 def _backward(ctx, grad_out, grad_stats):
@@ -119,8 +161,8 @@ class _EagerAttention(torch.autograd.Function):
     The separate setup_context is what torch.func transforms need."""
 
     @staticmethod
-    def forward(q, k, v, softmax_scale, left, right, backend):
-        return _forward_impl(q, k, v, softmax_scale, left, right, backend)
+    def forward(q, k, v, softmax_scale, left, right, backend, *varlen):
+        return _forward_impl(q, k, v, softmax_scale, left, right, backend, *varlen)
 
     setup_context = staticmethod(_setup_context)
 
@@ -150,8 +192,34 @@ def plain(*tensors: torch.Tensor) -> bool:
     )
 
 
-def attention(q, k, v, softmax_scale: float, left: int, right: int, backend: str):
-    """(out, stats) of validated inputs, differentiable in q, k and v (lse_of(stats, backend): the LSE)."""
+def attention(
+    q,
+    k,
+    v,
+    softmax_scale: float,
+    left: int,
+    right: int,
+    backend: str,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+):
+    """(out, stats) of validated inputs, differentiable in q, k and v (lse_of(stats, backend): the LSE).
+    Varlen: packed q, k, v with cu_seqlens_q/k and max_seqlen_q/k (see the module docstring)."""
+    args = (
+        q,
+        k,
+        v,
+        softmax_scale,
+        left,
+        right,
+        backend,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+    )
     if plain(q, k, v):
         wants_grad = q.requires_grad or k.requires_grad or v.requires_grad
         if backend == "triton" and wants_grad and torch.is_grad_enabled():
@@ -159,6 +227,6 @@ def attention(q, k, v, softmax_scale: float, left: int, right: int, backend: str
 
             warmup.backward_kernels(q, k, v, softmax_scale, left, right)  # once per process: compiles ahead
         if torch._C._are_functorch_transforms_active():
-            return _EagerAttention.apply(q, k, v, softmax_scale, left, right, backend)
-        return _apply_unbound(*unwrap_dead_wrappers((q, k, v, softmax_scale, left, right, backend)))
-    return attention_forward(q, k, v, softmax_scale, left, right, backend)
+            return _EagerAttention.apply(*args)
+        return _apply_unbound(*unwrap_dead_wrappers(args))
+    return attention_forward(*args)

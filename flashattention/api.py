@@ -82,6 +82,63 @@ def flash_attention(
     return (out, lse) if return_lse else out
 
 
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention over packed sequences of different lengths (no padding), differentiable in
+    q, k and v, as flash-attn's flash_attn_varlen_func.
+
+    Shapes: q: [total_q, heads, head_dim]; k, v: [total_k, kv_heads, head_dim] with heads % kv_heads == 0
+    (GQA/MQA as flash_attention); cu_seqlens_q, cu_seqlens_k: int32 [batch + 1] on q's device, starting at
+    0, non-decreasing, ending at total_q and total_k: sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]
+    attending to k, v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]] (an empty range is a sequence of length 0).
+    max_seqlen_q, max_seqlen_k: at least the longest sequence's query and key counts. Returns out:
+    [total_q, heads, head_dim] in q's dtype and, with return_lse=True, also lse: [heads, total_q], float32
+    (flash-attn's varlen layout; natural log, not differentiable).
+
+    Masks as flash_attention's, per sequence, with that sequence's own bottom-right offset off_b =
+    seqlen_k_b - seqlen_q_b: causal=True lets query i see keys j <= i + off_b; window_size=(left, right)
+    keys i + off_b - left <= j <= i + off_b + right (-1 = unbounded). A query row that sees no key (a
+    sequence without keys, or causal with seqlen_q_b > seqlen_k_b) returns 0 and lse -inf. softmax_scale,
+    float32 precision and backend as flash_attention's ("auto": triton on CUDA, the blockwise torch backend
+    elsewhere; the torch backend runs one call per sequence).
+
+    Every check runs before any kernel: it reads cu_seqlens_q and cu_seqlens_k on the host once (one device
+    sync) to check the offsets against the tensors and max_seqlen_q/k. The kernels' grids cover the longest
+    sequence actually present. A cu_seqlens that is not contiguous is copied; so is a q, k or v whose last
+    dimension is not (other strides are used as they are, e.g. q = qkv[:, 0] of a packed qkv tensor).
+    """
+    _validation.check_varlen_qkv(q, k, v)
+    scale = _validation.check_scale(softmax_scale, q.shape[-1])
+    left, right = _validation.canonical_window(causal, window_size)
+    backend = _validation.pick_backend(backend, q.device)
+    longest_q, longest_k = _validation.check_cu_seqlens(
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k
+    )
+    # a bound that hides no key of the longest sequences hides none of any: exact with the longest lengths
+    left, right = normalise_window(left, right, longest_q, longest_k)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = (t.contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+    out, stats = attention(
+        q, k, v, scale, left, right, backend, cu_seqlens_q, cu_seqlens_k, longest_q, longest_k
+    )
+    if return_lse:
+        return out, lse_of(stats, backend)
+    return out
+
+
 # enable_gqa came with torch 2.5; before it, GQA calls take the blockwise path
 SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 

@@ -3,6 +3,7 @@
 Runs on any device, in O(seqlen) extra memory (one [block_q, block_k] score tile per head at a time), and
 skips key tiles that the mask hides entirely. Math in float32 (float64 inputs are not accepted by the API).
 GQA is a broadcast over a [batch, kv_heads, group, ...] view, never a copy of K/V.
+Varlen (packed sequences, cu_seqlens): one call per sequence on its slices (one host read of the offsets).
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
 STATS_TO_LSE = 1.0  # the stats are the LSE
 
 
-def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int):
+def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, **varlen):
     """(out [B, H, Sq, D] in q.dtype, stats [B, H, Sq] float32): the stats the backward takes are the
-    natural-log LSE itself."""
+    natural-log LSE itself. varlen (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): packed q, k, v
+    [total, heads, D], out [total_q, H, D], stats [H, total_q]."""
+    if varlen:
+        return _forward_varlen(q, k, v, softmax_scale, left, right, **varlen)
     b, h, seqlen_q, d = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     g = h // kv_heads
@@ -98,8 +102,11 @@ def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int):
     return out.view(b, h, seqlen_q, d), lse.view(b, h, seqlen_q)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: int, right: int):
-    """Returns (dq, dk, dv), recomputing probabilities tile by tile from the saved lse."""
+def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: int, right: int, **varlen):
+    """Returns (dq, dk, dv), recomputing probabilities tile by tile from the saved lse (varlen: packed, as
+    forward_stats')."""
+    if varlen:
+        return _backward_varlen(dout, q, k, v, out, lse, softmax_scale, left, right, **varlen)
     b, h, seqlen_q, d = q.shape
     kv_heads, seqlen_k = k.shape[1], k.shape[2]
     acc_dtype = _matmul_dtype(q.dtype)
@@ -133,3 +140,45 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: i
             dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb).sum(dim=2)
             dv[:, :, k0:k1] += torch.matmul(p.transpose(-1, -2), dob).sum(dim=2)
     return dq.view(b, h, seqlen_q, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(q0, q1, k0, k1): each packed sequence's query and key rows (one host read of both offsets)."""
+    qs, ks = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+    return [(qs[b], qs[b + 1], ks[b], ks[b + 1]) for b in range(len(qs) - 1)]
+
+
+def _bhsd(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of a packed [total, heads, D] tensor as a [1, heads, end - start, D] view."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+def _forward_varlen(q, k, v, softmax_scale, left, right, *, cu_seqlens_q, cu_seqlens_k, **_max_seqlens):
+    total_q, h, d = q.shape
+    out = torch.zeros(total_q, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((h, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0:
+            o, stats = forward_stats(
+                _bhsd(q, q0, q1), _bhsd(k, k0, k1), _bhsd(v, k0, k1),
+                softmax_scale=softmax_scale, left=left, right=right,
+            )  # fmt: skip
+            out[q0:q1] = o[0].transpose(0, 1)
+            lse[:, q0:q1] = stats[0]
+    return out, lse
+
+
+def _backward_varlen(
+    dout, q, k, v, out, lse, softmax_scale, left, right, *, cu_seqlens_q, cu_seqlens_k, **_max_seqlens
+):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0 and k1 > k0:
+            grads = attention_backward(
+                _bhsd(dout, q0, q1), _bhsd(q, q0, q1), _bhsd(k, k0, k1), _bhsd(v, k0, k1),
+                _bhsd(out, q0, q1), lse[None, :, q0:q1],
+                softmax_scale=softmax_scale, left=left, right=right,
+            )  # fmt: skip
+            for full, grad, start, end in zip((dq, dk, dv), grads, (q0, k0, k0), (q1, k1, k1), strict=True):
+                full[start:end] = grad[0].transpose(0, 1)
+    return dq, dk, dv

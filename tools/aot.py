@@ -5,7 +5,7 @@ specialised as divisible by 16, as a launch with aligned tensors is. Run it with
 version. Costs no device time; catches configs that cannot fit before they reach a GPU.
 
 Usage: python -m tools.aot [--tables sm90,sm90-fp32] [--dims 64,128,256] [--kernels fwd,bwd_dkdv,bwd_dq]
-       [--candidates] [--defaults]
+       [--candidates] [--defaults] [--varlen]
 Exit code 1 when a config does not compile or does not fit shared memory (spills are reported, not failed).
 """
 
@@ -36,6 +36,8 @@ def blocks_per_sm(shared: int, regs: int, warps: int) -> int:
 
 
 FP32_POINTERS = {"LSE2", "DELTA"}
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
+VARLEN_ARGS = INT32_POINTERS | {"max_seqlen_q"}  # None (constexpr) in a dense launch
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
 
@@ -62,10 +64,11 @@ def compile_config(
     mask: str = "hi",
     aligned_lengths=False,
     fp16=False,
+    varlen=False,
 ) -> dict:
     """Compiles `config` for sm_90a as a launch with 16-byte aligned tensors would specialise it: `mask` "hi"
     (causal), "none", "lo" or "lo+hi" (a window), sequence lengths divisible by 16 or (default) not, 16-bit
-    inputs in bfloat16 or (fp16) float16."""
+    inputs in bfloat16 or (fp16) float16; varlen: IS_VARLEN with cu_seqlens (Triton kernels only)."""
     gluon = bool(config.kwargs.get("GLUON_WS"))
     fn = registry.KERNELS[kernel].fn_for(config)
     element = "*fp32" if fp32 else ("*fp16" if fp16 else "*bf16")
@@ -78,16 +81,22 @@ def compile_config(
         **config.kwargs,
     )
     if kernel in ("fwd", "bwd_dkdv"):
-        constexprs["CAN_TMA"] = True
+        constexprs["CAN_TMA"] = not varlen  # a varlen launch passes False
+    if varlen:
+        constexprs["IS_VARLEN"] = True
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name[0].isupper():  # tensors are named in capitals
-            signature[name] = "*fp32" if name in FP32_POINTERS else element
+            signature[name] = (
+                "*fp32" if name in FP32_POINTERS else "*i32" if name in INT32_POINTERS else element
+            )
         else:
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     for param in fn.params:  # defaults of constexprs the config leaves out, and of optional pointers (None)
+        if varlen and param.name in VARLEN_ARGS:
+            continue
         if (param.is_constexpr or param.default is None) and param.name not in constexprs:
             constexprs[param.name] = param.default
             signature[param.name] = "constexpr"
@@ -144,6 +153,7 @@ def main() -> int:
     ap.add_argument("--masks", default="hi", help="mask specialisations: none,hi,lo,lo+hi (default: causal)")
     ap.add_argument("--aligned-lengths", action="store_true", help="sequence lengths divisible by 16")
     ap.add_argument("--fp16", action="store_true", help="float16 inputs (default bfloat16)")
+    ap.add_argument("--varlen", action="store_true", help="IS_VARLEN (packed sequences; Triton configs only)")
     args = ap.parse_args()
     print(
         "| table | kernel | D | config | shared KB | regs | spill B | blocks/SM | wgmma | ex2 | cp.async "
@@ -154,14 +164,18 @@ def main() -> int:
     for table in args.tables.split(","):
         for kernel in args.kernels.split(","):
             for dim in (int(d) for d in args.dims.split(",")):
-                cfgs = configs.configs_for(kernel, table, dim)[: 1 if args.defaults else None]
+                cfgs = configs.configs_for(kernel, table, dim)
+                if args.varlen:  # the Gluon kernels take no varlen launch (registry.Kernel.takes_varlen)
+                    cfgs = [c for c in cfgs if registry.KERNELS[kernel].takes_varlen(c)]
+                cfgs = cfgs[: 1 if args.defaults else None]
                 if args.candidates:
                     cfgs = cfgs + candidates_for(kernel, table, dim)
                 for cfg, mask in ((c, m) for c in cfgs for m in args.masks.split(",")):
                     label = configs.label(cfg) + ("" if args.masks == "hi" else f" [{mask}]")
                     try:
                         r = compile_config(
-                            kernel, cfg, dim, table.endswith("fp32"), mask, args.aligned_lengths, args.fp16
+                            kernel, cfg, dim, table.endswith("fp32"), mask, args.aligned_lengths, args.fp16,
+                            args.varlen,
                         )  # fmt: skip
                     except Exception as exc:  # report, keep going
                         failures += 1

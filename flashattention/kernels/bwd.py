@@ -3,12 +3,16 @@ query heads of its GQA group, so no atomics are needed), and dQ (one program per
 Both recompute P = exp2(qk_scale * Q K^T - LSE2) with the forward's own log2-unit LSE2 (no conversion, so
 no extra rounding of |scores|-sized numbers); dS = P * (dP - delta), dP = dO V^T, delta = rowsum(dO * O).
 Deterministic: every output element is written by exactly one program, in a fixed order.
+IS_VARLEN (dK/dV and dQ): packed sequences, as the forward's (fwd.attn_fwd_kernel): the batch index is the
+sequence's, its rows read from cu_seqlens; the program moves every tensor to the sequence's first row and
+goes on as batch 0 of one sequence of its own lengths (LSE2 and DELTA are [heads, total_q]). The preprocess
+needs no flag: delta is per row, so it runs over the packed rows as one sequence.
 """
 
 import triton
 import triton.language as tl
 
-from .common import load_tile, mma, tile_range, unit_strides, visible
+from .common import load_tile, mma, tile_range, unit_strides, varlen_bounds, visible
 
 
 @triton.jit
@@ -163,7 +167,12 @@ def attn_bwd_dkdv_kernel(
     ONE_LOOP: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
+    CU_SEQLENS_Q=None,
+    CU_SEQLENS_K=None,
+    IS_VARLEN: tl.constexpr = False,
 ):
+    """dK, dV of one key block and kv head. IS_VARLEN: the grid covers the longest sequence's keys; seqlen_q
+    and seqlen_k come in as the packed totals."""
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
@@ -174,6 +183,21 @@ def attn_bwd_dkdv_kernel(
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // num_kv_heads).to(tl.int64)
     off_hk = (off_bhk % num_kv_heads).to(tl.int64)
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA
+    if IS_VARLEN:
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_n >= seqlen_k:  # past this sequence's keys
+            return
+        # every tensor from the sequence's first row on: the sequence is batch 0 from here
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        LSE2 += q_start
+        DELTA += q_start
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        DK += k_start * stride_dkn
+        DV += k_start * stride_dvn
+        off_b = 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -200,8 +224,8 @@ def attn_bwd_dkdv_kernel(
         off_h = off_hk * group + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse2_row = LSE2 + (off_b * num_heads + off_h) * seqlen_q
-        delta_row = DELTA + (off_b * num_heads + off_h) * seqlen_q
+        lse2_row = LSE2 + (off_b * num_heads + off_h) * lse_len
+        delta_row = DELTA + (off_b * num_heads + off_h) * lse_len
         # the tiles that need element masks, on either side of those that do not (tile_range)
         # ONE_LOOP: a single pass over [lo, hi) with element masks on every tile, for configs whose three
         # loops keep too many registers live (the compiler's report shows spills)
@@ -345,7 +369,12 @@ def attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     STRIDE_UNIT: tl.constexpr = 1,
+    CU_SEQLENS_Q=None,
+    CU_SEQLENS_K=None,
+    IS_VARLEN: tl.constexpr = False,
 ):
+    """dQ of one query block and head. IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q
+    and seqlen_k come in as the packed totals."""
     stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
@@ -356,6 +385,21 @@ def attn_bwd_dq_kernel(
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
     off_hk = off_h // group
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA
+    if IS_VARLEN:
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_m >= seqlen_q:  # past this sequence's queries
+            return
+        # every tensor from the sequence's first row on: the sequence is batch 0 from here
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        DQ += q_start * stride_dqm
+        LSE2 += q_start
+        DELTA += q_start
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        off_b = 0
+        off_bh = off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m_mask = offs_m < seqlen_q
@@ -370,8 +414,8 @@ def attn_bwd_dq_kernel(
         mask=q_mask,
         other=0.0,
     )
-    lse = _load_lse2(LSE2 + off_bh.to(tl.int64) * seqlen_q, offs_m, m_mask)
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * seqlen_q + offs_m, mask=m_mask, other=0.0)
+    lse = _load_lse2(LSE2 + off_bh.to(tl.int64) * lse_len, offs_m, m_mask)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * lse_len + offs_m, mask=m_mask, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
 

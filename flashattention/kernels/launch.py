@@ -4,7 +4,8 @@ so that the next call of the same key replays it.
 
 Entry points match flashattention.blockwise: forward_stats -> (out, stats) and attention_backward(dout, q,
 k, v, out, stats); here stats is the log2-unit LSE2 the backward needs, and lse = stats * STATS_TO_LSE.
-attention_forward -> (out, lse, stats) adds the LSE (tests and tools)."""
+attention_forward -> (out, lse, stats) adds the LSE (tests and tools). With cu_seqlens_q (varlen), q, k, v,
+out are packed [total, heads, head_dim] and stats [heads, total_q]: the same kernels with IS_VARLEN."""
 
 from __future__ import annotations
 
@@ -113,30 +114,48 @@ def attention_forward(q, k, v, *, softmax_scale: float, left: int, right: int, c
     return out, lse2 * STATS_TO_LSE, lse2
 
 
-def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, config=None):
-    """(out, lse2) of attention_forward, without the natural-log LSE."""
-    batch, heads, seqlen_q, head_dim = q.shape
-    seqlen_k = k.shape[2]
-    out = dev.empty((batch, heads, seqlen_q, head_dim), q.dtype, q.device)
-    lse2 = dev.empty((batch, heads, seqlen_q), torch.float32, q.device)
+def forward_stats(
+    q, k, v, *, softmax_scale: float, left: int, right: int, config=None, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+):  # fmt: skip
+    """(out, lse2) of attention_forward, without the natural-log LSE. Varlen (cu_seqlens_q given): q [total_q,
+    heads, head_dim], k, v [total_k, kv_heads, head_dim] packed; sequence b is rows cu_seqlens_q[b] to
+    cu_seqlens_q[b + 1] of q (likewise k, v; int32 [batch + 1], checked), max_seqlen_q/k bound every
+    sequence's lengths (the grid covers max_seqlen_q); out [total_q, heads, head_dim], lse2 [heads, total_q];
+    masks per sequence. A forced config makes no plan."""
+    varlen = cu_seqlens_q is not None
+    out = dev.empty(q.shape, q.dtype, q.device)
+    lse2 = dev.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:3], torch.float32, q.device)
     if out.numel() == 0:
         return out, lse2
-    if seqlen_k == 0:  # no keys: every row is empty (-inf is the same in both units)
+    if k.shape[0 if varlen else 2] == 0:  # no keys: every row is empty (-inf is the same in both units)
         return out.zero_(), lse2.fill_(-math.inf)
+    tensors = dict(Q=q, K=k, V=v, O=out, LSE2=lse2)
+    if varlen:
+        tensors.update(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k)
     key = None
     if config is None:  # a forced config makes no plan
-        key = call_key("fwd", (q, k, v, out, lse2), softmax_scale, left, right, q.dtype)
-    if PLANS.replay(key, q.device, {"Q": q, "K": k, "V": v, "O": out, "LSE2": lse2}, registry.last_launched):
+        kind = ("fwd_varlen", max_seqlen_q, max_seqlen_k) if varlen else "fwd"
+        key = call_key(kind, tuple(tensors.values()), softmax_scale, left, right, q.dtype)
+    if varlen:  # the kernels see [1, heads, total, head_dim] views
+        tensors.update(zip("QKVO", _bhsd(q, k, v, out), strict=True))
+    if PLANS.replay(key, q.device, tensors, registry.last_launched):
         return out, lse2
-    unit = stride_unit(q, k, v, out)
+    q, k, v, out4 = (tensors[name] for name in "QKVO")
+    batch, heads, seqlen_q = q.shape[:3]
+    unit = stride_unit(q, k, v, out4)
     args = dict(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
-        O=out,
+        O=out4,
         LSE2=lse2,
-        **strides("o", out, "m", unit),
+        **strides("o", out4, "m", unit),
         batch=batch,
         CAN_TMA=dev.tma_ok(q, k, v),
     )
+    if varlen:  # one program row per sequence, the longest one's query blocks; K/V through pointers
+        batch, seqlen_q = cu_seqlens_q.shape[0] - 1, max_seqlen_q
+        args.update(_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), CAN_TMA=False)
+        args.update(batch=batch, max_seqlen_q=max_seqlen_q)
 
     def grid(meta):
         tiles = dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads
@@ -144,32 +163,47 @@ def forward_stats(q, k, v, *, softmax_scale: float, left: int, right: int, confi
             return (persistent_programs(tiles[0] * tiles[1], dev.num_sms(q.device)),)
         return tiles
 
-    PLANS.put(key, (registry.launch("fwd", grid, args, q.device, q.dtype, config),))
+    seqlen_k = max_seqlen_k if varlen else None
+    PLANS.put(key, (registry.launch("fwd", grid, args, q.device, q.dtype, config, seqlen_k=seqlen_k),))
     return out, lse2
 
 
-def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int):
+def attention_backward(
+    dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int, cu_seqlens_q=None,
+    cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+):  # fmt: skip
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
-    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel)."""
-    batch, heads, seqlen_q, head_dim = q.shape
+    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Varlen: as
+    forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
+    varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
     dk = dev.empty(k.shape, k.dtype, k.device)
     dv = dev.empty(v.shape, v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing flows: zero grads
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse2.shape, dtype=torch.float32, device=q.device)
     tensors = dict(O=out, DO=dout, DELTA=delta, Q=q, K=k, V=v, LSE2=lse2, DQ=dq, DK=dk, DV=dv)
-    key = call_key("bwd", tuple(tensors.values()), softmax_scale, left, right, q.dtype)
+    varlen_args = {}
+    if varlen:
+        tensors.update(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k)
+        varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k)  # fmt: skip
+    kind = ("bwd_varlen", max_seqlen_q, max_seqlen_k) if varlen else "bwd"
+    key = call_key(kind, tuple(tensors.values()), softmax_scale, left, right, q.dtype)
+    if varlen:  # the kernels see [1, heads, total, head_dim] views
+        names = ("O", "DO", "Q", "K", "V", "DQ", "DK", "DV")
+        tensors.update(zip(names, _bhsd(*(tensors[n] for n in names)), strict=True))
     if PLANS.replay(key, q.device, tensors, registry.last_launched):
         return dq, dk, dv
     warmup.wait()  # the compiles kernels/warmup.py started at the first forward with grad, if any run
-    launches = backward_launches(tensors, softmax_scale, left, right)
+    launches = backward_launches(tensors, softmax_scale, left, right, **varlen_args)
     (pre_args, pre_grid), (dkdv_args, dkdv_grid), (dq_args, dq_grid) = launches.values()
     with dev.on(q.device):
         compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
     pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
-    dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype)
-    dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype)
+    seqlen_k = max_seqlen_k if varlen else None
+    dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, seqlen_k=seqlen_k)
+    dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
     PLANS.put(key, (pre, dkdv, dq_launch))
     return dq, dk, dv
 
@@ -177,11 +211,16 @@ def attention_backward(dout, q, k, v, out, lse2, *, softmax_scale: float, left: 
 PRE_BLOCK = 64  # query rows per program of the backward's preprocess
 
 
-def backward_launches(tensors: dict, softmax_scale: float, left: int, right: int) -> dict:
+def backward_launches(
+    tensors: dict, softmax_scale: float, left: int, right: int, *, cu_seqlens_q=None, cu_seqlens_k=None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+) -> dict:  # fmt: skip
     """name -> (arguments, grid) of the backward's three launches ("pre": the preprocess, "bwd_dkdv",
-    "bwd_dq"), from `tensors` as the kernels name them (O, DO, DELTA, Q, K, V, LSE2, DQ, DK, DV). The
-    backward launches them; kernels/warmup.py compiles them ahead with stand-ins for the tensors that do
-    not exist yet, which only their shapes, strides, dtypes and alignment reach through this function."""
+    "bwd_dq"), from `tensors` as the kernels name them (O, DO, DELTA, Q, K, V, LSE2, DQ, DK, DV; BHSD, for
+    varlen the [1, heads, total, head_dim] views). The backward launches them; kernels/warmup.py compiles
+    them ahead with stand-ins for the tensors that do not exist yet, which only their shapes, strides, dtypes
+    and alignment reach through this function. Varlen: the preprocess runs over the packed rows as one
+    sequence (delta is per row); the dK/dV and dQ grids cover the longest sequence."""
     q, k, v, out, dout = (tensors[name] for name in ("Q", "K", "V", "O", "DO"))
     dq, dk, dv = (tensors[name] for name in ("DQ", "DK", "DV"))
     batch, heads, seqlen_q, head_dim = q.shape
@@ -208,11 +247,15 @@ def backward_launches(tensors: dict, softmax_scale: float, left: int, right: int
         **strides("do", dout, "m", unit),
         softmax_scale=softmax_scale,
     )
+    can_tma = dev.tma_ok(q, k, v, dout)
+    if cu_seqlens_q is not None:  # one program row per sequence; K/V through pointers
+        common.update(_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+        batch, seqlen_q, seqlen_k, can_tma = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, False
     dkdv_args = dict(
         common,
         DK=dk,
         DV=dv,
-        CAN_TMA=dev.tma_ok(q, k, v, dout),
+        CAN_TMA=can_tma,
         num_kv_heads=kv_heads,
         **strides("dk", dk, "n", unit),
         **strides("dv", dv, "n", unit),
@@ -223,3 +266,22 @@ def backward_launches(tensors: dict, softmax_scale: float, left: int, right: int
         "bwd_dkdv": (dkdv_args, lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)),
         "bwd_dq": (dq_args, lambda meta: (dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Varlen: packed sequences through the same kernels (IS_VARLEN)
+
+
+def _bhsd(*packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Packed [total, heads, head_dim] tensors as the kernels' [1, heads, total, head_dim] views (no copy)."""
+    return tuple(t.transpose(0, 1).unsqueeze(0) for t in packed)
+
+
+def _varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> dict:
+    """The varlen kernels' extra arguments; the autotune key's lengths are the longest sequences'."""
+    return dict(
+        CU_SEQLENS_Q=cu_seqlens_q,
+        CU_SEQLENS_K=cu_seqlens_k,
+        IS_VARLEN=True,
+        seqlen_buckets=seqlen_buckets(max_seqlen_q, max_seqlen_k),
+    )

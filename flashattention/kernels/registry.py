@@ -23,13 +23,20 @@ from .fwd import attn_fwd_kernel
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One algorithm's kernels: the Triton one, and the Gluon one (module, name; imported on first use,
-    Gluon being experimental) that GLUON_WS configs launch, for the head dims it takes."""
+    Gluon being experimental) that GLUON_WS configs launch, for the head dims it takes. The Triton kernels
+    take packed varlen sequences (IS_VARLEN); a Gluon one only where gluon_varlen says so (none yet), so a
+    varlen launch runs the Triton configs of the entry (problems says why the others do not apply)."""
 
     name: str
     title: str
     triton_fn: object
     gluon_fn: tuple[str, str] | None = None
     gluon_dims: tuple[int, ...] = ()
+    gluon_varlen: bool = False
+
+    def takes_varlen(self, config: triton.Config) -> bool:
+        """Whether the kernel `config` launches accepts IS_VARLEN (packed sequences)."""
+        return not config.kwargs.get("GLUON_WS") or self.gluon_varlen
 
     def fn_for(self, config: triton.Config):
         if config.kwargs.get("GLUON_WS"):
@@ -43,6 +50,8 @@ class Kernel:
             return []
         if self.gluon_fn is None:
             return [f"the {self.title} has no Gluon kernel"]
+        if args.get("IS_VARLEN") and not self.takes_varlen(config):
+            return [f"the Gluon {self.title} kernel takes no varlen (packed) sequences; the Triton one does"]
         found = gluon.problems(self.gluon_dims, args)
         if config.kwargs.get("HOST_DESC"):
             found += gluon.host_desc_problems(args)
@@ -98,38 +107,44 @@ def run(kernel: Kernel, grid, args: dict, config: triton.Config) -> tuple:
     return kernel.name, fn, compiled, grid, args, config
 
 
-def first_choice(name: str, args: dict, device: torch.device, dtype: torch.dtype) -> triton.Config | None:
+def first_choice(
+    name: str, args: dict, device: torch.device, dtype: torch.dtype, seqlen_k=None
+) -> triton.Config | None:
     """The config that launch(name, ...) with these arguments tries first, or None where it would tune
     (several configs apply and autotuning is on) or none applies: what kernels/warmup.py compiles ahead."""
     kernel = KERNELS[name]
-    forced, _, usable = _usable(kernel, args, device, dtype)
+    forced, _, usable = _usable(kernel, args, device, dtype, seqlen_k)
     if not usable or (forced is None and tuning.enabled() and len(usable) > 1):
         return None
     return usable[0]
 
 
-def _usable(kernel: Kernel, args: dict, device, dtype) -> tuple[list | None, list, list]:
-    """(the hooks' forced configs or None, the entry chosen from, its configs that apply to `args`)."""
+def _usable(kernel: Kernel, args: dict, device, dtype, seqlen_k=None) -> tuple[list | None, list, list]:
+    """(the hooks' forced configs or None, the entry chosen from, its configs that apply to `args`).
+    seqlen_k: the key length the table's pick depends on, if not args' (varlen: the longest sequence's)."""
     forced = (hooks.current.configs or {}).get(kernel.name)
     if forced is not None:
         entry = list(forced)
     else:
         table = configs.table_name(device, dtype)
-        entry = configs.ordered(
-            kernel.name, table, args["HEAD_DIM_PAD"], bool(args["HAS_HI"]), args["seqlen_k"]
-        )
+        seqlen_k = args["seqlen_k"] if seqlen_k is None else seqlen_k
+        entry = configs.ordered(kernel.name, table, args["HEAD_DIM_PAD"], bool(args["HAS_HI"]), seqlen_k)
     return forced, entry, [c for c in entry if kernel.applies(c, args)]
 
 
-def launch(name: str, grid, args: dict, device: torch.device, dtype: torch.dtype, config=None) -> tuple:
+def launch(
+    name: str, grid, args: dict, device: torch.device, dtype: torch.dtype, config=None, seqlen_k=None
+) -> tuple:
     """Launches kernel `name` on `device` with `config` if given, else with the config chosen for these
-    arguments (the module docstring's order). Returns run's launch record, for the caller's plan."""
+    arguments (the module docstring's order). seqlen_k: the key length the table's pick depends on, if not
+    args' (varlen: the longest sequence's, args' being the packed total). Returns run's launch record, for
+    the caller's plan."""
     kernel = KERNELS[name]
     _prefetch.wait()  # Triton's cache key, if the import-time thread is computing it
     with dev.on(device):
         if config is not None:
             return run(kernel, grid, args, config)
-        forced, entry, usable = _usable(kernel, args, device, dtype)
+        forced, entry, usable = _usable(kernel, args, device, dtype, seqlen_k)
         if not usable:  # only forced lists can end here: every table entry holds a Triton config
             return run(kernel, grid, args, entry[0])  # raises what keeps it from running
         if forced is None and tuning.enabled() and len(usable) > 1:

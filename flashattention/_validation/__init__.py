@@ -1,5 +1,6 @@
 """Every input check of the public API. Each error names the argument, what was expected, what was given
-and how to fix it. Nothing here touches tensor data (no device sync)."""
+and how to fix it. A check that reads tensor data on the host (beam indices, lengths, cu_seqlens) says so:
+one device sync. The varlen checks live in _validation/varlen.py and are re-exported at the end."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 
 import torch
 
-from . import _env
+from .. import _env
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
@@ -581,3 +582,9 @@ def check_block_table(
             f"= {int(block_table[row, col])} (row {row} holds {int(cache_seqlens[row])} tokens = "
             f"{int(used[row])} blocks of {block_size})."
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Varlen (packed sequences): _validation/varlen.py
+from .varlen import check_cu_seqlens as check_cu_seqlens  # noqa: E402
+from .varlen import check_varlen_qkv as check_varlen_qkv  # noqa: E402

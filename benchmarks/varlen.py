@@ -1,0 +1,211 @@
+"""Varlen (packed) attention against the same tokens as one padded equal-length batch: forward + backward of
+ours on packed sequences (flash_attention_varlen), ours dense on the padded batch (flash_attention) and SDPA's
+flash backend on the padded batch (FA2; is_causal, which equals ours on the square padded rows). Sequence
+lengths are drawn (fixed seed) uniformly in [max_len / 4, max_len]; hidden 2048 (H = 2048 // D, no GQA).
+TFLOP/s count the packed tokens' useful work only (4 * H * L^2 * D per sequence forward, halved for causal,
+backward 2.5x), so padding shows up as lost speed. Outputs are compared before timing (valid rows).
+
+    PYTHONPATH=. python -m benchmarks.varlen [--shapes 16x1024,8x4096] [--dims 128] [--causal both]
+        [--json out.json] [--results-md [PATH]]
+
+Without a CUDA GPU it runs two tiny shapes on the CPU (ours on triton under TRITON_INTERPRET=1, else the
+torch backend), in wall-clock time, to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from . import report
+from .paged import _shapes
+from .run import DEFAULT_RESULTS_MD, _describe, make_timer
+
+GPU_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192))
+CPU_SHAPES = ((3, 40), (2, 64))
+PROVIDERS = ("varlen", "padded", "sdpa-padded")
+
+
+def _lengths(batch: int, max_len: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    lens = torch.randint(max(1, max_len // 4), max_len + 1, (batch,), generator=generator).tolist()
+    lens[0] = max_len  # the padded batch's length
+    return lens
+
+
+def _flops(lens: list[int], heads: int, head_dim: int, causal: bool) -> float:
+    """Forward + backward FLOPs of the packed sequences (3.5x the forward's)."""
+    fwd = sum(4 * heads * n * n * head_dim for n in lens) / (2 if causal else 1)
+    return 3.5 * fwd
+
+
+def _timed_fwd_bwd(fn, inputs, dout):
+    def step():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, inputs, dout)
+
+    return step
+
+
+def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend) -> dict:
+    from flashattention import flash_attention, flash_attention_varlen
+
+    heads = 2048 // head_dim if device.type == "cuda" else 2
+    lens = _lengths(batch, max_len)
+    total = sum(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+    torch.manual_seed(0)
+    packed = [
+        torch.randn(total, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+    ]
+    dout = torch.randn(total, heads, head_dim, device=device, dtype=dtype)
+    padded = []
+    for t in (*packed, dout):  # [batch, heads, max_len, head_dim], zeros after each sequence
+        p = t.new_zeros(batch, max_len, heads, head_dim)
+        for b, (start, n) in enumerate(zip(cu[:-1].tolist(), lens, strict=True)):
+            p[b, :n] = t[start : start + n].detach()
+        padded.append(p.transpose(1, 2).contiguous())
+    pq, pk, pv, pdout = padded
+    pq, pk, pv = (t.requires_grad_() for t in (pq, pk, pv))
+
+    def ours_varlen(q, k, v):
+        return flash_attention_varlen(q, k, v, cu, cu, max_len, max_len, causal=causal, backend=backend)
+
+    def ours_padded(q, k, v):
+        return flash_attention(q, k, v, causal=causal, backend=backend)
+
+    def sdpa_padded(q, k, v):
+        if device.type != "cuda":
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    runs = {
+        "varlen": (ours_varlen, packed, dout),
+        "padded": (ours_padded, (pq, pk, pv), pdout),
+        "sdpa-padded": (sdpa_padded, (pq, pk, pv), pdout),
+    }
+    row = dict(batch=batch, max_len=max_len, lens=lens, tokens=total, padded_tokens=batch * max_len,
+               heads=heads, head_dim=head_dim, causal=causal, dtype=report.dtype_name(dtype),
+               flops=_flops(lens, heads, head_dim, causal), results={})  # fmt: skip
+    # check: varlen against ours dense on each sequence alone (the first 4). The padded batch's valid rows
+    # differ where they see padding keys (non-causal): only its time is comparable.
+    with torch.no_grad():
+        got = ours_varlen(*packed).float()
+        diff = 0.0
+        for start, n in list(zip(cu[:-1].tolist(), lens, strict=True))[:4]:
+            q, k, v = (t[start : start + n].transpose(0, 1)[None] for t in packed)
+            want = ours_padded(q, k, v)[0].transpose(0, 1).float()
+            diff = max(diff, (got[start : start + n] - want).abs().max().item())
+    row["check"] = f"varlen vs per-sequence dense calls: max diff {diff:.3g}"
+    wrong = not diff <= (1e-2 if dtype != torch.float32 else 1e-4)  # NaN too
+    for name, (fn, inputs, grad) in runs.items():
+        try:
+            ms = timer(_timed_fwd_bwd(fn, inputs, grad))
+            row["results"][name] = dict(ms=ms, tflops=row["flops"] / (ms * 1e-3) / 1e12)
+        except Exception as exc:  # a provider that cannot run the shape reads "-"
+            row["results"][name] = dict(ms=None, tflops=None, error=_describe(exc, []))
+        if name == "varlen" and wrong:
+            row["results"][name]["wrong"] = row["check"]
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| D, mask | B x max S | tokens (padded) | varlen ms | padded ms | sdpa-padded ms | varlen TFLOP/s | "
+        "padded/varlen | sdpa-padded/varlen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        res = r["results"]
+        ms = {p: res.get(p, {}).get("ms") for p in PROVIDERS}
+        cells = [f"{ms[p]:.3f}" if ms[p] else "-" for p in PROVIDERS]
+        if res["varlen"].get("wrong"):
+            cells[0] = "WRONG"
+        tflops = res["varlen"].get("tflops")
+        cells.append(f"{tflops:.1f}" if tflops else "-")
+        cells += [f"{ms[p] / ms['varlen']:.2f}" if ms[p] and ms["varlen"] else "-" for p in PROVIDERS[1:]]
+        mask = "causal" if r["causal"] else "non-causal"
+        label = (
+            f"{r['head_dim']}, {mask} | {r['batch']} x {r['max_len']} | {r['tokens']} ({r['padded_tokens']})"
+        )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flashattention import _env
+
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.varlen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", type=_shapes, default=None, help="B x max_len list, e.g. 16x1024,4x4096")
+    p.add_argument("--dims", default="128" if cuda else "32", help="head dims (default 128; CPU 32)")
+    p.add_argument("--causal", choices=("true", "false", "both"), default="both")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16" if cuda else "fp32")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms (default 100)")
+    p.add_argument("--json", metavar="PATH", help="write the rows and the environment as JSON")
+    p.add_argument(
+        "--results-md", nargs="?", const=DEFAULT_RESULTS_MD, metavar="PATH",
+        help=f"append header and table to PATH (no PATH: {DEFAULT_RESULTS_MD})",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    backend = "triton" if cuda or _env.interpreter_requested() else "torch"
+    shapes = args.shapes or (GPU_SHAPES if cuda else CPU_SHAPES)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    masks = {"true": (True,), "false": (False,), "both": (False, True)}[args.causal]
+    timer = make_timer(device, args.warmup, args.rep)
+
+    meta = report.environment_meta(device, "python -m benchmarks.varlen " + " ".join(argv or []))
+    timing = (
+        "median of triton.testing.do_bench, L2 flushed"
+        if cuda
+        else f"median wall clock ({args.warmup} ms warm-up)"
+    )
+    settings = (
+        f"varlen: forward + backward, packed sequences (lengths uniform in [S/4, S], seed 0, the first = S) "
+        f"vs the same tokens padded to S: ours dense and SDPA flash (padded). {args.dtype}, ours' backend "
+        f"{backend}; TFLOP/s of the packed tokens' work (3.5x the forward's). {timing}."
+    )
+    header = report.results_header(meta, settings)
+    print(header)
+    meta.update(suite="varlen", settings=settings, providers=list(PROVIDERS), partial=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for head_dim, causal, (batch, max_len) in itertools.product(
+        (int(d) for d in args.dims.split(",")), masks, shapes
+    ):
+        rows.append(bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend))
+        if args.json:
+            report.write_json(args.json, meta, rows)
+        if cuda:
+            torch.cuda.empty_cache()
+    table = format_table(rows)
+    problems = "\n".join(
+        f"- {r['batch']}x{r['max_len']} {name}: {res['error']}"
+        for r in rows
+        for name, res in r["results"].items()
+        if res.get("error")
+    )
+    print(table)
+    if problems:
+        print(problems)
+    print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s.")
+    meta.update(partial=False)
+    if args.json:
+        report.write_json(args.json, meta, rows)
+        print(f"JSON written to {args.json}")
+    if args.results_md:
+        report.append_results_md(args.results_md, header, table, problems)
+        print(f"table appended to {args.results_md}")
+    return 1 if any(r["results"]["varlen"].get("wrong") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
