@@ -4,6 +4,8 @@ flash backend on the padded batch (FA2; is_causal, which equals ours on the squa
 lengths are drawn (fixed seed) uniformly in [max_len / 4, max_len]; hidden 2048 (H = 2048 // D, no GQA).
 TFLOP/s count the packed tokens' useful work only (4 * H * L^2 * D per sequence forward, halved for causal,
 backward 2.5x), so padding shows up as lost speed. Outputs are compared before timing (valid rows).
+`equal`: ours dense on a batch of as many sequences of one length, the mean length (about the same tokens,
+no padding): what varlen's TFLOP/s are measured against (varlen/equal, the issue's 10% bound).
 
     PYTHONPATH=. python -m benchmarks.varlen [--shapes 16x1024,8x4096] [--dims 128] [--causal both]
         [--json out.json] [--results-md [PATH]]
@@ -26,7 +28,7 @@ from .run import DEFAULT_RESULTS_MD, _describe, make_timer
 
 GPU_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192))
 CPU_SHAPES = ((3, 40), (2, 64))
-PROVIDERS = ("varlen", "padded", "sdpa-padded")
+PROVIDERS = ("varlen", "padded", "sdpa-padded", "equal")
 
 
 def _lengths(batch: int, max_len: int, seed: int = 0) -> list[int]:
@@ -85,14 +87,21 @@ def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
+    equal_len = max(1, round(total / batch))
+    equal = [
+        torch.randn(batch, heads, equal_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    ]
     runs = {
         "varlen": (ours_varlen, packed, dout),
         "padded": (ours_padded, (pq, pk, pv), pdout),
         "sdpa-padded": (sdpa_padded, (pq, pk, pv), pdout),
+        "equal": (ours_padded, equal, torch.randn_like(equal[0])),
     }
     row = dict(batch=batch, max_len=max_len, lens=lens, tokens=total, padded_tokens=batch * max_len,
-               heads=heads, head_dim=head_dim, causal=causal, dtype=report.dtype_name(dtype),
-               flops=_flops(lens, heads, head_dim, causal), results={})  # fmt: skip
+               equal_len=equal_len, heads=heads, head_dim=head_dim, causal=causal,
+               dtype=report.dtype_name(dtype), flops=_flops(lens, heads, head_dim, causal),
+               equal_flops=_flops([equal_len] * batch, heads, head_dim, causal), results={})  # fmt: skip
     # check: varlen against ours dense on each sequence alone (the first 4). The padded batch's valid rows
     # differ where they see padding keys (non-causal): only its time is comparable.
     with torch.no_grad():
@@ -107,7 +116,8 @@ def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend)
     for name, (fn, inputs, grad) in runs.items():
         try:
             ms = timer(_timed_fwd_bwd(fn, inputs, grad))
-            row["results"][name] = dict(ms=ms, tflops=row["flops"] / (ms * 1e-3) / 1e12)
+            flops = row["equal_flops" if name == "equal" else "flops"]
+            row["results"][name] = dict(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
         except Exception as exc:  # a provider that cannot run the shape reads "-"
             row["results"][name] = dict(ms=None, tflops=None, error=_describe(exc, []))
         if name == "varlen" and wrong:
@@ -118,18 +128,21 @@ def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend)
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| D, mask | B x max S | tokens (padded) | varlen ms | padded ms | sdpa-padded ms | varlen TFLOP/s | "
-        "padded/varlen | sdpa-padded/varlen |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "padded/varlen | sdpa-padded/varlen | equal TFLOP/s (B x mean S) | varlen/equal TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         res = r["results"]
         ms = {p: res.get(p, {}).get("ms") for p in PROVIDERS}
-        cells = [f"{ms[p]:.3f}" if ms[p] else "-" for p in PROVIDERS]
+        cells = [f"{ms[p]:.3f}" if ms[p] else "-" for p in PROVIDERS[:3]]
         if res["varlen"].get("wrong"):
             cells[0] = "WRONG"
         tflops = res["varlen"].get("tflops")
         cells.append(f"{tflops:.1f}" if tflops else "-")
-        cells += [f"{ms[p] / ms['varlen']:.2f}" if ms[p] and ms["varlen"] else "-" for p in PROVIDERS[1:]]
+        cells += [f"{ms[p] / ms['varlen']:.2f}" if ms[p] and ms["varlen"] else "-" for p in PROVIDERS[1:3]]
+        equal = res.get("equal", {}).get("tflops")
+        cells.append(f"{equal:.1f} ({r['batch']} x {r.get('equal_len', '-')})" if equal else "-")
+        cells.append(f"{tflops / equal:.2f}" if tflops and equal else "-")
         mask = "causal" if r["causal"] else "non-causal"
         label = (
             f"{r['head_dim']}, {mask} | {r['batch']} x {r['max_len']} | {r['tokens']} ({r['padded_tokens']})"
