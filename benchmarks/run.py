@@ -178,13 +178,22 @@ def _resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
 
 def make_timer(device: torch.device, warmup_ms: int, rep_ms: int) -> Callable[[Callable[[], object]], float]:
     """Median milliseconds per call: triton's do_bench on CUDA (flushes L2 before every call, so inputs
-    never sit in cache), wall clock on the CPU."""
+    never sit in cache), wall clock on the CPU. Each timing starts after flashattention's import-time thread
+    has ended (its imports would take the GIL from the calls timed; benchmarks.first_call times first
+    calls)."""
+    from flashattention import _prefetch
+
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        def timed(fn: Callable[[], object]) -> float:
+            _prefetch.finish()
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+        return timed
 
     def wall_clock(fn: Callable[[], object]) -> float:
+        _prefetch.finish()
         end = time.perf_counter() + warmup_ms / 1e3
         fn()
         while time.perf_counter() < end:

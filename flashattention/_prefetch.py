@@ -160,6 +160,14 @@ def use_kept_key(cache_dir: Path) -> str:
     return key
 
 
+def finish() -> None:
+    """Blocks until the thread has ended (at once if none runs): for benchmarks, whose timings its imports
+    would disturb (they take the GIL in turns with the caller)."""
+    thread = _thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
 def _import(name: str) -> None:
     importlib.import_module(name)
 

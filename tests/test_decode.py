@@ -233,12 +233,15 @@ def test_split_heuristic():
     sms = 132
     assert num_splits_heuristic(64 * 8, 8192, sms, 256) == 1  # batch * kv_heads fills the GPU
     assert num_splits_heuristic(132, 8192, sms, 256) == 1
-    assert num_splits_heuristic(8, 8192, sms, 256) == 17  # batch 1, 8 kv heads: one wave
-    assert num_splits_heuristic(8, 8192, sms, 512) == 16  # at least 512 keys a split
+    assert num_splits_heuristic(8, 8192, sms, 256) == 16  # batch 1, 8 kv heads: 128 programs, one wave
+    assert num_splits_heuristic(8, 4096, sms, 512) == 8  # at least 512 keys a split
     assert num_splits_heuristic(1, 1 << 20, sms, 256) == 128  # capped
     assert num_splits_heuristic(8, 1000, sms, 256) == 3  # at least 256 keys a split
-    assert num_splits_heuristic(64, 8192, sms, 512) == 3  # batch 8: 192 programs
+    assert num_splits_heuristic(64, 8192, sms, 512) == 2  # batch 8: 128 programs, not a partial 2nd wave
+    assert num_splits_heuristic(67, 8192, sms, 512) == 1  # two splits would need 134 SMs
     assert num_splits_heuristic(8, 100, sms, 256) == 1
+    for programs in range(1, sms):  # never more programs than one wave
+        assert programs * num_splits_heuristic(programs, 1 << 20, sms, 256) <= sms
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "with-grad"])

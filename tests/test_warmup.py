@@ -366,3 +366,20 @@ def test_fresh_process_warmup_off(tmp_path):
     started, in_backward = _run_fresh(tmp_path, 64, "0")
     assert not started
     assert in_backward >= 2  # dK/dV and dQ (and the preprocess) compile in the backward
+
+
+def test_finish_waits_for_the_thread(monkeypatch):
+    """_prefetch.finish() (what the benchmarks' timers call) returns once the import-time thread has ended."""
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, daemon=True)
+    thread.start()
+    monkeypatch.setattr(_prefetch, "_thread", thread)
+    finisher = threading.Thread(target=_prefetch.finish, daemon=True)
+    finisher.start()
+    finisher.join(0.2)
+    assert finisher.is_alive(), "finish() returned while the thread ran"
+    release.set()
+    finisher.join(5)
+    assert not finisher.is_alive() and not thread.is_alive()
+    monkeypatch.setattr(_prefetch, "_thread", None)
+    _prefetch.finish()  # no thread: at once

@@ -39,10 +39,11 @@ def _visible_keys(capacity: int, seqlen_q: int, left: int, right: int) -> int:
 
 def num_splits_heuristic(programs: int, visible_keys: int, sms: int, min_split_keys: int) -> int:
     """Splits of each (batch, kv head, row block) program's keys: one when the programs already fill the
-    SMs, else enough for about WAVES programs per SM, with at least min_split_keys keys per split."""
+    SMs, else as many as keep programs * splits within WAVES programs per SM (rounding up would start a
+    partial extra wave, which the whole call then waits for), with at least min_split_keys keys per split."""
     if programs >= sms:
         return 1
-    return max(1, min(dev.cdiv(WAVES * sms, programs), visible_keys // min_split_keys, MAX_SPLITS))
+    return max(1, min(WAVES * sms // programs, visible_keys // min_split_keys, MAX_SPLITS))
 
 
 def _interpreted(device: torch.device) -> bool:
