@@ -66,6 +66,29 @@ def _axes(layout: str, heads: str, seqlen: str) -> str:
     return f"(batch, {middle[0]}, {middle[1]}, head_dim)"
 
 
+def check_dtype(what: str, name: str, t: torch.Tensor) -> None:
+    """`t` (argument `name` of `what`) holds one of SUPPORTED_DTYPES."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what}: `{name}` has dtype {t.dtype}; supported are float16, bfloat16 and float32. Convert "
+            f"with `{name}.to(torch.bfloat16)` (or float16/float32)."
+        )
+
+
+def check_one_dtype_and_device(what: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k and v share one dtype and one device."""
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{what}: q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}. Convert "
+            f"them to one dtype first, e.g. `k = k.to(q.dtype)`."
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"{what}: q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on "
+            f"{v.device}. Move them with `.to(q.device)`."
+        )
+
+
 def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
     """Checks types, ranks, dtypes, devices and shapes of q, k, v in `layout` (BHSD or BSHD)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -83,21 +106,8 @@ def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
                 f"(layout={layout!r}), got shape {tuple(t.shape)}. For a single sequence add a batch "
                 f"dimension with `{name}[None]`; {other}."
             )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"flash_attention: `{name}` has dtype {t.dtype}; supported are float16, bfloat16 and "
-                f"float32. Convert with `{name}.to(torch.bfloat16)` (or float16/float32)."
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"flash_attention: q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}. "
-            f"Convert them to one dtype first, e.g. `k = k.to(q.dtype)`."
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"flash_attention: q, k and v must be on one device, got q on {q.device}, k on {k.device}, "
-            f"v on {v.device}. Move them with `.to(q.device)`."
-        )
+        check_dtype("flash_attention", name, t)
+    check_one_dtype_and_device("flash_attention", q, k, v)
     heads_axis = 1 if layout == "bhsd" else 2
     batch, heads, head_dim = q.shape[0], q.shape[heads_axis], q.shape[3]
     if k.shape != v.shape:

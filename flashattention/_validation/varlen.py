@@ -12,7 +12,7 @@ WHAT = "flash_attention_varlen"
 def check_varlen_qkv(q: object, k: object, v: object) -> None:
     """Types, ranks, dtypes, devices and shapes of packed q [total_q, heads, head_dim] and k, v [total_k,
     kv_heads, head_dim]."""
-    from . import MAX_HEAD_DIM, MIN_HEAD_DIM, SUPPORTED_DTYPES
+    from . import MAX_HEAD_DIM, MIN_HEAD_DIM, check_dtype, check_one_dtype_and_device
 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -25,21 +25,8 @@ def check_varlen_qkv(q: object, k: object, v: object) -> None:
                 f"`{name}.flatten(0, 1)` (and cu_seqlens at multiples of seqlen), or use flash_attention for "
                 f"padded batches."
             )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{WHAT}: `{name}` has dtype {t.dtype}; supported are float16, bfloat16 and float32. Convert "
-                f"with `{name}.to(torch.bfloat16)` (or float16/float32)."
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"{WHAT}: q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}. Convert "
-            f"them to one dtype first, e.g. `k = k.to(q.dtype)`."
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"{WHAT}: q, k and v must be on one device, got q on {q.device}, k on {k.device}, v on "
-            f"{v.device}. Move them with `.to(q.device)`."
-        )
+        check_dtype(WHAT, name, t)
+    check_one_dtype_and_device(WHAT, q, k, v)
     if k.shape != v.shape:
         raise ValueError(
             f"{WHAT}: k and v must have the same shape (total_k, kv_heads, head_dim), got k {tuple(k.shape)} "

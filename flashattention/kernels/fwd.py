@@ -25,46 +25,31 @@ from .common import (
 def _fwd_block(
     start_m,
     off_bh,
-    Q,
-    K,
-    V,
-    O,
-    LSE2,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    num_heads,
-    group,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    qk_scale,
+    tensors,
+    strides,
+    sizes,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     HAS_LO: tl.constexpr,
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
-    CAN_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    CU_SEQLENS_Q,
-    CU_SEQLENS_K,
+    TMA: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """One query block [start_m, start_m + BLOCK_M) of one (batch, head): O and LSE2 of its rows.
     IS_VARLEN: off_bh // num_heads is the sequence; seqlen_q is the packed total (LSE2's row length) until
-    the sequence's own lengths replace seqlen_q and seqlen_k."""
+    the sequence's own lengths replace seqlen_q and seqlen_k. tensors, strides (each a (batch, head, row)
+    triple in elements) and sizes are the kernel's arguments as attn_fwd_kernel bundles them; TMA: K/V tiles
+    through tensor descriptors."""
+    Q, K, V, O, LSE2, CU_SEQLENS_Q, CU_SEQLENS_K = tensors
+    stride_q, stride_k, stride_v, stride_o = strides
+    stride_qb, stride_qh, stride_qm = stride_q
+    stride_kb, stride_kh, stride_kn = stride_k
+    stride_vb, stride_vh, stride_vn = stride_v
+    stride_ob, stride_oh, stride_om = stride_o
+    num_heads, group, seqlen_q, seqlen_k, window_left, window_right, qk_scale = sizes
     off_b = off_bh // num_heads
     off_h = off_bh % num_heads
     off_hk = off_h // group
@@ -87,9 +72,6 @@ def _fwd_block(
     q_mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
 
-    # varlen reads K/V through pointers: a descriptor per sequence would need each start 16-byte aligned
-    # and a length of at least 1 (not yet measured on a GPU)
-    TMA: tl.constexpr = USE_TMA and CAN_TMA and not IS_VARLEN
     if TMA:
         k_desc = tl.make_tensor_descriptor(
             k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD]
@@ -217,10 +199,18 @@ def attn_fwd_kernel(
     rows CU_SEQLENS_Q[b] to CU_SEQLENS_Q[b + 1] (int32 [batch + 1]), likewise its keys; seqlen_q, seqlen_k
     are the totals and max_seqlen_q the longest sequence's queries (the grid's query blocks). The mask
     offset is each sequence's seqlen_k - seqlen_q; TMA is not used."""
-    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
-    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
-    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
-    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
+    # what every tile's _fwd_block reads, bundled once for both schedules
+    tensors = (Q, K, V, O, LSE2, CU_SEQLENS_Q, CU_SEQLENS_K)
+    strides = (
+        unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT),
+        unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT),
+        unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT),
+        unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT),
+    )
+    sizes = (num_heads, group, seqlen_q, seqlen_k, window_left, window_right, qk_scale)
+    # varlen reads K/V through pointers: a descriptor per sequence would need each start 16-byte aligned
+    # and a length of at least 1 (not yet measured on a GPU)
+    TMA: tl.constexpr = USE_TMA and CAN_TMA and not IS_VARLEN
     if PERSISTENT:
         if IS_VARLEN:
             num_m = tl.cdiv(max_seqlen_q, BLOCK_M)
@@ -230,45 +220,9 @@ def attn_fwd_kernel(
         for j in tl.range(0, persistent_count(prog, progs, num_m * batch * num_heads)):
             off_bh, start_m = persistent_tile(persistent_turn(j, prog, progs), num_m, BLOCK_M)
             _fwd_block(
-                start_m,
-                off_bh,
-                Q,
-                K,
-                V,
-                O,
-                LSE2,
-                stride_qb,
-                stride_qh,
-                stride_qm,
-                stride_kb,
-                stride_kh,
-                stride_kn,
-                stride_vb,
-                stride_vh,
-                stride_vn,
-                stride_ob,
-                stride_oh,
-                stride_om,
-                num_heads,
-                group,
-                seqlen_q,
-                seqlen_k,
-                window_left,
-                window_right,
-                qk_scale,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                HAS_LO,
-                HAS_HI,
-                PRECISION,
-                CAN_TMA,
-                BLOCK_M,
-                BLOCK_N,
-                USE_TMA,
-                CU_SEQLENS_Q,
-                CU_SEQLENS_K,
-                IS_VARLEN,
-            )
+                start_m, off_bh, tensors, strides, sizes, HEAD_DIM, HEAD_DIM_PAD, HAS_LO, HAS_HI, PRECISION,
+                BLOCK_M, BLOCK_N, TMA, IS_VARLEN,
+            )  # fmt: skip
     else:
         # Longest rows first: with a causal mask the last query blocks see the most keys.
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -277,42 +231,6 @@ def attn_fwd_kernel(
             if start_m >= tl.load(CU_SEQLENS_Q + off_b + 1) - tl.load(CU_SEQLENS_Q + off_b):
                 return
         _fwd_block(
-            start_m,
-            tl.program_id(1),
-            Q,
-            K,
-            V,
-            O,
-            LSE2,
-            stride_qb,
-            stride_qh,
-            stride_qm,
-            stride_kb,
-            stride_kh,
-            stride_kn,
-            stride_vb,
-            stride_vh,
-            stride_vn,
-            stride_ob,
-            stride_oh,
-            stride_om,
-            num_heads,
-            group,
-            seqlen_q,
-            seqlen_k,
-            window_left,
-            window_right,
-            qk_scale,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            HAS_LO,
-            HAS_HI,
-            PRECISION,
-            CAN_TMA,
-            BLOCK_M,
-            BLOCK_N,
-            USE_TMA,
-            CU_SEQLENS_Q,
-            CU_SEQLENS_K,
-            IS_VARLEN,
-        )
+            start_m, tl.program_id(1), tensors, strides, sizes, HEAD_DIM, HEAD_DIM_PAD, HAS_LO, HAS_HI,
+            PRECISION, BLOCK_M, BLOCK_N, TMA, IS_VARLEN,
+        )  # fmt: skip
