@@ -308,29 +308,9 @@ class PagedKVCache:
         self._lengths[row] = 0
 
 
-def initialize_paged_kv_cache(
-    batch_size: int,
-    num_kv_heads: int,
-    head_dim: int,
-    *,
-    num_blocks: int,
-    block_size: int = 16,
-    max_blocks_per_seq: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> PagedKVCache:
-    """An empty paged cache (see PagedKVCache): pools [num_blocks, num_kv_heads, block_size, head_dim] of
-    `dtype` on `device` (CUDA when available, else CPU), every block free, every row empty."""
-    return PagedKVCache(
-        batch_size,
-        num_kv_heads,
-        head_dim,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        max_blocks_per_seq=max_blocks_per_seq,
-        dtype=dtype,
-        device=device,
-    )
+# The seed API's initialize_kv_cache has a factory beside KVCache; the paged cache's is the class itself
+# (same arguments, same object): an empty cache, every block free, every row empty.
+initialize_paged_kv_cache = PagedKVCache
 
 
 def paged_attention(

@@ -169,10 +169,7 @@ def decode_forward(
         launches = [("", attn_decode_kernel, compiled, grid, args, None)]
         if not final:
             combine_args = dict(
-                O_PARTIAL=o_partial,
-                LSE2_PARTIAL=lse2_partial,
-                O=out,
-                LSE=lse,
+                {name: tensors[name] for name in ("O_PARTIAL", "LSE2_PARTIAL", "O", "LSE")},
                 **strides("o", out, "m", unit),
                 num_heads=heads,
                 seqlen_q=seqlen_q,
