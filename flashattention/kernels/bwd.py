@@ -12,7 +12,7 @@ needs no flag: delta is per row, so it runs over the packed rows as one sequence
 import triton
 import triton.language as tl
 
-from .common import load_tile, mma, tile_range, unit_strides, varlen_bounds, visible
+from .common import load_tile, mma, segment, tile_range, unit_strides, varlen_bounds, visible
 
 
 @triton.jit
@@ -65,20 +65,12 @@ def _dkdv_tiles(
     dv,
     k,
     v,
-    q_base,
-    do_base,
-    lse2_row,
-    delta_row,
-    stride_qm,
-    stride_dom,
+    rows,
     tile_start,
     tile_end,
     offs_n,
     offs_d,
-    seqlen_q,
-    lo_off,
-    hi_off,
-    qk_scale,
+    window,
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -87,7 +79,11 @@ def _dkdv_tiles(
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end)."""
+    """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end). rows: (q_base,
+    do_base, lse2_row, delta_row, stride_qm, stride_dom) of one query head; window: (seqlen_q, lo_off,
+    hi_off, qk_scale)."""
+    q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom = rows
+    seqlen_q, lo_off, hi_off, qk_scale = window
     d_mask = offs_d < HEAD_DIM
     for start_m in tl.range(tile_start, tile_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -216,55 +212,30 @@ def attn_bwd_dkdv_kernel(
     diag = seqlen_k - seqlen_q
     lo_off = -diag - window_right
     hi_off = -diag + window_left
-    lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
+    bounds = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
+    window = (seqlen_q, lo_off, hi_off, qk_scale)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     for g in range(0, group):
         off_h = off_hk * group + g
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        lse2_row = LSE2 + (off_b * num_heads + off_h) * lse_len
-        delta_row = DELTA + (off_b * num_heads + off_h) * lse_len
+        rows = (
+            Q + off_b * stride_qb + off_h * stride_qh,
+            DO + off_b * stride_dob + off_h * stride_doh,
+            LSE2 + (off_b * num_heads + off_h) * lse_len,
+            DELTA + (off_b * num_heads + off_h) * lse_len,
+            stride_qm,
+            stride_dom,
+        )
         # the tiles that need element masks, on either side of those that do not (tile_range)
         # ONE_LOOP: a single pass over [lo, hi) with element masks on every tile, for configs whose three
         # loops keep too many registers live (the compiler's report shows spills)
         for seg in tl.static_range(1 if ONE_LOOP else 3):
-            if ONE_LOOP:
-                seg_start, seg_end = lo, hi
-            elif seg == 0:
-                seg_start, seg_end = lo, full_lo
-            elif seg == 1:
-                seg_start, seg_end = full_lo, full_hi
-            else:
-                seg_start, seg_end = full_hi, hi
+            seg_start, seg_end = segment(bounds, seg, ONE_LOOP)
             dk, dv = _dkdv_tiles(
-                dk,
-                dv,
-                k,
-                v,
-                q_base,
-                do_base,
-                lse2_row,
-                delta_row,
-                stride_qm,
-                stride_dom,
-                seg_start,
-                seg_end,
-                offs_n,
-                offs_d,
-                seqlen_q,
-                lo_off,
-                hi_off,
-                qk_scale,
-                BLOCK_M,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                ONE_LOOP or seg != 1,
-                HAS_HI,
-                HAS_LO,
-                PRECISION,
-            )
+                dk, dv, k, v, rows, seg_start, seg_end, offs_n, offs_d, window, BLOCK_M, HEAD_DIM,
+                HEAD_DIM_PAD, ONE_LOOP or seg != 1, HAS_HI, HAS_LO, PRECISION,
+            )  # fmt: skip
 
     dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
@@ -279,18 +250,12 @@ def _dq_tiles(
     do,
     lse,
     delta,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
+    kv,
     tile_start,
     tile_end,
     offs_m,
     offs_d,
-    seqlen_k,
-    lo_off,
-    hi_off,
-    qk_scale,
+    window,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -299,7 +264,10 @@ def _dq_tiles(
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Accumulates dQ of one query block over the key tiles [tile_start, tile_end)."""
+    """Accumulates dQ of one query block over the key tiles [tile_start, tile_end). kv: (k_base, v_base,
+    stride_kn, stride_vn); window: (seqlen_k, lo_off, hi_off, qk_scale)."""
+    k_base, v_base, stride_kn, stride_vn = kv
+    seqlen_k, lo_off, hi_off, qk_scale = window
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -422,42 +390,17 @@ def attn_bwd_dq_kernel(
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
-    lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    bounds = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    kv = (k_base, v_base, stride_kn, stride_vn)
+    window = (seqlen_k, lo_off, hi_off, qk_scale)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # the tiles that need element masks, on either side of those that do not (tile_range)
     for seg in tl.static_range(3):
-        if seg == 0:
-            seg_start, seg_end = lo, full_lo
-        elif seg == 1:
-            seg_start, seg_end = full_lo, full_hi
-        else:
-            seg_start, seg_end = full_hi, hi
+        seg_start, seg_end = segment(bounds, seg)
         dq = _dq_tiles(
-            dq,
-            q,
-            do,
-            lse,
-            delta,
-            k_base,
-            v_base,
-            stride_kn,
-            stride_vn,
-            seg_start,
-            seg_end,
-            offs_m,
-            offs_d,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            qk_scale,
-            BLOCK_N,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            seg != 1,
-            HAS_LO,
-            HAS_HI,
-            PRECISION,
-        )
+            dq, q, do, lse, delta, kv, seg_start, seg_end, offs_m, offs_d, window, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, seg != 1, HAS_LO, HAS_HI, PRECISION,
+        )  # fmt: skip
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -179,25 +179,35 @@ def page_rows(
 
 
 @triton.jit
+def segment(bounds, seg: tl.constexpr, ONE_LOOP: tl.constexpr = False):
+    """[start, end) of segment seg of tile_range's bounds (lo, full_lo, full_hi, hi): 0 the element-masked
+    tiles below the unmasked ones, 1 the unmasked ones, 2 the element-masked ones above. ONE_LOOP: all of
+    [lo, hi) as the one segment."""
+    lo, full_lo, full_hi, hi = bounds
+    if ONE_LOOP:
+        seg_start, seg_end = lo, hi
+    elif seg == 0:
+        seg_start, seg_end = lo, full_lo
+    elif seg == 1:
+        seg_start, seg_end = full_lo, full_hi
+    else:
+        seg_start, seg_end = full_hi, hi
+    return seg_start, seg_end
+
+
+@triton.jit
 def attend_tiles(
     acc,
     l_i,
     m_i,
     q,
-    k_base,
-    v_base,
-    k_desc,
-    v_desc,
-    stride_kn,
-    stride_vn,
+    kv,
+    descs,
     tile_start,
     tile_end,
     offs_m,
     offs_d,
-    seqlen_k,
-    lo_off,
-    hi_off,
-    qk_scale,
+    window,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -206,19 +216,25 @@ def attend_tiles(
     HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
-    block_table=None,
-    stride_kpage=0,
-    stride_vpage=0,
+    pages=None,
     PAGE_SIZE: tl.constexpr = 1,
     IS_PAGED: tl.constexpr = False,
 ):
     """The online softmax over key tiles [tile_start, tile_end), folded into (acc, l_i, m_i) in log2 units
-    (the forward's and the decode's inner loop); MASKED tiles apply element masks.
-    USE_TMA loads K/V tiles through tensor descriptors (zero-filled outside [seqlen_k, HEAD_DIM]).
-    IS_PAGED: key n is row n % PAGE_SIZE of page block_table[n // PAGE_SIZE] (int32, this sequence's row of
-    the table); k_base/v_base point at the pools' kv head, stride_kpage/stride_vpage are the pages' (int64)
-    strides. Tiles start at multiples of BLOCK_N (tile_range), so the table entries read are those of keys
-    below seqlen_k only."""
+    (the forward's and the decode's inner loop); MASKED tiles apply element masks. kv: (k_base, v_base,
+    stride_kn, stride_vn); window: (seqlen_k, lo_off, hi_off, qk_scale).
+    USE_TMA loads K/V tiles through descs, the (K, V) tensor descriptors (zero-filled outside [seqlen_k,
+    HEAD_DIM]).
+    IS_PAGED: pages is (block_table, stride_kpage, stride_vpage): key n is row n % PAGE_SIZE of page
+    block_table[n // PAGE_SIZE] (int32, this sequence's row of the table); k_base/v_base point at the pools'
+    kv head, stride_kpage/stride_vpage are the pages' (int64) strides. Tiles start at multiples of BLOCK_N
+    (tile_range), so the table entries read are those of keys below seqlen_k only."""
+    k_base, v_base, stride_kn, stride_vn = kv
+    if USE_TMA:
+        k_desc, v_desc = descs
+    seqlen_k, lo_off, hi_off, qk_scale = window
+    if IS_PAGED:
+        block_table, stride_kpage, stride_vpage = pages
     d_mask = offs_d < HEAD_DIM
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)

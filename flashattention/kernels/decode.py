@@ -13,7 +13,7 @@ A paged cache (IS_PAGED) is the same kernel reading each key through the row's b
 import triton
 import triton.language as tl
 
-from .common import attend_tiles, tile_range, unit_strides
+from .common import attend_tiles, segment, tile_range, unit_strides
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -126,7 +126,6 @@ def attn_decode_kernel(
     else:
         k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
         v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-        table = BLOCK_TABLE
 
     # Query indices this block holds: a block inside one head holds a run of them, one that crosses a head
     # boundary holds a head's last and the next head's first query, so all of [0, seqlen_q).
@@ -137,9 +136,8 @@ def attn_decode_kernel(
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
-    lo, full_lo, full_hi, hi = _visible_range(
-        i_first, i_last, seqlen_k, lo_off, hi_off, BLOCK_N, HAS_LO, HAS_HI
-    )
+    bounds = _visible_range(i_first, i_last, seqlen_k, lo_off, hi_off, BLOCK_N, HAS_LO, HAS_HI)
+    lo, _, _, hi = bounds
     # this split's share of the visible tiles (lo is tile-aligned, so split bounds are too); the last
     # splits may get none
     tiles_per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), num_splits)
@@ -149,51 +147,23 @@ def attn_decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    window = (seqlen_k, lo_off, hi_off, qk_scale)
     # the element-masked tiles on either side of the unmasked ones, each cut to the split's range
     for seg in tl.static_range(3):
-        if seg == 0:
-            seg_start, seg_end = lo, full_lo
-        elif seg == 1:
-            seg_start, seg_end = full_lo, full_hi
-        else:
-            seg_start, seg_end = full_hi, hi
+        seg_start, seg_end = segment(bounds, seg)
         seg_start = tl.maximum(seg_start, split_lo)  # an empty range (end <= start) visits no tile
         seg_end = tl.minimum(seg_end, split_hi)
         # int64 row strides (tl.cast: a stride of one unit is a constexpr): a key's offset in a long cache
         # can pass 2^31 elements
+        kv = (k_base, v_base, tl.cast(stride_kn, tl.int64), tl.cast(stride_vn, tl.int64))
+        if IS_PAGED:
+            pages = (table, tl.cast(stride_kb, tl.int64), tl.cast(stride_vb, tl.int64))
+        else:
+            pages = None
         acc, l_i, m_i = attend_tiles(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            None,
-            None,
-            tl.cast(stride_kn, tl.int64),
-            tl.cast(stride_vn, tl.int64),
-            seg_start,
-            seg_end,
-            offs_i,
-            offs_d,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            qk_scale,
-            BLOCK_N,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            seg != 1,
-            HAS_LO,
-            HAS_HI,
-            PRECISION,
-            False,  # USE_TMA
-            table,
-            tl.cast(stride_kb, tl.int64),
-            tl.cast(stride_vb, tl.int64),
-            PAGE_SIZE,
-            IS_PAGED,
-        )
+            acc, l_i, m_i, q, kv, None, seg_start, seg_end, offs_i, offs_d, window, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, seg != 1, HAS_LO, HAS_HI, PRECISION, False, pages, PAGE_SIZE, IS_PAGED,
+        )  # fmt: skip
 
     empty = l_i == 0.0  # rows that see no key in this split: output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)

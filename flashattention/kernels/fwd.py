@@ -15,6 +15,7 @@ from .common import (
     persistent_count,
     persistent_tile,
     persistent_turn,
+    segment,
     tile_range,
     unit_strides,
     varlen_bounds,
@@ -79,54 +80,27 @@ def _fwd_block(
         v_desc = tl.make_tensor_descriptor(
             v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD]
         )
+        descs = (k_desc, v_desc)
     else:
-        k_desc = None
-        v_desc = None
+        descs = None
 
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
-    lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    bounds = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    kv = (k_base, v_base, stride_kn, stride_vn)
+    window = (seqlen_k, lo_off, hi_off, qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # the tiles that need element masks, on either side of those that do not (tile_range)
     for seg in tl.static_range(3):
-        if seg == 0:
-            seg_start, seg_end = lo, full_lo
-        elif seg == 1:
-            seg_start, seg_end = full_lo, full_hi
-        else:
-            seg_start, seg_end = full_hi, hi
+        seg_start, seg_end = segment(bounds, seg)
         acc, l_i, m_i = attend_tiles(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            k_desc,
-            v_desc,
-            stride_kn,
-            stride_vn,
-            seg_start,
-            seg_end,
-            offs_m,
-            offs_d,
-            seqlen_k,
-            lo_off,
-            hi_off,
-            qk_scale,
-            BLOCK_N,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            seg != 1,
-            HAS_LO,
-            HAS_HI,
-            PRECISION,
-            TMA,
-        )
+            acc, l_i, m_i, q, kv, descs, seg_start, seg_end, offs_m, offs_d, window, BLOCK_N, HEAD_DIM,
+            HEAD_DIM_PAD, seg != 1, HAS_LO, HAS_HI, PRECISION, TMA,
+        )  # fmt: skip
 
     empty = l_i == 0.0  # rows that see no key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
