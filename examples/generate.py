@@ -76,25 +76,16 @@ class LayerCaches(Protocol):
 MakeCaches = Callable[..., LayerCaches]
 
 
-class DenseCaches:
-    """One KVCache per layer, [batch, kv_heads, capacity, head_dim] storage with per-row lengths: room for
-    the longest prompt and every new token, so appends never grow it."""
+class _PerLayer:
+    """What DenseCaches and PagedCaches share: one cache per layer in self.layers, used through the seed
+    API's functions (which take a KVCache or a PagedKVCache alike)."""
 
-    def __init__(self, cfg: Config, batch: int, capacity: int, dtype: torch.dtype, device, backend: str):
-        self.cfg, self.batch, self.capacity = cfg, batch, capacity
-        self.dtype, self.device, self.backend = dtype, device, backend
-        self.layers: list[KVCache | None] = [None] * cfg.layers
+    layers: list
+    backend: str
 
     @property
     def seqlens(self) -> torch.Tensor:
         return self.layers[0].cache_seqlens
-
-    def store_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
-        shape = (self.batch, self.cfg.kv_heads, self.capacity, self.cfg.head_dim)
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros_like(keys)
-        keys[:, :, : k.shape[2]], values[:, :, : v.shape[2]] = k, v
-        self.layers[layer] = KVCache(keys, values, cache_seqlens=lengths)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out, _ = flash_attention_with_kv_cache(q, k, v, self.layers[layer], backend=self.backend)
@@ -105,7 +96,24 @@ class DenseCaches:
             reorder_kv_cache(cache, beam_idx)
 
 
-class PagedCaches:
+class DenseCaches(_PerLayer):
+    """One KVCache per layer, [batch, kv_heads, capacity, head_dim] storage with per-row lengths: room for
+    the longest prompt and every new token, so appends never grow it."""
+
+    def __init__(self, cfg: Config, batch: int, capacity: int, dtype: torch.dtype, device, backend: str):
+        self.cfg, self.batch, self.capacity = cfg, batch, capacity
+        self.dtype, self.device, self.backend = dtype, device, backend
+        self.layers: list[KVCache | None] = [None] * cfg.layers
+
+    def store_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
+        shape = (self.batch, self.cfg.kv_heads, self.capacity, self.cfg.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        keys[:, :, : k.shape[2]], values[:, :, : v.shape[2]] = k, v
+        self.layers[layer] = KVCache(keys, values, cache_seqlens=lengths)
+
+
+class PagedCaches(_PerLayer):
     """One PagedKVCache per layer (blocks of block_size tokens): the prompts are appended with per-row
     counts, beam reorders share blocks (a shared partly filled tail is copied on the next append)."""
 
@@ -136,20 +144,8 @@ class PagedCaches:
             for _ in range(cfg.layers)
         ]
 
-    @property
-    def seqlens(self) -> torch.Tensor:
-        return self.layers[0].cache_seqlens
-
     def store_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> None:
         self.layers[layer].append(k, v, num_new=lengths.tolist())
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out, _ = flash_attention_with_kv_cache(q, k, v, self.layers[layer], backend=self.backend)
-        return out
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        for cache in self.layers:
-            reorder_kv_cache(cache, beam_idx)
 
 
 def paged(block_size: int) -> MakeCaches:
