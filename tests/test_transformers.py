@@ -25,6 +25,10 @@ NAMES = {
 }
 
 
+# greedy generation of 4 tokens with every step's logits
+GENERATE = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
 def _config(kind: str = "llama", **extra):
     common = dict(
         vocab_size=VOCAB,
@@ -112,13 +116,7 @@ def test_generate_greedy_with_cache(backend, device, no_fallback):
     without a cache, and the tokens are SDPA's own greedy choice."""
     ours, sdpa, ref = _models(_config(), NAMES[backend], torch.float32, device)
     ids, mask = _prompts(device)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=4,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    kwargs = dict(GENERATE, attention_mask=mask)
     with torch.no_grad():
         result = ours.generate(ids, **kwargs)
         expected_tokens = sdpa.generate(ids, **kwargs).sequences
@@ -202,13 +200,7 @@ def test_generate_gpu(dtype, no_fallback):
     real = mask.bool()
     got, same, expected = (_logits(m, ids, mask)[real] for m in (ours, sdpa, ref))
     _assert_rule("logits", got, expected, same)
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=4,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    kwargs = dict(GENERATE, attention_mask=mask)
     with torch.no_grad():
         result = ours.generate(ids, **kwargs)
     full = result.sequences
