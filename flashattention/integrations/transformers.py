@@ -27,7 +27,8 @@ heads, head_dim], None). Masks:
 - A 4-D mask that is exactly, per batch row b, "keys [start_b, end_b), causal bottom-right at end_b (or not
   causal for a bidirectional module), sliding window of `sliding_window` keys" (left or right padding from
   `generate`, a static cache's unused tail, sliding windows): our kernels, one call when every row is
-  [0, seqlen_k), else one call per row on views of its keys. The mask is compared element for element with
+  [0, seqlen_k), else one varlen call (each row's queries, its key range gathered into packed K/V: one
+  gather of K and of V, ~the cost of reading them once more). The mask is compared element for element with
   that pattern (one device sync per distinct mask; the layers of one forward share it).
 - Any other mask (packed sequences, custom masks, float biases): routed to transformers' SDPA attention,
   which computes it exactly, with a one-time warning. Nothing is approximated.
@@ -39,13 +40,14 @@ position_bias.
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 import weakref
 
 import torch
 
 from .. import _validation_compat as _vc
-from ..api import flash_attention
+from ..api import flash_attention, flash_attention_varlen
 
 ATTN_IMPLEMENTATION = "fa_triton"
 
@@ -124,20 +126,30 @@ def flashattention_forward(
     starts, ends = rows
     if all(s == 0 for s in starts) and all(e == seqlen_k for e in ends):
         out = flash_attention(query, key, value, window_size=window, **call)
-    else:
-        out = torch.cat(
-            [
-                flash_attention(
-                    query[b : b + 1],
-                    key[b : b + 1, :, s:e],
-                    value[b : b + 1, :, s:e],
-                    window_size=window,
-                    **call,
-                )  # fmt: skip
-                for b, (s, e) in enumerate(zip(starts, ends, strict=True))
-            ]
-        )
-    return out.transpose(1, 2), None
+        return out.transpose(1, 2), None
+    return _ranges_as_varlen(query, key, value, starts, ends, window, call), None
+
+
+def _ranges_as_varlen(query, key, value, starts, ends, window, call) -> torch.Tensor:
+    """Row b's queries over its keys [starts[b], ends[b]) (bottom-right at ends[b]) for every row in one
+    varlen call: each row's seqlen_q queries as one sequence (a view of BSHD-laid query, else one copy), its
+    key range gathered into packed K/V (one gather each). Returns out [batch, seqlen_q, heads, head_dim]."""
+    batch, heads, seqlen_q, head_dim = query.shape
+    lengths = [e - s for s, e in zip(starts, ends, strict=True)]
+    device, total = query.device, sum(lengths)
+    cu_seqlens_k = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    # packed key i belongs to row rows[i], at position starts[row] + (i - cu_seqlens_k[row]) (no host loop)
+    count = torch.tensor(lengths, device=device)
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), count, output_size=total)
+    first = torch.tensor(starts, device=device) - cu_seqlens_k[:-1]
+    positions = torch.arange(total, device=device) + first[rows]
+    k, v = key[rows, :, positions], value[rows, :, positions]  # [total_k, kv_heads, head_dim]
+    cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
+    q = query.transpose(1, 2).reshape(batch * seqlen_q, heads, head_dim)
+    out = flash_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqlen_q, max(max(lengths), 1), window_size=window, **call
+    )
+    return out.view(batch, seqlen_q, heads, head_dim)
 
 
 # The last mask seen and its rows: every layer of a forward gets the same mask tensor.
