@@ -222,7 +222,9 @@ def attention(
     )
     if plain(q, k, v):
         wants_grad = q.requires_grad or k.requires_grad or v.requires_grad
-        if backend == "triton" and wants_grad and torch.is_grad_enabled():
+        # the compiles ahead know the dense backward's launches only: a varlen call must not use up their
+        # once-per-process turn
+        if backend == "triton" and cu_seqlens_q is None and wants_grad and torch.is_grad_enabled():
             from .kernels import warmup
 
             warmup.backward_kernels(q, k, v, softmax_scale, left, right)  # once per process: compiles ahead

@@ -276,6 +276,24 @@ def test_once_per_process_and_rearmed_by_hooks(device):
         assert len(recorder.calls) == 6
 
 
+def test_varlen_call_leaves_the_turn_to_a_dense_one(device):
+    """A varlen forward with gradients compiles nothing ahead (its launches are not the dense backward's)
+    and does not use up the once-per-process turn: the next dense forward with gradients still takes it."""
+    from flashattention import flash_attention_varlen
+
+    (q, k, v), dout = _inputs(device)
+    packed = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]
+    cu_q = torch.tensor([0, q.shape[2]], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, k.shape[2]], dtype=torch.int32, device=device)
+    recorder = Recorder()
+    with hooks.overrides(warmup=True, warmup_compile=recorder):
+        out = flash_attention_varlen(*packed, cu_q, cu_k, q.shape[2], k.shape[2], backend="triton")
+        out.sum().backward()
+        assert recorder.calls == []
+        _fwd_bwd(q, k, v, dout)
+        assert len(recorder.calls) == 3
+
+
 def test_nothing_without_gradients_or_when_off(device):
     (q, k, v), dout = _inputs(device)
     recorder = Recorder()
