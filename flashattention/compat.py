@@ -22,7 +22,7 @@ import torch
 from . import _validation, api
 from . import _validation_compat as _vc
 from ._autograd import attention, lse_of, plain
-from .api import flash_attention
+from .api import flash_attention, flash_attention_varlen
 
 __all__ = [
     "flash_attn_func",
@@ -142,12 +142,6 @@ def flash_attn_varlen_func(
     _vc.check_unsupported(what, block_table=block_table)
     _vc.check_int(what, "max_seqlen_k", max_seqlen_k)
     window = _vc.flash_window(what, causal, window_size, max_seqlen_k)
-    try:
-        from . import flash_attention_varlen
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"{what} runs on flashattention.flash_attention_varlen, which this installation lacks."
-        ) from exc
     result = flash_attention_varlen(
         q,
         k,
