@@ -57,17 +57,7 @@ def flash_window(what: str, causal: object, window_size: object, seqlen_k: int) 
     to 0 (whatever right was given); a left bound with an unbounded right gets right = seqlen_k (which hides
     keys only when seqlen_q > seqlen_k + 1). seqlen_k: the keys' length (the cache's capacity for
     flash_attn_with_kvcache, max_seqlen_k for the varlen function)."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"{what}: `causal` must be a bool, got {type(causal).__name__}.")
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
-    ):
-        raise TypeError(
-            f"{what}: `window_size` must be a pair of ints (left, right), -1 meaning unbounded, got "
-            f"{window_size!r}."
-        )
+    _validation.check_mask_types(what, causal, window_size)
     left, right = (w if 0 <= w < seqlen_k else -1 for w in window_size)
     if causal:
         right = 0
@@ -86,12 +76,6 @@ def check_packed(what: str, name: str, packed: object, count: int) -> None:
             f"{what}: `{name}` must be [batch, seqlen, {count}, {heads}, head_dim], got shape "
             f"{tuple(packed.shape)}."
         )
-
-
-def check_int(what: str, name: str, value: object, least: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{what}: `{name}` must be an int >= {least}, got {value!r}.")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +172,7 @@ def check_kvcache(
                 f"{what}: `k`/`v` are appended at each row's cache_seqlens; pass `cache_seqlens` (an int or "
                 f"an int32 tensor [batch]) with them."
             )
-    check_int(what, "num_splits", num_splits)
+    _validation.check_int(what, "num_splits", num_splits)
     if not isinstance(rotary_interleaved, bool):
         raise TypeError(
             f"{what}: `rotary_interleaved` must be a bool, got {type(rotary_interleaved).__name__}."

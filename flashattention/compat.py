@@ -140,7 +140,7 @@ def flash_attn_varlen_func(
     what = "flash_attn_varlen_func"
     _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
     _vc.check_unsupported(what, block_table=block_table)
-    _vc.check_int(what, "max_seqlen_k", max_seqlen_k)
+    _validation.check_int(what, "max_seqlen_k", max_seqlen_k)
     window = _vc.flash_window(what, causal, window_size, max_seqlen_k)
     result = flash_attention_varlen(
         q,

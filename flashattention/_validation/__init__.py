@@ -157,19 +157,31 @@ def check_scale(softmax_scale: object, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def canonical_window(causal: object, window_size: object) -> tuple[int, int]:
-    """Folds (causal, window_size) into one (left, right) pair, -1 meaning unbounded."""
+def check_mask_types(what: str, causal: object, window_size: object) -> None:
+    """causal a bool and window_size a pair of ints (flash_attention's and flash-attn's functions alike)."""
     if not isinstance(causal, bool):
-        raise TypeError(f"flash_attention: `causal` must be a bool, got {type(causal).__name__}.")
+        raise TypeError(f"{what}: `causal` must be a bool, got {type(causal).__name__}.")
     if (
         not isinstance(window_size, (tuple, list))
         or len(window_size) != 2
         or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
     ):
         raise TypeError(
-            f"flash_attention: `window_size` must be a pair of ints (left, right), -1 meaning unbounded, "
-            f"got {window_size!r}."
+            f"{what}: `window_size` must be a pair of ints (left, right), -1 meaning unbounded, got "
+            f"{window_size!r}."
         )
+
+
+def check_int(what: str, name: str, value: object, least: int = 0) -> int:
+    """An int (not a bool) >= least."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{what}: `{name}` must be an int >= {least}, got {value!r}.")
+    return value
+
+
+def canonical_window(causal: object, window_size: object) -> tuple[int, int]:
+    """Folds (causal, window_size) into one (left, right) pair, -1 meaning unbounded."""
+    check_mask_types("flash_attention", causal, window_size)
     left, right = window_size
     for name, w in (("left", left), ("right", right)):
         if w < -1:
@@ -448,8 +460,7 @@ def check_paged_dims(
         ("block_size", block_size, 1),
         ("max_blocks_per_seq", num_blocks if max_blocks_per_seq is None else max_blocks_per_seq, 0),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{what}: `{name}` must be an int >= {least}, got {value!r}.")
+        check_int(what, name, value, least)
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"{what}: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {head_dim}."
