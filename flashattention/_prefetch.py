@@ -1,16 +1,16 @@
 """Work that the first kernel launch of a process would otherwise do inside the caller's first call, started
 at `import flashattention` in a daemon thread so that it overlaps the caller's own setup (model, data, CUDA
 context): import triton and the launch layer (the Gluon modules too), compute Triton's cache key (a hash of
-Triton's own files and libtriton, ~0.4 s, once per process, at the first compile or cache lookup), and
-import sympy, which torch imports at a backward given an explicit gradient (`out.backward(grad)`) and at an
-optimizer's first step (torch._dynamo), ~0.3 s here and seconds where no bytecode cache is written.
+Triton's own files and its several-hundred-MB libtriton, once per process, at the first compile or cache
+lookup), and import sympy, which torch imports at a backward given an explicit gradient (`out.backward(grad)`)
+and at an optimizer's first step (torch._dynamo); benchmarks/NOTES.md has what each costs.
 
 Triton's key depends only on those files, so the thread keeps it on disk (FLASHATTN_CACHE_DIR), under a
 fingerprint of the path, size and mtime of every file under the folders it hashes (a superset of what it
-reads): a process whose Triton files are unchanged takes the kept key and skips the 0.4 s hash; any change to
-them gives another fingerprint and a fresh hash. Triton looks its key up through
-`triton.runtime.cache.triton_key` at each compile or cache lookup; the thread points that name at the kept
-value (once the value is known, so every caller sees the same key).
+reads): a process whose Triton files are unchanged takes the kept key and skips the hash; any change to them
+gives another fingerprint and a fresh hash. Triton looks its key up through `triton.runtime.cache.triton_key`
+at each compile or cache lookup; the thread points that name at the kept value (once the value is known, so
+every caller sees the same key).
 
 Only where torch is built for CUDA and a GPU is visible (counted through NVML by torch: no CUDA context is
 made), not under TRITON_INTERPRET, and not with FLASHATTN_WARMUP=0. Nothing here creates a CUDA context or
