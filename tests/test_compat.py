@@ -228,6 +228,7 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.T
         pairs = torch.complex(rot[..., 0::2], rot[..., 1::2])
     else:
         pairs = torch.complex(rot[..., :half], rot[..., half:])
+    angles = angles.to(x.device)  # the test's angles live on the CPU, x where the kernel ran
     turned = pairs * torch.polar(torch.ones_like(angles), angles)[:, None, :]
     if interleaved:
         rot = torch.stack((turned.real, turned.imag), dim=-1).flatten(-2)
