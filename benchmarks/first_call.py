@@ -1,14 +1,16 @@
 """Time to first result in a fresh process: the first causal call of a new process (bf16, B 8, S 2048,
 hidden 2048), forward and forward + backward, D 64 and 128, ours against SDPA's default backend, with an
 empty Triton cache (cold: every kernel compiles) and with the cache the cold run filled (warm: a new process,
-kernels loaded from disk). Each number is one child process: inputs are made (CUDA initialised) first, the
+kernels loaded from disk). `fwd+bwd` ends in a scalar loss's `backward()`, as a training step does;
+`fwd+bwd(dout)` calls `out.backward(dout)` instead, in which torch itself imports sympy (seconds on a
+fresh image, for SDPA too: `autograd._make_grads` with a tensor gradient). Each number is one child process: inputs are made (CUDA initialised) first, the
 clock runs from the call to the synchronize after it; the import of the package is timed apart.
 `setup s` > 0: between the import and the call the child does that many seconds of unrelated GPU work
 (matmuls, synchronized), as a training script builds its model and moves data first; work that the package
 starts at import (flashattention/_prefetch.py) overlaps it there. `ours-nowarm` is ours with
 FLASHATTN_WARMUP=0 (no import-time thread, no backward compiles ahead), in the same run.
 
-    PYTHONPATH=. python -m benchmarks.first_call [--dims 64,128] [--setups 0,2] [--providers ours,sdpa]
+    PYTHONPATH=. python -m benchmarks.first_call [--dims 64,128] [--setups 0,2] [--providers ours,sdpa] [--passes fwd,fwd+bwd]
 """
 
 from __future__ import annotations
@@ -49,18 +51,19 @@ def child(provider: str, passes: str, head_dim: int, setup_s: float = 0.0) -> di
         while time.perf_counter() < end:
             a = (a @ a).clamp_(-1, 1)
             torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = attend(q, k, v)
-    if passes == "fwd+bwd":
-        out.backward(dout)
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = attend(q, k, v)
-    if passes == "fwd+bwd":
-        out.backward(dout)
-    torch.cuda.synchronize()
-    return {"import_s": imported, "first_s": first, "second_s": time.perf_counter() - t0}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        out = attend(q, k, v)
+        if passes == "fwd+bwd":
+            (out * dout).sum().backward()
+        elif passes == "fwd+bwd(dout)":
+            out.backward(dout)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    first = step()
+    return {"import_s": imported, "first_s": first, "second_s": step()}
 
 
 def run_child(provider: str, passes: str, head_dim: int, setup_s: float, env: dict) -> dict:
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--setups", default="0,2", help="seconds of unrelated GPU work before the call")
     ap.add_argument("--providers", default="ours,ours-nowarm,sdpa")
+    ap.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd (scalar loss), fwd+bwd(dout)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for head_dim in (int(d) for d in args.dims.split(",")):
-        for passes in ("fwd", "fwd+bwd"):
+        for passes in args.passes.split(","):
             for setup_s in (float(s) for s in args.setups.split(",")):
                 for provider in args.providers.split(","):
                     with tempfile.TemporaryDirectory() as cache:
