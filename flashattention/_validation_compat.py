@@ -118,22 +118,14 @@ def check_kvcache(
     device sync reads the lengths and indices). Shapes (flash-attn's): q [batch, seqlen_q, heads, head_dim];
     k_cache, v_cache [batch_cache, capacity, kv_heads, head_dim], or with block_table [num_blocks,
     block_size, kv_heads, head_dim]; k, v [batch, seqlen_new, kv_heads, head_dim]."""
+    _validation.check_tensors(what, q=q, k_cache=k_cache, v_cache=v_cache)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
         if t.dim() != 4:
             raise ValueError(f"{what}: `{name}` must have 4 dimensions, got shape {tuple(t.shape)}.")
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or k_cache.device != v_cache.device:
-        raise ValueError(
-            f"{what}: k_cache and v_cache must have one shape, dtype and device, got {tuple(k_cache.shape)} "
-            f"{k_cache.dtype} on {k_cache.device} and {tuple(v_cache.shape)} {v_cache.dtype} on "
-            f"{v_cache.device}."
-        )
-    if q.dtype != k_cache.dtype or q.device != k_cache.device:
-        raise TypeError(
-            f"{what}: q is {q.dtype} on {q.device} but the cache is {k_cache.dtype} on {k_cache.device}; "
-            f"convert q with `.to(dtype=..., device=...)`."
-        )
+    _validation.check_twins(what, "k_cache and v_cache", k_cache, v_cache)
+    _validation.check_same_place(
+        what, "q", q, "the cache", k_cache, "Convert q with `.to(dtype=..., device=...)`."
+    )
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(
@@ -248,24 +240,18 @@ def _like(cache: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _check_new(what: str, k: object, v: object, cache: torch.Tensor, batch: int) -> None:
+    _validation.check_tensors(what, k=k, v=v)
     for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
         expected = (batch, t.shape[1] if t.dim() == 4 else -1, cache.shape[2], cache.shape[3])
         if t.dim() != 4 or tuple(t.shape) != expected:
             raise ValueError(
                 f"{what}: `{name}` must be [batch={batch}, seqlen_new, kv_heads={cache.shape[2]}, "
                 f"head_dim={cache.shape[3]}], got shape {tuple(t.shape)}."
             )
-        if t.dtype != cache.dtype or t.device != cache.device:
-            raise TypeError(
-                f"{what}: `{name}` is {t.dtype} on {t.device} but the cache is {cache.dtype} on "
-                f"{cache.device}."
-            )
-    if k.shape != v.shape:
-        raise ValueError(
-            f"{what}: `k` and `v` must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}."
-        )
+    _validation.check_twins(what, "k and v", k, v)
+    _validation.check_same_place(
+        what, "k", k, "the cache", cache, "Convert k and v with `.to(dtype=..., device=...)`."
+    )
 
 
 def _check_rotary(what, cos, sin, q, k, capacity: int) -> None:

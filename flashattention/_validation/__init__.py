@@ -75,6 +75,32 @@ def check_dtype(what: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_tensors(what: str, **tensors: object) -> None:
+    """Each keyword argument (its name as the caller spells it) is a torch.Tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+
+
+def check_twins(what: str, names: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """a and b (keys and values, named `names` = "a_name and b_name") have one shape, dtype and device."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        first, second = names.split(" and ")
+        raise ValueError(
+            f"{what}: {names} must have one shape, dtype and device, got {first} {tuple(a.shape)} {a.dtype} "
+            f"on {a.device} and {second} {tuple(b.shape)} {b.dtype} on {b.device}."
+        )
+
+
+def check_same_place(what: str, name: str, t: torch.Tensor, other: str, like: torch.Tensor, fix: str) -> None:
+    """`t` (named `name`) has the dtype and device of `like` (described as `other`), else TypeError + fix."""
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(
+            f"{what}: {name} must match {other} ({like.dtype} on {like.device}), got {t.dtype} on "
+            f"{t.device}. {fix}"
+        )
+
+
 def check_one_dtype_and_device(what: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q, k and v share one dtype and one device."""
     if not (q.dtype == k.dtype == v.dtype):
@@ -91,9 +117,7 @@ def check_one_dtype_and_device(what: str, q: torch.Tensor, k: torch.Tensor, v: t
 
 def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
     """Checks types, ranks, dtypes, devices and shapes of q, k, v in `layout` (BHSD or BSHD)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flash_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    check_tensors("flash_attention", q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             other = (
@@ -253,20 +277,14 @@ def check_cache_dims(batch_size: object, num_heads: object, max_seq_len: object,
 def check_cache_tensors(what: str, keys: object, values: object, like: torch.Tensor | None = None) -> None:
     """keys/values of a cache or of an append: [batch, kv_heads, seqlen, head_dim], one dtype and device;
     with `like` (the cache storage), batch, heads, head_dim, dtype and device must match it."""
+    check_tensors(what, keys=keys, values=values)
     for name, t in (("keys", keys), ("values", values)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
         if t.dim() != 4:
             raise ValueError(
                 f"{what}: `{name}` must have 4 dimensions (batch, kv_heads, seqlen, head_dim), got shape "
                 f"{tuple(t.shape)}."
             )
-    if keys.shape != values.shape or keys.dtype != values.dtype or keys.device != values.device:
-        raise ValueError(
-            f"{what}: keys and values must have one shape, dtype and device, got keys "
-            f"{tuple(keys.shape)} {keys.dtype} on {keys.device} and values {tuple(values.shape)} "
-            f"{values.dtype} on {values.device}."
-        )
+    check_twins(what, "keys and values", keys, values)
     if like is None:
         return
     b, h, _, d = like.shape
@@ -275,12 +293,15 @@ def check_cache_tensors(what: str, keys: object, values: object, like: torch.Ten
             f"{what}: new keys/values must be (batch={b}, kv_heads={h}, seqlen, head_dim={d}) to match the "
             f"cache, got {tuple(keys.shape)}."
         )
-    if keys.dtype != like.dtype or keys.device != like.device:
-        raise TypeError(
-            f"{what}: new keys/values are {keys.dtype} on {keys.device} but the cache holds {like.dtype} on "
-            f"{like.device}. Convert them with `.to(dtype=..., device=...)` or create the cache with "
-            f"initialize_kv_cache(..., dtype=..., device=...)."
-        )
+    check_same_place(
+        what,
+        "new keys/values",
+        keys,
+        "the cache",
+        like,
+        "Convert them with `.to(dtype=..., device=...)` or create the cache with "
+        "initialize_kv_cache(..., dtype=..., device=...).",
+    )
 
 
 def check_beam_idx(beam_idx: object, batch_size: int) -> None:

@@ -12,11 +12,9 @@ WHAT = "flash_attention_varlen"
 def check_varlen_qkv(q: object, k: object, v: object) -> None:
     """Types, ranks, dtypes, devices and shapes of packed q [total_q, heads, head_dim] and k, v [total_k,
     kv_heads, head_dim]."""
-    from . import MAX_HEAD_DIM, MIN_HEAD_DIM, check_dtype, check_one_dtype_and_device
+    from . import MAX_HEAD_DIM, MIN_HEAD_DIM, check_dtype, check_one_dtype_and_device, check_tensors
 
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{WHAT}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    check_tensors(WHAT, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(
