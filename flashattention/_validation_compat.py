@@ -12,8 +12,6 @@ import torch
 
 from . import _validation
 
-INDEX_DTYPES = (torch.int32, torch.int64)
-
 
 def check_unsupported(what: str, **features: object) -> None:
     """flash-attn (and transformers) features this package does not implement raise NotImplementedError
@@ -284,20 +282,7 @@ def _check_rotary(what, cos, sin, q, k, capacity: int) -> None:
 
 def _index_tensor(what: str, name: str, t: object, batch: int, device: torch.device) -> torch.Tensor:
     """A 1-D int32/int64 tensor of batch values on `device` or the CPU; returned int64 on `device`."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(
-            f"{what}: `{name}` must be a torch.Tensor (or an int, for cache_seqlens), got {type(t).__name__}."
-        )
-    if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{what}: `{name}` must be int32 or int64, got {t.dtype}. Use `.to(torch.int32)`.")
-    if t.dim() != 1 or t.numel() != batch:
-        raise ValueError(
-            f"{what}: `{name}` must be 1-D with one value per row ([{batch}]), got shape {tuple(t.shape)}."
-        )
-    if t.device not in (device, torch.device("cpu")):
-        raise ValueError(
-            f"{what}: `{name}` must be on the cache's device ({device}) or the CPU, got {t.device}."
-        )
+    _validation.check_row_values(what, name, t, batch, device, "row values (or an int, for cache_seqlens)")
     return t.to(device=device, dtype=torch.int64)
 
 

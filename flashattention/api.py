@@ -197,6 +197,10 @@ class CacheCall(NamedTuple):
     right: int
     backend: str
 
+    def mask(self) -> dict:
+        """The scale and window keywords of the kernels' launchers (launch_decode.decode_forward)."""
+        return dict(softmax_scale=self.softmax_scale, left=self.left, right=self.right)
+
 
 def check_cache_call(
     what: str,
@@ -253,15 +257,7 @@ def attention_with_seqlens(
     if call.backend == "triton":
         from .kernels import launch_decode
 
-        out, _ = launch_decode.decode_forward(
-            q,
-            k,
-            v,
-            softmax_scale=call.softmax_scale,
-            left=call.left,
-            right=call.right,
-            cache_seqlens=cache_seqlens,
-        )
+        out, _ = launch_decode.decode_forward(q, k, v, **call.mask(), cache_seqlens=cache_seqlens)
         return out
     rows = [
         attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], *call)[0]

@@ -72,11 +72,11 @@ def test_reorder_kv_cache_matches_index_select(device):
 @pytest.mark.parametrize(
     "beam_idx, error, fragment",
     [
-        (torch.tensor([0, 1, 3]), ValueError, "[0, 3)"),
+        (torch.tensor([0, 1, 3]), ValueError, "[0, 2]"),
         (torch.tensor([0, -1, 2]), ValueError, "min -1"),
-        (torch.tensor([0, 1]), ValueError, "length 3"),
+        (torch.tensor([0, 1]), ValueError, "shape (3,)"),
         (torch.tensor([[0, 1, 2]]), ValueError, "1-D"),
-        (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integers"),
+        (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer"),
         ([0, 1, 2], TypeError, "torch.Tensor"),
     ],
     ids=["too-large", "negative", "wrong-length", "2d", "float", "list"],

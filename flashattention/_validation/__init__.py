@@ -304,32 +304,63 @@ def check_cache_tensors(what: str, keys: object, values: object, like: torch.Ten
     )
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_row_values(
+    what: str,
+    name: str,
+    t: object,
+    batch_size: int,
+    device: torch.device | None,
+    meaning: str,
+    dtypes: tuple[torch.dtype, ...] = INDEX_DTYPES,
+) -> torch.Tensor:
+    """`t`: a 1-D tensor of batch_size values (`meaning`, e.g. "token counts") of `dtypes`, on `device` or
+    the CPU (any device where None). Returns it unchanged; the caller checks the values' range."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"{what}: `{name}` must be a torch.Tensor of {meaning}, one per cache row, got "
+            f"{type(t).__name__}. Use `torch.tensor(values, dtype=torch.int32)`."
+        )
+    if t.dtype not in dtypes:
+        kinds = "int32 or int64" if dtypes == INDEX_DTYPES else "integer"
+        raise TypeError(
+            f"{what}: `{name}` must hold {kinds} {meaning}, got dtype {t.dtype}. Use "
+            f"`{name}.to(torch.int32)`."
+        )
+    if t.dim() != 1 or t.numel() != batch_size:
+        raise ValueError(
+            f"{what}: `{name}` must be 1-D with one value per cache row (shape ({batch_size},)), got shape "
+            f"{tuple(t.shape)}."
+        )
+    if device is not None and t.device not in (device, torch.device("cpu")):
+        raise ValueError(
+            f"{what}: `{name}` must be on the cache's device ({device}) or the CPU, got {t.device}. Move it "
+            f"with `{name}.to({str(device)!r})`."
+        )
+    return t
+
+
+def check_value_range(what: str, name: str, t: torch.Tensor, low: int, high: int, why: str = "") -> int:
+    """Every value of `t` in [low, high] (one device sync); returns the largest (low - 1 when empty)."""
+    if t.numel() == 0:
+        return low - 1
+    lowest, highest = torch.stack([t.min(), t.max()]).tolist()
+    if lowest < low or highest > high:
+        raise ValueError(
+            f"{what}: `{name}` values must be in [{low}, {high}]{why}, got min {lowest} and max {highest}."
+        )
+    return highest
+
+
 def check_beam_idx(beam_idx: object, batch_size: int) -> None:
     """A 1-D integer tensor of length batch_size with values in [0, batch_size). Syncs once (host check)."""
-    if not isinstance(beam_idx, torch.Tensor):
-        raise TypeError(
-            f"reorder_kv_cache: `beam_idx` must be a torch.Tensor, got {type(beam_idx).__name__}."
-        )
-    if beam_idx.dtype.is_floating_point or beam_idx.dtype.is_complex or beam_idx.dtype == torch.bool:
-        raise TypeError(
-            f"reorder_kv_cache: `beam_idx` must hold integers, got dtype {beam_idx.dtype}. Use "
-            f"`beam_idx.long()`."
-        )
-    if beam_idx.dim() != 1 or beam_idx.numel() != batch_size:
-        raise ValueError(
-            f"reorder_kv_cache: `beam_idx` must be 1-D with one index per cache row (length {batch_size}), "
-            f"got shape {tuple(beam_idx.shape)}."
-        )
-    if batch_size:
-        lowest, highest = int(beam_idx.min()), int(beam_idx.max())
-        if lowest < 0 or highest >= batch_size:
-            raise ValueError(
-                f"reorder_kv_cache: `beam_idx` values must be in [0, {batch_size}), got min {lowest} and "
-                f"max {highest}."
-            )
-
-
-SEQLENS_DTYPES = (torch.int32, torch.int64)
+    check_row_values(
+        "reorder_kv_cache", "beam_idx", beam_idx, batch_size, None, "source rows", INTEGER_DTYPES
+    )
+    check_value_range("reorder_kv_cache", "beam_idx", beam_idx, 0, batch_size - 1)
 
 
 def check_cache_seqlens(
@@ -337,34 +368,9 @@ def check_cache_seqlens(
 ) -> tuple[torch.Tensor, int]:
     """Per-row cache lengths: a 1-D int32/int64 tensor of batch_size values in [0, capacity], on `device` or
     the CPU. Returns (an int32 copy on `device`, the longest row); syncs once (the range check)."""
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(
-            f"{what}: `cache_seqlens` must be a torch.Tensor of each row's valid tokens, got "
-            f"{type(cache_seqlens).__name__}. Use `torch.tensor(lengths, dtype=torch.int32)`."
-        )
-    if cache_seqlens.dtype not in SEQLENS_DTYPES:
-        raise TypeError(
-            f"{what}: `cache_seqlens` must hold int32 or int64 token counts, got dtype "
-            f"{cache_seqlens.dtype}. Use `cache_seqlens.to(torch.int32)`."
-        )
-    if cache_seqlens.dim() != 1 or cache_seqlens.numel() != batch_size:
-        raise ValueError(
-            f"{what}: `cache_seqlens` must be 1-D with one length per cache row (shape ({batch_size},)), got "
-            f"shape {tuple(cache_seqlens.shape)}."
-        )
-    if cache_seqlens.device not in (device, torch.device("cpu")):
-        raise ValueError(
-            f"{what}: `cache_seqlens` must be on the keys' device ({device}) or the CPU, got "
-            f"{cache_seqlens.device}. Move it with `cache_seqlens.to({str(device)!r})`."
-        )
-    longest = 0
-    if batch_size:
-        lowest, longest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()
-        if lowest < 0 or longest > capacity:
-            raise ValueError(
-                f"{what}: `cache_seqlens` values must be in [0, {capacity}] (the cache's capacity), got min "
-                f"{lowest} and max {longest}. Each row holds at most the keys' seqlen dimension of tokens."
-            )
+    check_row_values(what, "cache_seqlens", cache_seqlens, batch_size, device, "token counts")
+    why = " (the cache's capacity; each row holds at most the keys' seqlen dimension of tokens)"
+    longest = max(0, check_value_range(what, "cache_seqlens", cache_seqlens, 0, capacity, why))
     return cache_seqlens.to(device=device, dtype=torch.int32, copy=True), longest
 
 
