@@ -259,11 +259,21 @@ def attention_with_seqlens(
 
         out, _ = launch_decode.decode_forward(q, k, v, **call.mask(), cache_seqlens=cache_seqlens)
         return out
-    rows = [
-        attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], *call)[0]
-        for b, n in enumerate(cache_seqlens.tolist())
-    ]
-    return torch.cat(rows) if rows else q.new_zeros(q.shape)
+    rows = ((k[b : b + 1, :, :n], v[b : b + 1, :, :n]) for b, n in enumerate(cache_seqlens.tolist()))
+    return attention_per_row(q, rows, call)[0]
+
+
+def attention_per_row(q: torch.Tensor, kv_rows, call: CacheCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) with row b of q [batch, heads, seqlen_q, head_dim] attending to the b-th (k, v) of kv_rows
+    (each [1, kv_heads, n_b, head_dim]): the torch backend over rows of different lengths, one call a row."""
+    outs, lses = [], []
+    for b, (k, v) in enumerate(kv_rows):
+        out, stats = attention(q[b : b + 1], k, v, *call)
+        outs.append(out)
+        lses.append(lse_of(stats, call.backend))
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses)
 
 
 def attention_right_padded(

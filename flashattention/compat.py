@@ -21,7 +21,7 @@ import torch
 
 from . import _validation, api
 from . import _validation_compat as _vc
-from ._autograd import attention, lse_of, plain
+from ._autograd import plain
 from .api import flash_attention, flash_attention_varlen
 
 __all__ = [
@@ -359,18 +359,14 @@ def _attend_rows(q, k_cache, v_cache, plan: _vc.KVCachePlan, block_table, call: 
     ends = plan.ends.tolist() if plan.ends is not None else [plan.capacity] * plan.batch
     starts = plan.starts.tolist() if plan.starts is not None else [0] * plan.batch
     rows = plan.batch_idx.tolist() if plan.batch_idx is not None else range(plan.batch)
-    outs, lses = [], []
-    for b, (row, start, end) in enumerate(zip(rows, starts, ends, strict=True)):
+
+    def kv_row(b: int, row: int, start: int, end: int):
         if plan.paged:
-            block_size = k_cache.shape[1]
-            blocks = block_table[b, : -(-end // block_size)].long()
+            blocks = block_table[b, : -(-end // k_cache.shape[1])].long()
             k_row, v_row = (c[blocks].flatten(0, 1)[:end] for c in (k_cache, v_cache))
         else:
             k_row, v_row = (c[row, start:end] for c in (k_cache, v_cache))
-        k_row, v_row = (t.transpose(0, 1)[None] for t in (k_row, v_row))  # [1, kv_heads, n, head_dim]
-        out, stats = attention(q[b : b + 1], k_row, v_row, *call)
-        outs.append(out)
-        lses.append(lse_of(stats, call.backend))
-    if not outs:
-        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=torch.float32)
-    return torch.cat(outs), torch.cat(lses)
+        return tuple(t.transpose(0, 1)[None] for t in (k_row, v_row))  # [1, kv_heads, n, head_dim]
+
+    per_row = zip(rows, starts, ends, strict=True)
+    return api.attention_per_row(q, (kv_row(b, *r) for b, r in enumerate(per_row)), call)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _validation, api
-from ._autograd import attention, lse_of, plain
+from ._autograd import plain
 
 
 class PagedKVCache:
@@ -416,16 +416,14 @@ def _attention(q, key_pool, value_pool, block_table, cache_seqlens, call: api.Ca
             max_seqlen_k=max_seqlen_k,
         )
     block_size = key_pool.shape[2]
-    outs, lses = [], []
-    for b, n in enumerate(cache_seqlens.tolist()):
+
+    def kv_row(b: int, n: int):  # row b's n keys/values gathered from its blocks: [1, kv_heads, n, head_dim]
         blocks = block_table[b, : _cdiv(n, block_size)].long()
-        k, v = (pool[blocks].transpose(0, 1).flatten(1, 2)[None, :, :n] for pool in (key_pool, value_pool))
-        out, stats = attention(q[b : b + 1], k, v, *call)
-        outs.append(out)
-        lses.append(lse_of(stats, call.backend))
-    if not outs:
-        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=torch.float32)
-    return torch.cat(outs), torch.cat(lses)
+        return tuple(
+            pool[blocks].transpose(0, 1).flatten(1, 2)[None, :, :n] for pool in (key_pool, value_pool)
+        )
+
+    return api.attention_per_row(q, (kv_row(b, n) for b, n in enumerate(cache_seqlens.tolist())), call)
 
 
 def _cdiv(a: int, b: int) -> int:
