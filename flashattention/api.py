@@ -236,13 +236,7 @@ def check_cache_call(
     return CacheCall(scale, left, right, backend)
 
 
-def attention_with_seqlens(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    call: CacheCall,
-) -> torch.Tensor:
+def attention_with_seqlens(q, k, v, cache_seqlens: torch.Tensor, call: CacheCall) -> torch.Tensor:
     """Attention over a cache whose rows hold different numbers of tokens (inputs checked by
     check_cache_call). q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads, seqlen_k, head_dim] of
     which row b's keys are the first cache_seqlens[b] (int32 [batch] on k's device, each <= seqlen_k).
@@ -276,13 +270,7 @@ def attention_per_row(q: torch.Tensor, kv_rows, call: CacheCall) -> tuple[torch.
     return torch.cat(outs), torch.cat(lses)
 
 
-def attention_right_padded(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    call: CacheCall,
-) -> torch.Tensor:
+def attention_right_padded(q, k, v, cache_seqlens: torch.Tensor, call: CacheCall) -> torch.Tensor:
     """Attention of right-padded prompts: q [batch, heads, padded_len, head_dim] and k, v [batch, kv_heads,
     padded_len, head_dim] padded alike, row b's first cache_seqlens[b] positions real. Query i of row b is
     token i and sees keys j < cache_seqlens[b] under the mask with offset 0 (the row's own query and key

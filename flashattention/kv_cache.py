@@ -213,15 +213,8 @@ def incremental_attention(
     what = "incremental_attention"
     _validation.check_kv_cache(what, kv_cache, (KVCache, PagedKVCache))
     if isinstance(kv_cache, PagedKVCache):
-        return paged_cache.attend(
-            what,
-            q,
-            kv_cache,
-            causal=causal,
-            softmax_scale=softmax_scale,
-            window_size=window_size,
-            backend=backend,
-        )
+        mask = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, backend=backend)
+        return paged_cache.attend(q, kv_cache, paged_cache.check_cache_call(what, q, kv_cache, **mask))
     if kv_cache.cache_seqlens is None:
         return flash_attention(
             q,
@@ -284,9 +277,9 @@ def flash_attention_with_kv_cache(
         _validation.check_kv_cache(what, kv_cache, (KVCache, PagedKVCache))
     if isinstance(kv_cache, PagedKVCache):
         mask = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, backend=backend)
-        paged_cache.check_cache_call(what, q, kv_cache, **mask, new=(k, v))
+        call = paged_cache.check_cache_call(what, q, kv_cache, **mask, new=(k, v))
         kv_cache.append(k, v)
-        return paged_cache.attend(what, q, kv_cache, **mask), kv_cache
+        return paged_cache.attend(q, kv_cache, call), kv_cache
     _validation.check_cache_tensors(what, k, v, like=None if kv_cache is None else kv_cache._keys)
     per_row = cache_seqlens is not None or (kv_cache is not None and kv_cache.cache_seqlens is not None)
     call = api.check_cache_call(

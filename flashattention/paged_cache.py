@@ -95,21 +95,11 @@ class PagedKVCache:
         """int32 [batch_size] on the pools' device: each row's token count. The cache's own tensor."""
         return self._cache_seqlens
 
-    @property
-    def batch_size(self) -> int:
-        return self._block_table.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self._key_pool.shape[2]
-
-    @property
-    def num_blocks(self) -> int:
-        return self._key_pool.shape[0]
-
-    @property
-    def max_blocks_per_seq(self) -> int:
-        return self._block_table.shape[1]
+    # the sizes given at construction, read from the tensors' shapes (read-only)
+    batch_size = property(lambda self: self._block_table.shape[0])
+    max_blocks_per_seq = property(lambda self: self._block_table.shape[1])
+    num_blocks = property(lambda self: self._key_pool.shape[0])
+    block_size = property(lambda self: self._key_pool.shape[2])
 
     @property
     def seqlens(self) -> list[int]:
@@ -351,20 +341,9 @@ def paged_attention(
     return (out, lse) if return_lse else out
 
 
-def attend(
-    what: str,
-    q: torch.Tensor,
-    cache: PagedKVCache,
-    *,
-    causal: bool,
-    softmax_scale: float | None,
-    window_size: tuple[int, int],
-    backend: str,
-) -> torch.Tensor:
-    """incremental_attention over a PagedKVCache (its tables are valid by construction: no device sync)."""
-    call = check_cache_call(
-        what, q, cache, causal=causal, softmax_scale=softmax_scale, window_size=window_size, backend=backend
-    )
+def attend(q: torch.Tensor, cache: PagedKVCache, call: api.CacheCall) -> torch.Tensor:
+    """incremental_attention over a PagedKVCache, `call` from check_cache_call (the cache's tables are valid
+    by construction: no device sync)."""
     return _attention(
         q, cache.key_pool, cache.value_pool, cache.block_table, cache.cache_seqlens, call, cache.length
     )[0]
