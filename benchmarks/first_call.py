@@ -3,14 +3,16 @@ hidden 2048), forward and forward + backward, D 64 and 128, ours against SDPA's 
 empty Triton cache (cold: every kernel compiles) and with the cache the cold run filled (warm: a new process,
 kernels loaded from disk). `fwd+bwd` ends in a scalar loss's `backward()`, as a training step does;
 `fwd+bwd(dout)` calls `out.backward(dout)` instead, in which torch itself imports sympy (seconds on a
-fresh image, for SDPA too: `autograd._make_grads` with a tensor gradient). Each number is one child process: inputs are made (CUDA initialised) first, the
-clock runs from the call to the synchronize after it; the import of the package is timed apart.
+fresh image, for SDPA too: `autograd._make_grads` with a tensor gradient). Each number is one child
+process: inputs are made (CUDA initialised) first, the clock runs from the call to the synchronize after
+it; the import of the package is timed apart.
 `setup s` > 0: between the import and the call the child does that many seconds of unrelated GPU work
 (matmuls, synchronized), as a training script builds its model and moves data first; work that the package
 starts at import (flashattention/_prefetch.py) overlaps it there. `ours-nowarm` is ours with
 FLASHATTN_WARMUP=0 (no import-time thread, no backward compiles ahead), in the same run.
 
-    PYTHONPATH=. python -m benchmarks.first_call [--dims 64,128] [--setups 0,2] [--providers ours,sdpa] [--passes fwd,fwd+bwd]
+    PYTHONPATH=. python -m benchmarks.first_call [--dims 64,128] [--setups 0,2] [--providers ours,sdpa]
+        [--passes fwd,fwd+bwd] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -62,7 +64,20 @@ def child(provider: str, passes: str, head_dim: int, setup_s: float = 0.0) -> di
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    first = step()
+    profile_path = os.environ.get("FIRST_CALL_PROFILE")
+    if profile_path:  # where the first call's host time goes: cProfile, cumulative, to a text file
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        first = profiler.runcall(step)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        with open(profile_path, "w") as f:
+            f.write(text.getvalue())
+    else:
+        first = step()
     return {"import_s": imported, "first_s": first, "second_s": step()}
 
 
@@ -92,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--providers", default="ours,ours-nowarm,sdpa")
     ap.add_argument("--passes", default="fwd,fwd+bwd", help="fwd, fwd+bwd (scalar loss), fwd+bwd(dout)")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--profile", metavar="DIR", help="cProfile each child's first call into DIR (skews it)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -108,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                             os.environ, TRITON_CACHE_DIR=f"{cache}/triton", FLASHATTN_CACHE_DIR=f"{cache}/fa"
                         )
                         for state in ("cold", "warm"):
+                            if args.profile:
+                                os.makedirs(args.profile, exist_ok=True)
+                                name = f"{provider}-D{head_dim}-{passes}-setup{setup_s:g}-{state}.txt"
+                                env["FIRST_CALL_PROFILE"] = os.path.join(args.profile, name)
                             r = run_child(provider, passes, head_dim, setup_s, env)
                             row = dict(
                                 D=head_dim, passes=passes, setup_s=setup_s, provider=provider, cache=state
