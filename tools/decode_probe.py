@@ -1,0 +1,121 @@
+"""What bounds the split-KV decode at one sequence: ours against Triton kernels that only stream the same
+K/V bytes, all timed as CUDA-graph replays (device time, no host launch cost), GQA 32/8, D 128, bf16.
+
+- `ours`: launch_decode.decode_forward (split kernel + combine), the heuristic's split count;
+- `ours 1 split`... `ours N splits`: the same with forced split counts;
+- `stream+dot`: per program QK^T and PV dots over its keys (no softmax, no combine), same grid as ours:
+  the Triton load/dot pipeline's ceiling for this grid;
+- `stream+dot SMs`: the same over exactly one program per SM, key ranges cut across heads;
+- `copy`: a device-to-device copy of the K/V bytes (read + write counted, as benchmarks/decode.py does).
+GB/s counts the K and V bytes read once.
+Usage: PYTHONPATH=. python -m tools.decode_probe [--caches 8192,65536] [--splits 8,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+from flashattention.kernels import device as dev
+from flashattention.kernels import launch_decode
+
+HEADS, KV_HEADS, D = 32, 8, 128
+
+
+@triton.jit
+def _stream_dot(Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program p: keys [p * keys_per_program, (p + 1) * keys_per_program) of the flattened [rows, HEAD_DIM]
+    K and V; s = q k^T, acc += s v (bf16 operands, float32 accumulators), as the decode's inner loop
+    without its softmax."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, 16)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    acc = tl.zeros([16, HEAD_DIM], tl.float32)
+    start = pid.to(tl.int64) * keys_per_program
+    for n in tl.range(0, keys_per_program, BLOCK_N):
+        rows = start + n + offs_n
+        k = tl.load(K + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k))
+        v = tl.load(V + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        acc += tl.dot(s.to(v.dtype), v)
+    tl.store(OUT + pid * 16 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
+
+
+def graph_us(fn, replays: int = 50) -> float:
+    """Median device time of fn as CUDA-graph replays of `replays` calls, us per call."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def probe(cache: int, splits_list: list[int], sms: int) -> None:
+    """Prints the rows of one cache length."""
+    q = torch.randn(1, HEADS, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, KV_HEADS, cache, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    nbytes = 2 * k.numel() * k.element_size()
+
+    def row(name: str, programs: int, us: float) -> None:
+        print(f"| {cache} | {name} | {programs} | {us:.1f} | {nbytes / us / 1e3:.0f} |", flush=True)
+
+    def ours(num_splits=None):
+        return launch_decode.decode_forward(
+            q, k, v, softmax_scale=D**-0.5, left=-1, right=-1, num_splits=num_splits
+        )
+
+    splits = launch_decode.num_splits_heuristic(KV_HEADS, cache, sms, launch_decode.MIN_SPLIT_KEYS)
+    row(f"ours (heuristic: {splits} splits)", KV_HEADS * splits, graph_us(ours))
+    for n in splits_list:
+        row(f"ours {n} splits", KV_HEADS * n, graph_us(lambda n=n: ours(n)))
+    q16 = torch.randn(16, D, device="cuda", dtype=torch.bfloat16)
+    total = KV_HEADS * cache
+    for name, programs in (("stream+dot", KV_HEADS * splits), ("stream+dot SMs", sms)):
+        per = (total // programs) // 64 * 64
+        out = torch.empty(programs, 16, D, device="cuda", dtype=torch.float32)
+        for block_n, stages in ((64, 3), (64, 4), (128, 3)):
+
+            def stream(per=per, programs=programs, out=out, block_n=block_n, stages=stages):
+                _stream_dot[(programs,)](
+                    q16, k, v, out, per, BLOCK_N=block_n, HEAD_DIM=D, num_warps=4, num_stages=stages
+                )
+
+            us = graph_us(stream) * total / (per * programs)  # scaled to every key
+            row(f"{name} {block_n}/s{stages}", programs, us)
+    flat = torch.cat([k.flatten(), v.flatten()])
+    dst = torch.empty_like(flat)
+    row("copy (read+write)", 0, graph_us(lambda: dst.copy_(flat)) / 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--caches", default="8192,65536")
+    ap.add_argument("--splits", default="8,16,32")
+    args = ap.parse_args()
+    sms = dev.num_sms(torch.device("cuda"))
+    print("| cache | variant | programs | us | GB/s |\n|---|---|---|---|---|")
+    for cache in (int(c) for c in args.caches.split(",")):
+        probe(cache, [int(s) for s in args.splits.split(",")], sms)
+
+
+if __name__ == "__main__":
+    main()
