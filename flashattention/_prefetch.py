@@ -2,8 +2,9 @@
 at `import flashattention` in a daemon thread so that it overlaps the caller's own setup (model, data, CUDA
 context): import triton and the launch layer (the Gluon modules too), compute Triton's cache key (a hash of
 Triton's own files and its several-hundred-MB libtriton, once per process, at the first compile or cache
-lookup), and import sympy, which torch imports at a backward given an explicit gradient (`out.backward(grad)`)
-and at an optimizer's first step (torch._dynamo); benchmarks/NOTES.md has what each costs.
+lookup), and run `ptxas --version` for the GPU's arch (a subprocess that Triton's backend hash runs at the
+first lookup; it caches the answer per arch). Only our own first-launch work: torch's imports (sympy, at a
+backward given an explicit gradient) stay where torch makes them, as for any other kernel.
 
 Triton's key depends only on those files, so the thread keeps it on disk (FLASHATTN_CACHE_DIR), under a
 fingerprint of the path, size and mtime of every file under the folders it hashes (a superset of what it
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 THREAD_NAME = "flashattention-prefetch"
 # modules the first launch imports (the Gluon kernels' only on Hopper, where they may run; importing them
-# elsewhere is harmless), in import order; sympy last: only a backward or an optimizer needs it
+# elsewhere is harmless), in import order
 MODULES = (
     "triton",
     "flashattention.kernels.launch",
@@ -45,7 +46,6 @@ MODULES = (
     "flashattention.kernels.fwd_ws",
     "flashattention.kernels.bwd_ws",
 )
-LATE_MODULES = ("sympy",)
 FORK_JOIN_S = 60.0  # a fork waits at most this long for the thread (it holds import locks while it runs)
 
 _key_done = threading.Event()
@@ -83,11 +83,42 @@ def work(has_gpu=lambda: torch.cuda.device_count() > 0) -> None:
         return
     finally:
         _key_done.set()
-    for name in MODULES[1:] + LATE_MODULES:
+    for name in MODULES[1:]:
         try:
             _import(name)
         except BaseException as err:  # noqa: BLE001
             log.debug("flashattention: prefetching %s failed: %r", name, err)
+    try:
+        ptxas_version(gpu_arch())
+    except BaseException as err:  # noqa: BLE001
+        log.debug("flashattention: prefetching ptxas's version failed: %r", err)
+
+
+def gpu_arch() -> int | None:
+    """The compute capability of the first visible GPU as Triton's arch number (9.0 -> 90), read through
+    NVML (no CUDA context); None where NVML cannot say. CUDA_VISIBLE_DEVICES by index is followed (NVML
+    counts every GPU); by UUID, the first GPU is assumed (a wrong guess costs one background subprocess)."""
+    import ctypes
+
+    nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+    if nvml.nvmlDeviceGetHandleByIndex_v2(int(first) if first.isdigit() else 0, ctypes.byref(handle)):
+        return None
+    if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)):
+        return None
+    return major.value * 10 + minor.value
+
+
+def ptxas_version(arch: int | None) -> str | None:
+    """Fills Triton's per-arch cache of `ptxas --version` (its NVIDIA backend's hash reads it)."""
+    if arch is None:
+        return None
+    from triton.backends.nvidia import compiler
+
+    return compiler.get_ptxas_version(arch)
 
 
 def pending() -> bool:

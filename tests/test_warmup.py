@@ -78,9 +78,10 @@ def triton_key_restored(monkeypatch, tmp_path):
 
 def test_work_hands_triton_its_key_and_imports(triton_key_restored):
     """The thread's work, run here with a GPU pretended: Triton's lookups return the key Triton computes,
-    kept on disk; sympy is imported after."""
+    kept on disk; the launch layer is imported after, and sympy (torch's import, not ours) is not."""
     cache = triton_key_restored
     original = getattr(cache.triton_key, "original", cache.triton_key)
+    modules_before = set(sys.modules)
     _prefetch.work(has_gpu=lambda: True)
     assert not _prefetch.pending()
     assert cache.triton_key is not original and cache.triton_key() == original()
@@ -88,7 +89,8 @@ def test_work_hands_triton_its_key_and_imports(triton_key_restored):
 
     assert autotuner.triton_key is cache.triton_key
     assert len(list((_env.cache_dir()).glob("triton-key-*.txt"))) == 1
-    assert "sympy" in sys.modules and "triton" in sys.modules
+    assert "flashattention.kernels.launch" in sys.modules and "triton" in sys.modules
+    assert "sympy" not in sys.modules or "sympy" in modules_before
 
 
 def _fake_triton(root):
