@@ -62,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "triton", "torch"),
         help="ours' backend (default auto; triton on the CPU runs the interpreter: smoke tests)",
     )
+    group.add_argument(
+        "--l2-flush",
+        default="read",
+        choices=("read", "write"),
+        help="how L2 is emptied before each timed call: read a buffer (default; no dirty lines left) or "
+        "do_bench's write (the timed call then also writes back the L2's dirty lines)",
+    )
 
 
 def copy_bandwidth(device: torch.device, timer, nbytes: int) -> dict:
@@ -149,14 +156,14 @@ def main(args: argparse.Namespace, argv: list[str], device: torch.device) -> int
         print(f"error: no decode provider {unknown}; choose from {', '.join(DECODE_PROVIDERS)}")
         return 2
     dtypes = args.dtype or (("bf16",) if cuda else ("fp32",))
-    timer = make_timer(device, args.warmup, args.rep)
+    timer = make_timer(device, args.warmup, args.rep, clean_l2=args.l2_flush == "read")
     copy = copy_bandwidth(device, timer, COPY_BYTES[device.type])
     _log(f"copy bandwidth: {copy['gbps']:.0f} GB/s ({copy['bytes'] >> 20} MiB copied, read + write)")
 
     meta = report.environment_meta(device, "python -m benchmarks.run " + " ".join(argv), args.commit)
     timing = (
-        f"median of triton.testing.do_bench(warmup={args.warmup}, rep={args.rep}), L2 flushed before each "
-        "call"
+        f"median of {args.rep} ms of calls after {args.warmup} ms of warm-up, L2 emptied before each call by "
+        + ("a 256 MiB read (no dirty lines)" if args.l2_flush == "read" else "do_bench's 256 MiB write")
         if cuda
         else f"median wall clock ({args.warmup} ms warm-up)"
     )

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms (default 100)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
-    timer = make_timer(device, args.warmup, args.rep)
+    timer = make_timer(device, args.warmup, args.rep, clean_l2=True)  # as the decode suite
     name = torch.cuda.get_device_name() if cuda else "CPU (interpreter)"
     print(f"paged decode vs dense, GQA {HEADS}/{KV_HEADS}, D {HEAD_DIM}, bf16, 1 query per row, {name}")
     header = " | ".join(f"paged {bs} GB/s | paged/dense" for bs in args.block_sizes)
