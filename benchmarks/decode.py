@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ours' backend (default auto; triton on the CPU runs the interpreter: smoke tests)",
     )
     group.add_argument(
+        "--graphs",
+        action="store_true",
+        help="time each provider's call as the replay of a CUDA graph that captured it (as a server replays "
+        "its decode step: no per-call host cost), not as an eager call",
+    )
+    group.add_argument(
         "--l2-flush",
         default="read",
         choices=("read", "write"),
@@ -97,7 +103,23 @@ def _check(fn_ours, q, k, v, shape, backend) -> tuple[str | None, str]:
     return None, "unchecked: no reference peer ran on this shape"
 
 
-def bench_shape(shape: DecodeShape, dtype: torch.dtype, providers, device, timer, backend, copy_gbps) -> dict:
+def _graphed(call):
+    """`call` captured once into a CUDA graph (after a warm-up on a side stream, as torch asks); returns the
+    graph's replay, which launches the whole call at once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+def bench_shape(
+    shape: DecodeShape, dtype: torch.dtype, providers, device, timer, backend, copy_gbps, graphs=False
+) -> dict:
     """One row: the shape, ours' check and each provider's {ms, gbps, pct_copy, kv} (or error / wrong)."""
     torch.manual_seed(0)
     q = torch.randn(shape.batch, shape.heads, 1, shape.head_dim, device=device, dtype=dtype)
@@ -126,7 +148,8 @@ def bench_shape(shape: DecodeShape, dtype: torch.dtype, providers, device, timer
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 setup_s = time.perf_counter() - t0
-                ms = timer(lambda fn=fn: fn(q, k, v))
+                call = lambda fn=fn: fn(q, k, v)  # noqa: E731
+                ms = timer(_graphed(call) if graphs else call)
             gbps = kv_bytes / (ms * 1e-3) / 1e9
             res = {"ms": ms, "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps, "kv": kv,
                    "setup_s": round(setup_s, 3)}  # fmt: skip
@@ -172,7 +195,8 @@ def main(args: argparse.Namespace, argv: list[str], device: torch.device) -> int
         f"{shapes[0].head_dim}, no mask (a single query sees the whole cache), ours' backend {args.backend}. "
         f"GB/s = 2 * batch * kv_heads * cache * D * element size / time (the K/V a call must read); "
         f"copy = a {copy['bytes'] >> 20} MiB device copy, 2 * bytes / time = {copy['gbps']:.0f} GB/s. "
-        f"{timing}. Ours is checked against SDPA flash (else math) before timing."
+        f"{timing}{'; each call a CUDA-graph replay' if args.graphs and cuda else ''}. Ours is checked "
+        "against SDPA flash (else math) before timing."
     )
     header = report.results_header(meta, settings)
     print(header)
@@ -186,7 +210,7 @@ def main(args: argparse.Namespace, argv: list[str], device: torch.device) -> int
         _log(f"[{i}/{total}] {dtype_name} decode {shape.label()}")
         try:
             rows.append(bench_shape(shape, DTYPES[dtype_name], providers, device, timer, args.backend,
-                                    copy["gbps"]))  # fmt: skip
+                                    copy["gbps"], graphs=args.graphs and cuda))  # fmt: skip
         except FatalDeviceError as exc:
             fatal = str(exc)
             break
