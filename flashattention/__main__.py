@@ -160,6 +160,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.autotune:
         os.environ["FLASHATTN_AUTOTUNE"] = "1"
     os.environ.setdefault("FLASHATTN_POISON", "1")  # outputs start as NaN: an unwritten element fails
+    _env.set_poison(os.environ["FLASHATTN_POISON"] not in ("", "0"))  # read at import: told again here
     plans: list[tuple[str, tuple[Case, ...], tuple[torch.dtype, ...]]] = []
     if device.type == "cuda":
         all_dtypes = (torch.float16, torch.bfloat16, torch.float32)

@@ -30,9 +30,19 @@ def autotune() -> bool:
     return _flag("FLASHATTN_AUTOTUNE", "0") and not _INTERPRETING
 
 
+# read once (every output allocation asks: an environment lookup costs ~1.5 us of host time per call)
+_POISON = _flag("FLASHATTN_POISON", "0")
+
+
 def poison() -> bool:
-    """FLASHATTN_POISON=1: outputs are NaN-filled before the kernels write them."""
-    return _flag("FLASHATTN_POISON", "0")
+    """FLASHATTN_POISON=1 at import (or set_poison): outputs are NaN-filled before the kernels write them."""
+    return _POISON
+
+
+def set_poison(on: bool) -> None:
+    """Turns poisoning on or off after the import (the CLI's `check`)."""
+    global _POISON
+    _POISON = on
 
 
 def warmup() -> bool:
