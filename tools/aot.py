@@ -88,6 +88,8 @@ def compile_config(
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name.endswith("_strides"):  # a tensor's (batch, head, row) strides: one tuple argument
+            signature[name] = ("i32", "i32", "i32")
         elif name[0].isupper():  # tensors are named in capitals
             signature[name] = (
                 "*fp32" if name in FP32_POINTERS else "*i32" if name in INT32_POINTERS else element
@@ -108,11 +110,13 @@ def compile_config(
         boxes = host_desc_boxes(head_dim_pad, config.kwargs["BLOCK_N"], gl.float16 if fp16 else gl.bfloat16)
         for name, (block, layout) in boxes.items():
             signature[name] = f"tensordesc<{element[1:]}[{', '.join(map(str, block))}],{layout!r}>"
-    # what a launch with 16-byte aligned tensors and strides specialises on (pointers and strides divisible
-    # by 16); without it Triton can neither vectorise the loads nor pipeline them
-    aligned = [n for n in fn.arg_names if signature[n].startswith("*") or n.startswith("stride_")]
+    # what a launch with 16-byte aligned tensors and strides specialises on (pointers and each stride of the
+    # tuples divisible by 16); without it Triton can neither vectorise the loads nor pipeline them
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    aligned = [(index[n],) for n, ty in signature.items() if isinstance(ty, str) and ty.startswith("*")]
+    aligned += [(index[n], j) for n, ty in signature.items() if isinstance(ty, tuple) for j in range(len(ty))]
     if aligned_lengths:
-        aligned += [n for n in fn.arg_names if n.startswith("seqlen_") and signature[n] == "i32"]
+        aligned += [(index[n],) for n in fn.arg_names if n.startswith("seqlen_") and signature[n] == "i32"]
     if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource as source_type
 
@@ -124,7 +128,7 @@ def compile_config(
         fn=fn,
         signature=signature,
         constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+        attrs={path: [["tt.divisibility", 16]] for path in aligned},
     )
     compiled = triton.compile(
         src,

@@ -20,18 +20,16 @@ def attn_bwd_preprocess_kernel(
     O,
     DO,
     DELTA,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_dob,
-    stride_doh,
-    stride_dom,
+    o_strides,
+    do_strides,
     num_heads,
     seqlen_q,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    stride_ob, stride_oh, stride_om = o_strides  # in elements (unit 1)
+    stride_dob, stride_doh, stride_dom = do_strides
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
@@ -61,24 +59,11 @@ def _load_lse2(LSE2_ROW, offs_m, mask):
 
 @triton.jit
 def _dkdv_tiles(
-    dk,
-    dv,
-    k,
-    v,
-    rows,
-    tile_start,
-    tile_end,
-    offs_n,
-    offs_d,
-    window,
-    BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+
+    dk, dv, k, v, rows, tile_start, tile_end, offs_n, offs_d, window,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """Accumulates dK, dV of one key block over the query tiles [tile_start, tile_end). rows: (q_base,
     do_base, lse2_row, delta_row, stride_qm, stride_dom) of one query head; window: (seqlen_q, lo_off,
     hi_off, qk_scale)."""
@@ -117,64 +102,26 @@ def _dkdv_tiles(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE2,
-    DELTA,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    num_heads,
-    num_kv_heads,
-    group,
-    seqlen_q,
-    seqlen_k,
+
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
+    q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+    num_heads, num_kv_heads, group, seqlen_q, seqlen_k,
     seqlen_buckets,  # autotune key only (configs.AUTOTUNE_KEY); unused by the kernel
-    window_left,
-    window_right,
-    qk_scale,
-    softmax_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ONE_LOOP: tl.constexpr = False,
+    window_left, window_right, qk_scale, softmax_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False,
     STRIDE_UNIT: tl.constexpr = 1,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
-    CU_SEQLENS_Q=None,
-    CU_SEQLENS_K=None,
-    IS_VARLEN: tl.constexpr = False,
-):
+    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
+):  # fmt: skip
     """dK, dV of one key block and kv head. IS_VARLEN: the grid covers the longest sequence's keys; seqlen_q
     and seqlen_k come in as the packed totals."""
-    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
-    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
-    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
-    stride_dob, stride_doh, stride_dom = unit_strides(stride_dob, stride_doh, stride_dom, STRIDE_UNIT)
-    stride_dkb, stride_dkh, stride_dkn = unit_strides(stride_dkb, stride_dkh, stride_dkn, STRIDE_UNIT)
-    stride_dvb, stride_dvh, stride_dvn = unit_strides(stride_dvb, stride_dvh, stride_dvn, STRIDE_UNIT)
+    stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
+    stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
+    stride_dkb, stride_dkh, stride_dkn = unit_strides(dk_strides, STRIDE_UNIT)
+    stride_dvb, stride_dvh, stride_dvn = unit_strides(dv_strides, STRIDE_UNIT)
     start_n = tl.program_id(0) * BLOCK_N
     off_bhk = tl.program_id(1)
     off_b = (off_bhk // num_kv_heads).to(tl.int64)
@@ -245,25 +192,11 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    kv,
-    tile_start,
-    tile_end,
-    offs_m,
-    offs_d,
-    window,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+
+    dq, q, do, lse, delta, kv, tile_start, tile_end, offs_m, offs_d, window,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """Accumulates dQ of one query block over the key tiles [tile_start, tile_end). kv: (k_base, v_base,
     stride_kn, stride_vn); window: (seqlen_k, lo_off, hi_off, qk_scale)."""
     k_base, v_base, stride_kn, stride_vn = kv
@@ -298,56 +231,23 @@ def _dq_tiles(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE2,
-    DELTA,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    num_heads,
-    group,
-    seqlen_q,
-    seqlen_k,
+
+    Q, K, V, DO, LSE2, DELTA, DQ,
+    q_strides, k_strides, v_strides, do_strides, dq_strides,
+    num_heads, group, seqlen_q, seqlen_k,
     seqlen_buckets,  # autotune key only (configs.AUTOTUNE_KEY); unused by the kernel
-    window_left,
-    window_right,
-    qk_scale,
-    softmax_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr = 1,
-    CU_SEQLENS_Q=None,
-    CU_SEQLENS_K=None,
-    IS_VARLEN: tl.constexpr = False,
-):
+    window_left, window_right, qk_scale, softmax_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
+    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
+):  # fmt: skip
     """dQ of one query block and head. IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q
     and seqlen_k come in as the packed totals."""
-    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
-    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
-    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
-    stride_dob, stride_doh, stride_dom = unit_strides(stride_dob, stride_doh, stride_dom, STRIDE_UNIT)
-    stride_dqb, stride_dqh, stride_dqm = unit_strides(stride_dqb, stride_dqh, stride_dqm, STRIDE_UNIT)
+    stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
+    stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
+    stride_dqb, stride_dqh, stride_dqm = unit_strides(dq_strides, STRIDE_UNIT)
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)

@@ -22,13 +22,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .common import tile_range, unit_strides, visible
+from .fwd_ws import wgmma_layout
 
 
 @gluon.jit
 def _bwd_producer(
-    Q, K, V, DO,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom,
+    Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
     k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
     off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
     STAGES: gl.constexpr,
@@ -40,6 +39,10 @@ def _bwd_producer(
     CONSUMERS: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
+    stride_qb, stride_qh, stride_qm = q_strides
+    stride_kb, stride_kh, stride_kn = k_strides
+    stride_vb, stride_vh, stride_vn = v_strides
+    stride_dob, stride_doh, stride_dom = do_strides
     k_desc = tma.make_tensor_descriptor(
         K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
         block_shape=[ROWS, HEAD_DIM], layout=k_smem.layout,
@@ -86,21 +89,19 @@ def _bwd_consumer(
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group. HAS_LO / HAS_HI are the
     key-side bounds (the query-side flags swapped, as in bwd.py)."""
-    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, stride_dkb, stride_dkh,
-     stride_dkn, stride_dvb, stride_dvh, stride_dvn, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
-     start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
+    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, dk_strides, dv_strides,
+     off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi, n_tiles, lo_off,
+     hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
+    stride_dkb, stride_dkh, stride_dkn = dk_strides
+    stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
     k_c = k_smem.index(ME)
     v_c = v_smem.index(ME)
     start_n = start_n + ME * ROWS
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-    )
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = wgmma_layout(num_warps, BLOCK_M)
+    acc_layout: gl.constexpr = wgmma_layout(num_warps, HEAD_DIM)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     offs_n = start_n + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
@@ -159,10 +160,9 @@ def _bwd_consumer(
 @gluon.jit
 def attn_bwd_dkdv_ws_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
-    stride_dvn, num_heads, num_kv_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left,
-    window_right, qk_scale, softmax_scale, HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr,
+    q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+    num_heads, num_kv_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left, window_right, qk_scale,
+    softmax_scale, HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, PRECISION: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
@@ -176,12 +176,13 @@ def attn_bwd_dkdv_ws_kernel(
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64 and 128")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # keys per consumer
-    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
-    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
-    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
-    stride_dob, stride_doh, stride_dom = unit_strides(stride_dob, stride_doh, stride_dom, STRIDE_UNIT)
-    stride_dkb, stride_dkh, stride_dkn = unit_strides(stride_dkb, stride_dkh, stride_dkn, STRIDE_UNIT)
-    stride_dvb, stride_dvh, stride_dvn = unit_strides(stride_dvb, stride_dvh, stride_dvn, STRIDE_UNIT)
+    # each tensor's (batch, head, row) strides in elements, as tuples for the partitions to unpack
+    q_strides = unit_strides(q_strides, STRIDE_UNIT)
+    k_strides = unit_strides(k_strides, STRIDE_UNIT)
+    v_strides = unit_strides(v_strides, STRIDE_UNIT)
+    do_strides = unit_strides(do_strides, STRIDE_UNIT)
+    dk_strides = unit_strides(dk_strides, STRIDE_UNIT)
+    dv_strides = unit_strides(dv_strides, STRIDE_UNIT)
     start_n = gl.program_id(0) * BLOCK_N
     off_bhk = gl.program_id(1)
     off_b = (off_bhk // num_kv_heads).to(gl.int64)
@@ -209,18 +210,16 @@ def attn_bwd_dkdv_ws_kernel(
     # the block's query range (both consumers' keys): each consumer masks its own rows where needed
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, stride_dkb,
-              stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, off_b, off_hk, num_heads, group,
-              seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale)  # fmt: skip
+    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, dk_strides,
+              dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi,
+              n_tiles, lo_off, hi_off, qk_scale, softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
-            (_bwd_producer, (Q, K, V, DO, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom, k_smem,
-                             v_smem, kv_bar, q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q,
-                             seqlen_k, start_n, lo, n_tiles, BLOCK_M, STAGES)),
+            (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
+                             q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
+                             lo, n_tiles, BLOCK_M, STAGES)),
         ],
         [num_warps, 1],
         [240, 24],

@@ -140,12 +140,13 @@ def load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.c
 
 
 @triton.jit
-def unit_strides(stride_b, stride_h, stride_s, STRIDE_UNIT: tl.constexpr):
-    """The launcher passes strides in units of STRIDE_UNIT elements (the largest power of two up to 16 that
-    divides them all). Multiplying back by the constexpr tells the compiler that rows stay aligned, so loads
-    vectorise and pipeline even where Triton's own specialisation (integers that are multiples of 16) does
-    not apply, e.g. contiguous tensors with head dim 40, 72 or 200."""
-    return stride_b * STRIDE_UNIT, stride_h * STRIDE_UNIT, stride_s * STRIDE_UNIT
+def unit_strides(strides, STRIDE_UNIT: tl.constexpr):
+    """A tensor's (batch, head, row) strides in elements from the launcher's tuple, which gives them in units
+    of STRIDE_UNIT elements (the largest power of two up to 16 that divides them all). Multiplying back by
+    the constexpr tells the compiler that rows stay aligned, so loads vectorise and pipeline even where
+    Triton's own specialisation of each element (1, multiples of 16) does not apply, e.g. contiguous tensors
+    with head dim 40, 72 or 200."""
+    return strides[0] * STRIDE_UNIT, strides[1] * STRIDE_UNIT, strides[2] * STRIDE_UNIT
 
 
 @triton.jit
@@ -197,29 +198,12 @@ def segment(bounds, seg: tl.constexpr, ONE_LOOP: tl.constexpr = False):
 
 @triton.jit
 def attend_tiles(
-    acc,
-    l_i,
-    m_i,
-    q,
-    kv,
-    descs,
-    tile_start,
-    tile_end,
-    offs_m,
-    offs_d,
-    window,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    pages=None,
-    PAGE_SIZE: tl.constexpr = 1,
-    IS_PAGED: tl.constexpr = False,
-):
+
+    acc, l_i, m_i, q, kv, descs, tile_start, tile_end, offs_m, offs_d, window,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    pages=None, PAGE_SIZE: tl.constexpr = 1, IS_PAGED: tl.constexpr = False,
+):  # fmt: skip
     """The online softmax over key tiles [tile_start, tile_end), folded into (acc, l_i, m_i) in log2 units
     (the forward's and the decode's inner loop); MASKED tiles apply element masks. kv: (k_base, v_base,
     stride_kn, stride_vn); window: (seqlen_k, lo_off, hi_off, qk_scale).

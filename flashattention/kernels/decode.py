@@ -44,50 +44,14 @@ def _visible_range(
 # that they share one compiled kernel
 @triton.jit(do_not_specialize=["batch", "seqlen_k"])
 def attn_decode_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    O_PARTIAL,
-    LSE2_PARTIAL,
-    CACHE_SEQLENS,
-    BLOCK_TABLE,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_tb,
-    batch,
-    num_kv_heads,
-    group,
-    seqlen_q,
-    seqlen_k,
-    num_splits,
-    window_left,
-    window_right,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
-    IS_PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    FINAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr = 1,
-):
+
+    Q, K, V, O, LSE, O_PARTIAL, LSE2_PARTIAL, CACHE_SEQLENS, BLOCK_TABLE,
+    q_strides, k_strides, v_strides, o_strides, stride_tb,
+    batch, num_kv_heads, group, seqlen_q, seqlen_k, num_splits, window_left, window_right, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, IS_PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, FINAL: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
+):  # fmt: skip
     """Softmax(scale * Q K^T) V of BLOCK_M packed rows of one (batch, kv head) over split program_id(1) of
     their visible keys. Grid: (batch * num_kv_heads * row blocks, num_splits).
     FINAL (one split): writes O (input dtype) and LSE (natural log) directly; else the float32 partials
@@ -97,10 +61,10 @@ def attn_decode_kernel(
     stride_vb: a block's stride) and key p of batch row b is row p % PAGE_SIZE of block
     BLOCK_TABLE[b, p // PAGE_SIZE] (int32 [batch, max_blocks], row stride stride_tb); only the entries of
     keys below the row's length (inside the visible tiles) are read."""
-    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
-    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
-    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
-    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
+    stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
+    stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
+    stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_om = unit_strides(o_strides, STRIDE_UNIT)
     rows = group * seqlen_q
     row_blocks = tl.cdiv(rows, BLOCK_M)
     split = tl.program_id(1)
@@ -187,9 +151,7 @@ def attn_decode_combine_kernel(
     LSE2_PARTIAL,
     O,
     LSE,
-    stride_ob,
-    stride_oh,
-    stride_om,
+    o_strides,
     num_heads,
     seqlen_q,
     total_rows,
@@ -202,7 +164,7 @@ def attn_decode_combine_kernel(
     """O[r] = sum_s w_s O_s[r] / sum_s w_s with w_s = 2^(LSE2_s[r] - max_s LSE2_s[r]), LSE[r] = ln 2 *
     (max + log2 sum_s w_s), for BLOCK_R of the total_rows = batch * heads * seqlen_q rows. Rows whose every
     split is empty (all -inf) get O 0 and LSE -inf."""
-    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
+    stride_ob, stride_oh, stride_om = unit_strides(o_strides, STRIDE_UNIT)
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = offs_r < total_rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)

@@ -123,48 +123,17 @@ def _fwd_block(
 # compile their own copy of an identical kernel; nor is max_seqlen_q (varlen's grid length)
 @triton.jit(do_not_specialize=["batch", "max_seqlen_q"])
 def attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE2,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    batch,
-    num_heads,
-    group,
-    seqlen_q,
-    seqlen_k,
+
+    Q, K, V, O, LSE2,
+    q_strides, k_strides, v_strides, o_strides,
+    batch, num_heads, group, seqlen_q, seqlen_k,
     seqlen_buckets,  # autotune key only (configs.AUTOTUNE_KEY); unused by the kernel
-    window_left,
-    window_right,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    HAS_LO: tl.constexpr,
-    HAS_HI: tl.constexpr,
-    PRECISION: tl.constexpr,
-    CAN_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
-    PERSISTENT: tl.constexpr = False,
-    STRIDE_UNIT: tl.constexpr = 1,
-    CU_SEQLENS_Q=None,
-    CU_SEQLENS_K=None,
-    max_seqlen_q=None,
-    IS_VARLEN: tl.constexpr = False,
-):
+    window_left, window_right, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    PRECISION: tl.constexpr, CAN_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False, PERSISTENT: tl.constexpr = False, STRIDE_UNIT: tl.constexpr = 1,
+    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, max_seqlen_q=None, IS_VARLEN: tl.constexpr = False,
+):  # fmt: skip
     """CAN_TMA (from the launcher: 16-byte aligned base and strides) gates the USE_TMA config flag.
     PERSISTENT: a grid of about one program per SM, each looping over (head, query block) tiles in
     common.persistent_turn's order (the launcher sizes the grid); else one program per tile.
@@ -176,10 +145,10 @@ def attn_fwd_kernel(
     # what every tile's _fwd_block reads, bundled once for both schedules
     tensors = (Q, K, V, O, LSE2, CU_SEQLENS_Q, CU_SEQLENS_K)
     strides = (
-        unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT),
-        unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT),
-        unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT),
-        unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT),
+        unit_strides(q_strides, STRIDE_UNIT),
+        unit_strides(k_strides, STRIDE_UNIT),
+        unit_strides(v_strides, STRIDE_UNIT),
+        unit_strides(o_strides, STRIDE_UNIT),
     )
     sizes = (num_heads, group, seqlen_q, seqlen_k, window_left, window_right, qk_scale)
     # varlen reads K/V through pointers: a descriptor per sequence would need each start 16-byte aligned

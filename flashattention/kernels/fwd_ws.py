@@ -24,6 +24,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .common import persistent_count, persistent_tile, persistent_turn, tile_range, unit_strides
 
 
+@gluon.constexpr_function
+def wgmma_layout(num_warps, n):
+    """The register layout of a warpgroup matmul's [rows, n] result (n columns per instruction), for the
+    consumers of both Gluon kernels."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _tile(
     tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -110,9 +117,12 @@ def _producer(
     consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i
     into buffer i % STAGES once every consumer has released it (i counts this program's copies across
     tiles, as the consumers count them)."""
-    (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-     stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog, progs,
-     turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off) = loads  # fmt: skip
+    (Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
+     k_empty, v_empty, prog, progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off,
+     hi_off) = loads  # fmt: skip
+    stride_qb, stride_qh, stride_qm = q_strides
+    stride_kb, stride_kh, stride_kn = k_strides
+    stride_vb, stride_vh, stride_vn = v_strides
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -250,8 +260,8 @@ def _consumer(
     and run under it (after the last tile, at the end), so that the tensor cores do not idle through them;
     the PROBE's end stamp is then the end of the tile's matmuls."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-     stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k,
-     lo_off, hi_off, qk_scale, ones_smem) = shared  # fmt: skip
+     o_strides, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale,
+     ones_smem) = shared  # fmt: skip
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     consumers: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -266,25 +276,19 @@ def _consumer(
     # tiles under a causal mask: two for 192 rows and 128-key tiles) are more than each consumer's (one)
     OWN_MASKS: gl.constexpr = (HAS_LO or HAS_HI) and (consumers - 1) * ROWS >= BLOCK_N
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = wgmma_layout(num_warps, BLOCK_N)
+    o_layout: gl.constexpr = wgmma_layout(num_warps, HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     # ROWSUM: the softmax's row sums as P times a column of ones (8 wide, wgmma's narrowest) on the tensor
     # cores, beside each P V, instead of a float32 add per score on the consumer's own issue slots
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8, 16]
-    )
+    l_layout: gl.constexpr = wgmma_layout(num_warps, 8)
     pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
     ones = ones_smem.permute((1, 0))
-    dest = (O, LSE2, seqlen_q, num_heads, stride_ob, stride_oh, stride_om)  # what _store_tile writes
+    dest = (O, LSE2, seqlen_q, num_heads, o_strides)  # what _store_tile writes
     # OVERLAP: the previous tile's output (normalised), LSE and rows, stored under the next Q K^T
     out_prev = gl.zeros([ROWS, HEAD_DIM], dtype, o_layout)
     lse_prev = gl.zeros([ROWS], gl.float32, row_s)
@@ -426,7 +430,8 @@ def _store_tile(dest, out, lse2, off_bh, start_m, BLOCK_M: gl.constexpr):
     """A consumer's stores of one tile: its rows' LSE2 and output (normalised, in the output dtype), rows
     [start_m, start_m + ROWS) of (batch * head) off_bh, those inside [0, seqlen_q). dest: O, LSE2,
     seqlen_q, num_heads and O's strides."""
-    O, LSE2, seqlen_q, num_heads, stride_ob, stride_oh, stride_om = dest
+    O, LSE2, seqlen_q, num_heads, o_strides = dest
+    stride_ob, stride_oh, stride_om = o_strides
     ROWS: gl.constexpr = out.shape[0]
     HEAD_DIM: gl.constexpr = out.shape[1]
     num_warps: gl.constexpr = gl.num_warps()
@@ -449,8 +454,7 @@ def _store_tile(dest, out, lse2, off_bh, start_m, BLOCK_M: gl.constexpr):
 @gluon.jit(do_not_specialize=["batch"])
 def attn_fwd_ws_kernel(
     Q, K, V, O, LSE2,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
+    q_strides, k_strides, v_strides, o_strides,
     num_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left, window_right, qk_scale, batch,
     HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr, PRECISION: gl.constexpr, CAN_TMA: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -477,10 +481,11 @@ def attn_fwd_ws_kernel(
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon forward takes head dims 64, 128 and 256")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # per consumer
-    stride_qb, stride_qh, stride_qm = unit_strides(stride_qb, stride_qh, stride_qm, STRIDE_UNIT)
-    stride_kb, stride_kh, stride_kn = unit_strides(stride_kb, stride_kh, stride_kn, STRIDE_UNIT)
-    stride_vb, stride_vh, stride_vn = unit_strides(stride_vb, stride_vh, stride_vn, STRIDE_UNIT)
-    stride_ob, stride_oh, stride_om = unit_strides(stride_ob, stride_oh, stride_om, STRIDE_UNIT)
+    # each tensor's (batch, head, row) strides in elements, as tuples for the partitions to unpack
+    q_strides = unit_strides(q_strides, STRIDE_UNIT)
+    k_strides = unit_strides(k_strides, STRIDE_UNIT)
+    v_strides = unit_strides(v_strides, STRIDE_UNIT)
+    o_strides = unit_strides(o_strides, STRIDE_UNIT)
     num_m = gl.cdiv(seqlen_q, BLOCK_M)
     gl.static_assert(not (WS_OVERLAP and WS_PINGPONG), "WS_OVERLAP: the ping-pong's turns count every issue")
     tiles = num_m * batch * num_heads
@@ -535,11 +540,11 @@ def attn_fwd_ws_kernel(
     hi_off = diag + window_right
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-              stride_ob, stride_oh, stride_om, prog, progs, turns, num_m, num_heads, seqlen_q,
-              seqlen_k, lo_off, hi_off, qk_scale, ones_smem)  # fmt: skip
-    loads = (Q, K, V, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-             stride_vn, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, prog,
-             progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off, hi_off)  # fmt: skip
+              o_strides, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale,
+              ones_smem)  # fmt: skip
+    loads = (Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
+             v_ready, k_empty, v_empty, prog, progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k,
+             lo_off, hi_off)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [

@@ -9,7 +9,6 @@ out are packed [total, heads, head_dim] and stats [heads, total_q]: the same ker
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -58,17 +57,11 @@ def stride_unit(*tensors: torch.Tensor) -> int:
     return min(16, g & -g) if g else 16  # g & -g: the lowest set bit, the largest power of two dividing g
 
 
-def strides(name: str, t: torch.Tensor, seq: str, unit: int) -> dict:
-    """The batch, head and sequence strides of a BHSD tensor as the kernels name them (stride_qb, ...), in
-    units of `unit` elements."""
+def strides(name: str, t: torch.Tensor, unit: int) -> dict:
+    """The (batch, head, sequence) strides of a BHSD tensor as the kernels take them: one tuple argument
+    named for the tensor (q_strides, ...), in units of `unit` elements (common.unit_strides)."""
     batch, head, row = t.stride()[:3]
-    names = stride_names(name, seq)
-    return {names[0]: batch // unit, names[1]: head // unit, names[2]: row // unit}
-
-
-@functools.cache  # built once per tensor name (host time)
-def stride_names(name: str, seq: str) -> tuple[str, ...]:
-    return tuple(f"stride_{name}{axis}" for axis in "bh" + seq)
+    return {f"{name}_strides": (batch // unit, head // unit, row // unit)}
 
 
 def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int) -> dict:
@@ -78,9 +71,9 @@ def _shared_args(q, k, v, unit: int, softmax_scale: float, left: int, right: int
         Q=q,
         K=k,
         V=v,
-        **strides("q", q, "m", unit),
-        **strides("k", k, "n", unit),
-        **strides("v", v, "n", unit),
+        **strides("q", q, unit),
+        **strides("k", k, unit),
+        **strides("v", v, unit),
         num_heads=heads,
         group=heads // k.shape[1],
         seqlen_q=q.shape[2],
@@ -148,7 +141,7 @@ def forward_stats(
         _shared_args(q, k, v, unit, softmax_scale, left, right),
         O=out4,
         LSE2=lse2,
-        **strides("o", out4, "m", unit),
+        **strides("o", out4, unit),
         batch=batch,
         CAN_TMA=dev.tma_ok(q, k, v),
     )
@@ -229,8 +222,8 @@ def backward_launches(
         O=out,
         DO=dout,
         DELTA=tensors["DELTA"],
-        **strides("o", out, "m", 1),
-        **strides("do", dout, "m", 1),
+        **strides("o", out, 1),
+        **strides("do", dout, 1),
         num_heads=heads,
         seqlen_q=seqlen_q,
         HEAD_DIM=head_dim,
@@ -244,7 +237,7 @@ def backward_launches(
         DO=dout,
         LSE2=tensors["LSE2"],
         DELTA=tensors["DELTA"],
-        **strides("do", dout, "m", unit),
+        **strides("do", dout, unit),
         softmax_scale=softmax_scale,
     )
     can_tma = dev.tma_ok(q, k, v, dout)
@@ -257,10 +250,10 @@ def backward_launches(
         DV=dv,
         CAN_TMA=can_tma,
         num_kv_heads=kv_heads,
-        **strides("dk", dk, "n", unit),
-        **strides("dv", dv, "n", unit),
+        **strides("dk", dk, unit),
+        **strides("dv", dv, unit),
     )
-    dq_args = dict(common, DQ=dq, **strides("dq", dq, "m", unit))
+    dq_args = dict(common, DQ=dq, **strides("dq", dq, unit))
     return {
         "pre": (pre_args, pre_grid),
         "bwd_dkdv": (dkdv_args, lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)),

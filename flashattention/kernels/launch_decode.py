@@ -139,10 +139,10 @@ def decode_forward(
     unit = stride_unit(q, k, v, out)
     args = dict(
         tensors,
-        **strides("q", q, "m", unit),
-        **strides("k", k, "n", unit),
-        **strides("v", v, "n", unit),
-        **strides("o", out, "m", unit),
+        **strides("q", q, unit),
+        **strides("k", k, unit),
+        **strides("v", v, unit),
+        **strides("o", out, unit),
         stride_tb=block_table.stride(0) if paged else 0,
         batch=batch,
         num_kv_heads=kv_heads,
@@ -170,7 +170,7 @@ def decode_forward(
         if not final:
             combine_args = dict(
                 {name: tensors[name] for name in ("O_PARTIAL", "LSE2_PARTIAL", "O", "LSE")},
-                **strides("o", out, "m", unit),
+                **strides("o", out, unit),
                 num_heads=heads,
                 seqlen_q=seqlen_q,
                 total_rows=total_rows,
