@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.decode import _graphed
 from flashattention.kernels import device as dev
 from flashattention.kernels import launch_decode
 
@@ -47,22 +48,14 @@ def _stream_dot(Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM:
 
 
 def graph_us(fn, replays: int = 50) -> float:
-    """Median device time of fn as CUDA-graph replays of `replays` calls, us per call."""
+    """Median device time of fn as CUDA-graph replays of `replays` calls (L2 not flushed), us per call."""
     fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            fn()
+    replay = _graphed(lambda: [fn() for _ in range(replays)])
     times = []
     for _ in range(7):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / replays)
