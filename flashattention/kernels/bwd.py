@@ -59,7 +59,6 @@ def _load_lse2(LSE2_ROW, offs_m, mask):
 
 @triton.jit
 def _dkdv_tiles(
-
     dk, dv, k, v, rows, tile_start, tile_end, offs_n, offs_d, window,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
@@ -102,7 +101,6 @@ def _dkdv_tiles(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-
     Q, K, V, DO, LSE2, DELTA, DK, DV,
     q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
     num_heads, num_kv_heads, group, seqlen_q, seqlen_k,
@@ -192,7 +190,6 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-
     dq, q, do, lse, delta, kv, tile_start, tile_end, offs_m, offs_d, window,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr,
@@ -231,7 +228,6 @@ def _dq_tiles(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-
     Q, K, V, DO, LSE2, DELTA, DQ,
     q_strides, k_strides, v_strides, do_strides, dq_strides,
     num_heads, group, seqlen_q, seqlen_k,

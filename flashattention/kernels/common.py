@@ -198,7 +198,6 @@ def segment(bounds, seg: tl.constexpr, ONE_LOOP: tl.constexpr = False):
 
 @triton.jit
 def attend_tiles(
-
     acc, l_i, m_i, q, kv, descs, tile_start, tile_end, offs_m, offs_d, window,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,

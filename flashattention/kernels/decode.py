@@ -44,7 +44,6 @@ def _visible_range(
 # that they share one compiled kernel
 @triton.jit(do_not_specialize=["batch", "seqlen_k"])
 def attn_decode_kernel(
-
     Q, K, V, O, LSE, O_PARTIAL, LSE2_PARTIAL, CACHE_SEQLENS, BLOCK_TABLE,
     q_strides, k_strides, v_strides, o_strides, stride_tb,
     batch, num_kv_heads, group, seqlen_q, seqlen_k, num_splits, window_left, window_right, qk_scale,

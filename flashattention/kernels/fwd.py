@@ -123,7 +123,6 @@ def _fwd_block(
 # compile their own copy of an identical kernel; nor is max_seqlen_q (varlen's grid length)
 @triton.jit(do_not_specialize=["batch", "max_seqlen_q"])
 def attn_fwd_kernel(
-
     Q, K, V, O, LSE2,
     q_strides, k_strides, v_strides, o_strides,
     batch, num_heads, group, seqlen_q, seqlen_k,
