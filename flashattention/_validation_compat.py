@@ -120,7 +120,7 @@ def check_kvcache(
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
             raise ValueError(f"{what}: `{name}` must have 4 dimensions, got shape {tuple(t.shape)}.")
-    _validation.check_twins(what, "k_cache and v_cache", k_cache, v_cache)
+    _validation.check_twins(what, "k_cache", k_cache, "v_cache", v_cache)
     _validation.check_same_place(
         what, "q", q, "the cache", k_cache, "Convert q with `.to(dtype=..., device=...)`."
     )
@@ -246,7 +246,7 @@ def _check_new(what: str, k: object, v: object, cache: torch.Tensor, batch: int)
                 f"{what}: `{name}` must be [batch={batch}, seqlen_new, kv_heads={cache.shape[2]}, "
                 f"head_dim={cache.shape[3]}], got shape {tuple(t.shape)}."
             )
-    _validation.check_twins(what, "k and v", k, v)
+    _validation.check_twins(what, "k", k, "v", v)
     _validation.check_same_place(
         what, "k", k, "the cache", cache, "Convert k and v with `.to(dtype=..., device=...)`."
     )

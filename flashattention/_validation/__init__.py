@@ -83,13 +83,12 @@ def check_tensors(what: str, **tensors: object) -> None:
             raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
 
 
-def check_twins(what: str, names: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """a and b (keys and values, named `names` = "a_name and b_name") have one shape, dtype and device."""
+def check_twins(what: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    """a and b (keys and values) have one shape, dtype and device."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        first, second = names.split(" and ")
         raise ValueError(
-            f"{what}: {names} must have one shape, dtype and device, got {first} {tuple(a.shape)} {a.dtype} "
-            f"on {a.device} and {second} {tuple(b.shape)} {b.dtype} on {b.device}."
+            f"{what}: {a_name} and {b_name} must have one shape, dtype and device, got {a_name} "
+            f"{tuple(a.shape)} {a.dtype} on {a.device} and {b_name} {tuple(b.shape)} {b.dtype} on {b.device}."
         )
 
 

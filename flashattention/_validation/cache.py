@@ -47,7 +47,7 @@ def check_cache_tensors(what: str, keys: object, values: object, like: torch.Ten
                 f"{what}: `{name}` must have 4 dimensions (batch, kv_heads, seqlen, head_dim), got shape "
                 f"{tuple(t.shape)}."
             )
-    check_twins(what, "keys and values", keys, values)
+    check_twins(what, "keys", keys, "values", values)
     if like is None:
         return
     b, h, _, d = like.shape
