@@ -51,6 +51,12 @@ def warmup() -> bool:
     return _flag("FLASHATTN_WARMUP", "1")
 
 
+def first_visible_gpu() -> int:
+    """The NVML index of the first GPU CUDA_VISIBLE_DEVICES lists (0 where unset or given by UUID)."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
 def cache_dir() -> Path:
     """Where tuning results persist: FLASHATTN_CACHE_DIR, else $XDG_CACHE_HOME/flashattention (~/.cache)."""
     explicit = os.environ.get("FLASHATTN_CACHE_DIR")

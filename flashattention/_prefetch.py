@@ -103,13 +103,15 @@ def gpu_arch() -> int | None:
     nvml = ctypes.CDLL("libnvidia-ml.so.1")
     if nvml.nvmlInit_v2() != 0:
         return None
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
     handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
-    if nvml.nvmlDeviceGetHandleByIndex_v2(int(first) if first.isdigit() else 0, ctypes.byref(handle)):
-        return None
-    if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)):
-        return None
-    return major.value * 10 + minor.value
+    try:
+        if nvml.nvmlDeviceGetHandleByIndex_v2(_env.first_visible_gpu(), ctypes.byref(handle)):
+            return None
+        if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)):
+            return None
+        return major.value * 10 + minor.value
+    finally:
+        nvml.nvmlShutdown()  # NVML counts its inits: this one's only
 
 
 def ptxas_version(arch: int | None) -> str | None:
