@@ -184,7 +184,7 @@ def make_timer(
     has ended (its imports would take the GIL from the calls timed; benchmarks.first_call times first
     calls). clean_l2 (memory-bound suites): the L2 is emptied by reading a buffer instead of do_bench's
     writing one, so that the timed call does not also write back an L2's worth of the flush's dirty lines
-    (~50 MB on an H100, ~15 us: a sixth of a 1 x 64k decode)."""
+    (benchmarks/NOTES.md has what that cost)."""
     from flashattention import _prefetch
 
     if device.type == "cuda":

@@ -30,7 +30,7 @@ def autotune() -> bool:
     return _flag("FLASHATTN_AUTOTUNE", "0") and not _INTERPRETING
 
 
-# read once (every output allocation asks: an environment lookup costs ~1.5 us of host time per call)
+# read once: every output allocation asks, and an environment lookup is host time on every call
 _POISON = _flag("FLASHATTN_POISON", "0")
 
 
