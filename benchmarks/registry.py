@@ -10,6 +10,8 @@ lengths are equal.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,8 +251,9 @@ class DecodeProvider:
     make: Callable[[DecodeShape, torch.Tensor, torch.Tensor, torch.Tensor, str], tuple[DecodeFn, str]]
 
 
-def _decode_ours(shape: DecodeShape, q, k, v, backend: str) -> tuple[DecodeFn, str]:
-    from flashattention import flash_attention
+def _decode_ours(shape: DecodeShape, q, k, v, backend: str, module: str = "flashattention"):
+    """module "flashattention_prev": an earlier commit's package (tools/prev_package.sh, .prev on path)."""
+    flash_attention = importlib.import_module(module).flash_attention
 
     def fn(q_, k_, v_):
         with torch.no_grad():  # an inference call of <= 16 queries: the split-KV decode kernel on triton
@@ -303,6 +306,11 @@ DECODE_PROVIDERS: dict[str, DecodeProvider] = {
     for p in (
         DecodeProvider(
             "ours", "flash_attention, seqlen_q 1, no grad (incremental_attention's path)", _decode_ours
+        ),
+        DecodeProvider(
+            "ours-prev",
+            "an earlier commit of ours (tools/prev_package.sh), as ours",
+            functools.partial(_decode_ours, module="flashattention_prev"),
         ),
         DecodeProvider("sdpa-flash", "SDPA, FLASH_ATTENTION backend", _decode_sdpa("FLASH_ATTENTION")),
         DecodeProvider("sdpa-cudnn", "SDPA, CUDNN_ATTENTION backend", _decode_sdpa("CUDNN_ATTENTION")),

@@ -201,12 +201,18 @@ DECODE_FP32 = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)
 DECODE_INTERPRETED = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
-def decode_config(split: bool, head_dim_pad: int, dtype: torch.dtype) -> triton.Config:
-    """The decode kernel's config (DECODE) for a launch that splits its keys or not."""
+def decode_config(split: bool, head_dim_pad: int, dtype: torch.dtype, paged: bool = False) -> triton.Config:
+    """The decode kernel's config (DECODE) for a launch that splits its keys or not. A paged launch takes
+    2 * stages - 1 stages: Triton's pipeliner gives a load that depends on another load (K/V rows on the
+    block table) (num_stages - 1) // 2 stages of lead, so this keeps as many K/V tiles in flight as dense."""
     if dtype == torch.float32:
-        return DECODE_FP32
-    dims = DECODE[split]
-    return dims[min((d for d in dims if d >= head_dim_pad), default=max(dims))]
+        config = DECODE_FP32
+    else:
+        dims = DECODE[split]
+        config = dims[min((d for d in dims if d >= head_dim_pad), default=max(dims))]
+    if not paged:
+        return config
+    return triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=2 * config.num_stages - 1)
 
 
 def label(config: triton.Config) -> str:

@@ -146,50 +146,32 @@ def attn_decode_kernel(
 
 @triton.jit(do_not_specialize=["total_rows"])
 def attn_decode_combine_kernel(
-    O_PARTIAL,
-    LSE2_PARTIAL,
-    O,
-    LSE,
-    o_strides,
-    num_heads,
-    seqlen_q,
-    total_rows,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    O_PARTIAL, LSE2_PARTIAL, O, LSE, o_strides, num_heads, seqlen_q, total_rows, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
     STRIDE_UNIT: tl.constexpr = 1,
-):
+):  # fmt: skip
     """O[r] = sum_s w_s O_s[r] / sum_s w_s with w_s = 2^(LSE2_s[r] - max_s LSE2_s[r]), LSE[r] = ln 2 *
-    (max + log2 sum_s w_s), for BLOCK_R of the total_rows = batch * heads * seqlen_q rows. Rows whose every
-    split is empty (all -inf) get O 0 and LSE -inf."""
+    (max + log2 sum_s w_s), one program per row r of the total_rows = batch * heads * seqlen_q rows; its
+    num_splits (<= SPLITS_PAD) partials arrive in one [SPLITS_PAD, HEAD_DIM_PAD] load (one round trip to
+    L2, not one per split). A row whose every split is empty (all -inf) gets O 0 and LSE -inf."""
     stride_ob, stride_oh, stride_om = unit_strides(o_strides, STRIDE_UNIT)
-    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = offs_r < total_rows
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    split_mask = offs_s < num_splits
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    io_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in tl.range(0, num_splits):
-        m = tl.maximum(m, tl.load(LSE2_PARTIAL + s * total_rows + offs_r, mask=row_mask, other=float("-inf")))
+    offs_part = offs_s * total_rows + row
+    lse2 = tl.load(LSE2_PARTIAL + offs_part, mask=split_mask, other=float("-inf"))
+    o_mask = split_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O_PARTIAL + offs_part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)
+    m = tl.max(lse2, 0)
     # all splits empty: shift by 0 so that every weight is exp2(-inf) = 0, not NaN
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
-    l = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for s in tl.range(0, num_splits):
-        offs_part = s * total_rows + offs_r
-        lse2 = tl.load(LSE2_PARTIAL + offs_part, mask=row_mask, other=float("-inf"))
-        w = tl.math.exp2(lse2 - m_shift)  # [BLOCK_R]
-        o = tl.load(O_PARTIAL + offs_part[:, None] * HEAD_DIM + offs_d[None, :], mask=io_mask, other=0.0)
-        acc += w[:, None] * o  # [BLOCK_R, HEAD_DIM_PAD]
-        l += w
-
+    w = tl.math.exp2(lse2 - tl.where(m == float("-inf"), 0.0, m))  # [SPLITS_PAD]
+    l = tl.sum(w, 0)
     empty = l == 0.0
-    l_safe = tl.where(empty, 1.0, l)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(l_safe)) * LN2)
-    offs_i = offs_r % seqlen_q
-    off_bh = offs_r // seqlen_q
-    o_ptrs = O + (off_bh // num_heads) * stride_ob + (off_bh % num_heads) * stride_oh + offs_i * stride_om
-    tl.store(o_ptrs[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + offs_r, lse, mask=row_mask)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(empty, 1.0, l)  # [HEAD_DIM_PAD]
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l))) * LN2)
+    off_bh = row // seqlen_q
+    o_ptrs = O + (off_bh // num_heads) * stride_ob + (off_bh % num_heads) * stride_oh
+    o_ptrs += (row % seqlen_q) * stride_om
+    tl.store(o_ptrs + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + row, lse)

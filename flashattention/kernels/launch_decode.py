@@ -26,7 +26,6 @@ WAVES = 1
 MIN_SPLIT_KEYS = 512
 MIN_SPLIT_KEYS_INTERPRETED = 16
 MAX_SPLITS = 128
-COMBINE_BLOCK_R = 16
 
 
 def _visible_keys(capacity: int, seqlen_q: int, left: int, right: int) -> int:
@@ -50,7 +49,9 @@ def _interpreted(device: torch.device) -> bool:
     return _env.interpreting() or device.type != "cuda"
 
 
-def _config(split: bool, head_dim_pad: int, dtype: torch.dtype, device: torch.device) -> triton.Config:
+def _config(
+    split: bool, head_dim_pad: int, dtype: torch.dtype, device: torch.device, paged: bool
+) -> triton.Config:
     """A forced config (hooks, for sweeps), else the table's; 16-key tiles in the interpreter so that small
     tests cross tiles."""
     forced = (hooks.current.configs or {}).get("decode")
@@ -58,7 +59,7 @@ def _config(split: bool, head_dim_pad: int, dtype: torch.dtype, device: torch.de
         return forced[0]
     if _interpreted(device):
         return configs.DECODE_INTERPRETED
-    return configs.decode_config(split, head_dim_pad, dtype)
+    return configs.decode_config(split, head_dim_pad, dtype, paged)
 
 
 def decode_forward(
@@ -134,7 +135,7 @@ def decode_forward(
         return out, lse
 
     head_dim_pad = dev.pow2_at_least(head_dim)
-    config = _config(not final, head_dim_pad, q.dtype, q.device)
+    config = _config(not final, head_dim_pad, q.dtype, q.device, paged)
     _prefetch.wait()  # Triton's cache key, if the import-time thread is computing it
     unit = stride_unit(q, k, v, out)
     args = dict(
@@ -177,11 +178,13 @@ def decode_forward(
                 num_splits=num_splits,
                 HEAD_DIM=head_dim,
                 HEAD_DIM_PAD=head_dim_pad,
-                BLOCK_R=COMBINE_BLOCK_R,
+                SPLITS_PAD=dev.pow2_at_least(num_splits),
                 STRIDE_UNIT=unit,
             )
-            combine_grid = (dev.cdiv(total_rows, COMBINE_BLOCK_R),)
-            compiled = attn_decode_combine_kernel[combine_grid](**combine_args, num_warps=4)
+            combine_grid = (total_rows,)
+            # a [SPLITS_PAD, HEAD_DIM_PAD] float32 tile per program: 8 warps above 32 splits
+            warps = 4 if num_splits <= 32 else 8
+            compiled = attn_decode_combine_kernel[combine_grid](**combine_args, num_warps=warps)
             launches.append(("", attn_decode_combine_kernel, compiled, combine_grid, combine_args, None))
     PLANS.put(key, tuple(launches))
     return out, lse
