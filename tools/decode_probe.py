@@ -8,7 +8,10 @@ K/V bytes, all timed as CUDA-graph replays (device time, no host launch cost), G
 - `stream+dot SMs`: the same over exactly one program per SM, key ranges cut across heads;
 - `copy`: a device-to-device copy of the K/V bytes (read + write counted, as benchmarks/decode.py does).
 GB/s counts the K and V bytes read once.
-Usage: PYTHONPATH=. python -m tools.decode_probe [--caches 8192,65536] [--splits 8,16,32]
+`--cold`: an L2 flush before each call inside the graph (its own time subtracted); `--configs 64/s3,32/s4`:
+the split kernel's configs to sweep (hooks), each with every `--splits` count; the heuristic's call is also
+broken down per kernel (torch.profiler, eager calls after a flush).
+Usage: PYTHONPATH=. python -m tools.decode_probe [--caches 8192,65536] [--splits 8,16,32] [--cold]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import triton.language as tl
 
 from benchmarks.decode import _graphed
 from flashattention.kernels import device as dev
-from flashattention.kernels import launch_decode
+from flashattention.kernels import hooks, launch_decode
 
 HEADS, KV_HEADS, D = 32, 8, 128
 
@@ -47,22 +50,65 @@ def _stream_dot(Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM:
     tl.store(OUT + pid * 16 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
 
 
-def graph_us(fn, replays: int = 50) -> float:
-    """Median device time of fn as CUDA-graph replays of `replays` calls (L2 not flushed), us per call."""
+_FLUSH: list[torch.Tensor] = []
+
+
+def _flush_l2() -> None:
+    """Empties L2 by reading 256 MiB (no dirty lines left for the next kernel to write back)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(1 << 27, device="cuda", dtype=torch.bfloat16).normal_())
+    _FLUSH[0].amax()
+
+
+def graph_us(fn, replays: int = 50, cold: bool = False) -> float:
+    """Median device time of fn as CUDA-graph replays of `replays` calls, us per call. cold: each call
+    after an L2 flush in the same graph, the flush's own graph time subtracted (so the call reads its K/V
+    from memory, not from the 50 MB L2 that a repeated 1 x 8k call would sit in)."""
+
+    def timed(body) -> float:
+        body()
+        replay = _graphed(lambda: [body() for _ in range(replays)])
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / replays)
+        return sorted(times)[len(times) // 2]
+
+    if not cold:
+        return timed(fn)
+    return timed(lambda: (_flush_l2(), fn())) - timed(_flush_l2)
+
+
+def _config(text: str) -> triton.Config:
+    """ "64/s3" -> BLOCK_N 64, 4 warps, 3 stages ("64/s3/w8": 8 warps)."""
+    block_n, stages, *warps = text.split("/")
+    return triton.Config(
+        {"BLOCK_N": int(block_n)}, num_warps=int(warps[0][1:]) if warps else 4, num_stages=int(stages[1:])
+    )
+
+
+def kernel_breakdown(fn, calls: int = 20) -> dict[str, float]:
+    """Mean device time per call of each kernel fn launches (torch.profiler), each call after an L2 flush."""
+    from torch.profiler import ProfilerActivity, profile
+
     fn()
-    replay = _graphed(lambda: [fn() for _ in range(replays)])
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            _flush_l2()
+            fn()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays)
-    return sorted(times)[len(times) // 2]
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and "decode" in event.name:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / calls
+    return totals
 
 
-def probe(cache: int, splits_list: list[int], sms: int) -> None:
+def probe(cache: int, splits_list: list[int], sms: int, cold: bool, config_texts: list[str]) -> None:
     """Prints the rows of one cache length."""
     q = torch.randn(1, HEADS, 1, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, cache, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -77,9 +123,13 @@ def probe(cache: int, splits_list: list[int], sms: int) -> None:
         )
 
     splits = launch_decode.num_splits_heuristic(KV_HEADS, cache, sms, launch_decode.MIN_SPLIT_KEYS)
-    row(f"ours (heuristic: {splits} splits)", KV_HEADS * splits, graph_us(ours))
-    for n in splits_list:
-        row(f"ours {n} splits", KV_HEADS * n, graph_us(lambda n=n: ours(n)))
+    row(f"ours (heuristic: {splits} splits)", KV_HEADS * splits, graph_us(ours, cold=cold))
+    for name, us in kernel_breakdown(ours).items():
+        row(f"  kernel {name[:40]} (profiler, eager)", 0, us)
+    for text in config_texts:
+        with hooks.overrides(configs={"decode": [_config(text)]}):
+            for n in splits_list:
+                row(f"ours {text} {n} splits", KV_HEADS * n, graph_us(lambda n=n: ours(n), cold=cold))
     q16 = torch.randn(16, D, device="cuda", dtype=torch.bfloat16)
     total = KV_HEADS * cache
     for name, programs in (("stream+dot", KV_HEADS * splits), ("stream+dot SMs", sms)):
@@ -92,22 +142,24 @@ def probe(cache: int, splits_list: list[int], sms: int) -> None:
                     q16, k, v, out, per, BLOCK_N=block_n, HEAD_DIM=D, num_warps=4, num_stages=stages
                 )
 
-            us = graph_us(stream) * total / (per * programs)  # scaled to every key
+            us = graph_us(stream, cold=cold) * total / (per * programs)  # scaled to every key
             row(f"{name} {block_n}/s{stages}", programs, us)
     flat = torch.cat([k.flatten(), v.flatten()])
     dst = torch.empty_like(flat)
-    row("copy (read+write)", 0, graph_us(lambda: dst.copy_(flat)) / 2)
+    row("copy (read+write)", 0, graph_us(lambda: dst.copy_(flat), cold=cold) / 2)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--caches", default="8192,65536")
     ap.add_argument("--splits", default="8,16,32")
+    ap.add_argument("--configs", default="64/s3", help="split configs BLOCK_N/sSTAGES[/wWARPS], comma list")
+    ap.add_argument("--cold", action="store_true", help="an L2 flush before each call (its time subtracted)")
     args = ap.parse_args()
     sms = dev.num_sms(torch.device("cuda"))
     print("| cache | variant | programs | us | GB/s |\n|---|---|---|---|---|")
     for cache in (int(c) for c in args.caches.split(",")):
-        probe(cache, [int(s) for s in args.splits.split(",")], sms)
+        probe(cache, [int(s) for s in args.splits.split(",")], sms, args.cold, args.configs.split(","))
 
 
 if __name__ == "__main__":
