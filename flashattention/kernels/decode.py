@@ -12,7 +12,6 @@ A paged cache (IS_PAGED) is the same kernel reading each key through the row's b
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .common import attend_tiles, segment, tile_range, unit_strides
 
@@ -51,7 +50,6 @@ def attn_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, IS_PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, FINAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Softmax(scale * Q K^T) V of BLOCK_M packed rows of one (batch, kv head) over split program_id(1) of
     their visible keys. Grid: (batch * num_kv_heads * row blocks, num_splits).
@@ -61,11 +59,7 @@ def attn_decode_kernel(
     IS_PAGED (with HAS_SEQLENS): K/V are block pools [num_blocks, kv_heads, PAGE_SIZE, HEAD_DIM] (stride_kb,
     stride_vb: a block's stride) and key p of batch row b is row p % PAGE_SIZE of block
     BLOCK_TABLE[b, p // PAGE_SIZE] (int32 [batch, max_blocks], row stride stride_tb); only the entries of
-    keys below the row's length (inside the visible tiles) are read.
-    PDL (sm90+, split launches): lets the combine kernel, launched as a programmatic dependent, start now;
-    it waits for this grid's writes (griddepcontrol.wait) and only its launch latency overlaps."""
-    if PDL:
-        gdc_launch_dependents()
+    keys below the row's length (inside the visible tiles) are read."""
     stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
@@ -154,21 +148,18 @@ def attn_decode_kernel(
 def attn_decode_combine_kernel(
     O_PARTIAL, LSE2_PARTIAL, O, LSE, o_strides, num_heads, seqlen_q, total_rows, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr = 1, PDL: tl.constexpr = False,
+    STRIDE_UNIT: tl.constexpr = 1,
 ):  # fmt: skip
     """O[r] = sum_s w_s O_s[r] / sum_s w_s with w_s = 2^(LSE2_s[r] - max_s LSE2_s[r]), LSE[r] = ln 2 *
     (max + log2 sum_s w_s), one program per row r of the total_rows = batch * heads * seqlen_q rows; its
     num_splits (<= SPLITS_PAD) partials arrive in one [SPLITS_PAD, HEAD_DIM_PAD] load (one round trip to
-    L2, not one per split). A row whose every split is empty (all -inf) gets O 0 and LSE -inf. PDL: launched
-    as a programmatic dependent of the split kernel, so it waits for that grid's writes first."""
+    L2, not one per split). A row whose every split is empty (all -inf) gets O 0 and LSE -inf."""
     stride_ob, stride_oh, stride_om = unit_strides(o_strides, STRIDE_UNIT)
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, SPLITS_PAD)
     split_mask = offs_s < num_splits
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_part = offs_s * total_rows + row
-    if PDL:
-        gdc_wait()
     lse2 = tl.load(LSE2_PARTIAL + offs_part, mask=split_mask, other=float("-inf"))
     o_mask = split_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O_PARTIAL + offs_part[:, None] * HEAD_DIM + offs_d[None, :], mask=o_mask, other=0.0)

@@ -137,8 +137,6 @@ def decode_forward(
     head_dim_pad = dev.pow2_at_least(head_dim)
     config = _config(not final, head_dim_pad, q.dtype, q.device, paged)
     _prefetch.wait()  # Triton's cache key, if the import-time thread is computing it
-    # the combine launches as a programmatic dependent (sm90+): its launch overlaps the split kernel's end
-    pdl = not final and not _interpreted(q.device) and dev.arch(q.device) == "sm90"
     unit = stride_unit(q, k, v, out)
     args = dict(
         tensors,
@@ -164,7 +162,6 @@ def decode_forward(
         PRECISION=precision(q.dtype),
         BLOCK_M=block_m,
         STRIDE_UNIT=unit,
-        PDL=pdl,
         **config.kwargs,
     )
     grid = (programs, num_splits)
@@ -183,14 +180,11 @@ def decode_forward(
                 HEAD_DIM_PAD=head_dim_pad,
                 SPLITS_PAD=dev.pow2_at_least(num_splits),
                 STRIDE_UNIT=unit,
-                PDL=pdl,
             )
             combine_grid = (total_rows,)
             # a [SPLITS_PAD, HEAD_DIM_PAD] float32 tile per program: 8 warps above 32 splits
             warps = 4 if num_splits <= 32 else 8
-            compiled = attn_decode_combine_kernel[combine_grid](
-                **combine_args, num_warps=warps, launch_pdl=pdl
-            )
+            compiled = attn_decode_combine_kernel[combine_grid](**combine_args, num_warps=warps)
             launches.append(("", attn_decode_combine_kernel, compiled, combine_grid, combine_args, None))
     PLANS.put(key, tuple(launches))
     return out, lse
