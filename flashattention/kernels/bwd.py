@@ -12,7 +12,17 @@ needs no flag: delta is per row, so it runs over the packed rows as one sequence
 import triton
 import triton.language as tl
 
-from .common import load_tile, mma, segment, tile_range, unit_strides, varlen_bounds, visible
+from .common import (
+    load_rows,
+    load_tile,
+    mma,
+    query_window,
+    segment,
+    tile_range,
+    unit_strides,
+    varlen_bounds,
+    visible,
+)
 
 
 @triton.jit
@@ -36,16 +46,8 @@ def attn_bwd_preprocess_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    )
+    o = load_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, stride_om, offs_d, mask)
+    do = load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, offs_d, mask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
     tl.store(DELTA + off_bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
@@ -58,6 +60,29 @@ def _load_lse2(LSE2_ROW, offs_m, mask):
 
 
 @triton.jit
+def _load_t(base, offs, stride, offs_d, mask, d_mask, MASKED: tl.constexpr, MASK_D: tl.constexpr):
+    """The transposed tile [HEAD_DIM_PAD, len(offs)] of rows offs (stride `stride`) from base, loaded with
+    load_tile's masks (rows: MASKED, head dims: MASK_D)."""
+    return load_tile(
+        base + offs[None, :] * stride + offs_d[:, None], mask[None, :], d_mask[:, None], MASKED, MASK_D
+    )
+
+
+@triton.jit
+def _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, stride_qm, stride_dom, stride_kn, stride_vn):
+    """IS_VARLEN: the inputs from the sequence's first query and key rows on (the sequence is batch 0 of
+    them), once the program knows it has work there."""
+    return (
+        Q + q_start * stride_qm,
+        DO + q_start * stride_dom,
+        LSE2 + q_start,
+        DELTA + q_start,
+        K + k_start * stride_kn,
+        V + k_start * stride_vn,
+    )
+
+
+@triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, rows, tile_start, tile_end, offs_n, offs_d, window,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
@@ -67,18 +92,13 @@ def _dkdv_tiles(
     do_base, lse2_row, delta_row, stride_qm, stride_dom) of one query head; window: (seqlen_q, lo_off,
     hi_off, qk_scale)."""
     q_base, do_base, lse2_row, delta_row, stride_qm, stride_dom = rows
-    seqlen_q, lo_off, hi_off, qk_scale = window
     d_mask = offs_d < HEAD_DIM
+    seqlen_q, lo_off, hi_off, qk_scale = window
     for start_m in tl.range(tile_start, tile_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_mask = offs_m < seqlen_q
-        q_t = load_tile(
-            q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
-            m_mask[None, :],
-            d_mask[:, None],
-            MASKED,
-            HEAD_DIM != HEAD_DIM_PAD,
-        )  # [HEAD_DIM_PAD, BLOCK_M]
+        # [HEAD_DIM_PAD, BLOCK_M]
+        q_t = _load_t(q_base, offs_m, stride_qm, offs_d, m_mask, d_mask, MASKED, HEAD_DIM != HEAD_DIM_PAD)
         lse = _load_lse2(lse2_row, offs_m, m_mask)
         qk_t = mma(k, q_t, None, PRECISION)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
@@ -130,28 +150,17 @@ def attn_bwd_dkdv_kernel(
         if start_n >= seqlen_k:  # past this sequence's keys
             return
         # every tensor from the sequence's first row on: the sequence is batch 0 from here
-        Q += q_start * stride_qm
-        DO += q_start * stride_dom
-        LSE2 += q_start
-        DELTA += q_start
-        K += k_start * stride_kn
-        V += k_start * stride_vn
-        DK += k_start * stride_dkn
-        DV += k_start * stride_dvn
+        Q, DO, LSE2, DELTA, K, V = _sequence_inputs(
+            Q, DO, LSE2, DELTA, K, V, q_start, k_start, stride_qm, stride_dom, stride_kn, stride_vn
+        )
+        DK, DV = DK + k_start * stride_dkn, DV + k_start * stride_dvn
         off_b = 0
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(
-        K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )  # [BLOCK_N, HEAD_DIM_PAD]
-    v = tl.load(
-        V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    # [BLOCK_N, HEAD_DIM_PAD] each
+    k = load_rows(K + off_b * stride_kb + off_hk * stride_kh, offs_n, stride_kn, offs_d, kv_mask)
+    v = load_rows(V + off_b * stride_vb + off_hk * stride_vh, offs_n, stride_vn, offs_d, kv_mask)
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left
     diag = seqlen_k - seqlen_q
@@ -202,20 +211,9 @@ def _dq_tiles(
     for start_n in tl.range(tile_start, tile_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seqlen_k
-        k_t = load_tile(
-            k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-            n_mask[None, :],
-            d_mask[:, None],
-            MASKED,
-            HEAD_DIM != HEAD_DIM_PAD,
-        )  # [HEAD_DIM_PAD, BLOCK_N]
-        v_t = load_tile(
-            v_base + offs_n[None, :] * stride_vn + offs_d[:, None],
-            n_mask[None, :],
-            d_mask[:, None],
-            MASKED,
-            HEAD_DIM != HEAD_DIM_PAD,
-        )
+        # [HEAD_DIM_PAD, BLOCK_N] each
+        k_t = _load_t(k_base, offs_n, stride_kn, offs_d, n_mask, d_mask, MASKED, HEAD_DIM != HEAD_DIM_PAD)
+        v_t = _load_t(v_base, offs_n, stride_vn, offs_d, n_mask, d_mask, MASKED, HEAD_DIM != HEAD_DIM_PAD)
         qk = mma(q, k_t, None, PRECISION)  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASKED:
@@ -237,8 +235,9 @@ def attn_bwd_dq_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
 ):  # fmt: skip
-    """dQ of one query block and head. IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q
-    and seqlen_k come in as the packed totals."""
+    """dQ of one query block and head; program 0 takes the last block (with a causal mask the last query
+    blocks see the most keys). IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q and
+    seqlen_k come in as the packed totals."""
     stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
@@ -248,47 +247,34 @@ def attn_bwd_dq_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
-    off_hk = off_h // group
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
+    off_hk = off_h // group
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
         if start_m >= seqlen_q:  # past this sequence's queries
             return
         # every tensor from the sequence's first row on: the sequence is batch 0 from here
-        Q += q_start * stride_qm
-        DO += q_start * stride_dom
         DQ += q_start * stride_dqm
-        LSE2 += q_start
-        DELTA += q_start
-        K += k_start * stride_kn
-        V += k_start * stride_vn
+        Q, DO, LSE2, DELTA, K, V = _sequence_inputs(
+            Q, DO, LSE2, DELTA, K, V, q_start, k_start, stride_qm, stride_dom, stride_kn, stride_vn
+        )
         off_b = 0
         off_bh = off_h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m_mask = offs_m < seqlen_q
     q_mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    )
+    q = load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qm, offs_d, q_mask)
+    do = load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dom, offs_d, q_mask)
     lse = _load_lse2(LSE2 + off_bh.to(tl.int64) * lse_len, offs_m, m_mask)
     delta = tl.load(DELTA + off_bh.to(tl.int64) * lse_len + offs_m, mask=m_mask, other=0.0)
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
 
-    diag = seqlen_k - seqlen_q
-    lo_off = diag - window_left
-    hi_off = diag + window_right
-    bounds = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    bounds, window = query_window(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+    )
     kv = (k_base, v_base, stride_kn, stride_vn)
-    window = (seqlen_k, lo_off, hi_off, qk_scale)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # the tiles that need element masks, on either side of those that do not (tile_range)

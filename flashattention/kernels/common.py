@@ -108,6 +108,20 @@ def tile_range(
 
 
 @triton.jit
+def query_window(
+    start_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+):  # fmt: skip
+    """(tile_range bounds, window) of the query block [start_m, start_m + BLOCK_M) over the keys, as the
+    forward's and dQ's inner loops take them: window = (seqlen_k, lo_off, hi_off, qk_scale)."""
+    diag = seqlen_k - seqlen_q
+    lo_off = diag - window_left
+    hi_off = diag + window_right
+    bounds = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    return bounds, (seqlen_k, lo_off, hi_off, qk_scale)
+
+
+@triton.jit
 def visible(
     offs_self,
     offs_other,
@@ -137,6 +151,13 @@ def load_tile(ptrs, row_mask, col_mask, MASK_ROWS: tl.constexpr, MASK_COLS: tl.c
         return tl.load(ptrs, mask=col_mask, other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def load_rows(base, offs_rows, stride_row, offs_d, mask):
+    """The [len(offs_rows), len(offs_d)] tile of rows offs_rows (stride stride_row; columns offs_d, unit
+    stride) from base, zeros where masked: a block the kernel loads once, outside its tile loops."""
+    return tl.load(base + offs_rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit

@@ -12,11 +12,12 @@ import triton.language as tl
 
 from .common import (
     attend_tiles,
+    load_rows,
     persistent_count,
     persistent_tile,
     persistent_turn,
+    query_window,
     segment,
-    tile_range,
     unit_strides,
     varlen_bounds,
 )
@@ -71,7 +72,7 @@ def _fwd_block(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q_mask = (offs_m < seqlen_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    q = load_rows(q_base, offs_m, stride_qm, offs_d, q_mask)
 
     if TMA:
         k_desc = tl.make_tensor_descriptor(
@@ -84,12 +85,10 @@ def _fwd_block(
     else:
         descs = None
 
-    diag = seqlen_k - seqlen_q
-    lo_off = diag - window_left
-    hi_off = diag + window_right
-    bounds = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
+    bounds, window = query_window(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+    )
     kv = (k_base, v_base, stride_kn, stride_vn)
-    window = (seqlen_k, lo_off, hi_off, qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
