@@ -36,20 +36,11 @@ Out = torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]
 
 
 def flash_attn_func(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool = False,
-    return_attn_probs: bool = False,
-    *,
-    backend: str = "auto",
-) -> Out:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False, return_attn_probs: bool = False, *, backend: str = "auto",
+) -> Out:  # fmt: skip
     """flash-attn's flash_attn_func. q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k,
     kv_heads, head_dim] (heads % kv_heads == 0). Returns out [batch, seqlen_q, heads, head_dim] or, with
     return_attn_probs, (out, softmax_lse [batch, heads, seqlen_q] float32, None). Differentiable.
@@ -60,47 +51,30 @@ def flash_attn_func(
     what = "flash_attn_func"
     _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
     _validation.check_qkv(q, k, v, "bshd")
-    window = _vc.flash_window(what, causal, window_size, k.shape[1])
-    return _bshd(q, k, v, softmax_scale, window, return_attn_probs, backend)
+    return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
 
 
 def flash_attn_qkvpacked_func(
     qkv: torch.Tensor,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool = False,
-    return_attn_probs: bool = False,
-    *,
-    backend: str = "auto",
-) -> Out:
+    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False, return_attn_probs: bool = False, *, backend: str = "auto",
+) -> Out:  # fmt: skip
     """flash-attn's flash_attn_qkvpacked_func: qkv [batch, seqlen, 3, heads, head_dim] (q, k, v are views
     of it; the gradient flows back into qkv). Otherwise as flash_attn_func."""
     what = "flash_attn_qkvpacked_func"
     _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
     _vc.check_packed(what, "qkv", qkv, 3)
     q, k, v = qkv.unbind(2)
-    window = _vc.flash_window(what, causal, window_size, k.shape[1])
-    return _bshd(q, k, v, softmax_scale, window, return_attn_probs, backend)
+    return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
 
 
 def flash_attn_kvpacked_func(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool = False,
-    return_attn_probs: bool = False,
-    *,
-    backend: str = "auto",
-) -> Out:
+    q: torch.Tensor, kv: torch.Tensor,
+    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False, return_attn_probs: bool = False, *, backend: str = "auto",
+) -> Out:  # fmt: skip
     """flash-attn's flash_attn_kvpacked_func: q [batch, seqlen_q, heads, head_dim], kv [batch, seqlen_k, 2,
     kv_heads, head_dim] (k, v are views of it). Otherwise as flash_attn_func."""
     what = "flash_attn_kvpacked_func"
@@ -108,30 +82,17 @@ def flash_attn_kvpacked_func(
     _vc.check_packed(what, "kv", kv, 2)
     k, v = kv.unbind(2)
     _validation.check_qkv(q, k, v, "bshd")
-    window = _vc.flash_window(what, causal, window_size, k.shape[1])
-    return _bshd(q, k, v, softmax_scale, window, return_attn_probs, backend)
+    return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
 
 
 def flash_attn_varlen_func(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    deterministic: bool = False,
-    return_attn_probs: bool = False,
-    block_table: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
-) -> Out:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False, return_attn_probs: bool = False, block_table: torch.Tensor | None = None,
+    *, backend: str = "auto",
+) -> Out:  # fmt: skip
     """flash-attn's flash_attn_varlen_func, on flashattention.flash_attention_varlen. q: [total_q, heads,
     head_dim], k, v: [total_k, kv_heads, head_dim], sequence b being rows [cu_seqlens[b], cu_seqlens[b+1])
     (int32, batch + 1 values from 0). Masks per sequence, bottom-right with that sequence's own offset.
@@ -249,8 +210,9 @@ def _check_common(what: str, dropout_p, softcap, alibi_slopes, deterministic) ->
     _vc.check_deterministic(what, deterministic)
 
 
-def _bshd(q, k, v, softmax_scale, window, return_attn_probs: bool, backend: str) -> Out:
-    """flash_attention on BSHD views with flash-attn's window already applied (causal folded into it)."""
+def _bshd(what: str, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend: str) -> Out:
+    """flash_attention on BSHD views, with flash-attn's window rule applied here (causal folded into it)."""
+    window = _vc.flash_window(what, causal, window_size, k.shape[1])
     result = flash_attention(
         q,
         k,
