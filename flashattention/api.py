@@ -16,18 +16,10 @@ DECODE_MAX_QUERIES = 16
 
 
 def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    return_lse: bool = False,
-    backend: str = "auto",
-    layout: str = "bhsd",
-    **unsupported: object,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    causal: bool = False, softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+    return_lse: bool = False, backend: str = "auto", layout: str = "bhsd", **unsupported: object,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Exact softmax attention, differentiable in q, k and v, in O(seqlen) memory.
 
     Shapes (layout="bhsd", as SDPA): q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads,
@@ -83,20 +75,11 @@ def flash_attention(
 
 
 def flash_attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    return_lse: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+    causal: bool = False, softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+    return_lse: bool = False, backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Exact softmax attention over packed sequences of different lengths (no padding), differentiable in
     q, k and v, as flash-attn's flash_attn_varlen_func.
 

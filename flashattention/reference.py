@@ -31,15 +31,10 @@ def visible_mask(
 
 
 def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    window_size: tuple[int, int] = (-1, -1),
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    causal: bool = False, softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
     upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Returns (out, lse) for BHSD inputs, computed in float64 when upcast (else in the input dtype).
 
     Query rows that see no key give out 0 and lse -inf. K/V heads are repeated for GQA (fine for an oracle).
