@@ -33,18 +33,11 @@ def _backend_module(backend: str):
 
 @torch.library.custom_op("flashattention::attention_forward", mutates_args=())
 def attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    softmax_scale: float,
-    left: int,
-    right: int,
-    backend: str,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0,
-    max_seqlen_k: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    softmax_scale: float, left: int, right: int, backend: str,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out [B, H, Sq, D] contiguous, stats [B, H, Sq] float32), inputs validated; varlen (cu_seqlens_q not
     None): out [total_q, H, D], stats [H, total_q]."""
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -89,21 +82,11 @@ def lse_of(stats: torch.Tensor, backend: str) -> torch.Tensor:
 
 @torch.library.custom_op("flashattention::attention_backward", mutates_args=())
 def attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    stats: torch.Tensor,
-    softmax_scale: float,
-    left: int,
-    right: int,
-    backend: str,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0,
-    max_seqlen_k: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    stats: torch.Tensor, softmax_scale: float, left: int, right: int, backend: str,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv), contiguous, in the shapes and dtypes of (q, k, v)."""
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _backward_impl(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend, *varlen)
@@ -111,16 +94,7 @@ def attention_backward(
 
 def _backward_impl(grad_out, q, k, v, out, stats, softmax_scale, left, right, backend, *varlen):
     return _backend_module(backend).attention_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        stats,
-        softmax_scale=softmax_scale,
-        left=left,
-        right=right,
-        **_varlen(*varlen),
+        grad_out, q, k, v, out, stats, softmax_scale=softmax_scale, left=left, right=right, **_varlen(*varlen)
     )
 
 
@@ -193,33 +167,14 @@ def plain(*tensors: torch.Tensor) -> bool:
 
 
 def attention(
-    q,
-    k,
-    v,
-    softmax_scale: float,
-    left: int,
-    right: int,
-    backend: str,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int = 0,
-    max_seqlen_k: int = 0,
-):
+    q, k, v, softmax_scale: float, left: int, right: int, backend: str,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+):  # fmt: skip
     """(out, stats) of validated inputs, differentiable in q, k and v (lse_of(stats, backend): the LSE).
     Varlen: packed q, k, v with cu_seqlens_q/k and max_seqlen_q/k (see the module docstring)."""
-    args = (
-        q,
-        k,
-        v,
-        softmax_scale,
-        left,
-        right,
-        backend,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-    )
+    varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    args = (q, k, v, softmax_scale, left, right, backend, *varlen)
     if plain(q, k, v):
         wants_grad = q.requires_grad or k.requires_grad or v.requires_grad
         # the compiles ahead know the dense backward's launches only: a varlen call must not use up their
