@@ -115,17 +115,8 @@ def decode_forward(
     o_partial = None if final else dev.empty((num_splits, total_rows, head_dim), torch.float32, q.device)
     lse2_partial = None if final else dev.empty((num_splits, total_rows), torch.float32, q.device)
 
-    tensors = dict(
-        Q=q,
-        K=k,
-        V=v,
-        O=out,
-        LSE=lse,
-        O_PARTIAL=o_partial,
-        LSE2_PARTIAL=lse2_partial,
-        CACHE_SEQLENS=cache_seqlens,
-        BLOCK_TABLE=block_table,
-    )
+    tensors = dict(Q=q, K=k, V=v, O=out, LSE=lse, O_PARTIAL=o_partial, LSE2_PARTIAL=lse2_partial,
+                   CACHE_SEQLENS=cache_seqlens, BLOCK_TABLE=block_table)  # fmt: skip
     # a call seen before (shapes, strides, dtypes, alignments, scalars) replays its compiled launches
     kind = ("decode", num_splits, cache_seqlens is not None, paged)
     key = call_key(
@@ -138,30 +129,28 @@ def decode_forward(
     config = _config(not final, head_dim_pad, q.dtype, q.device, paged)
     _prefetch.wait()  # Triton's cache key, if the import-time thread is computing it
     unit = stride_unit(q, k, v, out)
+    # what the split kernel and the combine both take
+    shared = dict(**strides("o", out, unit), seqlen_q=seqlen_q, num_splits=num_splits, HEAD_DIM=head_dim,
+                  HEAD_DIM_PAD=head_dim_pad, STRIDE_UNIT=unit)  # fmt: skip
     args = dict(
         tensors,
+        **shared,
         **strides("q", q, unit),
         **strides("k", k, unit),
         **strides("v", v, unit),
-        **strides("o", out, unit),
         stride_tb=block_table.stride(0) if paged else 0,
         batch=batch,
         num_kv_heads=kv_heads,
         group=group,
-        seqlen_q=seqlen_q,
         seqlen_k=capacity,
-        num_splits=num_splits,
         qk_scale=softmax_scale * LOG2E,
         **mask_args(left, right),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
         HAS_SEQLENS=cache_seqlens is not None,
         IS_PAGED=paged,
         PAGE_SIZE=page_size if paged else 1,
         FINAL=final,
         PRECISION=precision(q.dtype),
         BLOCK_M=block_m,
-        STRIDE_UNIT=unit,
         **config.kwargs,
     )
     grid = (programs, num_splits)
@@ -171,15 +160,10 @@ def decode_forward(
         if not final:
             combine_args = dict(
                 {name: tensors[name] for name in ("O_PARTIAL", "LSE2_PARTIAL", "O", "LSE")},
-                **strides("o", out, unit),
+                **shared,
                 num_heads=heads,
-                seqlen_q=seqlen_q,
                 total_rows=total_rows,
-                num_splits=num_splits,
-                HEAD_DIM=head_dim,
-                HEAD_DIM_PAD=head_dim_pad,
                 SPLITS_PAD=dev.pow2_at_least(num_splits),
-                STRIDE_UNIT=unit,
             )
             combine_grid = (total_rows,)
             # a [SPLITS_PAD, HEAD_DIM_PAD] float32 tile per program: 8 warps above 32 splits
