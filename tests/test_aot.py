@@ -68,3 +68,32 @@ def test_gluon_configs_compile_for_sm90_without_spills() -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "compiled" in result.stdout and "compiled 0" not in result.stdout, result.stdout
+
+
+DECODE_SCRIPT = """
+import re
+from tools import aot
+for split in (True, False):
+    depths = {}
+    for page_size in (None, 16, 256):
+        ttgir = aot.compile_decode(split, page_size).asm["ttgir"]
+        # the K and V tiles' shared ring buffers: !ttg.memdesc<DEPTHx{BLOCK_N}x128xbf16, ...>
+        depths[page_size] = sorted(set(int(d) for d in re.findall(r"memdesc<(\\d+)x\\d+x128xbf16", ttgir)))
+    print(split, depths)
+    assert depths[None] and depths[16] == depths[None] and depths[256] == depths[None], depths
+"""
+
+
+@pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
+def test_paged_decode_keeps_as_many_tiles_in_flight_as_dense() -> None:
+    """Triton's pipeliner gives a load whose address comes from another load (the paged kernel's K/V rows,
+    from the block table) fewer stages of lead than a plain load; the paged launch's config makes up for it,
+    so that the compiled paged kernel (pages of 16 and 256) rings as many K/V buffers as the dense one,
+    split and unsplit (sm_90a, compiled on the CPU)."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", DECODE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -147,6 +147,49 @@ def compile_config(
     )
 
 
+def compile_decode(split: bool, page_size: int | None, head_dim: int = 128, block_m: int = 16):
+    """The split-KV decode kernel (kernels/decode.py) compiled for sm_90a with the config its launcher
+    takes (configs.decode_config), bf16, per-row lengths, dense (page_size None) or paged, as a launch with
+    16-byte aligned tensors and strides specialises it. Returns Triton's compiled kernel (asm["ttgir"])."""
+    import torch
+
+    from flashattention.kernels.decode import attn_decode_kernel as fn
+
+    paged = page_size is not None
+    config = configs.decode_config(split, head_dim, torch.bfloat16, paged)
+    constexprs = dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, HAS_LO=False, HAS_HI=False, HAS_SEQLENS=True,
+        IS_PAGED=paged, PAGE_SIZE=page_size or 1, FINAL=not split, PRECISION="ieee", BLOCK_M=block_m,
+        STRIDE_UNIT=1, **config.kwargs,
+    )  # fmt: skip
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_strides"):
+            signature[name] = ("i32", "i32", "i32")
+        elif name in ("CACHE_SEQLENS", "BLOCK_TABLE"):
+            signature[name] = "*i32"
+        elif name in ("LSE", "O_PARTIAL", "LSE2_PARTIAL"):
+            signature[name] = "*fp32"
+        elif name[0].isupper():
+            signature[name] = "*bf16"
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    aligned = [(index[n],) for n, ty in signature.items() if isinstance(ty, str) and ty.startswith("*")]
+    aligned += [(index[n], j) for n, ty in signature.items() if isinstance(ty, tuple) for j in range(len(ty))]
+    aligned.append((index["stride_tb"],))
+    src = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(index[k],): v for k, v in constexprs.items()},
+        attrs={path: [["tt.divisibility", 16]] for path in aligned},
+    )
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tables", default="sm90,sm90-fp32")
