@@ -14,20 +14,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
-def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
-    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+def _compile_on_cpu(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """Runs `python ARGS` from the checkout without TRITON_INTERPRET (which would turn the kernels into
+    interpreted functions) and asserts that it succeeded."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "tools.aot", "--defaults"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
+def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    result = _compile_on_cpu(["-m", "tools.aot", "--defaults"], timeout=900)
     assert "| sm90 | fwd | 128 |" in result.stdout and "| sm90-fp32 | bwd_dkdv | 256 |" in result.stdout
 
 
@@ -61,12 +63,7 @@ def test_gluon_configs_compile_for_sm90_without_spills() -> None:
     spills of the table's configs."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     pytest.importorskip("triton.experimental.gluon", reason="triton without Gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", GLUON_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = _compile_on_cpu(["-c", GLUON_SCRIPT], timeout=900)
     assert "compiled" in result.stdout and "compiled 0" not in result.stdout, result.stdout
 
 
@@ -91,9 +88,4 @@ def test_paged_decode_keeps_as_many_tiles_in_flight_as_dense() -> None:
     so that the compiled paged kernel (pages of 16 and 256) rings as many K/V buffers as the dense one,
     split and unsplit (sm_90a, compiled on the CPU)."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", DECODE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    _compile_on_cpu(["-c", DECODE_SCRIPT], timeout=600)
