@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                         for state in ("cold", "warm"):
                             if args.profile:
                                 os.makedirs(args.profile, exist_ok=True)
-                                name = f"{provider}-D{head_dim}-{passes}-setup{setup_s:g}-{state}.txt"
+                                # letters, digits, '-', '_' and '.' only (fetched files' names)
+                                step = passes.replace("+", "_").replace("(", "_").replace(")", "")
+                                name = f"{provider}-D{head_dim}-{step}-setup{setup_s:g}-{state}.txt"
                                 env["FIRST_CALL_PROFILE"] = os.path.join(args.profile, name)
                             r = run_child(provider, passes, head_dim, setup_s, env)
                             row = dict(
