@@ -168,8 +168,9 @@ def attn_decode_combine_kernel(
     w = tl.math.exp2(lse2 - tl.where(m == float("-inf"), 0.0, m))  # [SPLITS_PAD]
     l = tl.sum(w, 0)
     empty = l == 0.0
-    out = tl.sum(w[:, None] * o, 0) / tl.where(empty, 1.0, l)  # [HEAD_DIM_PAD]
-    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(tl.where(empty, 1.0, l))) * LN2)
+    l_safe = tl.where(empty, 1.0, l)
+    out = tl.sum(w[:, None] * o, 0) / l_safe  # [HEAD_DIM_PAD]
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(l_safe)) * LN2)
     off_bh = row // seqlen_q
     o_ptrs = O + (off_bh // num_heads) * stride_ob + (off_bh % num_heads) * stride_oh
     o_ptrs += (row % seqlen_q) * stride_om
