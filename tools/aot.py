@@ -56,6 +56,24 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
     return (int(regs.group(1)) if regs else -1), sum(spills)
 
 
+def _compile_sm90(fn, signature: dict, constexprs: dict, config, aligned_scalars=(), source_type=ASTSource):
+    """Compiles fn for sm_90a as a launch with 16-byte aligned tensors and strides specialises it: every
+    pointer, each stride of the tuple arguments and the scalars named in aligned_scalars divisible by 16
+    (without it Triton can neither vectorise the loads nor pipeline them)."""
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    aligned = [(index[n],) for n, ty in signature.items() if isinstance(ty, str) and ty.startswith("*")]
+    aligned += [(index[n], j) for n, ty in signature.items() if isinstance(ty, tuple) for j in range(len(ty))]
+    aligned += [(index[n],) for n in aligned_scalars]
+    src = source_type(
+        fn=fn,
+        signature=signature,
+        constexprs={(index[k],): v for k, v in constexprs.items()},
+        attrs={path: [["tt.divisibility", 16]] for path in aligned},
+    )
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def compile_config(
     kernel: str,
     config: triton.Config,
@@ -110,13 +128,7 @@ def compile_config(
         boxes = host_desc_boxes(head_dim_pad, config.kwargs["BLOCK_N"], gl.float16 if fp16 else gl.bfloat16)
         for name, (block, layout) in boxes.items():
             signature[name] = f"tensordesc<{element[1:]}[{', '.join(map(str, block))}],{layout!r}>"
-    # what a launch with 16-byte aligned tensors and strides specialises on (pointers and each stride of the
-    # tuples divisible by 16); without it Triton can neither vectorise the loads nor pipeline them
-    index = {name: i for i, name in enumerate(fn.arg_names)}
-    aligned = [(index[n],) for n, ty in signature.items() if isinstance(ty, str) and ty.startswith("*")]
-    aligned += [(index[n], j) for n, ty in signature.items() if isinstance(ty, tuple) for j in range(len(ty))]
-    if aligned_lengths:
-        aligned += [(index[n],) for n in fn.arg_names if n.startswith("seqlen_") and signature[n] == "i32"]
+    lengths = [n for n in fn.arg_names if n.startswith("seqlen_") and signature[n] == "i32"]
     if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource as source_type
 
@@ -124,16 +136,8 @@ def compile_config(
         signature["num_warps"] = "constexpr"
     else:
         source_type = ASTSource
-    src = source_type(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs={path: [["tt.divisibility", 16]] for path in aligned},
-    )
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    compiled = _compile_sm90(
+        fn, signature, constexprs, config, lengths if aligned_lengths else (), source_type
     )
     ptx = compiled.asm["ptx"]
     regs, spills = _ptxas_report(ptx)
@@ -150,7 +154,7 @@ def compile_config(
 def compile_decode(split: bool, page_size: int | None, head_dim: int = 128, block_m: int = 16):
     """The split-KV decode kernel (kernels/decode.py) compiled for sm_90a with the config its launcher
     takes (configs.decode_config), bf16, per-row lengths, dense (page_size None) or paged, as a launch with
-    16-byte aligned tensors and strides specialises it. Returns Triton's compiled kernel (asm["ttgir"])."""
+    16-byte aligned tensors and strides specialises it (_compile_sm90). Returns Triton's compiled kernel."""
     import torch
 
     from flashattention.kernels.decode import attn_decode_kernel as fn
@@ -176,18 +180,7 @@ def compile_decode(split: bool, page_size: int | None, head_dim: int = 128, bloc
             signature[name] = "*bf16"
         else:
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
-    index = {name: i for i, name in enumerate(fn.arg_names)}
-    aligned = [(index[n],) for n, ty in signature.items() if isinstance(ty, str) and ty.startswith("*")]
-    aligned += [(index[n], j) for n, ty in signature.items() if isinstance(ty, tuple) for j in range(len(ty))]
-    aligned.append((index["stride_tb"],))
-    src = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(index[k],): v for k, v in constexprs.items()},
-        attrs={path: [["tt.divisibility", 16]] for path in aligned},
-    )
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return _compile_sm90(fn, signature, constexprs, config, ("stride_tb",))
 
 
 def main() -> int:
