@@ -100,15 +100,22 @@ def _make_sdpa_default(shape: Shape, device: torch.device) -> AttentionFn:
     return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _make_ours_prev(shape: Shape, device: torch.device) -> AttentionFn:
-    """An earlier commit's package, copied and renamed by tools/prev_package.sh (on the path: .prev/)."""
+def _package(module: str):
+    """Our package, or ("flashattention_prev") an earlier commit's, copied and renamed by
+    tools/prev_package.sh (on the path: .prev/)."""
     try:
-        from flashattention_prev import flash_attention
+        return importlib.import_module(module)
     except ImportError as err:
+        if module == "flashattention":
+            raise
         raise RuntimeError(
-            "no flashattention_prev on the path: run `bash tools/prev_package.sh COMMIT` and add .prev to "
-            "PYTHONPATH"
+            f"no {module} on the path: run `bash tools/prev_package.sh COMMIT` and add .prev to PYTHONPATH"
         ) from err
+
+
+def _make_ours_prev(shape: Shape, device: torch.device) -> AttentionFn:
+    """An earlier commit's package (_package)."""
+    flash_attention = _package("flashattention_prev").flash_attention
     causal = shape.causal
     return lambda q, k, v: flash_attention(q, k, v, causal=causal)
 
@@ -252,8 +259,8 @@ class DecodeProvider:
 
 
 def _decode_ours(shape: DecodeShape, q, k, v, backend: str, module: str = "flashattention"):
-    """module "flashattention_prev": an earlier commit's package (tools/prev_package.sh, .prev on path)."""
-    flash_attention = importlib.import_module(module).flash_attention
+    """module "flashattention_prev": an earlier commit's package (_package)."""
+    flash_attention = _package(module).flash_attention
 
     def fn(q_, k_, v_):
         with torch.no_grad():  # an inference call of <= 16 queries: the split-KV decode kernel on triton
