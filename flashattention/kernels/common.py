@@ -55,7 +55,7 @@ def persistent_turn(j, prog, progs):
 def persistent_tile(tile, num_m, BLOCK_M: tl.constexpr):
     """Tile number -> (batch * head, first query row): head by head, each head's query blocks longest-first
     (with a causal mask the last blocks see the most keys). (Longest-first across groups of heads sized to
-    L2 measured slower, 2026-11-26, NOTES.md.)"""
+    L2 measured slower: benchmarks/NOTES.md.)"""
     return tile // num_m, (num_m - 1 - tile % num_m) * BLOCK_M
 
 
