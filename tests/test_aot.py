@@ -40,7 +40,7 @@ def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
 GLUON_SCRIPT = """
 from tools import aot
 from tools.tune import tables_and_candidates
-from flashattention.kernels import configs
+from flashattention.kernels import configs, registry
 in_table = {id(c) for c in (e[3] for e in configs.all_configs())}
 n = 0
 for kernel, table, dim, cfg in tables_and_candidates():
@@ -51,6 +51,9 @@ for kernel, table, dim, cfg in tables_and_candidates():
             dkdv128 = (kernel, dim) == ("bwd_dkdv", 128)
             allowed = 128 if cfg.kwargs.get("PERSISTENT") else 320 if dkdv128 else 0
             assert r["spills"] <= allowed, (dim, cfg, r)
+            if registry.KERNELS[kernel].takes_varlen(cfg):  # the IS_VARLEN specialisation as well
+                r = aot.compile_config(kernel, cfg, dim, False, varlen=True)
+                assert r["shared"] <= aot.SHARED_LIMIT and r["wgmma"] > 0, (dim, cfg, "varlen", r)
         n += 1
 print("compiled", n)
 """
@@ -58,9 +61,9 @@ print("compiled", n)
 
 @pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
 def test_gluon_configs_compile_for_sm90_without_spills() -> None:
-    """The Gluon forward (kernels/fwd_ws.py) cannot run in the interpreter; this at least compiles every
-    GLUON_WS config for sm_90a on the CPU, through ptxas, and checks shared memory and wgmma use, and the
-    spills of the table's configs."""
+    """The Gluon kernels (kernels/fwd_ws.py, bwd_ws.py) cannot run in the interpreter; this at least compiles
+    every GLUON_WS config for sm_90a on the CPU, through ptxas, and checks shared memory and wgmma use, and
+    the spills of the table's configs; those of the table that take varlen launches, with IS_VARLEN too."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     pytest.importorskip("triton.experimental.gluon", reason="triton without Gluon")
     result = _compile_on_cpu(["-c", GLUON_SCRIPT], timeout=900)

@@ -387,6 +387,44 @@ def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
         _assert_matches((q, k, v, dout), {"dq": dq, "dk": dk, "dv": dv}, causal, (left, right))
 
 
+def _varlen_params() -> list:
+    """The Gluon configs that take varlen launches (not HOST_DESC), forward and dK/dV."""
+    params = []
+    for kernel in ("fwd", "bwd_dkdv"):
+        for p in _gluon_params(kernel):
+            entry = p.values[0]
+            if entry is None or not entry[3].kwargs.get("HOST_DESC"):
+                params.append(pytest.param(*p.values, id=f"{kernel}-{p.id}"))
+    return params
+
+
+@pytest.mark.configs
+@pytest.mark.parametrize("entry, import_error", _varlen_params())
+def test_gluon_kernels_take_varlen(entry, import_error) -> None:
+    """Each Gluon config on packed sequences (kernels/fwd_ws.py, bwd_ws.py with IS_VARLEN, launched through
+    flash_attention_varlen with the config forced) against the float32 oracle per sequence: sequences
+    without queries and without keys, one query row, lengths that are not a multiple of the tiles,
+    seqlen_q != seqlen_k both ways, GQA, full, causal and windowed masks, bf16 and fp16. PERSISTENT
+    configs run on 5 programs, so that each one loops over long, short and empty tiles of many sequences."""
+    if import_error is not None:
+        pytest.fail(f"could not list the configs: {import_error!r}")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are Hopper-only")
+    from test_varlen import VarlenCase, test_varlen_matches_reference
+
+    from flashattention.kernels import hooks, registry
+
+    kernel, _, head_dim, config = entry
+    lens_q, lens_k = (1000, 0, 1, 300, 517, 37), (1000, 5, 777, 0, 1300, 37)
+    masks = [(B16, False, (-1, -1)), (B16, True, (-1, -1)), (F16, False, (300, 200)), (B16, True, (300, -1))]
+    for dtype, causal, window in masks:
+        case = VarlenCase(lens_q, lens_k, heads=8, kv_heads=2, head_dim=head_dim, dtype=dtype, causal=causal,
+                          window=window)  # fmt: skip
+        with hooks.overrides(num_sms=5, configs={kernel: [config]}):
+            test_varlen_matches_reference(case, "triton", "cuda")
+            assert registry.last_launched[kernel] is config
+
+
 @pytest.mark.configs
 @pytest.mark.parametrize(
     "flags",

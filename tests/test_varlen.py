@@ -189,16 +189,18 @@ def test_auto_backend_and_export(device) -> None:
     assert_same_result("out", auto, explicit)
 
 
-def test_gluon_kernels_do_not_take_varlen() -> None:
-    """The registry says which kernels accept IS_VARLEN: the Triton ones; a Gluon config does not apply to a
-    varlen launch (and says why), so varlen runs the Triton configs of an entry."""
+def test_host_desc_configs_do_not_take_varlen() -> None:
+    """The registry says which configs accept IS_VARLEN: every one but HOST_DESC's (whose descriptors span
+    whole tensors, not one sequence); such a config does not apply to a varlen launch and says why, so
+    varlen runs the entry's other configs."""
+    host = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GLUON_WS": True, "HOST_DESC": True}, num_warps=4)
     gluon = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GLUON_WS": True}, num_warps=4)
     plain = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4)
     for kernel in registry.KERNELS.values():
-        assert kernel.takes_varlen(plain) and not kernel.takes_varlen(gluon)
+        assert kernel.takes_varlen(plain) and kernel.takes_varlen(gluon) and not kernel.takes_varlen(host)
         assert kernel.problems(plain, {"IS_VARLEN": True}) == []
-    problems = registry.KERNELS["fwd"].problems(gluon, {"IS_VARLEN": True})
-    assert problems and "varlen" in problems[0]
+    problems = registry.KERNELS["fwd"].problems(host, {"IS_VARLEN": True})
+    assert problems and "varlen" in problems[0] and "HOST_DESC" in problems[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

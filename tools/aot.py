@@ -86,7 +86,7 @@ def compile_config(
 ) -> dict:
     """Compiles `config` for sm_90a as a launch with 16-byte aligned tensors would specialise it: `mask` "hi"
     (causal), "none", "lo" or "lo+hi" (a window), sequence lengths divisible by 16 or (default) not, 16-bit
-    inputs in bfloat16 or (fp16) float16; varlen: IS_VARLEN with cu_seqlens (Triton kernels only)."""
+    inputs in bfloat16 or (fp16) float16; varlen: IS_VARLEN with cu_seqlens."""
     gluon = bool(config.kwargs.get("GLUON_WS"))
     fn = registry.KERNELS[kernel].fn_for(config)
     element = "*fp32" if fp32 else ("*fp16" if fp16 else "*bf16")
@@ -99,7 +99,7 @@ def compile_config(
         **config.kwargs,
     )
     if kernel in ("fwd", "bwd_dkdv"):
-        constexprs["CAN_TMA"] = not varlen  # a varlen launch passes False
+        constexprs["CAN_TMA"] = True  # aligned tensors (the Triton kernels read varlen K/V through pointers)
     if varlen:
         constexprs["IS_VARLEN"] = True
     signature = {}
@@ -193,7 +193,7 @@ def main() -> int:
     ap.add_argument("--masks", default="hi", help="mask specialisations: none,hi,lo,lo+hi (default: causal)")
     ap.add_argument("--aligned-lengths", action="store_true", help="sequence lengths divisible by 16")
     ap.add_argument("--fp16", action="store_true", help="float16 inputs (default bfloat16)")
-    ap.add_argument("--varlen", action="store_true", help="IS_VARLEN (packed sequences; Triton configs only)")
+    ap.add_argument("--varlen", action="store_true", help="IS_VARLEN (packed sequences; not HOST_DESC configs)")
     args = ap.parse_args()
     print(
         "| table | kernel | D | config | shared KB | regs | spill B | blocks/SM | wgmma | ex2 | cp.async "
@@ -205,7 +205,7 @@ def main() -> int:
         for kernel in args.kernels.split(","):
             for dim in (int(d) for d in args.dims.split(",")):
                 cfgs = configs.configs_for(kernel, table, dim)
-                if args.varlen:  # the Gluon kernels take no varlen launch (registry.Kernel.takes_varlen)
+                if args.varlen:  # HOST_DESC configs take no varlen launch (registry.Kernel.takes_varlen)
                     cfgs = [c for c in cfgs if registry.KERNELS[kernel].takes_varlen(c)]
                 cfgs = cfgs[: 1 if args.defaults else None]
                 if args.candidates:

@@ -21,7 +21,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import tile_range, unit_strides, visible
+from .bwd import _sequence_inputs
+from .common import tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws import wgmma_layout
 
 
@@ -30,12 +31,12 @@ def _bwd_producer(
     Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
     k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
     off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
 ):  # fmt: skip
     """One warp: the block's K and V once (k_smem / v_smem: [consumers, keys each, head dim]), then for each
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
-    rewritten only after its last copies landed."""
+    rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows."""
     CONSUMERS: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
@@ -55,6 +56,8 @@ def _bwd_producer(
     for c in gl.static_range(CONSUMERS):
         tma.async_copy_global_to_shared(k_desc, [start_n + c * ROWS, 0], kv_bar, k_smem.index(c))
         tma.async_copy_global_to_shared(v_desc, [start_n + c * ROWS, 0], kv_bar, v_smem.index(c))
+    if IS_VARLEN:  # a sequence without queries reads none (one row described)
+        seqlen_q = gl.maximum(seqlen_q, 1)
     issued = 0
     for g in range(group):
         off_h = off_hk * group + g
@@ -90,8 +93,8 @@ def _bwd_consumer(
     dV of its ROWS keys over every query tile of every query head of the group. HAS_LO / HAS_HI are the
     key-side bounds (the query-side flags swapped, as in bwd.py)."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, dk_strides, dv_strides,
-     off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi, n_tiles, lo_off,
-     hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
+     off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo, full_lo, full_hi, n_tiles,
+     lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -111,7 +114,7 @@ def _bwd_consumer(
     mbarrier.wait(kv_bar, 0)
     done = 0
     for g in range(group):
-        row0 = (off_b * num_heads + off_hk * group + g) * seqlen_q  # LSE2 / DELTA: [batch, heads, seqlen_q]
+        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
         for i in range(n_tiles):
             s = (done + i) % STAGES
             start_m = lo + i * BLOCK_M
@@ -166,11 +169,13 @@ def attn_bwd_dkdv_ws_kernel(
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, PRECISION: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
-    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2,
+    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+    IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N = 128, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO
     buffers (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps, 64 keys
-    each."""
+    each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers the longest
+    sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_N == 128, "two consumers of 64 keys")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64 and 128")
@@ -187,6 +192,16 @@ def attn_bwd_dkdv_ws_kernel(
     off_bhk = gl.program_id(1)
     off_b = (off_bhk // num_kv_heads).to(gl.int64)
     off_hk = (off_bhk % num_kv_heads).to(gl.int64)
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA
+    if IS_VARLEN:
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_n >= seqlen_k:  # past this sequence's keys
+            return
+        # every tensor from the sequence's first row on: the sequence is batch 0 from here
+        rows = (q_strides[2], do_strides[2], k_strides[2], v_strides[2])
+        Q, DO, LSE2, DELTA, K, V = _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, *rows)
+        DK, DV = DK + k_start * dk_strides[2], DV + k_start * dv_strides[2]
+        off_b = 0
     dtype: gl.constexpr = Q.dtype.element_ty
 
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -211,15 +226,15 @@ def attn_bwd_dkdv_ws_kernel(
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, dk_strides,
-              dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, start_n, lo, full_lo, full_hi,
-              n_tiles, lo_off, hi_off, qk_scale, softmax_scale)  # fmt: skip
+              dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo, full_lo,
+              full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
-                             lo, n_tiles, BLOCK_M, STAGES)),
+                             lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
         ],
         [num_warps, 1],
         [240, 24],

@@ -21,7 +21,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import persistent_count, persistent_tile, persistent_turn, tile_range, unit_strides
+from .common import (
+    persistent_count,
+    persistent_tile,
+    persistent_turn,
+    tile_range,
+    unit_strides,
+    varlen_bounds,
+)
 
 
 @gluon.constexpr_function
@@ -33,20 +40,37 @@ def wgmma_layout(num_warps, n):
 
 @gluon.jit
 def _tile(
-    tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    tile, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    IS_VARLEN: gl.constexpr,
 ):  # fmt: skip
-    """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles), in the order of
-    common.persistent_tile. With 192-row blocks the blocks end at seqlen_q, so where BLOCK_M does not divide
-    it the first block is the partial one, starting before row 0: under a causal mask that block sees the
-    fewest keys, where the last one sees the most (at 2k, D64: one consumer of three idle through the
-    longest tile)."""
+    """Tile number -> (batch * head, first query row, lo, full_lo, full_hi, key tiles, seq), in the order of
+    common.persistent_tile. seq: the tile's sequence, (batch index into the tensors, first query row, first
+    key row, seqlen_q, seqlen_k, lo_off, hi_off): the kernel's, or with IS_VARLEN the packed sequence's
+    (batch 0 of the [1, heads, total, head dim] views, its rows and lengths from the cu_seqlens, its own
+    mask offsets; a block past its end has no rows: start_m >= seqlen_q). With 192-row blocks the blocks
+    end at seqlen_q, so where BLOCK_M does not divide it the first block is the partial one, starting before
+    row 0: under a causal mask that block sees the fewest keys, where the last one sees the most (at 2k,
+    D64: one consumer of three idle through the longest tile)."""
+    num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, window_left, window_right, CU_Q, CU_K = sizes
     off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
+    off_b = (off_bh // num_heads).to(gl.int64)
+    if IS_VARLEN:
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_Q, CU_K, off_b)
+        lo_off = seqlen_k - seqlen_q - window_left
+        hi_off = seqlen_k - seqlen_q + window_right
+        mem_b = 0
+        own_m = gl.cdiv(seqlen_q, BLOCK_M)  # the sequence's blocks, the first ones of the grid's
+    else:
+        q_start = 0
+        k_start = 0
+        mem_b = off_b
+        own_m = num_m
     if (BLOCK_M & (BLOCK_M - 1)) != 0:  # 192 rows (the 2^k blocks keep their code as measured)
-        start_m = start_m - (num_m * BLOCK_M - seqlen_q)
+        start_m = start_m - (own_m * BLOCK_M - seqlen_q)
     lo, full_lo, full_hi, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI)
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
-    return off_bh, start_m, lo, full_lo, full_hi, n_tiles
+    return off_bh, start_m, lo, full_lo, full_hi, n_tiles, (mem_b, q_start, k_start, seqlen_q, seqlen_k,
+                                                            lo_off, hi_off)  # fmt: skip
 
 
 @gluon.jit
@@ -110,67 +134,85 @@ def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
 @gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
-    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, PROBE,
+    HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, IS_VARLEN: gl.constexpr, PROBE,
 ):  # fmt: skip
     """One warp (`loads`: its runtime arguments, as the kernel packs them). For each tile of this program:
     the tile's Q (q_smem: [Q buffers x consumers, rows each, head dim], one or two buffers) once the
     consumers have released the buffer's previous tile, then K and V of its key tiles into the ring, copy i
     into buffer i % STAGES once every consumer has released it (i counts this program's copies across
-    tiles, as the consumers count them)."""
+    tiles, as the consumers count them). IS_VARLEN: tiles without query rows are skipped, as the consumers
+    skip them; the Q buffers count the others."""
     (Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
-     k_empty, v_empty, prog, progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k, lo_off,
-     hi_off) = loads  # fmt: skip
+     k_empty, v_empty, prog, progs, turns, sizes, group) = loads  # fmt: skip
     stride_qb, stride_qh, stride_qm = q_strides
     stride_kb, stride_kh, stride_kn = k_strides
     stride_vb, stride_vh, stride_vn = v_strides
+    num_heads = sizes[1]
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     issued = 0
+    q_turns = 0  # IS_VARLEN: the tiles with query rows so far
     for j in range(0, turns):
         tile = persistent_turn(j, prog, progs)
-        off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+        off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq = _tile(
+            tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
-        _stamp(PROBE, tile, 1)
-        off_b = (off_bh // num_heads).to(gl.int64)
-        off_h = (off_bh % num_heads).to(gl.int64)
-        off_hk = off_h // group
-        if HOST_DESC:  # [B, H, S, D] descriptors made on the host: (batch, head, row) coordinates
-            q_desc = Q
-            k_desc = K
-            v_desc = V
-        else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not another head's rows
-            _wait_copies(q_bar, k_ready, v_ready, j, issued, STAGES)
-            q_desc = tma.make_tensor_descriptor(
-                Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM],
-                strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
-            )  # fmt: skip
-            k_desc = tma.make_tensor_descriptor(
-                K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM],
-                strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
-            )  # fmt: skip
-            v_desc = tma.make_tensor_descriptor(
-                V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM],
-                strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
-            )  # fmt: skip
-        # a fresh barrier counts as having completed the phase before 0: the first wait passes
-        qb = j % Q_BUFFERS
-        mbarrier.wait(q_empty.index(qb), ((j // Q_BUFFERS) & 1) ^ 1)
-        _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
-        for i in range(n_tiles):
-            s = (issued + i) % STAGES
-            phase = ((issued + i) // STAGES) & 1
-            start_n = lo + i * BLOCK_N
-            mbarrier.wait(k_empty.index(s), phase ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            _copy(k_desc, off_b, off_hk, start_n, k_ready.index(s), k_smem.index(s), HOST_DESC)
-            mbarrier.wait(v_empty.index(s), phase ^ 1)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
-        _stamp(PROBE, tile, 12)
-        issued += n_tiles
+        off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
+        if IS_VARLEN:
+            has_rows = start_m < seqlen_q
+            qj = q_turns
+        else:
+            has_rows = True
+            qj = j
+        if has_rows:
+            _stamp(PROBE, tile, 1)
+            off_h = (off_bh % num_heads).to(gl.int64)
+            off_hk = off_h // group
+            if HOST_DESC:  # [B, H, S, D] descriptors made on the host: (batch, head, row) coordinates
+                q_desc = Q
+                k_desc = K
+                v_desc = V
+            else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not the next rows
+                _wait_copies(q_bar, k_ready, v_ready, qj, issued, STAGES)
+                q_base = Q + off_b * stride_qb + off_h * stride_qh
+                k_base = K + off_b * stride_kb + off_hk * stride_kh
+                v_base = V + off_b * stride_vb + off_hk * stride_vh
+                if IS_VARLEN:  # the sequence's rows; a sequence without keys reads none (one row described)
+                    q_base += q_start * stride_qm
+                    k_base += k_start * stride_kn
+                    v_base += k_start * stride_vn
+                    seqlen_k = gl.maximum(seqlen_k, 1)
+                q_desc = tma.make_tensor_descriptor(
+                    q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM],
+                    layout=q_smem.layout,
+                )  # fmt: skip
+                k_desc = tma.make_tensor_descriptor(
+                    k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
+                    block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
+                )  # fmt: skip
+                v_desc = tma.make_tensor_descriptor(
+                    v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
+                    block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
+                )  # fmt: skip
+            # a fresh barrier counts as having completed the phase before 0: the first wait passes
+            qb = qj % Q_BUFFERS
+            mbarrier.wait(q_empty.index(qb), ((qj // Q_BUFFERS) & 1) ^ 1)
+            _load_q(q_desc, off_b, off_h, start_m, q_bar.index(qb), q_smem, qb, CONSUMERS, HOST_DESC)
+            for i in range(n_tiles):
+                s = (issued + i) % STAGES
+                phase = ((issued + i) // STAGES) & 1
+                start_n = lo + i * BLOCK_N
+                mbarrier.wait(k_empty.index(s), phase ^ 1)
+                mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+                _copy(k_desc, off_b, off_hk, start_n, k_ready.index(s), k_smem.index(s), HOST_DESC)
+                mbarrier.wait(v_empty.index(s), phase ^ 1)
+                mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+                _copy(v_desc, off_b, off_hk, start_n, v_ready.index(s), v_smem.index(s), HOST_DESC)
+            _stamp(PROBE, tile, 12)
+            issued += n_tiles
+            q_turns += 1
 
 
 @gluon.jit
@@ -249,7 +291,7 @@ def _pass_turn(turn_other, PINGPONG: gl.constexpr):
 def _consumer(
     shared, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, PINGPONG: gl.constexpr,
-    OVERLAP: gl.constexpr, ME: gl.constexpr, ROWSUM: gl.constexpr, PROBE,
+    OVERLAP: gl.constexpr, ME: gl.constexpr, ROWSUM: gl.constexpr, IS_VARLEN: gl.constexpr, PROBE,
 ):  # fmt: skip
     """Consumer ME of the block's 2 or 3 (`shared`: the runtime arguments every consumer takes, as the
     kernel packs them): for each tile of this program, its ROWS query rows against every key tile of the
@@ -258,10 +300,12 @@ def _consumer(
     copies and matmul issues are counted across tiles (`done`, `issues`), as the producer and the other
     consumers count them. With OVERLAP a tile's stores wait for the next tile's first Q K^T to be issued
     and run under it (after the last tile, at the end), so that the tensor cores do not idle through them;
-    the PROBE's end stamp is then the end of the tile's matmuls."""
+    the PROBE's end stamp is then the end of the tile's matmuls. IS_VARLEN: tiles without query rows (blocks
+    past their sequence's end) are skipped, as the producer skips them."""
     (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-     o_strides, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale,
-     ones_smem) = shared  # fmt: skip
+     o_strides, prog, progs, turns, sizes, qk_scale, ones_smem) = shared  # fmt: skip
+    num_heads = sizes[1]
+    stride_ob, stride_oh, stride_om = o_strides
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     consumers: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
     ROWS: gl.constexpr = q_smem.shape[1]
@@ -288,119 +332,146 @@ def _consumer(
     pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
     ones = ones_smem.permute((1, 0))
-    dest = (O, LSE2, seqlen_q, num_heads, o_strides)  # what _store_tile writes
     # OVERLAP: the previous tile's output (normalised), LSE and rows, stored under the next Q K^T
     out_prev = gl.zeros([ROWS, HEAD_DIM], dtype, o_layout)
     lse_prev = gl.zeros([ROWS], gl.float32, row_s)
-    bh_prev = 0
-    m_prev = 0
+    o_prev = gl.to_tensor(0).to(gl.int64)
+    lse_row_prev = gl.to_tensor(0).to(gl.int64)
+    seqlen_prev = gl.to_tensor(0)
+    m_prev = gl.to_tensor(0)
     done = 0  # K/V tiles consumed by this program before the current tile
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
+    q_turns = 0  # IS_VARLEN: the tiles with query rows so far
     for j in range(0, turns):
         tile = persistent_turn(j, prog, progs)
-        off_bh, start_m, lo, full_lo, full_hi, n_tiles = _tile(
-            tile, num_m, seqlen_q, seqlen_k, lo_off, hi_off, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+        off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq = _tile(
+            tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
-        start_m = start_m + ME * ROWS  # this consumer's rows
-        total = n_tiles  # the block's key tiles: the producer loads them all
-        if OWN_MASKS:  # element masks only where this consumer's rows need them
-            _, full_lo, full_hi, _ = tile_range(
-                start_m, ROWS, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI
-            )  # fmt: skip
-        if OWN_RANGE:
-            n_tiles = _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS, BLOCK_N, HAS_HI)
-        offs_m = start_m + gl.arange(0, ROWS, row_s)
-        rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([ROWS], gl.float32, row_s)
-        l_acc = gl.zeros([ROWS, 8], gl.float32, l_layout)  # ROWSUM
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-        p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
-        qb = j % Q_BUFFERS
-        q = q_smem.index(qb * consumers + ME)
-        mbarrier.wait(q_bar.index(qb), (j // Q_BUFFERS) & 1)
-        _stamp(PROBE, tile, 2 + 3 * ME)
-        if n_tiles > 0:
-            # tile 0: scores and softmax only (the accumulator is still zero)
-            s = done % STAGES
-            mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
-            _take_turn(turn_me, issues, ME, PINGPONG)
-            qk_token = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            _pass_turn(turn_other, PINGPONG)
-            if OVERLAP:
-                if j > 0:
-                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, BLOCK_M)
-            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
-            p, m_i, l_i = _first_softmax(
-                qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, ROWSUM
-            )
+        off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
+        if IS_VARLEN:
+            has_rows = start_m < seqlen_q
+            qj = q_turns
         else:
+            has_rows = True
+            qj = j
+        if has_rows:
+            start_m = start_m + ME * ROWS  # this consumer's rows
+            total = n_tiles  # the block's key tiles: the producer loads them all
+            if OWN_MASKS:  # element masks only where this consumer's rows need them
+                _, full_lo, full_hi, _ = tile_range(
+                    start_m, ROWS, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI
+                )  # fmt: skip
+            if OWN_RANGE:
+                n_tiles = _own_tiles(start_m, lo, n_tiles, seqlen_q, seqlen_k, hi_off, ROWS, BLOCK_N, HAS_HI)
+            offs_m = start_m + gl.arange(0, ROWS, row_s)
+            rows = (offs_m, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+            l_i = gl.zeros([ROWS], gl.float32, row_s)
+            l_acc = gl.zeros([ROWS, 8], gl.float32, l_layout)  # ROWSUM
+            acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+            p = gl.zeros([ROWS, BLOCK_N], dtype, p_layout)
+            qb = qj % Q_BUFFERS
+            q = q_smem.index(qb * consumers + ME)
+            mbarrier.wait(q_bar.index(qb), (qj // Q_BUFFERS) & 1)
+            _stamp(PROBE, tile, 2 + 3 * ME)
+            if n_tiles > 0:
+                # tile 0: scores and softmax only (the accumulator is still zero)
+                s = done % STAGES
+                mbarrier.wait(k_ready.index(s), (done // STAGES) & 1)
+                _take_turn(turn_me, issues, ME, PINGPONG)
+                k_t = k_smem.index(s).permute((1, 0))
+                qk_token = warpgroup_mma(q, k_t, zero_s, use_acc=False, is_async=True)
+                _pass_turn(turn_other, PINGPONG)
+                if OVERLAP:
+                    if qj > 0:
+                        _store_tile(O, LSE2, stride_om, out_prev, lse_prev, o_prev, lse_row_prev, seqlen_prev,
+                                    m_prev, BLOCK_M)  # fmt: skip
+                qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk_token,))
+                p, m_i, l_i = _first_softmax(
+                    qk, k_empty.index(s), m_i, l_i, lo, rows, dtype, p_layout, HAS_LO, HAS_HI, ROWSUM
+                )
+            else:
+                if OVERLAP:
+                    if qj > 0:
+                        _store_tile(O, LSE2, stride_om, out_prev, lse_prev, o_prev, lse_row_prev, seqlen_prev,
+                                    m_prev, BLOCK_M)  # fmt: skip
+            for i in range(1, n_tiles):
+                s = (done + i) % STAGES
+                prev = (done + i - 1) % STAGES
+                prev_phase = ((done + i - 1) // STAGES) & 1
+                # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; S_i's softmax runs under the second
+                mbarrier.wait(k_ready.index(s), ((done + i) // STAGES) & 1)
+                if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
+                    mbarrier.wait(v_ready.index(prev), prev_phase)
+                    _take_turn(turn_me, issues + i, ME, PINGPONG)
+                k_t = k_smem.index(s).permute((1, 0))
+                qk_token = warpgroup_mma(q, k_t, zero_s, use_acc=False, is_async=True)
+                if not PINGPONG:
+                    mbarrier.wait(v_ready.index(prev), prev_phase)
+                acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+                if ROWSUM:
+                    l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
+                _pass_turn(turn_other, PINGPONG)
+                qk = warpgroup_mma_wait(num_outstanding=1 + ROWSUM, deps=(qk_token,))  # the oldest group: S_i
+                mbarrier.arrive(k_empty.index(s))
+                p32, alpha, m_i, l_i = _softmax_step(
+                    qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, ROWSUM
+                )
+                if ROWSUM:
+                    acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
+                    l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
+                else:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+                mbarrier.arrive(v_empty.index(prev))
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+            _stamp(PROBE, tile, 3 + 3 * ME)
+            mbarrier.arrive(q_empty.index(qb))  # every Q K^T of this tile has completed: its Q buffer is free
+            if n_tiles > 0:
+                last = (done + n_tiles - 1) % STAGES
+                mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
+                _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
+                acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+                if ROWSUM:
+                    l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
+                _pass_turn(turn_other, PINGPONG)
+                if ROWSUM:
+                    acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
+                else:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
+                mbarrier.arrive(v_empty.index(last))
+                issues += n_tiles + 1
+            # after this consumer's last P V: the producer's next copies may wait for these buffers
+            if OWN_RANGE:
+                _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
+            done += total
+            if ROWSUM:  # (the 8 columns hold the same sums)
+                l_i = gl.convert_layout(gl.max(l_acc, 1), row_s)
+            out, lse2 = _normalise(acc, m_i, l_i, dtype)
+            # where the tile's rows go: O's first row, LSE2's (dense [batch * heads, seqlen_q]; varlen
+            # [heads, total_q], the kernel's seqlen_q being the total)
+            off_h = (off_bh % num_heads).to(gl.int64)
+            o_row0 = off_b * stride_ob + off_h * stride_oh
+            if IS_VARLEN:
+                o_row0 += q_start * stride_om
+                lse_row0 = off_h * sizes[2] + q_start
+            else:
+                lse_row0 = off_bh.to(gl.int64) * seqlen_q
             if OVERLAP:
-                if j > 0:
-                    _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, BLOCK_M)
-        for i in range(1, n_tiles):
-            s = (done + i) % STAGES
-            prev = (done + i - 1) % STAGES
-            prev_phase = ((done + i - 1) // STAGES) & 1
-            # S_i = Q K_i^T and O += P_{i-1} V_{i-1} both in flight; the softmax of S_i runs under the second
-            mbarrier.wait(k_ready.index(s), ((done + i) // STAGES) & 1)
-            if PINGPONG:  # both operands ready before taking the turn, so that a wait never holds it
-                mbarrier.wait(v_ready.index(prev), prev_phase)
-                _take_turn(turn_me, issues + i, ME, PINGPONG)
-            qk_token = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            if not PINGPONG:
-                mbarrier.wait(v_ready.index(prev), prev_phase)
-            acc_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-            if ROWSUM:
-                l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
-            _pass_turn(turn_other, PINGPONG)
-            qk = warpgroup_mma_wait(num_outstanding=1 + ROWSUM, deps=(qk_token,))  # the oldest group: S_i
-            mbarrier.arrive(k_empty.index(s))
-            p32, alpha, m_i, l_i = _softmax_step(
-                qk, m_i, l_i, lo + i * BLOCK_N, rows, BLOCK_N, HAS_LO, HAS_HI, ROWSUM
-            )
-            if ROWSUM:
-                acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
-                l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
+                out_prev = out
+                lse_prev = lse2
+                o_prev = o_row0
+                lse_row_prev = lse_row0
+                seqlen_prev = seqlen_q
+                m_prev = start_m
             else:
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-            mbarrier.arrive(v_empty.index(prev))
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p = gl.convert_layout(p32.to(dtype), p_layout)
-        _stamp(PROBE, tile, 3 + 3 * ME)
-        mbarrier.arrive(q_empty.index(qb))  # every Q K^T of this tile has completed: its Q buffer is free
-        if n_tiles > 0:
-            last = (done + n_tiles - 1) % STAGES
-            mbarrier.wait(v_ready.index(last), ((done + n_tiles - 1) // STAGES) & 1)
-            _take_turn(turn_me, issues + n_tiles, ME, PINGPONG)
-            acc_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-            if ROWSUM:
-                l_token = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
-            _pass_turn(turn_other, PINGPONG)
-            if ROWSUM:
-                acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token, l_token))
-            else:
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_token,))
-            mbarrier.arrive(v_empty.index(last))
-            issues += n_tiles + 1
-        # after this consumer's last P V: the producer's next copies may wait for these buffers
-        if OWN_RANGE:
-            _release_unread(k_ready, v_ready, k_empty, v_empty, done + n_tiles, done + total, STAGES)
-        done += total
-        if ROWSUM:  # (the 8 columns hold the same sums)
-            l_i = gl.convert_layout(gl.max(l_acc, 1), row_s)
-        out, lse2 = _normalise(acc, m_i, l_i, dtype)
-        if OVERLAP:
-            out_prev = out
-            lse_prev = lse2
-            bh_prev = off_bh
-            m_prev = start_m
-        else:
-            _store_tile(dest, out, lse2, off_bh, start_m, BLOCK_M)
-        _stamp(PROBE, tile, 4 + 3 * ME)
+                _store_tile(O, LSE2, stride_om, out, lse2, o_row0, lse_row0, seqlen_q, start_m, BLOCK_M)
+            _stamp(PROBE, tile, 4 + 3 * ME)
+            q_turns += 1
     if OVERLAP:
-        if turns > 0:
-            _store_tile(dest, out_prev, lse_prev, bh_prev, m_prev, BLOCK_M)
+        if q_turns > 0:
+            _store_tile(O, LSE2, stride_om, out_prev, lse_prev, o_prev, lse_row_prev, seqlen_prev, m_prev,
+                        BLOCK_M)  # fmt: skip
 
 
 @gluon.jit
@@ -426,32 +497,25 @@ def _normalise(acc, m_i, l_i, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _store_tile(dest, out, lse2, off_bh, start_m, BLOCK_M: gl.constexpr):
+def _store_tile(O, LSE2, stride_om, out, lse2, o_row0, lse_row0, seqlen_q, start_m, BLOCK_M: gl.constexpr):
     """A consumer's stores of one tile: its rows' LSE2 and output (normalised, in the output dtype), rows
-    [start_m, start_m + ROWS) of (batch * head) off_bh, those inside [0, seqlen_q). dest: O, LSE2,
-    seqlen_q, num_heads and O's strides."""
-    O, LSE2, seqlen_q, num_heads, o_strides = dest
-    stride_ob, stride_oh, stride_om = o_strides
+    [start_m, start_m + ROWS) of the (batch, head) whose first O row is at o_row0 and first LSE2 row at
+    lse_row0, those inside [0, seqlen_q)."""
     ROWS: gl.constexpr = out.shape[0]
     HEAD_DIM: gl.constexpr = out.shape[1]
     num_warps: gl.constexpr = gl.num_warps()
     offs_m = start_m + gl.arange(0, ROWS, lse2.type.layout)
     in_q = _in_q(offs_m, seqlen_q, BLOCK_M)
-    gl.store(LSE2 + off_bh.to(gl.int64) * seqlen_q + offs_m, lse2, mask=in_q)
+    gl.store(LSE2 + lse_row0 + offs_m, lse2, mask=in_q)
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     out = gl.convert_layout(out, store_layout)
     out_rows = start_m + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
     cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
     out_ok = _in_q(out_rows, seqlen_q, BLOCK_M)
-    off_b = (off_bh // num_heads).to(gl.int64)
-    o_row0 = off_b * stride_ob + (off_bh % num_heads).to(gl.int64) * stride_oh
-    gl.store(
-        O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out,
-        mask=out_ok[:, None],
-    )  # fmt: skip
+    gl.store(O + o_row0 + out_rows[:, None] * stride_om + cols[None, :], out, mask=out_ok[:, None])
 
 
-@gluon.jit(do_not_specialize=["batch"])
+@gluon.jit(do_not_specialize=["batch", "max_seqlen_q"])
 def attn_fwd_ws_kernel(
     Q, K, V, O, LSE2,
     q_strides, k_strides, v_strides, o_strides,
@@ -461,7 +525,8 @@ def attn_fwd_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_PINGPONG: gl.constexpr = False, WS_STAGES: gl.constexpr = 2,
     WS_CONSUMERS: gl.constexpr = 2, PERSISTENT: gl.constexpr = False, HOST_DESC: gl.constexpr = False,
-    WS_OVERLAP: gl.constexpr = False, WS_ROWSUM_MMA: gl.constexpr = False, PROBE=None,
+    WS_OVERLAP: gl.constexpr = False, WS_ROWSUM_MMA: gl.constexpr = False, PROBE=None, CU_SEQLENS_Q=None,
+    CU_SEQLENS_K=None, max_seqlen_q=None, IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (query blocks, batch * heads), longest query blocks first; with PERSISTENT about one program per
     SM (the launcher sizes the grid), each looping over tiles in common.persistent_turn's order, so that
@@ -474,7 +539,10 @@ def attn_fwd_ws_kernel(
     issue their matmuls (FlashAttention-3's ping-pong), each one's softmax under the others'. WS_OVERLAP
     (not with WS_PINGPONG): each consumer stores a tile's output under the next tile's first Q K^T
     (_consumer). WS_ROWSUM_MMA: the softmax's row sums on the tensor cores (_consumer; at D64 the
-    consumers' issue slots bound the softmax, not the MUFU's ex2 rate: NOTES.md)."""
+    consumers' issue slots bound the softmax, not the MUFU's ex2 rate: NOTES.md). IS_VARLEN: packed
+    sequences, as fwd.attn_fwd_kernel takes them (seqlen_q, seqlen_k the totals, the grid's query blocks
+    max_seqlen_q's), through per-sequence descriptors made on the device (not HOST_DESC)."""
+    gl.static_assert(not (IS_VARLEN and HOST_DESC), "varlen reads through per-sequence device descriptors")
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 64 * WS_CONSUMERS, "64 query rows per consumer")
     gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
@@ -486,7 +554,7 @@ def attn_fwd_ws_kernel(
     k_strides = unit_strides(k_strides, STRIDE_UNIT)
     v_strides = unit_strides(v_strides, STRIDE_UNIT)
     o_strides = unit_strides(o_strides, STRIDE_UNIT)
-    num_m = gl.cdiv(seqlen_q, BLOCK_M)
+    num_m = gl.cdiv(max_seqlen_q if IS_VARLEN else seqlen_q, BLOCK_M)
     gl.static_assert(not (WS_OVERLAP and WS_PINGPONG), "WS_OVERLAP: the ping-pong's turns count every issue")
     tiles = num_m * batch * num_heads
     if PERSISTENT:  # turns: this program's tiles, in common.persistent_turn's order
@@ -538,21 +606,22 @@ def attn_fwd_ws_kernel(
     diag = seqlen_k - seqlen_q
     lo_off = diag - window_left
     hi_off = diag + window_right
+    # what _tile reads (varlen: the sequence's lengths and offsets replace the kernel's)
+    sizes = (num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, window_left, window_right, CU_SEQLENS_Q,
+             CU_SEQLENS_K)  # fmt: skip
     # the tile range is the whole block's: each consumer masks its own rows elementwise where needed
     shared = (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty, turn, O, LSE2,
-              o_strides, prog, progs, turns, num_m, num_heads, seqlen_q, seqlen_k, lo_off, hi_off, qk_scale,
-              ones_smem)  # fmt: skip
+              o_strides, prog, progs, turns, sizes, qk_scale, ones_smem)  # fmt: skip
     loads = (Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready,
-             v_ready, k_empty, v_empty, prog, progs, turns, num_m, num_heads, group, seqlen_q, seqlen_k,
-             lo_off, hi_off)  # fmt: skip
+             v_ready, k_empty, v_empty, prog, progs, turns, sizes, group)  # fmt: skip
     if WS_CONSUMERS == 2:
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, WS_ROWSUM_MMA, IS_VARLEN, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, WS_ROWSUM_MMA, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, WS_ROWSUM_MMA, IS_VARLEN, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, IS_VARLEN, PROBE)),
             ],
             [num_warps, 1],
             [240, 24],
@@ -561,12 +630,12 @@ def attn_fwd_ws_kernel(
         gl.warp_specialize(
             [
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 0, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 0, WS_ROWSUM_MMA, IS_VARLEN, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 1, WS_ROWSUM_MMA, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 1, WS_ROWSUM_MMA, IS_VARLEN, PROBE)),
                 (_consumer, (shared, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, HAS_LO, HAS_HI, num_warps,
-                             WS_PINGPONG, WS_OVERLAP, 2, WS_ROWSUM_MMA, PROBE)),
-                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, PROBE)),
+                             WS_PINGPONG, WS_OVERLAP, 2, WS_ROWSUM_MMA, IS_VARLEN, PROBE)),
+                (_producer, (loads, BLOCK_M, BLOCK_N, STAGES, HAS_LO, HAS_HI, HOST_DESC, IS_VARLEN, PROBE)),
             ],
             [num_warps, num_warps, 1],
             [160, 160, 24],

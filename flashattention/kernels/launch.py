@@ -145,9 +145,9 @@ def forward_stats(
         batch=batch,
         CAN_TMA=dev.tma_ok(q, k, v),
     )
-    if varlen:  # one program row per sequence, the longest one's query blocks; K/V through pointers
+    if varlen:  # one program row per sequence, the longest one's query blocks
         batch, seqlen_q = cu_seqlens_q.shape[0] - 1, max_seqlen_q
-        args.update(_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), CAN_TMA=False)
+        args.update(_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
         args.update(batch=batch, max_seqlen_q=max_seqlen_q)
 
     def grid(meta):
@@ -241,9 +241,9 @@ def backward_launches(
         softmax_scale=softmax_scale,
     )
     can_tma = dev.tma_ok(q, k, v, dout)
-    if cu_seqlens_q is not None:  # one program row per sequence; K/V through pointers
+    if cu_seqlens_q is not None:  # one program row per sequence
         common.update(_varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-        batch, seqlen_q, seqlen_k, can_tma = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, False
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
     dkdv_args = dict(
         common,
         DK=dk,

@@ -23,20 +23,19 @@ from .fwd import attn_fwd_kernel
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One algorithm's kernels: the Triton one, and the Gluon one (module, name; imported on first use,
-    Gluon being experimental) that GLUON_WS configs launch, for the head dims it takes. The Triton kernels
-    take packed varlen sequences (IS_VARLEN); a Gluon one only where gluon_varlen says so (none yet), so a
-    varlen launch runs the Triton configs of the entry (problems says why the others do not apply)."""
+    Gluon being experimental) that GLUON_WS configs launch, for the head dims it takes. Both take packed
+    varlen sequences (IS_VARLEN), the Gluon ones through descriptors they make per sequence on the device,
+    so HOST_DESC configs do not apply to them (problems says so)."""
 
     name: str
     title: str
     triton_fn: object
     gluon_fn: tuple[str, str] | None = None
     gluon_dims: tuple[int, ...] = ()
-    gluon_varlen: bool = False
 
     def takes_varlen(self, config: triton.Config) -> bool:
         """Whether the kernel `config` launches accepts IS_VARLEN (packed sequences)."""
-        return not config.kwargs.get("GLUON_WS") or self.gluon_varlen
+        return not config.kwargs.get("HOST_DESC")
 
     def fn_for(self, config: triton.Config):
         if config.kwargs.get("GLUON_WS"):
@@ -51,7 +50,7 @@ class Kernel:
         if self.gluon_fn is None:
             return [f"the {self.title} has no Gluon kernel"]
         if args.get("IS_VARLEN") and not self.takes_varlen(config):
-            return [f"the Gluon {self.title} kernel takes no varlen (packed) sequences; the Triton one does"]
+            return ["HOST_DESC takes no varlen (packed) sequences: its descriptors span whole tensors"]
         found = gluon.problems(self.gluon_dims, args)
         if config.kwargs.get("HOST_DESC"):
             found += gluon.host_desc_problems(args)

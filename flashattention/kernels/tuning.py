@@ -36,7 +36,7 @@ def case_key(name: str, table: str, dtype: torch.dtype, args: dict) -> str:
     parts = [name, table, str(dtype).removeprefix("torch.")]
     parts += [f"{k}={args.get(k)}" for k in configs.AUTOTUNE_KEY]
     parts += [f"host_desc={int(gluon.host_desc_ok(args))}", f"length_one={int(gluon.length_one(args))}"]
-    if args.get("IS_VARLEN"):  # only the Triton configs apply (registry.Kernel.takes_varlen)
+    if args.get("IS_VARLEN"):  # not every config applies (registry.Kernel.takes_varlen)
         parts.append("varlen")
     return "|".join(parts)
 
