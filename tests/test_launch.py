@@ -80,6 +80,20 @@ def test_ordered_picks_by_mask_and_length() -> None:
     assert len(configs.ordered("fwd", "sm90", 64, True, 4096)) == len(d64)
 
 
+def test_varlen_takes_the_picks_twin_without_host_desc() -> None:
+    """A varlen launch cannot take HOST_DESC (registry.Kernel.takes_varlen): where the pick has it, the same
+    config without it goes first; where the entry has no such twin, the order is the entry's."""
+    d128 = configs.ordered("fwd", "sm90", 128, False, 2048)  # pick: persistent with host descriptors
+    assert configs.label(d128[0]) == "128x128 w4 s2 GLUON_WS PERSISTENT HOST_DESC"
+    twin = configs.without_host_desc(d128)
+    assert configs.label(twin[0]) == "128x128 w4 s2 GLUON_WS PERSISTENT"
+    assert sorted(map(configs.label, twin)) == sorted(map(configs.label, d128))
+    d64 = configs.ordered("fwd", "sm90", 64, True, 4096)  # its pick has no twin in the D64 entry
+    assert configs.without_host_desc(d64) == d64
+    plain = configs.ordered("fwd", "sm90", 64, False, 1000)  # a Triton pick stays
+    assert configs.without_host_desc(plain) == plain
+
+
 def test_untuned_launch_compiles_one_config_the_pick(fake_fwd) -> None:
     """Without autotuning a call launches exactly one config: the entry's pick (here the interpreter
     table's first), nothing else is compiled or timed."""

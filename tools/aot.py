@@ -193,7 +193,7 @@ def main() -> int:
     ap.add_argument("--masks", default="hi", help="mask specialisations: none,hi,lo,lo+hi (default: causal)")
     ap.add_argument("--aligned-lengths", action="store_true", help="sequence lengths divisible by 16")
     ap.add_argument("--fp16", action="store_true", help="float16 inputs (default bfloat16)")
-    ap.add_argument("--varlen", action="store_true", help="IS_VARLEN (packed sequences; not HOST_DESC configs)")
+    ap.add_argument("--varlen", action="store_true", help="IS_VARLEN (packed sequences)")
     args = ap.parse_args()
     print(
         "| table | kernel | D | config | shared KB | regs | spill B | blocks/SM | wgmma | ex2 | cp.async "

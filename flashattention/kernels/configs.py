@@ -250,6 +250,16 @@ def ordered(kernel: str, table: str, head_dim_pad: int, causal: bool, seqlen_k: 
     return tuple(entry)
 
 
+def without_host_desc(entry: tuple) -> tuple:
+    """The entry for a launch that makes its descriptors on the device (varlen: one per sequence): where
+    its first config (the pick) has HOST_DESC, the same config without it goes first."""
+    if not entry or not entry[0].kwargs.get("HOST_DESC"):
+        return entry
+    name = label(entry[0]).replace(" HOST_DESC", "")
+    twin = next((c for c in entry if label(c) == name), None)
+    return entry if twin is None else (twin, *(c for c in entry if c is not twin))
+
+
 def by_label(entry, name: str) -> triton.Config:
     """The config of `entry` whose label is `name`."""
     for config in entry:

@@ -128,6 +128,8 @@ def _usable(kernel: Kernel, args: dict, device, dtype, seqlen_k=None) -> tuple[l
         table = configs.table_name(device, dtype)
         seqlen_k = args["seqlen_k"] if seqlen_k is None else seqlen_k
         entry = configs.ordered(kernel.name, table, args["HEAD_DIM_PAD"], bool(args["HAS_HI"]), seqlen_k)
+        if args.get("IS_VARLEN"):  # HOST_DESC does not apply: the pick's twin without it first
+            entry = configs.without_host_desc(entry)
     return forced, entry, [c for c in entry if kernel.applies(c, args)]
 
 
