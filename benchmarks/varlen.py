@@ -24,7 +24,7 @@ import torch
 
 from . import report
 from .paged import _shapes
-from .run import DEFAULT_RESULTS_MD, _describe, make_timer
+from .run import DEFAULT_RESULTS_MD, _describe, _launched_configs, make_timer
 
 GPU_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192))
 CPU_SHAPES = ((3, 40), (2, 64))
@@ -118,6 +118,8 @@ def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend)
             ms = timer(_timed_fwd_bwd(fn, inputs, grad))
             flops = row["equal_flops" if name == "equal" else "flops"]
             row["results"][name] = dict(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            if name in ("varlen", "equal"):  # which kernels ran (the Gluon ones or the Triton ones)
+                row["results"][name]["configs"] = {**_launched_configs("fwd"), **_launched_configs("bwd")}
         except Exception as exc:  # a provider that cannot run the shape reads "-"
             row["results"][name] = dict(ms=None, tflops=None, error=_describe(exc, []))
         if name == "varlen" and wrong:
@@ -148,6 +150,14 @@ def format_table(rows: list[dict]) -> str:
             f"{r['head_dim']}, {mask} | {r['batch']} x {r['max_len']} | {r['tokens']} ({r['padded_tokens']})"
         )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for r in rows:  # the configs behind the two columns compared
+        ran = {p: r["results"].get(p, {}).get("configs") for p in ("varlen", "equal")}
+        if any(ran.values()):
+            mask = "causal" if r["causal"] else "non-causal"
+            said = "; ".join(
+                f"{p}: " + ", ".join(f"{k} `{v}`" for k, v in c.items()) for p, c in ran.items() if c
+            )
+            lines.append(f"- D{r['head_dim']} {mask} {r['batch']} x {r['max_len']}: {said}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@
 #   bash tools/gpu_run.sh first [ARGS]   # benchmarks.first_call: time to first result, cold and warm cache
 #                                        # (ARGS e.g. --dims 64 --setups 0,2 --providers ours,ours-nowarm,sdpa)
 #   bash tools/gpu_run.sh all [ARGS]     # tests, then the benchmark
+#   bash tools/gpu_run.sh varlen [ARGS]  # varlen's GPU tests (the Gluon configs' with them), then benchmarks.varlen
 #   bash tools/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
 #                                        # (SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose;
 #                                        # GLUON_K="gluon and HOST_DESC": which configs' GPU tests run, a -k)
@@ -75,6 +76,15 @@ case "$mode" in
         rc=$?
         sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 140
         echo "tune exit code: $rc"
+        exit $((tests_rc || rc)) ;;
+    varlen)
+        TEST_PATHS="${TEST_PATHS:-tests/test_gpu.py tests/test_varlen.py tests/test_compat_varlen.py}" \
+            run_tests "gpu or not gpu" gpu_varlen -k "varlen or gluon_forward or gluon_dkdv"; tests_rc=$?
+        python -m benchmarks.varlen --json "$OUT/varlen.json" "$@" >"$OUT/varlen.md" 2>"$OUT/varlen.log"
+        rc=$?
+        tail -n 3 "$OUT/varlen.log"
+        cat "$OUT/varlen.md"
+        echo "varlen bench exit code: $rc"
         exit $((tests_rc || rc)) ;;
     all)
         run_tests gpu gpu_tests; tests_rc=$?
