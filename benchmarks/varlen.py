@@ -52,7 +52,26 @@ def _timed_fwd_bwd(fn, inputs, dout):
     return step
 
 
-def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend) -> dict:
+def kernel_times(step, calls: int = 10) -> dict[str, float]:
+    """Kernel name -> mean device time per call (ms) of what step() launches (torch.profiler), and "busy":
+    their sum, which the timed ms exceed by the time the GPU waits for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / calls / 1e3
+    top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:6])
+    return {"busy": sum(totals.values()), **top}
+
+
+def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend, profile=False) -> dict:
     from flashattention import flash_attention, flash_attention_varlen
 
     heads = 2048 // head_dim if device.type == "cuda" else 2
@@ -120,6 +139,8 @@ def bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend)
             row["results"][name] = dict(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
             if name in ("varlen", "equal"):  # which kernels ran (the Gluon ones or the Triton ones)
                 row["results"][name]["configs"] = {**_launched_configs("fwd"), **_launched_configs("bwd")}
+                if profile:
+                    row["results"][name]["kernels"] = kernel_times(_timed_fwd_bwd(fn, inputs, grad))
         except Exception as exc:  # a provider that cannot run the shape reads "-"
             row["results"][name] = dict(ms=None, tflops=None, error=_describe(exc, []))
         if name == "varlen" and wrong:
@@ -150,6 +171,15 @@ def format_table(rows: list[dict]) -> str:
             f"{r['head_dim']}, {mask} | {r['batch']} x {r['max_len']} | {r['tokens']} ({r['padded_tokens']})"
         )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for r in rows:  # --profile: device time per kernel (ms per call) against the timed ms
+        for p in ("varlen", "equal"):
+            kernels = r["results"].get(p, {}).get("kernels")
+            if kernels:
+                mask = "causal" if r["causal"] else "non-causal"
+                said = ", ".join(f"{k[:48]} {v:.3f}" for k, v in kernels.items())
+                lines.append(
+                    f"- D{r['head_dim']} {mask} {r['batch']} x {r['max_len']} {p} kernels (ms): {said}"
+                )
     for r in rows:  # the configs behind the two columns compared
         ran = {p: r["results"].get(p, {}).get("configs") for p in ("varlen", "equal")}
         if any(ran.values()):
@@ -177,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "--results-md", nargs="?", const=DEFAULT_RESULTS_MD, metavar="PATH",
         help=f"append header and table to PATH (no PATH: {DEFAULT_RESULTS_MD})",
     )  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="device time per kernel of varlen and equal (GPU)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     backend = "triton" if cuda or _env.interpreter_requested() else "torch"
@@ -204,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     for head_dim, causal, (batch, max_len) in itertools.product(
         (int(d) for d in args.dims.split(",")), masks, shapes
     ):
-        rows.append(bench_shape(batch, max_len, head_dim, causal, dtype, device, timer, backend))
+        rows.append(
+            bench_shape(
+                batch, max_len, head_dim, causal, dtype, device, timer, backend, args.profile and cuda
+            )
+        )
         if args.json:
             report.write_json(args.json, meta, rows)
         if cuda:
