@@ -268,6 +268,40 @@ def test_bad_input_raises_before_any_kernel(name: str, backend: str, device, mon
         )  # fmt: skip
 
 
+def test_offsets_are_read_once_per_unmodified_tensor(device, monkeypatch) -> None:
+    """The offsets' host read (a device sync) is kept for the same, unmodified cu_seqlens tensors, as a
+    model's layers pass them; an in-place write to either one (a new version) or other tensors of equal
+    values are read again, so a stale read never validates changed offsets."""
+    from flashattention._validation import varlen as checks
+
+    reads = []
+    stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **kw: reads.append(1) or stack(*a, **kw))
+    monkeypatch.setattr(checks, "_last_read", ())
+    args = _good(device)
+
+    def check():
+        return checks.check_cu_seqlens(
+            args["cu_seqlens_q"], args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"], args["q"],
+            args["k"],
+        )  # fmt: skip
+
+    assert [check() for _ in range(3)] == [(7, 6)] * 3
+    assert len(reads) == 1
+    args["cu_seqlens_q"][1] = 13  # out of order now: must be seen
+    with pytest.raises(ValueError, match="non-decreasing"):
+        check()
+    assert len(reads) == 2
+    args["cu_seqlens_q"][1] = 5
+    args["cu_seqlens_k"] = args["cu_seqlens_k"].clone()  # equal values, another tensor
+    assert check() == (7, 6)
+    assert len(reads) == 3
+    args["cu_seqlens_k"][1:] = torch.tensor([3, 10], dtype=torch.int32)  # a longer sequence: 7 keys
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        check()
+    assert len(reads) == 4
+
+
 def test_larger_max_seqlen_is_accepted(device) -> None:
     """max_seqlen above the longest sequence (a padded bound, as servers pass) gives the same result."""
     args = _good(device)

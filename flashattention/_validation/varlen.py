@@ -1,8 +1,12 @@
 """Checks of flash_attention_varlen's packed inputs: q, k, v [total, heads, head_dim] and the cu_seqlens
-offsets with their max_seqlen bounds. The offsets are read on the host once (one device sync): a kernel
-indexing with a bad offset would read or write outside its tensors."""
+offsets with their max_seqlen bounds. The offsets are read on the host (one device sync): a kernel
+indexing with a bad offset would read or write outside its tensors. The read is kept for the offset tensors
+it came from while they stay unmodified (same objects, same version counters): a model passes one
+cu_seqlens to every layer, and each read would leave the GPU idle while the host launches what follows."""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -117,7 +121,7 @@ def check_cu_seqlens(
             raise TypeError(
                 f"{WHAT}: `{name}` must be a non-negative int (the longest sequence's length), got {value!r}."
             )
-    offsets_q, offsets_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+    offsets_q, offsets_k = _host_offsets(cu_seqlens_q, cu_seqlens_k)
     longest_q = _check_offsets("cu_seqlens_q", offsets_q, q.shape[0], "q")
     longest_k = _check_offsets("cu_seqlens_k", offsets_k, k.shape[0], "k")
     for name, value, longest in (
@@ -130,3 +134,21 @@ def check_cu_seqlens(
                 f"cu_seqlens), got {value}. Pass `int((cu[1:] - cu[:-1]).max())`."
             )
     return longest_q, longest_k
+
+
+# the last offsets read: (weak references to the two tensors, their versions) and the host lists
+_last_read: tuple = ()
+
+
+def _host_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Both offset tensors as host lists: read (one sync), or the last read where it came from these very
+    tensors and neither has been written since (an in-place write bumps a tensor's version counter)."""
+    global _last_read
+    versions = (cu_seqlens_q._version, cu_seqlens_k._version)
+    if _last_read:
+        ref_q, ref_k, last_versions, offsets = _last_read
+        if ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and last_versions == versions:
+            return offsets
+    offsets = tuple(torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist())
+    _last_read = (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), versions, offsets)
+    return offsets
