@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from flashattention import flash_attention
+from flashattention import flash_attention, flash_attention_varlen
 from flashattention.kernels import configs, hooks, launch, registry
 
 FWD_CONFIGS = {
@@ -95,16 +95,27 @@ def per_config(args) -> None:
 
 def tiny_calls(seqlen: int) -> dict:
     """name -> call: the public causal forward and forward + backward at a tiny shape (1 x 2 heads x seqlen
-    x 128, bf16, inputs requiring grad), where the GPU work is negligible."""
+    x 128, bf16, inputs requiring grad), where the GPU work is negligible, and the same through
+    flash_attention_varlen (4 packed sequences)."""
     q, k, v = (
         torch.randn(1, 2, seqlen, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
     )
     do = torch.randn_like(q)
+    # the same tokens as 4 packed sequences (flash_attention_varlen)
+    pq, pk, pv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))
+    cu = torch.arange(0, seqlen + 1, seqlen // 4, device="cuda", dtype=torch.int32)
+    pdo = do[0].transpose(0, 1).contiguous()
+
+    def varlen():
+        return flash_attention_varlen(pq, pk, pv, cu, cu, seqlen // 4, seqlen // 4, causal=True)
+
     return {
         "forward": lambda: flash_attention(q, k, v, causal=True),
         "forward + backward": lambda: torch.autograd.grad(
             flash_attention(q, k, v, causal=True), (q, k, v), do
         ),
+        "varlen forward": varlen,
+        "varlen forward + backward": lambda: torch.autograd.grad(varlen(), (pq, pk, pv), pdo),
     }
 
 
