@@ -336,6 +336,27 @@ def test_gpu_varlen_equals_per_sequence_with_window() -> None:
     test_varlen_equals_per_sequence_calls(case, "cuda")
 
 
+@pytest.mark.gpu
+def test_gpu_varlen_replayed_launches() -> None:
+    """A second call of the same shapes replays the first one's launches (kernels/plans.py) with its own
+    packed tensors standing for the kernels' [1, heads, total, head_dim] views: forward and backward equal
+    the full launch path's (plans off) on the same inputs."""
+    from flashattention.kernels.plans import PLANS
+
+    case = VarlenCase((300, 0, 517), (300, 5, 1300), heads=8, kv_heads=2, head_dim=128, dtype=BF16,
+                      causal=True)  # fmt: skip
+    q, k, v, dout, cq, ck = case.inputs("cuda")
+    PLANS.clear()
+    run_ours(case, q, k, v, dout, cq, ck, "triton")
+    assert len(PLANS) == 2  # the forward's and the backward's
+    q, k, v, dout = (torch.randn_like(t) for t in (q, k, v, dout))
+    replayed = run_ours(case, q, k, v, dout, cq, ck, "triton")
+    with hooks.overrides(plans=False):
+        full = run_ours(case, q, k, v, dout, cq, ck, "triton")
+    for name in NAMES:
+        assert_same_result(name, replayed[name], full[name])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_varlen(backend: str, device) -> None:
     """The custom op's registrations (fake, autograd) are consistent for varlen arguments too."""
