@@ -98,8 +98,9 @@ def flash_attention_varlen(
     float32 precision and backend as flash_attention's ("auto": triton on CUDA, the blockwise torch backend
     elsewhere; the torch backend runs one call per sequence).
 
-    Every check runs before any kernel: it reads cu_seqlens_q and cu_seqlens_k on the host once (one device
-    sync) to check the offsets against the tensors and max_seqlen_q/k. The kernels' grids cover the longest
+    Every check runs before any kernel: it reads cu_seqlens_q and cu_seqlens_k on the host (one device sync,
+    kept while the same tensors stay unmodified: layers that share them sync once) to check the offsets
+    against the tensors and max_seqlen_q/k. The kernels' grids cover the longest
     sequence actually present. A cu_seqlens that is not contiguous is copied; so is a q, k or v whose last
     dimension is not (other strides are used as they are, e.g. q = qkv[:, 0] of a packed qkv tensor).
     """
