@@ -74,6 +74,20 @@ def _tile(
 
 
 @gluon.jit
+def _rows_turn(j, q_turns, start_m, seqlen_q, IS_VARLEN: gl.constexpr):
+    """Whether the tile of turn j has query rows, and its number among the tiles that do (what the Q
+    buffers count), as the producer and the consumers both take them: every tile, numbered j; with
+    IS_VARLEN the blocks that start before their sequence's end, numbered q_turns."""
+    if IS_VARLEN:
+        has_rows = start_m < seqlen_q
+        qj = q_turns
+    else:
+        has_rows = True
+        qj = j
+    return has_rows, qj
+
+
+@gluon.jit
 def _in_q(rows, seqlen_q, BLOCK_M: gl.constexpr):
     """Which of `rows` are query rows: below seqlen_q, and with _tile's 192-row blocks (whose first block
     may start before row 0) not negative."""
@@ -160,12 +174,7 @@ def _producer(
             tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
         off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
-        if IS_VARLEN:
-            has_rows = start_m < seqlen_q
-            qj = q_turns
-        else:
-            has_rows = True
-            qj = j
+        has_rows, qj = _rows_turn(j, q_turns, start_m, seqlen_q, IS_VARLEN)
         if has_rows:
             _stamp(PROBE, tile, 1)
             off_h = (off_bh % num_heads).to(gl.int64)
@@ -348,12 +357,7 @@ def _consumer(
             tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
         off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
-        if IS_VARLEN:
-            has_rows = start_m < seqlen_q
-            qj = q_turns
-        else:
-            has_rows = True
-            qj = j
+        has_rows, qj = _rows_turn(j, q_turns, start_m, seqlen_q, IS_VARLEN)
         if has_rows:
             start_m = start_m + ME * ROWS  # this consumer's rows
             total = n_tiles  # the block's key tiles: the producer loads them all
