@@ -176,6 +176,24 @@ def _resolve_defaults(args: argparse.Namespace, device: torch.device) -> None:
             setattr(args, key, value)
 
 
+def device_times(step, calls: int = 10) -> dict[str, float]:
+    """Kernel name -> mean device time per call (us) of the CUDA kernels step() launches, from torch.profiler
+    over `calls` calls after one outside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / calls
+    return totals
+
+
 def make_timer(
     device: torch.device, warmup_ms: int, rep_ms: int, clean_l2: bool = False
 ) -> Callable[[Callable[[], object]], float]:

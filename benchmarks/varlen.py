@@ -24,7 +24,7 @@ import torch
 
 from . import report
 from .paged import _shapes
-from .run import DEFAULT_RESULTS_MD, _describe, _launched_configs, make_timer
+from .run import DEFAULT_RESULTS_MD, _describe, _launched_configs, device_times, make_timer
 
 GPU_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192))
 CPU_SHAPES = ((3, 40), (2, 64))
@@ -53,20 +53,9 @@ def _timed_fwd_bwd(fn, inputs, dout):
 
 
 def kernel_times(step, calls: int = 10) -> dict[str, float]:
-    """Kernel name -> mean device time per call (ms) of what step() launches (torch.profiler), and "busy":
-    their sum, which the timed ms exceed by the time the GPU waits for the host."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / calls / 1e3
+    """Kernel name -> mean device time per call (ms) of what step() launches, its 6 longest, and "busy":
+    the sum over all, which the timed ms exceed by the time the GPU waits for the host."""
+    totals = {name: us / 1e3 for name, us in device_times(step, calls).items()}
     top = dict(sorted(totals.items(), key=lambda kv: -kv[1])[:6])
     return {"busy": sum(totals.values()), **top}
 

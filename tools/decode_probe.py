@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.decode import _graphed
+from benchmarks.run import device_times
 from flashattention.kernels import device as dev
 from flashattention.kernels import hooks, launch_decode
 
@@ -93,19 +94,8 @@ def _config(text: str) -> triton.Config:
 
 def kernel_breakdown(fn, calls: int = 20) -> dict[str, float]:
     """Mean device time per call of each kernel fn launches (torch.profiler), each call after an L2 flush."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            _flush_l2()
-            fn()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and "decode" in event.name:
-            totals[event.name] = totals.get(event.name, 0.0) + event.device_time / calls
-    return totals
+    times = device_times(lambda: (_flush_l2(), fn()), calls)
+    return {name: us for name, us in times.items() if "decode" in name}
 
 
 def probe(cache: int, splits_list: list[int], sms: int, cold: bool, config_texts: list[str]) -> None:
