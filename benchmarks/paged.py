@@ -1,11 +1,13 @@
 """Paged decode against the same cache dense, both through our split-KV decode kernel
 (kernels/launch_decode.decode_forward): GQA 32/8, head_dim 128, bf16, one query per row, every row holding
 S tokens (cache_seqlens = S for both, so that only the paging differs), the pages of the paged cache in a
-random order of the pool (a server's pool after a while). Reports GB/s of K+V read, batch * S * kv_heads *
+random order of the pool (a server's pool after a while; --order sequential: in the pool's order, as a
+fresh cache hands them out). Reports GB/s of K+V read, batch * S * kv_heads *
 head_dim * 2 (K and V) * 2 bytes over the median time, and the paged/dense ratio. Outputs are compared
 before timing (paged and dense run the same tiles, so they should agree exactly).
 
     PYTHONPATH=. python -m benchmarks.paged [--shapes 1x8192,8x8192,64x8192,1x65536] [--block-sizes 16,256]
+        [--order random|sequential]
 
 Without a CUDA GPU it runs two tiny shapes on the CPU (set TRITON_INTERPRET=1), in wall-clock time, to
 check the script.
@@ -45,12 +47,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def to_pages(k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+def to_pages(
+    k: torch.Tensor, v: torch.Tensor, block_size: int, order: str = "random"
+) -> tuple[torch.Tensor, ...]:
     """(key_pool, value_pool, block_table) holding dense k, v [B, H_kv, S, D] in blocks of block_size taken
-    in a random order of the pool (S rounded up to whole blocks; the tail of the last block is unused)."""
+    in a random order of the pool or in its order ("sequential"; S rounded up to whole blocks; the tail of
+    the last block is unused)."""
     batch, kv_heads, seqlen, head_dim = k.shape
     per_row = math.ceil(seqlen / block_size)
-    table = torch.randperm(batch * per_row, device=k.device).view(batch, per_row)
+    blocks = batch * per_row
+    ids = torch.randperm(blocks, device=k.device) if order == "random" else torch.arange(blocks)
+    table = ids.to(k.device).view(batch, per_row)
     pools = []
     for t in (k, v):
         padded = torch.nn.functional.pad(t, (0, 0, 0, per_row * block_size - seqlen))
@@ -68,13 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.paged", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=_shapes, default=GPU_SHAPES if cuda else CPU_SHAPES, help="BxS list")
     p.add_argument("--block-sizes", type=_ints, default=(16, 256), help="page sizes (default 16,256)")
+    p.add_argument(
+        "--order",
+        choices=("random", "sequential"),
+        default="random",
+        help="the pages' order in the pool (default random)",
+    )
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default 25)")
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms (default 100)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     timer = make_timer(device, args.warmup, args.rep, clean_l2=True)  # as the decode suite
     name = torch.cuda.get_device_name() if cuda else "CPU (interpreter)"
-    print(f"paged decode vs dense, GQA {HEADS}/{KV_HEADS}, D {HEAD_DIM}, bf16, 1 query per row, {name}")
+    print(
+        f"paged decode vs dense, GQA {HEADS}/{KV_HEADS}, D {HEAD_DIM}, bf16, 1 query per row, pages in "
+        f"{args.order} order, {name}"
+    )
     header = " | ".join(f"paged {bs} GB/s | paged/dense" for bs in args.block_sizes)
     print(f"| B x S | dense GB/s | {header} |")
     print("|---|---|" + "---|---|" * len(args.block_sizes))
@@ -95,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_ms = timer(dense)
         cells = [f"{gbytes / (dense_ms / 1e3):.0f}"]
         for block_size in args.block_sizes:
-            key_pool, value_pool, table = to_pages(k, v, block_size)
+            key_pool, value_pool, table = to_pages(k, v, block_size, args.order)
 
             def paged(q=q, pools=(key_pool, value_pool), table=table, seqlens=seqlens, seqlen=seqlen):
                 return decode_forward(
