@@ -32,7 +32,7 @@ CASES = {  # name -> (causal, seqlen, batch); 2048 // D heads, the benchmark's s
 
 def key_tiles(causal: bool, seqlen: int, block_m: int, block_n: int) -> list[int]:
     """Key tiles of each query block in the kernel's tile order (common.persistent_tile: longest first;
-    192-row blocks end at seqlen_q, as fwd_ws._tile places them)."""
+    192-row blocks end at seqlen_q, as fwd_ws_tiles._tile places them)."""
     num_m = -(-seqlen // block_m)
     out = []
     for j in range(num_m):

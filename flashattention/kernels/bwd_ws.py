@@ -23,7 +23,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .bwd import _sequence_inputs
 from .common import tile_range, unit_strides, varlen_bounds, visible
-from .fwd_ws import wgmma_layout
+from .fwd_ws_tiles import wgmma_layout
 
 
 @gluon.jit
