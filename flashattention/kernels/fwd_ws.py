@@ -21,8 +21,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .common import persistent_count, persistent_turn, tile_range, unit_strides
-from .fwd_ws_tiles import _in_q, _rows_turn, _stamp, _tile, wgmma_layout
+from .common import persistent_count, tile_range, unit_strides
+from .fwd_ws_tiles import _in_q, _stamp, _turn, wgmma_layout
 
 
 @gluon.jit
@@ -85,12 +85,10 @@ def _producer(
     issued = 0
     q_turns = 0  # IS_VARLEN: the tiles with query rows so far
     for j in range(0, turns):
-        tile = persistent_turn(j, prog, progs)
-        off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq = _tile(
-            tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
+        tile, off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq, has_rows, qj = _turn(
+            j, q_turns, prog, progs, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
         off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
-        has_rows, qj = _rows_turn(j, q_turns, start_m, seqlen_q, IS_VARLEN)
         if has_rows:
             _stamp(PROBE, tile, 1)
             off_h = (off_bh % num_heads).to(gl.int64)
@@ -268,12 +266,10 @@ def _consumer(
     issues = 0  # this consumer's matmul issues before the current tile (the ping-pong turns)
     q_turns = 0  # IS_VARLEN: the tiles with query rows so far
     for j in range(0, turns):
-        tile = persistent_turn(j, prog, progs)
-        off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq = _tile(
-            tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
+        tile, off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq, has_rows, qj = _turn(
+            j, q_turns, prog, progs, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
         off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
-        has_rows, qj = _rows_turn(j, q_turns, start_m, seqlen_q, IS_VARLEN)
         if has_rows:
             start_m = start_m + ME * ROWS  # this consumer's rows
             total = n_tiles  # the block's key tiles: the producer loads them all

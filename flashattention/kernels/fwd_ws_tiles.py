@@ -5,7 +5,7 @@ rows, the probe's timestamps; and the wgmma result layout, which the dK/dV kerne
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from .common import persistent_tile, tile_range, varlen_bounds
+from .common import persistent_tile, persistent_turn, tile_range, varlen_bounds
 
 
 @gluon.constexpr_function
@@ -51,17 +51,25 @@ def _tile(
 
 
 @gluon.jit
-def _rows_turn(j, q_turns, start_m, seqlen_q, IS_VARLEN: gl.constexpr):
-    """Whether the tile of turn j has query rows, and its number among the tiles that do (what the Q
-    buffers count), as the producer and the consumers both take them: every tile, numbered j; with
-    IS_VARLEN the blocks that start before their sequence's end, numbered q_turns."""
+def _turn(
+    j, q_turns, prog, progs, sizes, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HAS_LO: gl.constexpr,
+    HAS_HI: gl.constexpr, IS_VARLEN: gl.constexpr,
+):  # fmt: skip
+    """Turn j of program prog of progs, as the producer and the consumers both take it: the tile
+    (common.persistent_turn), _tile's (off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq), whether it has
+    query rows and its number among the tiles that do (what the Q buffers count): every tile, numbered j;
+    with IS_VARLEN the blocks that start before their sequence's end, numbered q_turns."""
+    tile = persistent_turn(j, prog, progs)
+    off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq = _tile(
+        tile, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
+    )  # fmt: skip
     if IS_VARLEN:
-        has_rows = start_m < seqlen_q
+        has_rows = start_m < seq[3]
         qj = q_turns
     else:
         has_rows = True
         qj = j
-    return has_rows, qj
+    return tile, off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq, has_rows, qj
 
 
 @gluon.jit
