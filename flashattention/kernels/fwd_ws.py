@@ -62,6 +62,43 @@ def _copy(desc, off_b, off_h, row, bar, dst, HOST_DESC: gl.constexpr):
 
 
 @gluon.jit
+def _descriptors(
+    Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, off_b, off_h, off_hk, seq,
+    BLOCK_N: gl.constexpr, IS_VARLEN: gl.constexpr,
+):  # fmt: skip
+    """A tile's per-(batch, head) TMA descriptors of Q, K and V, made on the device: reads past a length
+    come back as zeros, not the next rows. IS_VARLEN: from the sequence's first rows (seq, as _tile gives
+    it); a sequence without keys describes one row (it reads none)."""
+    _, q_start, k_start, seqlen_q, seqlen_k, _, _ = seq
+    stride_qb, stride_qh, stride_qm = q_strides
+    stride_kb, stride_kh, stride_kn = k_strides
+    stride_vb, stride_vh, stride_vn = v_strides
+    ROWS: gl.constexpr = q_smem.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.shape[2]
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_hk * stride_kh
+    v_base = V + off_b * stride_vb + off_hk * stride_vh
+    if IS_VARLEN:
+        q_base += q_start * stride_qm
+        k_base += k_start * stride_kn
+        v_base += k_start * stride_vn
+        seqlen_k = gl.maximum(seqlen_k, 1)
+    q_desc = tma.make_tensor_descriptor(
+        q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM],
+        layout=q_smem.layout,
+    )  # fmt: skip
+    k_desc = tma.make_tensor_descriptor(
+        k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM],
+        layout=k_smem.layout,
+    )  # fmt: skip
+    v_desc = tma.make_tensor_descriptor(
+        v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM],
+        layout=v_smem.layout,
+    )  # fmt: skip
+    return q_desc, k_desc, v_desc
+
+
+@gluon.jit
 def _producer(
     loads, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr,
     HAS_HI: gl.constexpr, HOST_DESC: gl.constexpr, IS_VARLEN: gl.constexpr, PROBE,
@@ -74,50 +111,29 @@ def _producer(
     skip them; the Q buffers count the others."""
     (Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
      k_empty, v_empty, prog, progs, turns, sizes, group) = loads  # fmt: skip
-    stride_qb, stride_qh, stride_qm = q_strides
-    stride_kb, stride_kh, stride_kn = k_strides
-    stride_vb, stride_vh, stride_vn = v_strides
+    issued = 0
     num_heads = sizes[1]
     Q_BUFFERS: gl.constexpr = q_bar.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0] // Q_BUFFERS
-    ROWS: gl.constexpr = q_smem.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    issued = 0
     q_turns = 0  # IS_VARLEN: the tiles with query rows so far
     for j in range(0, turns):
         tile, off_bh, start_m, lo, full_lo, full_hi, n_tiles, seq, has_rows, qj = _turn(
             j, q_turns, prog, progs, sizes, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI, IS_VARLEN
         )  # fmt: skip
-        off_b, q_start, k_start, seqlen_q, seqlen_k, lo_off, hi_off = seq
         if has_rows:
             _stamp(PROBE, tile, 1)
+            off_b = seq[0]
             off_h = (off_bh % num_heads).to(gl.int64)
             off_hk = off_h // group
             if HOST_DESC:  # [B, H, S, D] descriptors made on the host: (batch, head, row) coordinates
                 q_desc = Q
                 k_desc = K
                 v_desc = V
-            else:  # per-(batch, head) descriptors: reads past seqlen come back as zeros, not the next rows
+            else:  # per-(batch, head) descriptors, made once the copies through the previous ones landed
                 _wait_copies(q_bar, k_ready, v_ready, qj, issued, STAGES)
-                q_base = Q + off_b * stride_qb + off_h * stride_qh
-                k_base = K + off_b * stride_kb + off_hk * stride_kh
-                v_base = V + off_b * stride_vb + off_hk * stride_vh
-                if IS_VARLEN:  # the sequence's rows; a sequence without keys reads none (one row described)
-                    q_base += q_start * stride_qm
-                    k_base += k_start * stride_kn
-                    v_base += k_start * stride_vn
-                    seqlen_k = gl.maximum(seqlen_k, 1)
-                q_desc = tma.make_tensor_descriptor(
-                    q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1], block_shape=[ROWS, HEAD_DIM],
-                    layout=q_smem.layout,
-                )  # fmt: skip
-                k_desc = tma.make_tensor_descriptor(
-                    k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-                    block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
-                )  # fmt: skip
-                v_desc = tma.make_tensor_descriptor(
-                    v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-                    block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
+                q_desc, k_desc, v_desc = _descriptors(
+                    Q, K, V, q_strides, k_strides, v_strides, q_smem, k_smem, v_smem, off_b, off_h, off_hk,
+                    seq, BLOCK_N, IS_VARLEN,
                 )  # fmt: skip
             # a fresh barrier counts as having completed the phase before 0: the first wait passes
             qb = qj % Q_BUFFERS
