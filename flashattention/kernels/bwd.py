@@ -69,6 +69,15 @@ def _load_t(base, offs, stride, offs_d, mask, d_mask, MASKED: tl.constexpr, MASK
 
 
 @triton.jit
+def _key_block(num_kv_heads, BLOCK_N: tl.constexpr):
+    """A dK/dV program's first key, batch and kv head (int64), from its place in the grid (key blocks,
+    batch * kv heads); the Triton and Gluon dK/dV kernels both take it."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
+    return start_n, (off_bhk // num_kv_heads).to(tl.int64), (off_bhk % num_kv_heads).to(tl.int64)
+
+
+@triton.jit
 def _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, stride_qm, stride_dom, stride_kn, stride_vn):
     """IS_VARLEN: the inputs from the sequence's first query and key rows on (the sequence is batch 0 of
     them), once the program knows it has work there."""
@@ -140,10 +149,7 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
     stride_dkb, stride_dkh, stride_dkn = unit_strides(dk_strides, STRIDE_UNIT)
     stride_dvb, stride_dvh, stride_dvn = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bhk = tl.program_id(1)
-    off_b = (off_bhk // num_kv_heads).to(tl.int64)
-    off_hk = (off_bhk % num_kv_heads).to(tl.int64)
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)

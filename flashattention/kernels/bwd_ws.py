@@ -21,7 +21,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .bwd import _sequence_inputs
+from .bwd import _key_block, _sequence_inputs
 from .common import tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws_tiles import wgmma_layout
 
@@ -181,6 +181,7 @@ def attn_bwd_dkdv_ws_kernel(
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64 and 128")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # keys per consumer
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
     # each tensor's (batch, head, row) strides in elements, as tuples for the partitions to unpack
     q_strides = unit_strides(q_strides, STRIDE_UNIT)
     k_strides = unit_strides(k_strides, STRIDE_UNIT)
@@ -188,11 +189,7 @@ def attn_bwd_dkdv_ws_kernel(
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dk_strides = unit_strides(dk_strides, STRIDE_UNIT)
     dv_strides = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n = gl.program_id(0) * BLOCK_N
-    off_bhk = gl.program_id(1)
-    off_b = (off_bhk // num_kv_heads).to(gl.int64)
-    off_hk = (off_bhk % num_kv_heads).to(gl.int64)
-    lse_len = seqlen_q  # the rows of LSE2 and DELTA
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
         if start_n >= seqlen_k:  # past this sequence's keys
