@@ -12,6 +12,9 @@
 #                                        # (ARGS e.g. --dims 64 --setups 0,2 --providers ours,ours-nowarm,sdpa)
 #   bash tools/gpu_run.sh all [ARGS]     # tests, then the benchmark
 #   bash tools/gpu_run.sh varlen [ARGS]  # varlen's GPU tests (the Gluon configs' with them), then benchmarks.varlen
+#   bash tools/gpu_run.sh serving [ARGS] # the decode, paged and CUDA-graph GPU tests, then the decode suite
+#                                        # (ARGS go to it, e.g. --providers ours,ours-prev,sdpa-flash,sdpa-cudnn),
+#                                        # benchmarks.paged in both page orders and benchmarks.varlen
 #   bash tools/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
 #                                        # (SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose;
 #                                        # GLUON_K="gluon and HOST_DESC": which configs' GPU tests run, a -k)
@@ -86,9 +89,22 @@ case "$mode" in
         cat "$OUT/varlen.md"
         echo "varlen bench exit code: $rc"
         exit $((tests_rc || rc)) ;;
+    serving)
+        TEST_PATHS="${TEST_PATHS:-tests/test_decode.py tests/test_paged.py tests/test_cuda_graph.py}" \
+            run_tests "gpu or not gpu" gpu_serving; tests_rc=$?
+        python -m benchmarks.run --suite decode --json "$OUT/decode.json" "$@" >"$OUT/decode.md" 2>"$OUT/decode.log"
+        rc=$?
+        for order in random sequential; do
+            python -m benchmarks.paged --order "$order" >"$OUT/paged_$order.md" 2>&1 || rc=1
+        done
+        python -m benchmarks.varlen --json "$OUT/varlen.json" >"$OUT/varlen.md" 2>"$OUT/varlen.log" || rc=1
+        cat "$OUT/decode.md" "$OUT/paged_random.md" "$OUT/paged_sequential.md"
+        grep "^| " "$OUT/varlen.md"
+        echo "serving benchmarks exit code: $rc"
+        exit $((tests_rc || rc)) ;;
     all)
         run_tests gpu gpu_tests; tests_rc=$?
         run_bench "$@"; bench_rc=$?
         exit $((tests_rc || bench_rc)) ;;
-    *) echo "usage: $0 tests | configs | alltests | suite | tune [ARGS] | bench [ARGS] | first | all [ARGS] | gluon" >&2; exit 2 ;;
+    *) echo "usage: $0 tests | configs | alltests | suite | tune [ARGS] | bench [ARGS] | first | all [ARGS] | gluon | varlen [ARGS] | serving [ARGS]" >&2; exit 2 ;;
 esac
