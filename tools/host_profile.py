@@ -101,14 +101,6 @@ def tiny_calls(seqlen: int, varlen: bool = False) -> dict:
         torch.randn(1, 2, seqlen, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
     )
     do = torch.randn_like(q)
-    # the same tokens as 4 packed sequences (flash_attention_varlen)
-    pq, pk, pv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))
-    cu = torch.arange(0, seqlen + 1, seqlen // 4, device="cuda", dtype=torch.int32)
-    pdo = do[0].transpose(0, 1).contiguous()
-
-    def varlen_call():
-        return flash_attention_varlen(pq, pk, pv, cu, cu, seqlen // 4, seqlen // 4, causal=True)
-
     calls = {
         "forward": lambda: flash_attention(q, k, v, causal=True),
         "forward + backward": lambda: torch.autograd.grad(
@@ -116,6 +108,14 @@ def tiny_calls(seqlen: int, varlen: bool = False) -> dict:
         ),
     }
     if varlen:  # (not through host_ab's forced HOST_DESC forward, which takes no packed sequences)
+        # the same tokens as 4 packed sequences
+        pq, pk, pv = (t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))
+        cu = torch.arange(0, seqlen + 1, seqlen // 4, device="cuda", dtype=torch.int32)
+        pdo = do[0].transpose(0, 1).contiguous()
+
+        def varlen_call():
+            return flash_attention_varlen(pq, pk, pv, cu, cu, seqlen // 4, seqlen // 4, causal=True)
+
         calls["varlen forward"] = varlen_call
         calls["varlen forward + backward"] = lambda: torch.autograd.grad(varlen_call(), (pq, pk, pv), pdo)
     return calls
