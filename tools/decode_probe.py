@@ -10,8 +10,11 @@ K/V bytes, all timed as CUDA-graph replays (device time, no host launch cost), G
 GB/s counts the K and V bytes read once.
 `--cold`: an L2 flush before each call inside the graph (its own time subtracted); `--configs 64/s3,32/s4`:
 the split kernel's configs to sweep (hooks), each with every `--splits` count; the heuristic's call is also
-broken down per kernel (torch.profiler, eager calls after a flush).
+broken down per kernel (torch.profiler, eager calls after a flush). `--block-size 16`: the same cache also
+as a paged pool (pages in a random order, benchmarks.paged.to_pages), its heuristic call and the sweep
+(`--paged-configs`, forced as given: the launcher's 2 * stages - 1 rule does not apply to them).
 Usage: PYTHONPATH=. python -m tools.decode_probe [--caches 8192,65536] [--splits 8,16,32] [--cold]
+       [--block-size 16 --paged-configs 64/s5,32/s5]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.decode import _graphed
+from benchmarks.paged import to_pages
 from benchmarks.run import device_times
 from flashattention.kernels import device as dev
 from flashattention.kernels import hooks, launch_decode
@@ -98,8 +102,16 @@ def kernel_breakdown(fn, calls: int = 20) -> dict[str, float]:
     return {name: us for name, us in times.items() if "decode" in name}
 
 
-def probe(cache: int, splits_list: list[int], sms: int, cold: bool, config_texts: list[str]) -> None:
-    """Prints the rows of one cache length."""
+def probe(
+    cache: int,
+    splits_list: list[int],
+    sms: int,
+    cold: bool,
+    config_texts: list[str],
+    block_size: int = 0,
+    paged_texts: tuple[str, ...] = (),
+) -> None:
+    """Prints the rows of one cache length (block_size > 0: the paged rows too)."""
     q = torch.randn(1, HEADS, 1, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, cache, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     nbytes = 2 * k.numel() * k.element_size()
@@ -120,6 +132,40 @@ def probe(cache: int, splits_list: list[int], sms: int, cold: bool, config_texts
         with hooks.overrides(configs={"decode": [_config(text)]}):
             for n in splits_list:
                 row(f"ours {text} {n} splits", KV_HEADS * n, graph_us(lambda n=n: ours(n), cold=cold))
+    if block_size:
+        key_pool, value_pool, table = to_pages(k, v, block_size, "random")
+        seqlens = torch.full((1,), cache, dtype=torch.int32, device="cuda")
+
+        def paged(num_splits=None):
+            return launch_decode.decode_forward(
+                q, key_pool, value_pool, softmax_scale=D**-0.5, left=-1, right=-1, cache_seqlens=seqlens,
+                block_table=table, max_seqlen_k=cache, num_splits=num_splits,
+            )  # fmt: skip
+
+        def dense(num_splits=None):  # the dense cache through the same per-row-length path as paged
+            return launch_decode.decode_forward(
+                q,
+                k,
+                v,
+                softmax_scale=D**-0.5,
+                left=-1,
+                right=-1,
+                cache_seqlens=seqlens,
+                num_splits=num_splits,
+            )
+
+        torch.testing.assert_close(paged()[0], dense()[0], rtol=0, atol=2e-2)  # the same tiles: close
+        row(
+            f"dense, cache_seqlens (heuristic: {splits} splits)",
+            KV_HEADS * splits,
+            graph_us(dense, cold=cold),
+        )
+        row(f"paged {block_size} (heuristic: {splits} splits)", KV_HEADS * splits, graph_us(paged, cold=cold))
+        for text in paged_texts:
+            with hooks.overrides(configs={"decode": [_config(text)]}):
+                for n in splits_list:
+                    us = graph_us(lambda n=n: paged(n), cold=cold)
+                    row(f"paged {block_size} {text} {n} splits", KV_HEADS * n, us)
     q16 = torch.randn(16, D, device="cuda", dtype=torch.bfloat16)
     total = KV_HEADS * cache
     for name, programs in (("stream+dot", KV_HEADS * splits), ("stream+dot SMs", sms)):
@@ -145,11 +191,16 @@ def main() -> None:
     ap.add_argument("--splits", default="8,16,32")
     ap.add_argument("--configs", default="64/s3", help="split configs BLOCK_N/sSTAGES[/wWARPS], comma list")
     ap.add_argument("--cold", action="store_true", help="an L2 flush before each call (its time subtracted)")
+    ap.add_argument("--block-size", type=int, default=0, help="also time it paged, blocks of this size")
+    ap.add_argument("--paged-configs", default="64/s5", help="the paged split configs to sweep, comma list")
     args = ap.parse_args()
     sms = dev.num_sms(torch.device("cuda"))
     print("| cache | variant | programs | us | GB/s |\n|---|---|---|---|---|")
     for cache in (int(c) for c in args.caches.split(",")):
-        probe(cache, [int(s) for s in args.splits.split(",")], sms, args.cold, args.configs.split(","))
+        probe(
+            cache, [int(s) for s in args.splits.split(",")], sms, args.cold, args.configs.split(","),
+            args.block_size, tuple(args.paged_configs.split(",")),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
