@@ -20,6 +20,7 @@ Usage: PYTHONPATH=. python -m tools.decode_probe [--caches 8192,65536] [--splits
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 import triton
@@ -119,9 +120,16 @@ def probe(
     def row(name: str, programs: int, us: float) -> None:
         print(f"| {cache} | {name} | {programs} | {us:.1f} | {nbytes / us / 1e3:.0f} |", flush=True)
 
-    def ours(num_splits=None):
+    def ours(num_splits=None, cache_seqlens=None):
         return launch_decode.decode_forward(
-            q, k, v, softmax_scale=D**-0.5, left=-1, right=-1, num_splits=num_splits
+            q,
+            k,
+            v,
+            softmax_scale=D**-0.5,
+            left=-1,
+            right=-1,
+            cache_seqlens=cache_seqlens,
+            num_splits=num_splits,
         )
 
     splits = launch_decode.num_splits_heuristic(KV_HEADS, cache, sms, launch_decode.MIN_SPLIT_KEYS)
@@ -142,17 +150,7 @@ def probe(
                 block_table=table, max_seqlen_k=cache, num_splits=num_splits,
             )  # fmt: skip
 
-        def dense(num_splits=None):  # the dense cache through the same per-row-length path as paged
-            return launch_decode.decode_forward(
-                q,
-                k,
-                v,
-                softmax_scale=D**-0.5,
-                left=-1,
-                right=-1,
-                cache_seqlens=seqlens,
-                num_splits=num_splits,
-            )
+        dense = functools.partial(ours, cache_seqlens=seqlens)  # through the same per-row-length path
 
         torch.testing.assert_close(paged()[0], dense()[0], rtol=0, atol=2e-2)  # the same tiles: close
         row(
