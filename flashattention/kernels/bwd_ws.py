@@ -1,12 +1,17 @@
 """Hopper dK/dV with warp specialisation (Gluon), after FlashAttention-3's backward. One program per key
-block of BLOCK_N = 128 keys and kv head. A producer warp loads the block's K and V once, then streams the
-Q and dO tiles of every query head of the GQA group through a ring of STAGES shared-memory buffers. Two
-consumer partitions (one warpgroup and 64 keys each) keep dK and dV in registers. Per query tile each
-consumer issues S^T = K Q^T and dP^T = V dO^T asynchronously, loads the tile's LSE2 and delta while they
-run, forms P^T and dS^T = P^T (dP^T - delta), then issues dV += P^T dO and dK += dS^T Q.
+block of BLOCK_N = 128 keys (64 at head dim 256) and kv head. A producer warp loads the block's K and V
+once, then streams the Q and dO tiles of every query head of the GQA group through a ring of STAGES
+shared-memory buffers. Two consumer partitions (one warpgroup and 64 keys each) keep dK and dV in
+registers. Per query tile each consumer issues S^T = K Q^T and dP^T = V dO^T asynchronously, loads the
+tile's LSE2 and delta while they run, forms P^T and dS^T = P^T (dP^T - delta), then issues dV += P^T dO
+and dK += dS^T Q.
+At head dim 256 (SPLIT_D) a consumer's dK and dV of 64 keys would take 256 registers a thread: the block is
+64 keys and the consumers split the work the other way, FlashAttention-3's way for that head dim. Each
+forms P^T and dS^T for its half of the tile's queries, both halves meet in shared memory, and each
+accumulates its half of dK's and dV's columns over all of the tile's queries.
 
 Same semantics, arguments and outputs as bwd.attn_bwd_dkdv_kernel (dQ stays with bwd.attn_bwd_dq_kernel);
-bf16/fp16, head dims 64 and 128 (HEAD_DIM == HEAD_DIM_PAD), Q/K/V/dO rows 16-byte aligned (TMA). The
+bf16/fp16, head dims 64, 128 and 256 (HEAD_DIM == HEAD_DIM_PAD), Q/K/V/dO rows 16-byte aligned (TMA). The
 launcher selects it through the GLUON_WS config flag of the bwd_dkdv tables (configs.py). Triton's
 interpreter cannot run Gluon: tests/test_gpu.py checks it on the GPU; the CPU suite compiles it for sm_90a
 (tests/test_aot.py).
@@ -15,6 +20,7 @@ interpreter cannot run Gluon: tests/test_gpu.py checks it on the GPU; the CPU su
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -25,6 +31,9 @@ from .bwd import _key_block, _sequence_inputs
 from .common import tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws_tiles import wgmma_layout
 
+# a partition's warps in step (Triton 3.6 names it thread_barrier, later releases barrier)
+_sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
+
 
 @gluon.jit
 def _bwd_producer(
@@ -33,11 +42,11 @@ def _bwd_producer(
     off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
     STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
 ):  # fmt: skip
-    """One warp: the block's K and V once (k_smem / v_smem: [consumers, keys each, head dim]), then for each
+    """One warp: the block's K and V once (k_smem / v_smem: [boxes, 64 keys, head dim]), then for each
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
     rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows."""
-    CONSUMERS: gl.constexpr = k_smem.shape[0]
+    BOXES: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
     stride_qb, stride_qh, stride_qm = q_strides
@@ -52,8 +61,8 @@ def _bwd_producer(
         V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
         block_shape=[ROWS, HEAD_DIM], layout=v_smem.layout,
     )  # fmt: skip
-    mbarrier.expect(kv_bar, 2 * CONSUMERS * k_desc.block_type.nbytes)
-    for c in gl.static_range(CONSUMERS):
+    mbarrier.expect(kv_bar, 2 * BOXES * k_desc.block_type.nbytes)
+    for c in gl.static_range(BOXES):
         tma.async_copy_global_to_shared(k_desc, [start_n + c * ROWS, 0], kv_bar, k_smem.index(c))
         tma.async_copy_global_to_shared(v_desc, [start_n + c * ROWS, 0], kv_bar, v_smem.index(c))
     if IS_VARLEN:  # a sequence without queries reads none (one row described)
@@ -90,42 +99,50 @@ def _bwd_consumer(
     num_warps: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
-    dV of its ROWS keys over every query tile of every query head of the group. HAS_LO / HAS_HI are the
+    dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
+    box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
     key-side bounds (the query-side flags swapped, as in bwd.py)."""
-    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, dk_strides, dv_strides,
-     off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo, full_lo, full_hi, n_tiles,
-     lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
+    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2, DELTA, DK, DV,
+     dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo,
+     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
-    k_c = k_smem.index(ME)
-    v_c = v_smem.index(ME)
-    start_n = start_n + ME * ROWS
+    SPLIT_D: gl.constexpr = k_smem.shape[0] == 1
+    # the tile's queries this consumer scores and the dK/dV columns it accumulates
+    QM: gl.constexpr = BLOCK_M // 2 if SPLIT_D else BLOCK_M
+    DC: gl.constexpr = HEAD_DIM // 2 if SPLIT_D else HEAD_DIM
+    k_c = k_smem.index(0 if SPLIT_D else ME)
+    v_c = v_smem.index(0 if SPLIT_D else ME)
+    start_n = start_n + (0 if SPLIT_D else ME * ROWS)
+    q0: gl.constexpr = QM * ME if SPLIT_D else 0  # the consumer's first query row in the tile
+    c0: gl.constexpr = DC * ME if SPLIT_D else 0  # and first dK/dV column
     dtype: gl.constexpr = k_smem.dtype
-    s_layout: gl.constexpr = wgmma_layout(num_warps, BLOCK_M)
-    acc_layout: gl.constexpr = wgmma_layout(num_warps, HEAD_DIM)
+    s_layout: gl.constexpr = wgmma_layout(num_warps, QM)
+    acc_layout: gl.constexpr = wgmma_layout(num_warps, DC)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     offs_n = start_n + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
-    zero_s = gl.zeros([ROWS, BLOCK_M], gl.float32, s_layout)
-    dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
-    dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    zero_s = gl.zeros([ROWS, QM], gl.float32, s_layout)
+    dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
+    dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
     done = 0
     for g in range(group):
         row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
         for i in range(n_tiles):
-            s = (done + i) % STAGES
+            t = done + i
+            s = t % STAGES
             start_m = lo + i * BLOCK_M
-            mbarrier.wait(ready.index(s), ((done + i) // STAGES) & 1)
-            st_token = warpgroup_mma(
-                k_c, q_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-            )
-            dpt_token = warpgroup_mma(
-                v_c, do_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True
-            )
-            offs_m = start_m + gl.arange(0, BLOCK_M, col_s)
+            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+            q_s = q_smem.index(s)
+            q_mine = q_s.slice(q0, QM, dim=0) if SPLIT_D else q_s  # SPLIT_D: its half of the queries
+            st_token = warpgroup_mma(k_c, q_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            do_s = do_smem.index(s)
+            do_mine = do_s.slice(q0, QM, dim=0) if SPLIT_D else do_s
+            dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            offs_m = start_m + q0 + gl.arange(0, QM, col_s)
             m_mask = offs_m < seqlen_q
             # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
             lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
@@ -137,20 +154,38 @@ def _bwd_consumer(
                 p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
             ds = p * (dpt - delta[None, :])
-            dv_token = warpgroup_mma(
-                gl.convert_layout(p.to(dtype), a_layout), do_smem.index(s), dv, is_async=True
-            )
-            dk_token = warpgroup_mma(
-                gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(s), dk, is_async=True
-            )
+            if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
+                mbarrier.wait(pds_free, (t & 1) ^ 1)  # both consumers' matmuls of the last tile read them
+                pds_smem.index(ME).store(p.to(dtype))
+                pds_smem.index(2 + ME).store(ds.to(dtype))
+                fence_async_shared()
+                _sync_warps()  # every warp's part stored before the partition arrives
+                mbarrier.arrive(pds_full)
+                mbarrier.wait(pds_full, t & 1)
+                # [p0, p1, ds0, ds1] against the query halves' rows of dO and Q, this consumer's columns
+                dv_token = dv
+                dk_token = dk
+                for h in gl.static_range(2):
+                    dv_token = warpgroup_mma(
+                        pds_smem.index(h), _rows_cols(do_s, QM * h, QM, c0, DC), dv_token, is_async=True
+                    )
+                for h in gl.static_range(2):
+                    dk_token = warpgroup_mma(
+                        pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
+                    )
+            else:
+                dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
+                dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
             dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
             dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+            if SPLIT_D:
+                mbarrier.arrive(pds_free)
             mbarrier.arrive(empty.index(s))
         done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_n + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
-    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+    cols = c0 + gl.arange(0, DC, gl.SliceLayout(0, store_layout))
     keep = (rows < seqlen_k)[:, None]
     dk_out = gl.convert_layout((dk * softmax_scale).to(DK.dtype.element_ty), store_layout)
     dv_out = gl.convert_layout(dv.to(DV.dtype.element_ty), store_layout)
@@ -158,6 +193,12 @@ def _bwd_consumer(
     dv_row0 = off_b * stride_dvb + off_hk * stride_dvh
     gl.store(DK + dk_row0 + rows[:, None] * stride_dkn + cols[None, :], dk_out, mask=keep)
     gl.store(DV + dv_row0 + rows[:, None] * stride_dvn + cols[None, :], dv_out, mask=keep)
+
+
+@gluon.jit
+def _rows_cols(tile, row, n_rows: gl.constexpr, col, n_cols: gl.constexpr):
+    """The [n_rows, n_cols] part of a shared [rows, head dim] tile at (row, col)."""
+    return tile.slice(row, n_rows, dim=0).slice(col, n_cols, dim=1)
 
 
 @gluon.jit
@@ -172,15 +213,18 @@ def attn_bwd_dkdv_ws_kernel(
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
-    """Grid (key blocks of BLOCK_N = 128, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO
-    buffers (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps, 64 keys
-    each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers the longest
-    sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
+    """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
+    (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
+    (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
+    dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
-    gl.static_assert(BLOCK_N == 128, "two consumers of 64 keys")
-    gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64 and 128")
+    gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
+    SPLIT_D: gl.constexpr = HEAD_DIM == 256
+    KV_BOXES: gl.constexpr = 1 if SPLIT_D else 2  # the block's K (and V) as boxes of 64 keys
+    gl.static_assert(BLOCK_N == 64 * KV_BOXES, "two consumers of 64 keys, or (head dim 256) one block of 64")
     STAGES: gl.constexpr = WS_STAGES
-    ROWS: gl.constexpr = 64  # keys per consumer
+    ROWS: gl.constexpr = 64  # keys per box
     lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
     # each tensor's (batch, head, row) strides in elements, as tuples for the partitions to unpack
     q_strides = unit_strides(q_strides, STRIDE_UNIT)
@@ -203,14 +247,25 @@ def attn_bwd_dkdv_ws_kernel(
 
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-    k_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [KV_BOXES, ROWS, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [KV_BOXES, ROWS, HEAD_DIM], kv_layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
+    if SPLIT_D:  # P^T and dS^T of both query halves ([p0, p1, ds0, ds1]) and their full / free barriers
+        pds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M // 2], dtype)
+        pds_smem = gl.allocate_shared_memory(dtype, [4, ROWS, BLOCK_M // 2], pds_layout)
+        pds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(pds_full, count=2)
+        mbarrier.init(pds_free, count=2)
+    else:  # not used: stand-ins, so that the partitions' argument tuple holds no None
+        pds_smem = k_smem
+        pds_full = kv_bar
+        pds_free = kv_bar
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
@@ -222,9 +277,10 @@ def attn_bwd_dkdv_ws_kernel(
     # the block's query range (both consumers' keys): each consumer masks its own rows where needed
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, LSE2, DELTA, DK, DV, dk_strides,
-              dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo, full_lo,
-              full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale)  # fmt: skip
+    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2,
+              DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
+              lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
+              softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),

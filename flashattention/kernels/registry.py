@@ -70,7 +70,9 @@ KERNELS = {
     k.name: k
     for k in (
         Kernel("fwd", "forward", attn_fwd_kernel, ("fwd_ws", "attn_fwd_ws_kernel"), (64, 128, 256)),
-        Kernel("bwd_dkdv", "dK/dV", attn_bwd_dkdv_kernel, ("bwd_ws", "attn_bwd_dkdv_ws_kernel"), (64, 128)),
+        Kernel(
+            "bwd_dkdv", "dK/dV", attn_bwd_dkdv_kernel, ("bwd_ws", "attn_bwd_dkdv_ws_kernel"), (64, 128, 256)
+        ),
         Kernel("bwd_dq", "dQ", attn_bwd_dq_kernel),
     )
 }
