@@ -61,8 +61,6 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # head dim 256: 64-key blocks, the consumers splitting the queries and the dK/dV columns (SPLIT_D)
-    "bwd_dkdv": {"sm90": {256: [_c(64, 64, 4, 2, GLUON_WS=True)]}},
 }
 
 

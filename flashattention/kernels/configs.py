@@ -37,7 +37,7 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     """flags of the forward: USE_TMA (tensor-descriptor loads), PERSISTENT (one program per SM looping over
     the tiles); of the dK/dV kernel: ONE_LOOP (one masked pass instead of three loops). GLUON_WS: the
     warp-specialised Gluon kernel (forward: kernels/fwd_ws.py, Hopper, 16-bit, head dim 64/128/256, BLOCK_M =
-    64 * WS_CONSUMERS, WS_STAGES K/V buffers; dK/dV: kernels/bwd_ws.py, head dim 64/128) with WS_PINGPONG
+    64 * WS_CONSUMERS, WS_STAGES K/V buffers; dK/dV: kernels/bwd_ws.py, head dim 64/128/256) with WS_PINGPONG
     (consumers' matmuls in turns), HOST_DESC (TMA descriptors made on the host), WS_OVERLAP (a tile's stores
     under the next tile's first Q K^T), WS_ROWSUM_MMA (softmax row sums on the tensor cores)."""
     return triton.Config(
@@ -102,7 +102,12 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(64, 64, 4, 2),  # non-causal 512
                 _c(64, 128, 8, 3, ONE_LOOP=True),  # causal 512
             ],
-            256: [_c(64, 64, 8, 2, ONE_LOOP=True), _c(32, 64, 8, 2, ONE_LOOP=True), _c(32, 32, 4, 2)],
+            256: [
+                _c(64, 64, 4, 2, GLUON_WS=True),  # 64-key blocks, the consumers splitting the head dim
+                _c(64, 64, 8, 2, ONE_LOOP=True),
+                _c(32, 64, 8, 2, ONE_LOOP=True),
+                _c(32, 32, 4, 2),
+            ],
         },
         "sm80": {
             64: [_c(32, 128, 4, 3), _c(64, 64, 4, 3)],
