@@ -61,6 +61,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
+    # D 256 dQ, spill-free on sm_90a (tools.aot): deeper rings and 8-warp 64-row tiles
+    "bwd_dq": {"sm90": {256: [_c(128, 32, 8, 3), _c(128, 16, 8, 3), _c(64, 32, 8, 2), _c(64, 64, 8, 2)]}},
 }
 
 
