@@ -61,7 +61,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # D 256 dQ: deeper rings and 8-warp 64-row tiles (sm_90a, tools.aot: no spill but 64x64's 40 B)
+    # D 256 dQ: deeper rings and 8-warp 64-row tiles (their sm_90a spills: tools.aot, benchmarks/NOTES.md)
     "bwd_dq": {"sm90": {256: [_c(128, 32, 8, 3), _c(128, 16, 8, 3), _c(64, 32, 8, 2), _c(64, 64, 8, 2)]}},
 }
 
