@@ -219,28 +219,6 @@ def main(args: argparse.Namespace, argv: list[str], device: torch.device) -> int
         if args.json:
             report.write_json(args.json, meta, rows)
     table = report.format_decode_table(rows, providers, copy["gbps"])
-    problems = report.format_problems(rows)
-    print(table)
-    if problems:
-        print(problems)
-    if fatal:
-        print(f"STOPPED EARLY: {fatal}\n")
-    print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s.")
-
-    meta.update(partial=False, fatal=fatal)
-    if args.json:
-        report.write_json(args.json, meta, rows)
-        print(f"JSON written to {args.json}")
-    if args.plot:
-        print(
-            report.write_decode_plot(
-                args.plot, rows, providers, copy["gbps"], f"{meta['card']}, {meta['date']}"
-            )
-        )
-    if args.results_md:
-        report.append_results_md(
-            args.results_md, header, table, problems + (f"\nSTOPPED EARLY: {fatal}\n" if fatal else "")
-        )
-        print(f"table appended to {args.results_md}")
-    wrong = any(res.get("wrong") for r in rows for res in r["results"].values())
-    return 2 if fatal else 1 if wrong else 0
+    title = f"{meta['card']}, {meta['date']}"
+    plot = lambda path: report.write_decode_plot(path, rows, providers, copy["gbps"], title)
+    return report.finish(args, meta, rows, table, header, fatal, started, plot)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .run import make_timer
+from .run import _int_list, make_timer
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 GPU_SHAPES = ((1, 8192), (8, 8192), (64, 8192), (1, 65536))
@@ -35,16 +35,6 @@ def _shapes(text: str) -> tuple[tuple[int, int], ...]:
     if not shapes or any(len(s) != 2 or min(s) <= 0 for s in shapes):
         raise argparse.ArgumentTypeError(f"expected BxS,BxS,... with positive sizes, got {text!r}")
     return shapes
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def to_pages(
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m benchmarks.paged", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", type=_shapes, default=GPU_SHAPES if cuda else CPU_SHAPES, help="BxS list")
-    p.add_argument("--block-sizes", type=_ints, default=(16, 256), help="page sizes (default 16,256)")
+    p.add_argument("--block-sizes", type=_int_list, default=(16, 256), help="page sizes (default 16,256)")
     p.add_argument(
         "--order",
         choices=("random", "sequential"),

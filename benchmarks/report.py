@@ -11,7 +11,9 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -324,6 +326,40 @@ def results_header(meta: dict, settings: str) -> str:
 def append_results_md(path: str, header: str, table: str, problems: str) -> None:
     with open(path, "a") as f:
         f.write("\n" + header + "\n" + table + "\n" + (problems + "\n" if problems else ""))
+
+
+def finish(
+    args,
+    meta: dict,
+    rows: list[dict],
+    table: str,
+    header: str,
+    fatal: str | None,
+    started: float,
+    plot: Callable[[str], str],
+) -> int:
+    """The end of a benchmark run: the table, its problems and any early stop printed, then the final JSON,
+    the plot (plot(path) writes it and returns a line to print) and the RESULTS.md entry where args asks for
+    them. Returns the exit code: 2 stopped early, 1 a result was wrong, else 0."""
+    problems = format_problems(rows)
+    print(table)
+    if problems:
+        print(problems)
+    if fatal:
+        print(f"STOPPED EARLY: {fatal}\n")
+    print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s.")
+    meta.update(partial=False, fatal=fatal)
+    if args.json:
+        write_json(args.json, meta, rows)
+        print(f"JSON written to {args.json}")
+    if args.plot:
+        print(plot(args.plot))
+    if args.results_md:
+        stopped = f"\nSTOPPED EARLY: {fatal}\n" if fatal else ""
+        append_results_md(args.results_md, header, table, problems + stopped)
+        print(f"table appended to {args.results_md}")
+    wrong = any(res.get("wrong") for r in rows for res in r["results"].values())
+    return 2 if fatal else 1 if wrong else 0
 
 
 def main(argv: list[str] | None = None) -> int:
