@@ -185,8 +185,11 @@ def probe(
         shapes = [(False, 64, 3), (False, 64, 4), (False, 128, 3)]
         shapes += [(True, 64, 3), (True, 64, 4), (True, 128, 3), (True, 128, 4)]
         for tma, block_n, stages in shapes:
+            # a tuple, not a generator: every call of stream() unpacks it again
             kv = (
-                (TensorDescriptor.from_tensor(t.view(-1, D), [block_n, D]) for t in (k, v)) if tma else (k, v)
+                tuple(TensorDescriptor.from_tensor(t.view(-1, D), [block_n, D]) for t in (k, v))
+                if tma
+                else (k, v)
             )
 
             def stream(per=per, programs=programs, out=out, block_n=block_n, stages=stages, kv=kv, tma=tma):
