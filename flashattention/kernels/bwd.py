@@ -240,6 +240,7 @@ def attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
+    CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
 ):  # fmt: skip
     """dQ of one query block and head; program 0 takes the last block (with a causal mask the last query
     blocks see the most keys). IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q and
