@@ -64,9 +64,14 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
     # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles spill-free on sm_90a (tools.aot)
     "bwd_dq": {
         "sm90": {
-            64: [_c(128, 128, 4, 2, GLUON_WS=True), _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3)],
+            64: [
+                _c(128, 128, 4, 2, GLUON_WS=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
+            ],
             128: [
                 _c(128, 64, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(128, 128, 4, 2, GLUON_WS=True),
             ],
@@ -76,6 +81,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(64, 32, 8, 2),
                 _c(64, 64, 8, 2),
                 _c(128, 32, 4, 2, GLUON_WS=True),
+                _c(128, 32, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
             ],
         }
     },

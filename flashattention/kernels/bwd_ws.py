@@ -342,10 +342,13 @@ def _dq_producer(
 
 @gluon.jit
 def _dq_consumer(
-    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr,
+    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, LOOKAHEAD: gl.constexpr,
+    ME: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
-    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K."""
+    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. LOOKAHEAD: the
+    next tile's S and dP are issued behind this tile's dQ matmul, before waiting for it (the tensor cores
+    run them back to back; nothing stays in flight across the loop)."""
     (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
      seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
      softmax_scale) = shared  # fmt: skip
@@ -367,24 +370,39 @@ def _dq_consumer(
     delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    tile_args = (lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     mbarrier.wait(q_bar, 0)
-    for j in range(n_tiles):
-        s = j % STAGES
-        start_n = lo + j * BLOCK_N
-        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-        s_token = warpgroup_mma(q_c, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dp_token = warpgroup_mma(do_c, v_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_token,))
-        p = gl.exp2(qk * qk_scale - lse2[:, None])
-        if (start_n < full_lo) | (start_n >= full_hi):
-            offs_n = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-            p = gl.where(visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_token,))
-        ds = p * (dp - delta[:, None])
-        ds_a = gl.convert_layout(ds.to(dtype), a_layout)
-        dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
-        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-        mbarrier.arrive(empty.index(s))
+    if LOOKAHEAD:
+        ds_a = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)
+        if n_tiles > 0:
+            s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, 0)
+            ds_a = _dq_scores(
+                s_token, dp_token, 0, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI
+            )
+        for j in range(n_tiles):
+            s = j % STAGES
+            dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
+            if j + 1 < n_tiles:
+                s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j + 1)
+                dq = warpgroup_mma_wait(num_outstanding=2, deps=(dq_token,))
+                mbarrier.arrive(empty.index(s))
+                ds_a = _dq_scores(
+                    s_token, dp_token, j + 1, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI
+                )
+            else:
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+                mbarrier.arrive(empty.index(s))
+    else:
+        for j in range(n_tiles):
+            s = j % STAGES
+            s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
+            ds_a = _dq_scores(
+                s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI
+            )
+            dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+            mbarrier.arrive(empty.index(s))
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -396,6 +414,36 @@ def _dq_consumer(
 
 
 @gluon.jit
+def _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j):
+    """Once key tile j has landed (buffer j % STAGES): S = Q K^T and dP = dO V^T, asynchronously."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    s = j % STAGES
+    mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+    s_token = warpgroup_mma(q_c, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp_token = warpgroup_mma(do_c, v_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    return s_token, dp_token
+
+
+@gluon.jit
+def _dq_scores(
+    s_token, dp_token, j, tile_args, BLOCK_N: gl.constexpr, col_s: gl.constexpr, a_layout: gl.constexpr,
+    dtype: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+):  # fmt: skip
+    """dS = P (dP - delta) of key tile j (S and dP the last two matmuls issued), as the dQ matmul's register
+    operand."""
+    lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = tile_args
+    start_n = lo + j * BLOCK_N
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_token,))
+    p = gl.exp2(qk * qk_scale - lse2[:, None])
+    if (start_n < full_lo) | (start_n >= full_hi):
+        offs_n = start_n + gl.arange(0, BLOCK_N, col_s)
+        p = gl.where(visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_token,))
+    ds = p * (dp - delta[:, None])
+    return gl.convert_layout(ds.to(dtype), a_layout)
+
+
+@gluon.jit
 def attn_bwd_dq_ws_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ,
     q_strides, k_strides, v_strides, do_strides, dq_strides,
@@ -403,13 +451,15 @@ def attn_bwd_dq_ws_kernel(
     HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
-    WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
+    WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+    IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
     program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
     warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
-    WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in registers."""
+    WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in registers
+    (WS_LOOKAHEAD: see _dq_consumer)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
@@ -464,8 +514,8 @@ def attn_bwd_dq_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0)),
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, WS_LOOKAHEAD, 0)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, WS_LOOKAHEAD, 1)),
             (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
                             k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
                             lo, n_tiles, STAGES)),
