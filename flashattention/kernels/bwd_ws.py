@@ -36,6 +36,30 @@ _sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
+def _head_desc(T, strides, off_b, off_h, length, BLOCK_ROWS: gl.constexpr, smem):
+    """TMA descriptor of the [length, head dim] rows of one (batch, head) of T ((batch, head, row) strides),
+    boxes of BLOCK_ROWS rows laid out as the buffers of smem ([buffers, rows, head dim])."""
+    stride_b, stride_h, stride_m = strides
+    HEAD_DIM: gl.constexpr = smem.shape[2]
+    return tma.make_tensor_descriptor(
+        T + off_b * stride_b + off_h * stride_h, shape=[length, HEAD_DIM], strides=[stride_m, 1],
+        block_shape=[BLOCK_ROWS, HEAD_DIM], layout=smem.layout,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _load_resident(a_desc, b_desc, row, bar, a_smem, b_smem):
+    """The block's two resident tiles (K and V, or Q and dO) from `row` on, box c of each into buffer c of
+    a_smem / b_smem, all on one barrier."""
+    BOXES: gl.constexpr = a_smem.shape[0]
+    ROWS: gl.constexpr = a_smem.shape[1]
+    mbarrier.expect(bar, 2 * BOXES * a_desc.block_type.nbytes)
+    for c in gl.static_range(BOXES):
+        tma.async_copy_global_to_shared(a_desc, [row + c * ROWS, 0], bar, a_smem.index(c))
+        tma.async_copy_global_to_shared(b_desc, [row + c * ROWS, 0], bar, b_smem.index(c))
+
+
+@gluon.jit
 def _bwd_producer(
     Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
     k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
@@ -46,25 +70,10 @@ def _bwd_producer(
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
     rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows."""
-    BOXES: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = k_smem.shape[1]
-    HEAD_DIM: gl.constexpr = k_smem.shape[2]
-    stride_qb, stride_qh, stride_qm = q_strides
-    stride_kb, stride_kh, stride_kn = k_strides
-    stride_vb, stride_vh, stride_vn = v_strides
-    stride_dob, stride_doh, stride_dom = do_strides
-    k_desc = tma.make_tensor_descriptor(
-        K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-        block_shape=[ROWS, HEAD_DIM], layout=k_smem.layout,
-    )  # fmt: skip
-    v_desc = tma.make_tensor_descriptor(
-        V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-        block_shape=[ROWS, HEAD_DIM], layout=v_smem.layout,
-    )  # fmt: skip
-    mbarrier.expect(kv_bar, 2 * BOXES * k_desc.block_type.nbytes)
-    for c in gl.static_range(BOXES):
-        tma.async_copy_global_to_shared(k_desc, [start_n + c * ROWS, 0], kv_bar, k_smem.index(c))
-        tma.async_copy_global_to_shared(v_desc, [start_n + c * ROWS, 0], kv_bar, v_smem.index(c))
+    k_desc = _head_desc(K, k_strides, off_b, off_hk, seqlen_k, ROWS, k_smem)
+    v_desc = _head_desc(V, v_strides, off_b, off_hk, seqlen_k, ROWS, v_smem)
+    _load_resident(k_desc, v_desc, start_n, kv_bar, k_smem, v_smem)
     if IS_VARLEN:  # a sequence without queries reads none (one row described)
         seqlen_q = gl.maximum(seqlen_q, 1)
     issued = 0
@@ -74,14 +83,8 @@ def _bwd_producer(
             i = issued - 1 - d
             if i >= 0:
                 mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-        q_desc = tma.make_tensor_descriptor(
-            Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-            block_shape=[BLOCK_M, HEAD_DIM], layout=q_smem.layout,
-        )  # fmt: skip
-        do_desc = tma.make_tensor_descriptor(
-            DO + off_b * stride_dob + off_h * stride_doh, shape=[seqlen_q, HEAD_DIM],
-            strides=[stride_dom, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=do_smem.layout,
-        )  # fmt: skip
+        q_desc = _head_desc(Q, q_strides, off_b, off_h, seqlen_q, BLOCK_M, q_smem)
+        do_desc = _head_desc(DO, do_strides, off_b, off_h, seqlen_q, BLOCK_M, do_smem)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
@@ -301,35 +304,14 @@ def _dq_producer(
 ):  # fmt: skip
     """One warp: the block's Q and dO once (q_smem / do_smem: [consumers, rows each, head dim]), then the K
     and V tiles of its visible keys into buffer j % STAGES once both consumers have released it."""
-    CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[1]
-    HEAD_DIM: gl.constexpr = q_smem.shape[2]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
-    stride_qb, stride_qh, stride_qm = q_strides
-    stride_kb, stride_kh, stride_kn = k_strides
-    stride_vb, stride_vh, stride_vn = v_strides
-    stride_dob, stride_doh, stride_dom = do_strides
-    q_desc = tma.make_tensor_descriptor(
-        Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-        block_shape=[ROWS, HEAD_DIM], layout=q_smem.layout,
-    )  # fmt: skip
-    do_desc = tma.make_tensor_descriptor(
-        DO + off_b * stride_dob + off_h * stride_doh, shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
-        block_shape=[ROWS, HEAD_DIM], layout=do_smem.layout,
-    )  # fmt: skip
-    mbarrier.expect(q_bar, 2 * CONSUMERS * q_desc.block_type.nbytes)
-    for c in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [start_m + c * ROWS, 0], q_bar, q_smem.index(c))
-        tma.async_copy_global_to_shared(do_desc, [start_m + c * ROWS, 0], q_bar, do_smem.index(c))
+    q_desc = _head_desc(Q, q_strides, off_b, off_h, seqlen_q, ROWS, q_smem)
+    do_desc = _head_desc(DO, do_strides, off_b, off_h, seqlen_q, ROWS, do_smem)
+    _load_resident(q_desc, do_desc, start_m, q_bar, q_smem, do_smem)
     keys = gl.maximum(seqlen_k, 1)  # a sequence without keys (varlen) loads none: one row described
-    k_desc = tma.make_tensor_descriptor(
-        K + off_b * stride_kb + off_hk * stride_kh, shape=[keys, HEAD_DIM], strides=[stride_kn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM], layout=k_smem.layout,
-    )  # fmt: skip
-    v_desc = tma.make_tensor_descriptor(
-        V + off_b * stride_vb + off_hk * stride_vh, shape=[keys, HEAD_DIM], strides=[stride_vn, 1],
-        block_shape=[BLOCK_N, HEAD_DIM], layout=v_smem.layout,
-    )  # fmt: skip
+    k_desc = _head_desc(K, k_strides, off_b, off_hk, keys, BLOCK_N, k_smem)
+    v_desc = _head_desc(V, v_strides, off_b, off_hk, keys, BLOCK_N, v_smem)
     for j in range(n_tiles):
         s = j % STAGES
         # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
