@@ -131,60 +131,69 @@ def _bwd_consumer(
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
-    done = 0
-    for g in range(group):
-        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
-        for i in range(n_tiles):
-            t = done + i
+    # what scoring a tile takes besides its tokens and place: LSE2 / DELTA and the masks
+    rows = (LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n)
+    bh0 = (
+        off_b * num_heads + off_hk * group
+    )  # the group's first query head; LSE2 / DELTA: [batch, heads, lse_len]
+    if SPLIT_D:
+        # one exchange of P^T / dS^T a tile; the next tile's S^T and dP^T are issued behind this tile's dV
+        # and dK, so that the tensor cores run both back to back (nothing stays in flight across the loop)
+        total = group * n_tiles  # tile t: tile t % n_tiles of head t // n_tiles of the group
+        if total > 0:
+            st_token, dpt_token = _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, 0, q0, QM, STAGES)
+            p, ds = _scores(st_token, dpt_token, bh0 * lse_len, lo, rows, q0, QM, col_s, HAS_LO, HAS_HI)
+            _exchange(p, ds, 0, pds_smem, pds_full, pds_free, ME)
+        for t in range(total):
             s = t % STAGES
-            start_m = lo + i * BLOCK_M
-            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-            q_s = q_smem.index(s)
-            q_mine = q_s.slice(q0, QM, dim=0) if SPLIT_D else q_s  # SPLIT_D: its half of the queries
-            st_token = warpgroup_mma(k_c, q_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            do_s = do_smem.index(s)
-            do_mine = do_s.slice(q0, QM, dim=0) if SPLIT_D else do_s
-            dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            offs_m = start_m + q0 + gl.arange(0, QM, col_s)
-            m_mask = offs_m < seqlen_q
-            # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
-            lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
-            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
-            delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
-            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
-            p = gl.exp2(st * qk_scale - lse2[None, :])
-            if (start_m < full_lo) | (start_m >= full_hi):
-                p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
-            ds = p * (dpt - delta[None, :])
-            if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
-                mbarrier.wait(pds_free, (t & 1) ^ 1)  # both consumers' matmuls of the last tile read them
-                pds_smem.index(ME).store(p.to(dtype))
-                pds_smem.index(2 + ME).store(ds.to(dtype))
-                fence_async_shared()
-                _sync_warps()  # every warp's part stored before the partition arrives
-                mbarrier.arrive(pds_full)
-                mbarrier.wait(pds_full, t & 1)
-                # [p0, p1, ds0, ds1] against the query halves' rows of dO and Q, this consumer's columns
-                dv_token = dv
-                dk_token = dk
-                for h in gl.static_range(2):
-                    dv_token = warpgroup_mma(
-                        pds_smem.index(h), _rows_cols(do_s, QM * h, QM, c0, DC), dv_token, is_async=True
-                    )
-                for h in gl.static_range(2):
-                    dk_token = warpgroup_mma(
-                        pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
-                    )
+            # [p0, p1, ds0, ds1] against the query halves' rows of dO and Q, this consumer's columns
+            dv_token = dv
+            dk_token = dk
+            for h in gl.static_range(2):
+                dv_token = warpgroup_mma(
+                    pds_smem.index(h), _rows_cols(do_smem.index(s), QM * h, QM, c0, DC), dv_token,
+                    is_async=True,
+                )  # fmt: skip
+            for h in gl.static_range(2):
+                dk_token = warpgroup_mma(
+                    pds_smem.index(2 + h), _rows_cols(q_smem.index(s), QM * h, QM, c0, DC), dk_token,
+                    is_async=True,
+                )  # fmt: skip
+            if t + 1 < total:
+                st_token, dpt_token = _issue_scores(
+                    k_c, v_c, q_smem, do_smem, ready, zero_s, t + 1, q0, QM, STAGES
+                )  # fmt: skip
+                dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token, dk_token))
+                mbarrier.arrive(pds_free)  # this consumer's reads of tile t's P^T / dS^T, Q and dO are done
+                mbarrier.arrive(empty.index(s))
+                row0 = (bh0 + (t + 1) // n_tiles) * lse_len
+                start_m = lo + ((t + 1) % n_tiles) * BLOCK_M
+                p, ds = _scores(st_token, dpt_token, row0, start_m, rows, q0, QM, col_s, HAS_LO, HAS_HI)
+                _exchange(p, ds, t + 1, pds_smem, pds_full, pds_free, ME)
             else:
-                dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
-                dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
-            dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
-            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
-            if SPLIT_D:
-                mbarrier.arrive(pds_free)
-            mbarrier.arrive(empty.index(s))
-        done += n_tiles
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_token, dk_token))
+    else:
+        done = 0
+        for g in range(group):
+            row0 = (off_b * num_heads + off_hk * group + g) * lse_len
+            for i in range(n_tiles):
+                t = done + i
+                s = t % STAGES
+                start_m = lo + i * BLOCK_M
+                st_token, dpt_token = _issue_scores(
+                    k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0, QM, STAGES
+                )
+                p, ds = _scores(st_token, dpt_token, row0, start_m, rows, q0, QM, col_s, HAS_LO, HAS_HI)
+                dv_token = warpgroup_mma(
+                    gl.convert_layout(p.to(dtype), a_layout), do_smem.index(s), dv, is_async=True
+                )
+                dk_token = warpgroup_mma(
+                    gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(s), dk, is_async=True
+                )
+                dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+                mbarrier.arrive(empty.index(s))
+            done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_n + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -196,6 +205,57 @@ def _bwd_consumer(
     dv_row0 = off_b * stride_dvb + off_hk * stride_dvh
     gl.store(DK + dk_row0 + rows[:, None] * stride_dkn + cols[None, :], dk_out, mask=keep)
     gl.store(DV + dv_row0 + rows[:, None] * stride_dvn + cols[None, :], dv_out, mask=keep)
+
+
+@gluon.jit
+def _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0: gl.constexpr, QM: gl.constexpr,
+                  STAGES: gl.constexpr):  # fmt: skip
+    """Once tile t's Q and dO have landed (buffer t % STAGES): S^T = K Q^T and dP^T = V dO^T over the
+    consumer's QM queries of the tile from row q0 (all of them where QM is the tile's), asynchronously."""
+    s = t % STAGES
+    mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+    SPLIT: gl.constexpr = QM < q_smem.shape[1]
+    q_s = q_smem.index(s)
+    q_mine = q_s.slice(q0, QM, dim=0) if SPLIT else q_s
+    st_token = warpgroup_mma(k_c, q_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    do_s = do_smem.index(s)
+    do_mine = do_s.slice(q0, QM, dim=0) if SPLIT else do_s
+    dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    return st_token, dpt_token
+
+
+@gluon.jit
+def _scores(st_token, dpt_token, row0, start_m, rows, q0: gl.constexpr, QM: gl.constexpr, col_s: gl.constexpr,
+            HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
+    """P^T and dS^T = P^T (dP^T - delta) of the tile's queries start_m + q0.. (QM of them) of the head whose
+    LSE2 / delta rows start at row0, loaded while S^T and dP^T (the last two matmuls issued) complete."""
+    LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n = rows
+    offs_m = start_m + q0 + gl.arange(0, QM, col_s)
+    m_mask = offs_m < seqlen_q
+    # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
+    lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
+    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+    st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
+    p = gl.exp2(st * qk_scale - lse2[None, :])
+    if (start_m < full_lo) | (start_m >= full_hi):
+        p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
+    dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
+    ds = p * (dpt - delta[None, :])
+    return p, ds
+
+
+@gluon.jit
+def _exchange(p, ds, t, pds_smem, pds_full, pds_free, ME: gl.constexpr):
+    """SPLIT_D: this consumer's P^T and dS^T of tile t into shared memory ([p0, p1, ds0, ds1]) once both
+    consumers' matmuls of tile t - 1 have read the buffers, then wait for the other consumer's."""
+    mbarrier.wait(pds_free, (t & 1) ^ 1)
+    pds_smem.index(ME).store(p.to(pds_smem.dtype))
+    pds_smem.index(2 + ME).store(ds.to(pds_smem.dtype))
+    fence_async_shared()
+    _sync_warps()  # every warp's part stored before the partition arrives
+    mbarrier.arrive(pds_full)
+    mbarrier.wait(pds_full, t & 1)
 
 
 @gluon.jit
