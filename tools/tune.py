@@ -61,6 +61,14 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
+    # the Gluon dK/dV with the next tile's scores issued behind this tile's dV and dK (not at D 128, where
+    # ptxas serialises its wgmma for lack of registers)
+    "bwd_dkdv": {
+        "sm90": {
+            64: [_c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LOOKAHEAD=True)],
+            256: [_c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True)],
+        }
+    },
     # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles spill-free on sm_90a (tools.aot)
     "bwd_dq": {
         "sm90": {

@@ -99,7 +99,7 @@ def _bwd_producer(
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr,
+    num_warps: gl.constexpr, LOOKAHEAD: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
@@ -121,7 +121,6 @@ def _bwd_consumer(
     start_n = start_n + (0 if SPLIT_D else ME * ROWS)
     q0: gl.constexpr = QM * ME if SPLIT_D else 0  # the consumer's first query row in the tile
     c0: gl.constexpr = DC * ME if SPLIT_D else 0  # and first dK/dV column
-    dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = wgmma_layout(num_warps, QM)
     acc_layout: gl.constexpr = wgmma_layout(num_warps, DC)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -133,43 +132,34 @@ def _bwd_consumer(
     mbarrier.wait(kv_bar, 0)
     # what scoring a tile takes besides its tokens and place: LSE2 / DELTA and the masks
     rows = (LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n)
-    bh0 = (
-        off_b * num_heads + off_hk * group
-    )  # the group's first query head; LSE2 / DELTA: [batch, heads, lse_len]
-    if SPLIT_D:
-        # one exchange of P^T / dS^T a tile; the next tile's S^T and dP^T are issued behind this tile's dV
-        # and dK, so that the tensor cores run both back to back (nothing stays in flight across the loop)
+    bh0 = off_b * num_heads + off_hk * group  # the group's first query head (LSE2 / DELTA rows: lse_len each)
+    # dV / dK's operands: P^T and dS^T in registers, or with SPLIT_D both consumers' halves in shared memory
+    pds = (pds_smem, pds_full, pds_free)
+    if LOOKAHEAD:
+        # the next tile's S^T and dP^T issued behind this tile's dV and dK, so that the tensor cores run
+        # them back to back (nothing stays in flight across the loop)
         total = group * n_tiles  # tile t: tile t % n_tiles of head t // n_tiles of the group
+        p = zero_s
+        ds = zero_s
         if total > 0:
             st_token, dpt_token = _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, 0, q0, QM, STAGES)
             p, ds = _scores(st_token, dpt_token, bh0 * lse_len, lo, rows, q0, QM, col_s, HAS_LO, HAS_HI)
-            _exchange(p, ds, 0, pds_smem, pds_full, pds_free, ME)
+            _exchange(p, ds, 0, pds, SPLIT_D, ME)
         for t in range(total):
             s = t % STAGES
-            # [p0, p1, ds0, ds1] against the query halves' rows of dO and Q, this consumer's columns
-            dv_token = dv
-            dk_token = dk
-            for h in gl.static_range(2):
-                dv_token = warpgroup_mma(
-                    pds_smem.index(h), _rows_cols(do_smem.index(s), QM * h, QM, c0, DC), dv_token,
-                    is_async=True,
-                )  # fmt: skip
-            for h in gl.static_range(2):
-                dk_token = warpgroup_mma(
-                    pds_smem.index(2 + h), _rows_cols(q_smem.index(s), QM * h, QM, c0, DC), dk_token,
-                    is_async=True,
-                )  # fmt: skip
+            dv_token, dk_token = _accumulate(
+                dv, dk, p, ds, q_smem.index(s), do_smem.index(s), pds, a_layout, QM, c0, DC, SPLIT_D
+            )
             if t + 1 < total:
                 st_token, dpt_token = _issue_scores(
                     k_c, v_c, q_smem, do_smem, ready, zero_s, t + 1, q0, QM, STAGES
                 )  # fmt: skip
                 dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token, dk_token))
-                mbarrier.arrive(pds_free)  # this consumer's reads of tile t's P^T / dS^T, Q and dO are done
-                mbarrier.arrive(empty.index(s))
+                _release(t, empty, pds, SPLIT_D)  # this consumer's reads of tile t are done
                 row0 = (bh0 + (t + 1) // n_tiles) * lse_len
                 start_m = lo + ((t + 1) % n_tiles) * BLOCK_M
                 p, ds = _scores(st_token, dpt_token, row0, start_m, rows, q0, QM, col_s, HAS_LO, HAS_HI)
-                _exchange(p, ds, t + 1, pds_smem, pds_full, pds_free, ME)
+                _exchange(p, ds, t + 1, pds, SPLIT_D, ME)
             else:
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_token, dk_token))
     else:
@@ -178,21 +168,19 @@ def _bwd_consumer(
             row0 = (off_b * num_heads + off_hk * group + g) * lse_len
             for i in range(n_tiles):
                 t = done + i
-                s = t % STAGES
                 start_m = lo + i * BLOCK_M
                 st_token, dpt_token = _issue_scores(
                     k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0, QM, STAGES
                 )
                 p, ds = _scores(st_token, dpt_token, row0, start_m, rows, q0, QM, col_s, HAS_LO, HAS_HI)
-                dv_token = warpgroup_mma(
-                    gl.convert_layout(p.to(dtype), a_layout), do_smem.index(s), dv, is_async=True
-                )
-                dk_token = warpgroup_mma(
-                    gl.convert_layout(ds.to(dtype), a_layout), q_smem.index(s), dk, is_async=True
+                _exchange(p, ds, t, pds, SPLIT_D, ME)
+                s = t % STAGES
+                dv_token, dk_token = _accumulate(
+                    dv, dk, p, ds, q_smem.index(s), do_smem.index(s), pds, a_layout, QM, c0, DC, SPLIT_D
                 )
                 dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
-                mbarrier.arrive(empty.index(s))
+                _release(t, empty, pds, SPLIT_D)
             done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -246,16 +234,55 @@ def _scores(st_token, dpt_token, row0, start_m, rows, q0: gl.constexpr, QM: gl.c
 
 
 @gluon.jit
-def _exchange(p, ds, t, pds_smem, pds_full, pds_free, ME: gl.constexpr):
+def _exchange(p, ds, t, pds, SPLIT_D: gl.constexpr, ME: gl.constexpr):
     """SPLIT_D: this consumer's P^T and dS^T of tile t into shared memory ([p0, p1, ds0, ds1]) once both
-    consumers' matmuls of tile t - 1 have read the buffers, then wait for the other consumer's."""
-    mbarrier.wait(pds_free, (t & 1) ^ 1)
-    pds_smem.index(ME).store(p.to(pds_smem.dtype))
-    pds_smem.index(2 + ME).store(ds.to(pds_smem.dtype))
-    fence_async_shared()
-    _sync_warps()  # every warp's part stored before the partition arrives
-    mbarrier.arrive(pds_full)
-    mbarrier.wait(pds_full, t & 1)
+    consumers' matmuls of tile t - 1 have read the buffers, then wait for the other consumer's (else
+    nothing: the operands stay in registers)."""
+    pds_smem, pds_full, pds_free = pds
+    if SPLIT_D:
+        mbarrier.wait(pds_free, (t & 1) ^ 1)
+        pds_smem.index(ME).store(p.to(pds_smem.dtype))
+        pds_smem.index(2 + ME).store(ds.to(pds_smem.dtype))
+        fence_async_shared()
+        _sync_warps()  # every warp's part stored before the partition arrives
+        mbarrier.arrive(pds_full)
+        mbarrier.wait(pds_full, t & 1)
+
+
+@gluon.jit
+def _accumulate(
+    dv, dk, p, ds, q_s, do_s, pds, a_layout: gl.constexpr, QM: gl.constexpr, c0: gl.constexpr,
+    DC: gl.constexpr, SPLIT_D: gl.constexpr,
+):  # fmt: skip
+    """dV += P^T dO and dK += dS^T Q of one tile, issued asynchronously: from registers, or (SPLIT_D) from
+    both consumers' halves in shared memory against the halves' rows of dO and Q and this consumer's
+    columns. Returns the two tokens."""
+    pds_smem = pds[0]
+    if SPLIT_D:
+        dv_token = dv
+        dk_token = dk
+        for h in gl.static_range(2):
+            dv_token = warpgroup_mma(
+                pds_smem.index(h), _rows_cols(do_s, QM * h, QM, c0, DC), dv_token, is_async=True
+            )
+        for h in gl.static_range(2):
+            dk_token = warpgroup_mma(
+                pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
+            )
+    else:
+        dtype: gl.constexpr = q_s.dtype
+        dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
+        dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
+    return dv_token, dk_token
+
+
+@gluon.jit
+def _release(t, empty, pds, SPLIT_D: gl.constexpr):
+    """This consumer is done with tile t: its Q / dO buffer, and (SPLIT_D) the P^T / dS^T buffers."""
+    STAGES: gl.constexpr = empty.shape[0]
+    if SPLIT_D:
+        mbarrier.arrive(pds[2])
+    mbarrier.arrive(empty.index(t % STAGES))
 
 
 @gluon.jit
@@ -273,14 +300,15 @@ def attn_bwd_dkdv_ws_kernel(
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, PRECISION: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
-    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-    IS_VARLEN: gl.constexpr = False,
+    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False,
+    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
     dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
-    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). WS_LOOKAHEAD: each
+    consumer issues the next tile's S^T and dP^T behind this tile's dV and dK, before waiting for them."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -346,8 +374,8 @@ def attn_bwd_dkdv_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, WS_LOOKAHEAD, 0)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, WS_LOOKAHEAD, 1)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
