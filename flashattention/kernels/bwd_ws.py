@@ -131,7 +131,7 @@ def _bwd_consumer(
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
     # what scoring a tile takes besides its tokens and place: LSE2 / DELTA and the masks
-    rows = (LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n)
+    score_args = (LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n)
     bh0 = off_b * num_heads + off_hk * group  # the group's first query head (LSE2 / DELTA rows: lse_len each)
     # dV / dK's operands: P^T and dS^T in registers, or with SPLIT_D both consumers' halves in shared memory
     pds = (pds_smem, pds_full, pds_free)
@@ -143,7 +143,7 @@ def _bwd_consumer(
         ds = zero_s
         if total > 0:
             st_token, dpt_token = _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, 0, q0, QM, STAGES)
-            p, ds = _scores(st_token, dpt_token, bh0 * lse_len, lo, rows, q0, QM, col_s, HAS_LO, HAS_HI)
+            p, ds = _scores(st_token, dpt_token, bh0 * lse_len, lo, score_args, q0, QM, col_s, HAS_LO, HAS_HI)
             _exchange(p, ds, 0, pds, SPLIT_D, ME)
         for t in range(total):
             s = t % STAGES
@@ -158,7 +158,7 @@ def _bwd_consumer(
                 _release(t, empty, pds, SPLIT_D)  # this consumer's reads of tile t are done
                 row0 = (bh0 + (t + 1) // n_tiles) * lse_len
                 start_m = lo + ((t + 1) % n_tiles) * BLOCK_M
-                p, ds = _scores(st_token, dpt_token, row0, start_m, rows, q0, QM, col_s, HAS_LO, HAS_HI)
+                p, ds = _scores(st_token, dpt_token, row0, start_m, score_args, q0, QM, col_s, HAS_LO, HAS_HI)
                 _exchange(p, ds, t + 1, pds, SPLIT_D, ME)
             else:
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_token, dk_token))
@@ -172,7 +172,7 @@ def _bwd_consumer(
                 st_token, dpt_token = _issue_scores(
                     k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0, QM, STAGES
                 )
-                p, ds = _scores(st_token, dpt_token, row0, start_m, rows, q0, QM, col_s, HAS_LO, HAS_HI)
+                p, ds = _scores(st_token, dpt_token, row0, start_m, score_args, q0, QM, col_s, HAS_LO, HAS_HI)
                 _exchange(p, ds, t, pds, SPLIT_D, ME)
                 s = t % STAGES
                 dv_token, dk_token = _accumulate(
@@ -213,11 +213,13 @@ def _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0: gl.constexpr,
 
 
 @gluon.jit
-def _scores(st_token, dpt_token, row0, start_m, rows, q0: gl.constexpr, QM: gl.constexpr, col_s: gl.constexpr,
-            HAS_LO: gl.constexpr, HAS_HI: gl.constexpr):  # fmt: skip
+def _scores(
+    st_token, dpt_token, row0, start_m, score_args, q0: gl.constexpr, QM: gl.constexpr, col_s: gl.constexpr,
+    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+):  # fmt: skip
     """P^T and dS^T = P^T (dP^T - delta) of the tile's queries start_m + q0.. (QM of them) of the head whose
     LSE2 / delta rows start at row0, loaded while S^T and dP^T (the last two matmuls issued) complete."""
-    LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n = rows
+    LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n = score_args
     offs_m = start_m + q0 + gl.arange(0, QM, col_s)
     m_mask = offs_m < seqlen_q
     # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
