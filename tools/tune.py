@@ -62,11 +62,19 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
         }
     },
     # the Gluon dK/dV with the next tile's scores issued behind this tile's dV and dK (not at D 128, where
-    # ptxas serialises its wgmma for lack of registers)
+    # ptxas serialises its wgmma for lack of registers), and with the grid's longest programs first
     "bwd_dkdv": {
         "sm90": {
-            64: [_c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LOOKAHEAD=True)],
-            256: [_c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True)],
+            64: [
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LOOKAHEAD=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LONGEST_FIRST=True),
+            ],
+            128: [_c(64, 128, 4, 2, GLUON_WS=True, WS_LONGEST_FIRST=True)],
+            256: [
+                _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
+                _c(64, 64, 4, 2, GLUON_WS=True, WS_LONGEST_FIRST=True),
+                _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True, WS_LONGEST_FIRST=True),
+            ],
         }
     },
     # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles spill-free on sm_90a (tools.aot)
@@ -80,6 +88,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             128: [
                 _c(128, 64, 4, 2, GLUON_WS=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_LONGEST_FIRST=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(128, 128, 4, 2, GLUON_WS=True),
             ],

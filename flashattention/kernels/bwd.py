@@ -69,11 +69,17 @@ def _load_t(base, offs, stride, offs_d, mask, d_mask, MASKED: tl.constexpr, MASK
 
 
 @triton.jit
-def _key_block(num_kv_heads, BLOCK_N: tl.constexpr):
+def _key_block(num_kv_heads, BLOCK_N: tl.constexpr, LONGEST_FIRST: tl.constexpr = False):
     """A dK/dV program's first key, batch and kv head (int64), from its place in the grid (key blocks,
-    batch * kv heads); the Triton and Gluon dK/dV kernels both take it."""
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bhk = tl.program_id(1)
+    batch * kv heads; LONGEST_FIRST: the other way round, so that programs start key block by key block
+    across all heads, and under a causal mask the longest ones, the first blocks, all start first); the
+    Triton and Gluon dK/dV kernels both take it."""
+    if LONGEST_FIRST:
+        start_n = tl.program_id(1) * BLOCK_N
+        off_bhk = tl.program_id(0)
+    else:
+        start_n = tl.program_id(0) * BLOCK_N
+        off_bhk = tl.program_id(1)
     return start_n, (off_bhk // num_kv_heads).to(tl.int64), (off_bhk % num_kv_heads).to(tl.int64)
 
 
