@@ -67,13 +67,14 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
         "sm90": {
             64: [
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LOOKAHEAD=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LONGEST_FIRST=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, LONGEST_FIRST=True),
             ],
-            128: [_c(64, 128, 4, 2, GLUON_WS=True, WS_LONGEST_FIRST=True)],
+            128: [_c(64, 128, 4, 2, GLUON_WS=True, LONGEST_FIRST=True)],
             256: [
+                _c(64, 64, 8, 2, ONE_LOOP=True, LONGEST_FIRST=True),
                 _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
-                _c(64, 64, 4, 2, GLUON_WS=True, WS_LONGEST_FIRST=True),
-                _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True, WS_LONGEST_FIRST=True),
+                _c(64, 64, 4, 2, GLUON_WS=True, LONGEST_FIRST=True),
+                _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True, LONGEST_FIRST=True),
             ],
         }
     },
@@ -88,11 +89,12 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             128: [
                 _c(128, 64, 4, 2, GLUON_WS=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_LONGEST_FIRST=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, LONGEST_FIRST=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(128, 128, 4, 2, GLUON_WS=True),
             ],
             256: [
+                _c(128, 32, 8, 2, LONGEST_FIRST=True),
                 _c(128, 32, 8, 3),
                 _c(128, 16, 8, 3),
                 _c(64, 32, 8, 2),

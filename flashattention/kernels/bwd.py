@@ -146,16 +146,17 @@ def attn_bwd_dkdv_kernel(
     STRIDE_UNIT: tl.constexpr = 1,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
+    LONGEST_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     """dK, dV of one key block and kv head. IS_VARLEN: the grid covers the longest sequence's keys; seqlen_q
-    and seqlen_k come in as the packed totals."""
+    and seqlen_k come in as the packed totals. LONGEST_FIRST: the grid's axes swapped (_key_block)."""
     stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
     stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
     stride_dkb, stride_dkh, stride_dkn = unit_strides(dk_strides, STRIDE_UNIT)
     stride_dvb, stride_dvh, stride_dvn = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, LONGEST_FIRST)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
@@ -247,17 +248,23 @@ def attn_bwd_dq_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
+    LONGEST_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     """dQ of one query block and head; program 0 takes the last block (with a causal mask the last query
     blocks see the most keys). IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q and
-    seqlen_k come in as the packed totals."""
+    seqlen_k come in as the packed totals. LONGEST_FIRST: grid (batch * heads, query blocks), so that every
+    head's last blocks start before any head's earlier ones."""
     stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
     stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
     stride_dqb, stride_dqh, stride_dqm = unit_strides(dq_strides, STRIDE_UNIT)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    off_bh = tl.program_id(1)
+    if LONGEST_FIRST:
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        off_bh = tl.program_id(0)
+    else:
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+        off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = (off_bh % num_heads).to(tl.int64)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA

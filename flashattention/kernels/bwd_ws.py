@@ -303,10 +303,10 @@ def attn_bwd_dkdv_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False,
-    WS_LONGEST_FIRST: gl.constexpr = False, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+    LONGEST_FIRST: gl.constexpr = False, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
-    """Grid (key blocks of BLOCK_N, batch * kv heads), or with WS_LONGEST_FIRST (batch * kv heads, key
+    """Grid (key blocks of BLOCK_N, batch * kv heads), or with LONGEST_FIRST (batch * kv heads, key
     blocks): under a causal mask every head's longest programs start first. BLOCK_M query rows per tile;
     WS_STAGES Q/dO buffers (the config's num_stages is not used); two consumer partitions of num_warps = 4
     warps: 64 keys each (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's
@@ -329,7 +329,7 @@ def attn_bwd_dkdv_ws_kernel(
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dk_strides = unit_strides(dk_strides, STRIDE_UNIT)
     dv_strides = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, WS_LONGEST_FIRST)
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, LONGEST_FIRST)
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
         if start_n >= seqlen_k:  # past this sequence's keys
@@ -526,7 +526,7 @@ def attn_bwd_dq_ws_kernel(
     HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
-    WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False, WS_LONGEST_FIRST: gl.constexpr = False,
+    WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False, LONGEST_FIRST: gl.constexpr = False,
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
@@ -545,7 +545,7 @@ def attn_bwd_dq_ws_kernel(
     v_strides = unit_strides(v_strides, STRIDE_UNIT)
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dq_strides = unit_strides(dq_strides, STRIDE_UNIT)
-    if WS_LONGEST_FIRST:  # grid (batch * heads, query blocks): block by block across all heads
+    if LONGEST_FIRST:  # grid (batch * heads, query blocks): block by block across all heads
         start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * BLOCK_M
         off_bh = gl.program_id(0)
     else:

@@ -207,8 +207,8 @@ PRE_BLOCK = 64  # query rows per program of the backward's preprocess
 
 
 def _grid(blocks: int, heads: int, meta: dict) -> tuple[int, int]:
-    """A backward kernel's grid: (blocks, batch * heads), or heads first with WS_LONGEST_FIRST."""
-    return (heads, blocks) if meta.get("WS_LONGEST_FIRST") else (blocks, heads)
+    """A backward kernel's grid: (blocks, batch * heads), or heads first with LONGEST_FIRST."""
+    return (heads, blocks) if meta.get("LONGEST_FIRST") else (blocks, heads)
 
 
 def backward_launches(
