@@ -27,7 +27,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .bwd import _key_block, _sequence_inputs
+from .bwd import _key_block, _query_block, _sequence_inputs
 from .common import query_window, tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws_tiles import wgmma_layout
 
@@ -545,14 +545,7 @@ def attn_bwd_dq_ws_kernel(
     v_strides = unit_strides(v_strides, STRIDE_UNIT)
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dq_strides = unit_strides(dq_strides, STRIDE_UNIT)
-    if LONGEST_FIRST:  # grid (batch * heads, query blocks): block by block across all heads
-        start_m = (gl.num_programs(1) - 1 - gl.program_id(1)) * BLOCK_M
-        off_bh = gl.program_id(0)
-    else:
-        start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
-        off_bh = gl.program_id(1)
-    off_b = (off_bh // num_heads).to(gl.int64)
-    off_h = (off_bh % num_heads).to(gl.int64)
+    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M, LONGEST_FIRST)
     off_hk = off_h // group
     lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
     row0 = off_bh.to(gl.int64) * lse_len
