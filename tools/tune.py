@@ -78,7 +78,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles spill-free on sm_90a (tools.aot)
+    # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles with deeper rings or 8-warp 64-row tiles
     "bwd_dq": {
         "sm90": {
             64: [
