@@ -132,14 +132,18 @@ def probe(
             num_splits=num_splits,
         )
 
+    def sweep(label: str, fn, texts) -> None:
+        """A row per forced split config and split count of fn(num_splits)."""
+        for text in texts:
+            with hooks.overrides(configs={"decode": [_config(text)]}):
+                for n in splits_list:
+                    row(f"{label} {text} {n} splits", KV_HEADS * n, graph_us(lambda n=n: fn(n), cold=cold))
+
     splits = launch_decode.num_splits_heuristic(KV_HEADS, cache, sms, launch_decode.MIN_SPLIT_KEYS)
     row(f"ours (heuristic: {splits} splits)", KV_HEADS * splits, graph_us(ours, cold=cold))
     for name, us in kernel_breakdown(ours).items():
         row(f"  kernel {name[:40]} (profiler, eager)", 0, us)
-    for text in config_texts:
-        with hooks.overrides(configs={"decode": [_config(text)]}):
-            for n in splits_list:
-                row(f"ours {text} {n} splits", KV_HEADS * n, graph_us(lambda n=n: ours(n), cold=cold))
+    sweep("ours", ours, config_texts)
     if block_size:
         key_pool, value_pool, table = to_pages(k, v, block_size, "random")
         seqlens = torch.full((1,), cache, dtype=torch.int32, device="cuda")
@@ -159,11 +163,7 @@ def probe(
             graph_us(dense, cold=cold),
         )
         row(f"paged {block_size} (heuristic: {splits} splits)", KV_HEADS * splits, graph_us(paged, cold=cold))
-        for text in paged_texts:
-            with hooks.overrides(configs={"decode": [_config(text)]}):
-                for n in splits_list:
-                    us = graph_us(lambda n=n: paged(n), cold=cold)
-                    row(f"paged {block_size} {text} {n} splits", KV_HEADS * n, us)
+        sweep(f"paged {block_size}", paged, paged_texts)
     q16 = torch.randn(16, D, device="cuda", dtype=torch.bfloat16)
     total = KV_HEADS * cache
     for name, programs in (("stream+dot", KV_HEADS * splits), ("stream+dot SMs", sms)):
