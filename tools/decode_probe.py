@@ -6,6 +6,7 @@ K/V bytes, all timed as CUDA-graph replays (device time, no host launch cost), G
 - `stream+dot`: per program QK^T and PV dots over its keys (no softmax, no combine), same grid as ours:
   the Triton load/dot pipeline's ceiling for this grid;
 - `stream+dot SMs`: the same over exactly one program per SM, key ranges cut across heads;
+- `... TMA`: the same two with K/V tiles loaded through TMA descriptors (is the floor the loads' kind?);
 - `copy`: a device-to-device copy of the K/V bytes (read + write counted, as benchmarks/decode.py does).
 GB/s counts the K and V bytes read once.
 `--cold`: an L2 flush before each call inside the graph (its own time subtracted); `--configs 64/s3,32/s4`:
@@ -25,6 +26,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.decode import _graphed
 from benchmarks.paged import to_pages
@@ -52,6 +54,23 @@ def _stream_dot(Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM:
         k = tl.load(K + rows[:, None] * HEAD_DIM + offs_d[None, :])
         s = tl.dot(q, tl.trans(k))
         v = tl.load(V + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        acc += tl.dot(s.to(v.dtype), v)
+    tl.store(OUT + pid * 16 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
+
+
+@triton.jit
+def _stream_dot_tma(Q, k_desc, v_desc, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """_stream_dot with K and V tiles loaded through host TMA descriptors ([BLOCK_N, HEAD_DIM] boxes)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, 16)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    acc = tl.zeros([16, HEAD_DIM], tl.float32)
+    start = pid * keys_per_program
+    for n in tl.range(0, keys_per_program, BLOCK_N):
+        k = k_desc.load([start + n, 0])
+        s = tl.dot(q, tl.trans(k))
+        v = v_desc.load([start + n, 0])
         acc += tl.dot(s.to(v.dtype), v)
     tl.store(OUT + pid * 16 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
 
@@ -178,6 +197,18 @@ def probe(
 
             us = graph_us(stream, cold=cold) * total / (per * programs)  # scaled to every key
             row(f"{name} {block_n}/s{stages}", programs, us)
+        for block_n, stages in ((64, 3), (64, 4), (128, 3), (128, 4)):
+            k_desc, v_desc = (TensorDescriptor.from_tensor(t.view(-1, D), [block_n, D]) for t in (k, v))
+
+            def stream_tma(
+                per=per, programs=programs, out=out, block_n=block_n, stages=stages, kd=k_desc, vd=v_desc
+            ):
+                _stream_dot_tma[(programs,)](
+                    q16, kd, vd, out, per, BLOCK_N=block_n, HEAD_DIM=D, num_warps=4, num_stages=stages
+                )
+
+            us = graph_us(stream_tma, cold=cold) * total / (per * programs)
+            row(f"{name} TMA {block_n}/s{stages}", programs, us)
     flat = torch.cat([k.flatten(), v.flatten()])
     dst = torch.empty_like(flat)
     row("copy (read+write)", 0, graph_us(lambda: dst.copy_(flat), cold=cold) / 2)
