@@ -38,10 +38,22 @@ HEADS, KV_HEADS, D = 32, 8, 128
 
 
 @triton.jit
-def _stream_dot(Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _stream_tile(X, row, offs_n, offs_d, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Rows row.. of the flattened [rows, HEAD_DIM] X: through its TMA descriptor, or pointer loads."""
+    if TMA:
+        tile = X.load([row.to(tl.int32), 0])
+    else:
+        tile = tl.load(X + (row + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
+    return tile
+
+
+@triton.jit
+def _stream_dot(
+    Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr = False
+):
     """Program p: keys [p * keys_per_program, (p + 1) * keys_per_program) of the flattened [rows, HEAD_DIM]
     K and V; s = q k^T, acc += s v (bf16 operands, float32 accumulators), as the decode's inner loop
-    without its softmax."""
+    without its softmax. TMA: K and V are host descriptors with [BLOCK_N, HEAD_DIM] boxes, not pointers."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, 16)
     offs_n = tl.arange(0, BLOCK_N)
@@ -50,27 +62,9 @@ def _stream_dot(Q, K, V, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM:
     acc = tl.zeros([16, HEAD_DIM], tl.float32)
     start = pid.to(tl.int64) * keys_per_program
     for n in tl.range(0, keys_per_program, BLOCK_N):
-        rows = start + n + offs_n
-        k = tl.load(K + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        k = _stream_tile(K, start + n, offs_n, offs_d, HEAD_DIM, TMA)
         s = tl.dot(q, tl.trans(k))
-        v = tl.load(V + rows[:, None] * HEAD_DIM + offs_d[None, :])
-        acc += tl.dot(s.to(v.dtype), v)
-    tl.store(OUT + pid * 16 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
-
-
-@triton.jit
-def _stream_dot_tma(Q, k_desc, v_desc, OUT, keys_per_program, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """_stream_dot with K and V tiles loaded through host TMA descriptors ([BLOCK_N, HEAD_DIM] boxes)."""
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, 16)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-    acc = tl.zeros([16, HEAD_DIM], tl.float32)
-    start = pid * keys_per_program
-    for n in tl.range(0, keys_per_program, BLOCK_N):
-        k = k_desc.load([start + n, 0])
-        s = tl.dot(q, tl.trans(k))
-        v = v_desc.load([start + n, 0])
+        v = _stream_tile(V, start + n, offs_n, offs_d, HEAD_DIM, TMA)
         acc += tl.dot(s.to(v.dtype), v)
     tl.store(OUT + pid * 16 * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc)
 
@@ -188,27 +182,20 @@ def probe(
     for name, programs in (("stream+dot", KV_HEADS * splits), ("stream+dot SMs", sms)):
         per = (total // programs) // 64 * 64
         out = torch.empty(programs, 16, D, device="cuda", dtype=torch.float32)
-        for block_n, stages in ((64, 3), (64, 4), (128, 3)):
+        shapes = [(False, 64, 3), (False, 64, 4), (False, 128, 3)]
+        shapes += [(True, 64, 3), (True, 64, 4), (True, 128, 3), (True, 128, 4)]
+        for tma, block_n, stages in shapes:
+            kv = (
+                (TensorDescriptor.from_tensor(t.view(-1, D), [block_n, D]) for t in (k, v)) if tma else (k, v)
+            )
 
-            def stream(per=per, programs=programs, out=out, block_n=block_n, stages=stages):
+            def stream(per=per, programs=programs, out=out, block_n=block_n, stages=stages, kv=kv, tma=tma):
                 _stream_dot[(programs,)](
-                    q16, k, v, out, per, BLOCK_N=block_n, HEAD_DIM=D, num_warps=4, num_stages=stages
+                    q16, *kv, out, per, BLOCK_N=block_n, HEAD_DIM=D, TMA=tma, num_warps=4, num_stages=stages
                 )
 
             us = graph_us(stream, cold=cold) * total / (per * programs)  # scaled to every key
-            row(f"{name} {block_n}/s{stages}", programs, us)
-        for block_n, stages in ((64, 3), (64, 4), (128, 3), (128, 4)):
-            k_desc, v_desc = (TensorDescriptor.from_tensor(t.view(-1, D), [block_n, D]) for t in (k, v))
-
-            def stream_tma(
-                per=per, programs=programs, out=out, block_n=block_n, stages=stages, kd=k_desc, vd=v_desc
-            ):
-                _stream_dot_tma[(programs,)](
-                    q16, kd, vd, out, per, BLOCK_N=block_n, HEAD_DIM=D, num_warps=4, num_stages=stages
-                )
-
-            us = graph_us(stream_tma, cold=cold) * total / (per * programs)
-            row(f"{name} TMA {block_n}/s{stages}", programs, us)
+            row(f"{name}{' TMA' if tma else ''} {block_n}/s{stages}", programs, us)
     flat = torch.cat([k.flatten(), v.flatten()])
     dst = torch.empty_like(flat)
     row("copy (read+write)", 0, graph_us(lambda: dst.copy_(flat), cold=cold) / 2)
