@@ -156,30 +156,3 @@ def test_seqlen_buckets_group_lengths_by_power_of_two() -> None:
     assert buckets(1, 5) == buckets(16, 16)  # decode-sized lengths share the smallest bucket
     assert buckets(20000, 70000) == buckets(16384, 16384)  # long lengths share the largest
     assert buckets(0, 0) == buckets(1, 1)
-
-
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_longest_first_grids_give_the_same_gradients(causal: bool, device) -> None:
-    """LONGEST_FIRST only reorders the backward's programs (grid axes swapped): dQ, dK and dV are the same
-    bit for bit as with the default order, for the dK/dV and the dQ kernel, with GQA and rows that see no
-    key."""
-    q, k, v, dout = make_inputs(2, 4, 2, 70, 150, 40, torch.float16, device)
-    scale = 1 / math.sqrt(40)
-    left, right = (-1, 0) if causal else (-1, -1)
-    out, _, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=left, right=right)
-    grads = []
-    for flag in (False, True):
-        forced = {}
-        for kernel in ("bwd_dkdv", "bwd_dq"):
-            first = configs.configs_for(kernel, "interpret" if device == "cpu" else "sm80", 64)[0]
-            kwargs = dict(first.kwargs, LONGEST_FIRST=flag)
-            forced[kernel] = [triton.Config(kwargs, num_warps=first.num_warps, num_stages=first.num_stages)]
-        with hooks.overrides(configs=forced):
-            grads.append(
-                launch.attention_backward(
-                    dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right
-                )
-            )
-    for name, default, reordered in zip(("dq", "dk", "dv"), *grads, strict=True):
-        assert not default.isnan().any(), name
-        assert torch.equal(default, reordered), name

@@ -496,18 +496,3 @@ def test_a_forced_host_desc_config_refuses_broadcast_kv(monkeypatch: pytest.Monk
     assert "stride-0" in " ".join(fwd.problems(cfg, _fake_args(q, K=kv, V=kv)))
     with pytest.raises(ValueError, match="stride-0 .* in K, V"):
         registry.run(fwd, None, _fake_args(q, K=kv, V=kv), cfg)
-
-
-def test_backward_grids_put_heads_first_for_longest_first_configs() -> None:
-    """LONGEST_FIRST configs launch the dK/dV and dQ kernels on (batch * heads, blocks) grids, so that
-    every head's first (under a causal mask, longest) blocks start first; the others on (blocks, batch *
-    heads)."""
-    q = torch.zeros(2, 4, 300, 64)
-    k = torch.zeros(2, 2, 700, 64)
-    tensors = dict(O=q, DO=q, DELTA=torch.empty(2, 4, 300), Q=q, K=k, V=k, LSE2=torch.empty(2, 4, 300), DQ=q,
-                   DK=k, DV=k)  # fmt: skip
-    launches = launch.backward_launches(tensors, 0.125, -1, -1)
-    dkdv_grid, dq_grid = launches["bwd_dkdv"][1], launches["bwd_dq"][1]
-    assert dkdv_grid({"BLOCK_N": 128}) == (6, 4) and dq_grid({"BLOCK_M": 128}) == (3, 8)
-    assert dkdv_grid({"BLOCK_N": 128, "LONGEST_FIRST": True}) == (4, 6)
-    assert dq_grid({"BLOCK_M": 128, "LONGEST_FIRST": True}) == (8, 3)

@@ -62,19 +62,14 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
         }
     },
     # the Gluon dK/dV with the next tile's scores issued behind this tile's dV and dK (not at D 128, where
-    # ptxas serialises its wgmma for lack of registers), and with the grid's longest programs first
+    # ptxas serialises its wgmma for lack of registers)
     "bwd_dkdv": {
         "sm90": {
             64: [
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LOOKAHEAD=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, LONGEST_FIRST=True),
             ],
-            128: [_c(64, 128, 4, 2, GLUON_WS=True, LONGEST_FIRST=True)],
             256: [
-                _c(64, 64, 8, 2, ONE_LOOP=True, LONGEST_FIRST=True),
                 _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
-                _c(64, 64, 4, 2, GLUON_WS=True, LONGEST_FIRST=True),
-                _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True, LONGEST_FIRST=True),
             ],
         }
     },
@@ -89,12 +84,10 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             128: [
                 _c(128, 64, 4, 2, GLUON_WS=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, LONGEST_FIRST=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(128, 128, 4, 2, GLUON_WS=True),
             ],
             256: [
-                _c(128, 32, 8, 2, LONGEST_FIRST=True),
                 _c(128, 32, 8, 3),
                 _c(128, 16, 8, 3),
                 _c(64, 32, 8, 2),

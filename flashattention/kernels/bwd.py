@@ -69,31 +69,21 @@ def _load_t(base, offs, stride, offs_d, mask, d_mask, MASKED: tl.constexpr, MASK
 
 
 @triton.jit
-def _key_block(num_kv_heads, BLOCK_N: tl.constexpr, LONGEST_FIRST: tl.constexpr = False):
+def _key_block(num_kv_heads, BLOCK_N: tl.constexpr):
     """A dK/dV program's first key, batch and kv head (int64), from its place in the grid (key blocks,
-    batch * kv heads; LONGEST_FIRST: the other way round, so that programs start key block by key block
-    across all heads, and under a causal mask the longest ones, the first blocks, all start first); the
-    Triton and Gluon dK/dV kernels both take it."""
-    if LONGEST_FIRST:
-        start_n = tl.program_id(1) * BLOCK_N
-        off_bhk = tl.program_id(0)
-    else:
-        start_n = tl.program_id(0) * BLOCK_N
-        off_bhk = tl.program_id(1)
+    batch * kv heads); the Triton and Gluon dK/dV kernels both take it."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bhk = tl.program_id(1)
     return start_n, (off_bhk // num_kv_heads).to(tl.int64), (off_bhk % num_kv_heads).to(tl.int64)
 
 
 @triton.jit
-def _query_block(num_heads, BLOCK_M: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+def _query_block(num_heads, BLOCK_M: tl.constexpr):
     """A dQ program's first query row, batch * head, batch and head (int64), from its place in the grid
-    (query blocks, batch * heads; LONGEST_FIRST: the other way round): program 0 takes the last block (with
-    a causal mask the last query blocks see the most keys); the Triton and Gluon dQ kernels both take it."""
-    if LONGEST_FIRST:
-        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        off_bh = tl.program_id(0)
-    else:
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-        off_bh = tl.program_id(1)
+    (query blocks, batch * heads): program 0 takes the last block (with a causal mask the last query blocks
+    see the most keys); the Triton and Gluon dQ kernels both take it."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    off_bh = tl.program_id(1)
     return start_m, off_bh, (off_bh // num_heads).to(tl.int64), (off_bh % num_heads).to(tl.int64)
 
 
@@ -160,17 +150,16 @@ def attn_bwd_dkdv_kernel(
     STRIDE_UNIT: tl.constexpr = 1,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
-    LONGEST_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     """dK, dV of one key block and kv head. IS_VARLEN: the grid covers the longest sequence's keys; seqlen_q
-    and seqlen_k come in as the packed totals. LONGEST_FIRST: the grid's axes swapped (_key_block)."""
+    and seqlen_k come in as the packed totals."""
     stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
     stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
     stride_dkb, stride_dkh, stride_dkn = unit_strides(dk_strides, STRIDE_UNIT)
     stride_dvb, stride_dvh, stride_dvn = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, LONGEST_FIRST)
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
@@ -262,18 +251,16 @@ def attn_bwd_dq_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
     CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
-    LONGEST_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     """dQ of one query block and head; program 0 takes the last block (with a causal mask the last query
     blocks see the most keys). IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q and
-    seqlen_k come in as the packed totals. LONGEST_FIRST: grid (batch * heads, query blocks), so that every
-    head's last blocks start before any head's earlier ones."""
+    seqlen_k come in as the packed totals."""
     stride_qb, stride_qh, stride_qm = unit_strides(q_strides, STRIDE_UNIT)
     stride_kb, stride_kh, stride_kn = unit_strides(k_strides, STRIDE_UNIT)
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
     stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
     stride_dqb, stride_dqh, stride_dqm = unit_strides(dq_strides, STRIDE_UNIT)
-    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M, LONGEST_FIRST)
+    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     off_hk = off_h // group
     if IS_VARLEN:

@@ -303,17 +303,14 @@ def attn_bwd_dkdv_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False,
-    LONGEST_FIRST: gl.constexpr = False, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-    IS_VARLEN: gl.constexpr = False,
+    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
-    """Grid (key blocks of BLOCK_N, batch * kv heads), or with LONGEST_FIRST (batch * kv heads, key
-    blocks): under a causal mask every head's longest programs start first. BLOCK_M query rows per tile;
-    WS_STAGES Q/dO buffers (the config's num_stages is not used); two consumer partitions of num_warps = 4
-    warps: 64 keys each (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's
-    queries and of the dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes
-    them (the grid covers the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals).
-    WS_LOOKAHEAD: each consumer issues the next tile's S^T and dP^T behind this tile's dV and dK, before
-    waiting for them."""
+    """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
+    (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
+    (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
+    dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). WS_LOOKAHEAD: each
+    consumer issues the next tile's S^T and dP^T behind this tile's dV and dK, before waiting for them."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -329,7 +326,7 @@ def attn_bwd_dkdv_ws_kernel(
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dk_strides = unit_strides(dk_strides, STRIDE_UNIT)
     dv_strides = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, LONGEST_FIRST)
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
         if start_n >= seqlen_k:  # past this sequence's keys
@@ -526,8 +523,8 @@ def attn_bwd_dq_ws_kernel(
     HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
-    WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False, LONGEST_FIRST: gl.constexpr = False,
-    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
+    WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+    IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
@@ -545,7 +542,7 @@ def attn_bwd_dq_ws_kernel(
     v_strides = unit_strides(v_strides, STRIDE_UNIT)
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dq_strides = unit_strides(dq_strides, STRIDE_UNIT)
-    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M, LONGEST_FIRST)
+    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M)
     off_hk = off_h // group
     lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
     row0 = off_bh.to(gl.int64) * lse_len

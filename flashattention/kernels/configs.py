@@ -35,8 +35,7 @@ AUTOTUNE_KEY = [
 
 def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int) -> triton.Config:
     """flags of the forward: USE_TMA (tensor-descriptor loads), PERSISTENT (one program per SM looping over
-    the tiles); of the dK/dV kernel: ONE_LOOP (one masked pass instead of three loops); of both backward
-    kernels: LONGEST_FIRST (grids heads first: every head's longest causal programs go first). GLUON_WS: the
+    the tiles); of the dK/dV kernel: ONE_LOOP (one masked pass instead of three loops). GLUON_WS: the
     warp-specialised Gluon kernel (forward: kernels/fwd_ws.py, Hopper, 16-bit, head dim 64/128/256, BLOCK_M =
     64 * WS_CONSUMERS, WS_STAGES K/V buffers; dK/dV and dQ: kernels/bwd_ws.py, head dim 64/128/256) with
     WS_PINGPONG (consumers' matmuls in turns), HOST_DESC (TMA descriptors made on the host), WS_OVERLAP (a

@@ -206,11 +206,6 @@ def attention_backward(
 PRE_BLOCK = 64  # query rows per program of the backward's preprocess
 
 
-def _grid(blocks: int, heads: int, meta: dict) -> tuple[int, int]:
-    """A backward kernel's grid: (blocks, batch * heads), or heads first with LONGEST_FIRST."""
-    return (heads, blocks) if meta.get("LONGEST_FIRST") else (blocks, heads)
-
-
 def backward_launches(
     tensors: dict, softmax_scale: float, left: int, right: int, *, cu_seqlens_q=None, cu_seqlens_k=None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
@@ -263,11 +258,8 @@ def backward_launches(
     dq_args = dict(common, DQ=dq, CAN_TMA=can_tma, **strides("dq", dq, unit))
     return {
         "pre": (pre_args, pre_grid),
-        "bwd_dkdv": (
-            dkdv_args,
-            lambda meta: _grid(dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads, meta),
-        ),
-        "bwd_dq": (dq_args, lambda meta: _grid(dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads, meta)),
+        "bwd_dkdv": (dkdv_args, lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)),
+        "bwd_dq": (dq_args, lambda meta: (dev.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)),
     }
 
 
