@@ -61,29 +61,15 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # the Gluon dK/dV with the next tile's scores issued behind this tile's dV and dK (not at D 128, where
-    # ptxas serialises its wgmma for lack of registers)
-    "bwd_dkdv": {
-        "sm90": {
-            64: [
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_LOOKAHEAD=True),
-            ],
-            256: [
-                _c(64, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
-            ],
-        }
-    },
     # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles with deeper rings or 8-warp 64-row tiles
     "bwd_dq": {
         "sm90": {
             64: [
                 _c(128, 128, 4, 2, GLUON_WS=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
             ],
             128: [
                 _c(128, 64, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
                 _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(128, 128, 4, 2, GLUON_WS=True),
             ],
@@ -93,7 +79,6 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(64, 32, 8, 2),
                 _c(64, 64, 8, 2),
                 _c(128, 32, 4, 2, GLUON_WS=True),
-                _c(128, 32, 4, 2, GLUON_WS=True, WS_LOOKAHEAD=True),
             ],
         }
     },

@@ -99,7 +99,7 @@ def _bwd_producer(
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, LOOKAHEAD: gl.constexpr, ME: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
@@ -121,6 +121,7 @@ def _bwd_consumer(
     start_n = start_n + (0 if SPLIT_D else ME * ROWS)
     q0: gl.constexpr = QM * ME if SPLIT_D else 0  # the consumer's first query row in the tile
     c0: gl.constexpr = DC * ME if SPLIT_D else 0  # and first dK/dV column
+    dtype: gl.constexpr = k_smem.dtype
     s_layout: gl.constexpr = wgmma_layout(num_warps, QM)
     acc_layout: gl.constexpr = wgmma_layout(num_warps, DC)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -130,58 +131,60 @@ def _bwd_consumer(
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     mbarrier.wait(kv_bar, 0)
-    # what scoring a tile takes besides its tokens and place: LSE2 / DELTA and the masks
-    score_args = (LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n)
-    bh0 = off_b * num_heads + off_hk * group  # the group's first query head (LSE2 / DELTA rows: lse_len each)
-    # dV / dK's operands: P^T and dS^T in registers, or with SPLIT_D both consumers' halves in shared memory
-    pds = (pds_smem, pds_full, pds_free)
-    if LOOKAHEAD:
-        # the next tile's S^T and dP^T issued behind this tile's dV and dK, so that the tensor cores run
-        # them back to back (nothing stays in flight across the loop)
-        total = group * n_tiles  # tile t: tile t % n_tiles of head t // n_tiles of the group
-        p = zero_s
-        ds = zero_s
-        if total > 0:
-            st_token, dpt_token = _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, 0, q0, QM, STAGES)
-            p, ds = _scores(st_token, dpt_token, bh0 * lse_len, lo, score_args, q0, QM, col_s, HAS_LO, HAS_HI)
-            _exchange(p, ds, 0, pds, SPLIT_D, ME)
-        for t in range(total):
+    done = 0
+    for g in range(group):
+        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
+        for i in range(n_tiles):
+            t = done + i
             s = t % STAGES
-            dv_token, dk_token = _accumulate(
-                dv, dk, p, ds, q_smem.index(s), do_smem.index(s), pds, a_layout, QM, c0, DC, SPLIT_D
-            )
-            if t + 1 < total:
-                st_token, dpt_token = _issue_scores(
-                    k_c, v_c, q_smem, do_smem, ready, zero_s, t + 1, q0, QM, STAGES
-                )  # fmt: skip
-                dv, dk = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token, dk_token))
-                _release(t, empty, pds, SPLIT_D)  # this consumer's reads of tile t are done
-                row0 = (bh0 + (t + 1) // n_tiles) * lse_len
-                start_m = lo + ((t + 1) % n_tiles) * BLOCK_M
-                p, ds = _scores(st_token, dpt_token, row0, start_m, score_args, q0, QM, col_s, HAS_LO, HAS_HI)
-                _exchange(p, ds, t + 1, pds, SPLIT_D, ME)
+            start_m = lo + i * BLOCK_M
+            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+            q_s = q_smem.index(s)
+            q_mine = q_s.slice(q0, QM, dim=0) if SPLIT_D else q_s  # SPLIT_D: its half of the queries
+            st_token = warpgroup_mma(k_c, q_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            do_s = do_smem.index(s)
+            do_mine = do_s.slice(q0, QM, dim=0) if SPLIT_D else do_s
+            dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            offs_m = start_m + q0 + gl.arange(0, QM, col_s)
+            m_mask = offs_m < seqlen_q
+            # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
+            lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+            delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
+            p = gl.exp2(st * qk_scale - lse2[None, :])
+            if (start_m < full_lo) | (start_m >= full_hi):
+                p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
+            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
+            ds = p * (dpt - delta[None, :])
+            if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
+                mbarrier.wait(pds_free, (t & 1) ^ 1)  # both consumers' matmuls of the last tile read them
+                pds_smem.index(ME).store(p.to(dtype))
+                pds_smem.index(2 + ME).store(ds.to(dtype))
+                fence_async_shared()
+                _sync_warps()  # every warp's part stored before the partition arrives
+                mbarrier.arrive(pds_full)
+                mbarrier.wait(pds_full, t & 1)
+                # [p0, p1, ds0, ds1] against the query halves' rows of dO and Q, this consumer's columns
+                dv_token = dv
+                dk_token = dk
+                for h in gl.static_range(2):
+                    dv_token = warpgroup_mma(
+                        pds_smem.index(h), _rows_cols(do_s, QM * h, QM, c0, DC), dv_token, is_async=True
+                    )
+                for h in gl.static_range(2):
+                    dk_token = warpgroup_mma(
+                        pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
+                    )
             else:
-                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_token, dk_token))
-    else:
-        done = 0
-        for g in range(group):
-            row0 = (off_b * num_heads + off_hk * group + g) * lse_len
-            for i in range(n_tiles):
-                t = done + i
-                start_m = lo + i * BLOCK_M
-                st_token, dpt_token = _issue_scores(
-                    k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0, QM, STAGES
-                )
-                p, ds = _scores(st_token, dpt_token, row0, start_m, score_args, q0, QM, col_s, HAS_LO, HAS_HI)
-                _exchange(p, ds, t, pds, SPLIT_D, ME)
-                s = t % STAGES
-                dv_token, dk_token = _accumulate(
-                    dv, dk, p, ds, q_smem.index(s), do_smem.index(s), pds, a_layout, QM, c0, DC, SPLIT_D
-                )
-                dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
-                _release(t, empty, pds, SPLIT_D)
-            done += n_tiles
+                dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
+                dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
+            dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
+            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+            if SPLIT_D:
+                mbarrier.arrive(pds_free)
+            mbarrier.arrive(empty.index(s))
+        done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_n + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -193,98 +196,6 @@ def _bwd_consumer(
     dv_row0 = off_b * stride_dvb + off_hk * stride_dvh
     gl.store(DK + dk_row0 + rows[:, None] * stride_dkn + cols[None, :], dk_out, mask=keep)
     gl.store(DV + dv_row0 + rows[:, None] * stride_dvn + cols[None, :], dv_out, mask=keep)
-
-
-@gluon.jit
-def _issue_scores(k_c, v_c, q_smem, do_smem, ready, zero_s, t, q0: gl.constexpr, QM: gl.constexpr,
-                  STAGES: gl.constexpr):  # fmt: skip
-    """Once tile t's Q and dO have landed (buffer t % STAGES): S^T = K Q^T and dP^T = V dO^T over the
-    consumer's QM queries of the tile from row q0 (all of them where QM is the tile's), asynchronously."""
-    s = t % STAGES
-    mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-    SPLIT: gl.constexpr = QM < q_smem.shape[1]
-    q_s = q_smem.index(s)
-    q_mine = q_s.slice(q0, QM, dim=0) if SPLIT else q_s
-    st_token = warpgroup_mma(k_c, q_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    do_s = do_smem.index(s)
-    do_mine = do_s.slice(q0, QM, dim=0) if SPLIT else do_s
-    dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    return st_token, dpt_token
-
-
-@gluon.jit
-def _scores(
-    st_token, dpt_token, row0, start_m, score_args, q0: gl.constexpr, QM: gl.constexpr, col_s: gl.constexpr,
-    HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-):  # fmt: skip
-    """P^T and dS^T = P^T (dP^T - delta) of the tile's queries start_m + q0.. (QM of them) of the head whose
-    LSE2 / delta rows start at row0, loaded while S^T and dP^T (the last two matmuls issued) complete."""
-    LSE2, DELTA, seqlen_q, full_lo, full_hi, lo_off, hi_off, qk_scale, offs_n = score_args
-    offs_m = start_m + q0 + gl.arange(0, QM, col_s)
-    m_mask = offs_m < seqlen_q
-    # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
-    lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
-    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
-    delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
-    st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
-    p = gl.exp2(st * qk_scale - lse2[None, :])
-    if (start_m < full_lo) | (start_m >= full_hi):
-        p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-    dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
-    ds = p * (dpt - delta[None, :])
-    return p, ds
-
-
-@gluon.jit
-def _exchange(p, ds, t, pds, SPLIT_D: gl.constexpr, ME: gl.constexpr):
-    """SPLIT_D: this consumer's P^T and dS^T of tile t into shared memory ([p0, p1, ds0, ds1]) once both
-    consumers' matmuls of tile t - 1 have read the buffers, then wait for the other consumer's (else
-    nothing: the operands stay in registers)."""
-    pds_smem, pds_full, pds_free = pds
-    if SPLIT_D:
-        mbarrier.wait(pds_free, (t & 1) ^ 1)
-        pds_smem.index(ME).store(p.to(pds_smem.dtype))
-        pds_smem.index(2 + ME).store(ds.to(pds_smem.dtype))
-        fence_async_shared()
-        _sync_warps()  # every warp's part stored before the partition arrives
-        mbarrier.arrive(pds_full)
-        mbarrier.wait(pds_full, t & 1)
-
-
-@gluon.jit
-def _accumulate(
-    dv, dk, p, ds, q_s, do_s, pds, a_layout: gl.constexpr, QM: gl.constexpr, c0: gl.constexpr,
-    DC: gl.constexpr, SPLIT_D: gl.constexpr,
-):  # fmt: skip
-    """dV += P^T dO and dK += dS^T Q of one tile, issued asynchronously: from registers, or (SPLIT_D) from
-    both consumers' halves in shared memory against the halves' rows of dO and Q and this consumer's
-    columns. Returns the two tokens."""
-    pds_smem = pds[0]
-    if SPLIT_D:
-        dv_token = dv
-        dk_token = dk
-        for h in gl.static_range(2):
-            dv_token = warpgroup_mma(
-                pds_smem.index(h), _rows_cols(do_s, QM * h, QM, c0, DC), dv_token, is_async=True
-            )
-        for h in gl.static_range(2):
-            dk_token = warpgroup_mma(
-                pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
-            )
-    else:
-        dtype: gl.constexpr = q_s.dtype
-        dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
-        dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
-    return dv_token, dk_token
-
-
-@gluon.jit
-def _release(t, empty, pds, SPLIT_D: gl.constexpr):
-    """This consumer is done with tile t: its Q / dO buffer, and (SPLIT_D) the P^T / dS^T buffers."""
-    STAGES: gl.constexpr = empty.shape[0]
-    if SPLIT_D:
-        mbarrier.arrive(pds[2])
-    mbarrier.arrive(empty.index(t % STAGES))
 
 
 @gluon.jit
@@ -302,15 +213,14 @@ def attn_bwd_dkdv_ws_kernel(
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, PRECISION: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
-    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False,
-    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
+    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+    IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
     dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
-    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). WS_LOOKAHEAD: each
-    consumer issues the next tile's S^T and dP^T behind this tile's dV and dK, before waiting for them."""
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -376,8 +286,8 @@ def attn_bwd_dkdv_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, WS_LOOKAHEAD, 0)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, WS_LOOKAHEAD, 1)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
@@ -414,13 +324,10 @@ def _dq_producer(
 
 @gluon.jit
 def _dq_consumer(
-    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, LOOKAHEAD: gl.constexpr,
-    ME: gl.constexpr,
+    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr
 ):  # fmt: skip
     """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
-    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. LOOKAHEAD: the
-    next tile's S and dP are issued behind this tile's dQ matmul, before waiting for it (the tensor cores
-    run them back to back; nothing stays in flight across the loop)."""
+    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K."""
     (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
      seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
      softmax_scale) = shared  # fmt: skip
@@ -445,36 +352,13 @@ def _dq_consumer(
     tile_args = (lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     mbarrier.wait(q_bar, 0)
-    if LOOKAHEAD:
-        ds_a = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)
-        if n_tiles > 0:
-            s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, 0)
-            ds_a = _dq_scores(
-                s_token, dp_token, 0, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI
-            )
-        for j in range(n_tiles):
-            s = j % STAGES
-            dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
-            if j + 1 < n_tiles:
-                s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j + 1)
-                dq = warpgroup_mma_wait(num_outstanding=2, deps=(dq_token,))
-                mbarrier.arrive(empty.index(s))
-                ds_a = _dq_scores(
-                    s_token, dp_token, j + 1, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI
-                )
-            else:
-                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-                mbarrier.arrive(empty.index(s))
-    else:
-        for j in range(n_tiles):
-            s = j % STAGES
-            s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
-            ds_a = _dq_scores(
-                s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI
-            )
-            dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
-            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-            mbarrier.arrive(empty.index(s))
+    for j in range(n_tiles):
+        s = j % STAGES
+        s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
+        ds_a = _dq_scores(s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI)
+        dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+        mbarrier.arrive(empty.index(s))
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -523,15 +407,14 @@ def attn_bwd_dq_ws_kernel(
     HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
-    WS_STAGES: gl.constexpr = 2, WS_LOOKAHEAD: gl.constexpr = False, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-    IS_VARLEN: gl.constexpr = False,
+    WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
     program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
     warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
-    WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in registers
-    (WS_LOOKAHEAD: see _dq_consumer)."""
+    WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in
+    registers."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
@@ -583,8 +466,8 @@ def attn_bwd_dq_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, WS_LOOKAHEAD, 0)),
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, WS_LOOKAHEAD, 1)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1)),
             (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
                             k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
                             lo, n_tiles, STAGES)),
