@@ -61,25 +61,16 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # the Gluon dQ (kernels/bwd_ws.py), and at D 256 Triton tiles with deeper rings or 8-warp 64-row tiles
+    # the Gluon dQ (kernels/bwd_ws.py), and at D 256 also the Triton dQ with a deeper ring
     "bwd_dq": {
         "sm90": {
-            64: [
-                _c(128, 128, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
-            ],
+            64: [_c(128, 128, 4, 2, GLUON_WS=True)],
             128: [
-                _c(128, 64, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(128, 128, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
+                _c(128, 64, 4, 2, GLUON_WS=True),
             ],
-            256: [
-                _c(128, 32, 8, 3),
-                _c(128, 16, 8, 3),
-                _c(64, 32, 8, 2),
-                _c(64, 64, 8, 2),
-                _c(128, 32, 4, 2, GLUON_WS=True),
-            ],
+            256: [_c(128, 32, 4, 2, GLUON_WS=True), _c(128, 32, 8, 3)],
         }
     },
 }
