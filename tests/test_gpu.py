@@ -359,20 +359,20 @@ def test_gluon_forward_matches_reference(entry, import_error, five_sms) -> None:
 
 
 @pytest.mark.configs
-@pytest.mark.parametrize("entry, import_error", _gluon_params("bwd_dkdv"))
-def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
-    """The warp-specialised Gluon dK/dV (GLUON_WS configs of the bwd_dkdv tables, kernels/bwd_ws.py)
-    against the float32 oracle: every mask kind, GQA (several query heads per key block), seqlen_q !=
-    seqlen_k both ways (rows that see no key, keys no query sees), lengths that are not a multiple of the
-    tiles, one query row, one and 15 keys, large scores, bf16 and fp16. dK and dV (dQ comes from the Triton
-    dQ kernel, checked too)."""
+@pytest.mark.parametrize("entry, import_error", _gluon_params("bwd_dkdv") + _gluon_params("bwd_dq"))
+def test_gluon_backward_matches_reference(entry, import_error) -> None:
+    """The warp-specialised Gluon dK/dV and dQ (GLUON_WS configs of the bwd_dkdv and bwd_dq tables and
+    candidates, kernels/bwd_ws.py), each forced beside the other kernel's default, against the float32
+    oracle: every mask kind, GQA (several query heads per key block), seqlen_q != seqlen_k both ways (rows
+    that see no key, keys no query sees), lengths that are not a multiple of the tiles, one query row, one
+    and 15 keys, large scores, bf16 and fp16; all three gradients."""
     if import_error is not None:
         pytest.fail(f"could not list the configs: {import_error!r}")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are Hopper-only")
     from flashattention.kernels import hooks, launch
 
-    _, _, head_dim, config = entry
+    kernel, _, head_dim, config = entry
     for dtype, causal, left, right, seqlen_q, seqlen_k, scale in _gluon_cases():
         q, k, v, dout = make_inputs(2, 4, 2, seqlen_q, seqlen_k, head_dim, dtype, "cuda", scale)
         softmax_scale = 1 / math.sqrt(head_dim)
@@ -380,7 +380,7 @@ def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
         out, lse, lse2 = launch.attention_forward(
             q, k, v, softmax_scale=softmax_scale, left=left, right=right_
         )
-        with hooks.overrides(configs={"bwd_dkdv": [config]}):
+        with hooks.overrides(configs={kernel: [config]}):
             dq, dk, dv = launch.attention_backward(
                 dout, q, k, v, out, lse2, softmax_scale=softmax_scale, left=left, right=right_
             )
@@ -388,9 +388,9 @@ def test_gluon_dkdv_matches_reference(entry, import_error) -> None:
 
 
 def _varlen_params() -> list:
-    """The Gluon configs that take varlen launches (not HOST_DESC), forward and dK/dV."""
+    """The Gluon configs that take varlen launches (not HOST_DESC), forward, dK/dV and dQ."""
     params = []
-    for kernel in ("fwd", "bwd_dkdv"):
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
         for p in _gluon_params(kernel):
             entry = p.values[0]
             if entry is None or not entry[3].kwargs.get("HOST_DESC"):

@@ -98,7 +98,7 @@ def compile_config(
         PRECISION="tf32" if fp32 else "ieee",
         **config.kwargs,
     )
-    if kernel in ("fwd", "bwd_dkdv"):
+    if kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
         constexprs["CAN_TMA"] = True  # aligned tensors (the Triton kernels read varlen K/V through pointers)
     if varlen:
         constexprs["IS_VARLEN"] = True

@@ -61,8 +61,18 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # D 256 dQ: deeper rings and 8-warp 64-row tiles (their sm_90a spills: tools.aot, benchmarks/NOTES.md)
-    "bwd_dq": {"sm90": {256: [_c(128, 32, 8, 3), _c(128, 16, 8, 3), _c(64, 32, 8, 2), _c(64, 64, 8, 2)]}},
+    # the Gluon dQ (kernels/bwd_ws.py), and at D 256 also the Triton dQ with a deeper ring
+    "bwd_dq": {
+        "sm90": {
+            64: [_c(128, 128, 4, 2, GLUON_WS=True)],
+            128: [
+                _c(128, 128, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
+                _c(128, 64, 4, 2, GLUON_WS=True),
+            ],
+            256: [_c(128, 32, 4, 2, GLUON_WS=True), _c(128, 32, 8, 3)],
+        }
+    },
 }
 
 

@@ -78,6 +78,16 @@ def _key_block(num_kv_heads, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _query_block(num_heads, BLOCK_M: tl.constexpr):
+    """A dQ program's first query row, batch * head, batch and head (int64), from its place in the grid
+    (query blocks, batch * heads): program 0 takes the last block (with a causal mask the last query blocks
+    see the most keys); the Triton and Gluon dQ kernels both take it."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    off_bh = tl.program_id(1)
+    return start_m, off_bh, (off_bh // num_heads).to(tl.int64), (off_bh % num_heads).to(tl.int64)
+
+
+@triton.jit
 def _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, stride_qm, stride_dom, stride_kn, stride_vn):
     """IS_VARLEN: the inputs from the sequence's first query and key rows on (the sequence is batch 0 of
     them), once the program knows it has work there."""
@@ -240,6 +250,7 @@ def attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STRIDE_UNIT: tl.constexpr = 1,
     CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: tl.constexpr = False,
+    CAN_TMA: tl.constexpr = False,  # the autotune key's (GLUON_WS configs need TMA); unused here
 ):  # fmt: skip
     """dQ of one query block and head; program 0 takes the last block (with a causal mask the last query
     blocks see the most keys). IS_VARLEN: the grid covers the longest sequence's queries; seqlen_q and
@@ -249,10 +260,7 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn = unit_strides(v_strides, STRIDE_UNIT)
     stride_dob, stride_doh, stride_dom = unit_strides(do_strides, STRIDE_UNIT)
     stride_dqb, stride_dqh, stride_dqm = unit_strides(dq_strides, STRIDE_UNIT)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = (off_bh % num_heads).to(tl.int64)
+    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     off_hk = off_h // group
     if IS_VARLEN:

@@ -10,11 +10,11 @@ At head dim 256 (SPLIT_D) a consumer's dK and dV of 64 keys would take 256 regis
 forms P^T and dS^T for its half of the tile's queries, both halves meet in shared memory, and each
 accumulates its half of dK's and dV's columns over all of the tile's queries.
 
-Same semantics, arguments and outputs as bwd.attn_bwd_dkdv_kernel (dQ stays with bwd.attn_bwd_dq_kernel);
-bf16/fp16, head dims 64, 128 and 256 (HEAD_DIM == HEAD_DIM_PAD), Q/K/V/dO rows 16-byte aligned (TMA). The
-launcher selects it through the GLUON_WS config flag of the bwd_dkdv tables (configs.py). Triton's
-interpreter cannot run Gluon: tests/test_gpu.py checks it on the GPU; the CPU suite compiles it for sm_90a
-(tests/test_aot.py).
+Same semantics, arguments and outputs as bwd.attn_bwd_dkdv_kernel; attn_bwd_dq_ws_kernel (below) is its
+Q-stationary twin for dQ, as bwd.attn_bwd_dq_kernel. Both take bf16/fp16, head dims 64, 128 and 256
+(HEAD_DIM == HEAD_DIM_PAD), Q/K/V/dO rows 16-byte aligned (TMA). The launcher selects them through the
+GLUON_WS config flag of the bwd_dkdv and bwd_dq tables (configs.py). Triton's interpreter cannot run
+Gluon: tests/test_gpu.py checks them on the GPU; the CPU suite compiles them for sm_90a (tests/test_aot.py).
 """
 
 from triton.experimental import gluon
@@ -27,12 +27,36 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .bwd import _key_block, _sequence_inputs
-from .common import tile_range, unit_strides, varlen_bounds, visible
+from .bwd import _key_block, _query_block, _sequence_inputs
+from .common import query_window, tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws_tiles import wgmma_layout
 
 # a partition's warps in step (Triton 3.6 names it thread_barrier, later releases barrier)
 _sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@gluon.jit
+def _head_desc(T, strides, off_b, off_h, length, BLOCK_ROWS: gl.constexpr, smem):
+    """TMA descriptor of the [length, head dim] rows of one (batch, head) of T ((batch, head, row) strides),
+    boxes of BLOCK_ROWS rows laid out as the buffers of smem ([buffers, rows, head dim])."""
+    stride_b, stride_h, stride_m = strides
+    HEAD_DIM: gl.constexpr = smem.shape[2]
+    return tma.make_tensor_descriptor(
+        T + off_b * stride_b + off_h * stride_h, shape=[length, HEAD_DIM], strides=[stride_m, 1],
+        block_shape=[BLOCK_ROWS, HEAD_DIM], layout=smem.layout,
+    )  # fmt: skip
+
+
+@gluon.jit
+def _load_resident(a_desc, b_desc, row, bar, a_smem, b_smem):
+    """The block's two resident tiles (K and V, or Q and dO) from `row` on, box c of each into buffer c of
+    a_smem / b_smem, all on one barrier."""
+    BOXES: gl.constexpr = a_smem.shape[0]
+    ROWS: gl.constexpr = a_smem.shape[1]
+    mbarrier.expect(bar, 2 * BOXES * a_desc.block_type.nbytes)
+    for c in gl.static_range(BOXES):
+        tma.async_copy_global_to_shared(a_desc, [row + c * ROWS, 0], bar, a_smem.index(c))
+        tma.async_copy_global_to_shared(b_desc, [row + c * ROWS, 0], bar, b_smem.index(c))
 
 
 @gluon.jit
@@ -46,25 +70,10 @@ def _bwd_producer(
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
     rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows."""
-    BOXES: gl.constexpr = k_smem.shape[0]
     ROWS: gl.constexpr = k_smem.shape[1]
-    HEAD_DIM: gl.constexpr = k_smem.shape[2]
-    stride_qb, stride_qh, stride_qm = q_strides
-    stride_kb, stride_kh, stride_kn = k_strides
-    stride_vb, stride_vh, stride_vn = v_strides
-    stride_dob, stride_doh, stride_dom = do_strides
-    k_desc = tma.make_tensor_descriptor(
-        K + off_b * stride_kb + off_hk * stride_kh, shape=[seqlen_k, HEAD_DIM], strides=[stride_kn, 1],
-        block_shape=[ROWS, HEAD_DIM], layout=k_smem.layout,
-    )  # fmt: skip
-    v_desc = tma.make_tensor_descriptor(
-        V + off_b * stride_vb + off_hk * stride_vh, shape=[seqlen_k, HEAD_DIM], strides=[stride_vn, 1],
-        block_shape=[ROWS, HEAD_DIM], layout=v_smem.layout,
-    )  # fmt: skip
-    mbarrier.expect(kv_bar, 2 * BOXES * k_desc.block_type.nbytes)
-    for c in gl.static_range(BOXES):
-        tma.async_copy_global_to_shared(k_desc, [start_n + c * ROWS, 0], kv_bar, k_smem.index(c))
-        tma.async_copy_global_to_shared(v_desc, [start_n + c * ROWS, 0], kv_bar, v_smem.index(c))
+    k_desc = _head_desc(K, k_strides, off_b, off_hk, seqlen_k, ROWS, k_smem)
+    v_desc = _head_desc(V, v_strides, off_b, off_hk, seqlen_k, ROWS, v_smem)
+    _load_resident(k_desc, v_desc, start_n, kv_bar, k_smem, v_smem)
     if IS_VARLEN:  # a sequence without queries reads none (one row described)
         seqlen_q = gl.maximum(seqlen_q, 1)
     issued = 0
@@ -74,14 +83,8 @@ def _bwd_producer(
             i = issued - 1 - d
             if i >= 0:
                 mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-        q_desc = tma.make_tensor_descriptor(
-            Q + off_b * stride_qb + off_h * stride_qh, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-            block_shape=[BLOCK_M, HEAD_DIM], layout=q_smem.layout,
-        )  # fmt: skip
-        do_desc = tma.make_tensor_descriptor(
-            DO + off_b * stride_dob + off_h * stride_doh, shape=[seqlen_q, HEAD_DIM],
-            strides=[stride_dom, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=do_smem.layout,
-        )  # fmt: skip
+        q_desc = _head_desc(Q, q_strides, off_b, off_h, seqlen_q, BLOCK_M, q_smem)
+        do_desc = _head_desc(DO, do_strides, off_b, off_h, seqlen_q, BLOCK_M, do_smem)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
@@ -288,6 +291,186 @@ def attn_bwd_dkdv_ws_kernel(
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
+        ],
+        [num_warps, 1],
+        [240, 24],
+    )  # fmt: skip
+
+
+@gluon.jit
+def _dq_producer(
+    Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar, k_smem, v_smem, ready,
+    empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m, lo, n_tiles, STAGES: gl.constexpr,
+):  # fmt: skip
+    """One warp: the block's Q and dO once (q_smem / do_smem: [consumers, rows each, head dim]), then the K
+    and V tiles of its visible keys into buffer j % STAGES once both consumers have released it."""
+    ROWS: gl.constexpr = q_smem.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    q_desc = _head_desc(Q, q_strides, off_b, off_h, seqlen_q, ROWS, q_smem)
+    do_desc = _head_desc(DO, do_strides, off_b, off_h, seqlen_q, ROWS, do_smem)
+    _load_resident(q_desc, do_desc, start_m, q_bar, q_smem, do_smem)
+    keys = gl.maximum(seqlen_k, 1)  # a sequence without keys (varlen) loads none: one row described
+    k_desc = _head_desc(K, k_strides, off_b, off_hk, keys, BLOCK_N, k_smem)
+    v_desc = _head_desc(V, v_strides, off_b, off_hk, keys, BLOCK_N, v_smem)
+    for j in range(n_tiles):
+        s = j % STAGES
+        # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
+        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), 2 * k_desc.block_type.nbytes)
+        start_n = lo + j * BLOCK_N
+        tma.async_copy_global_to_shared(k_desc, [start_n, 0], ready.index(s), k_smem.index(s))
+        tma.async_copy_global_to_shared(v_desc, [start_n, 0], ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _dq_consumer(
+    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr
+):  # fmt: skip
+    """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
+    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K."""
+    (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
+     seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
+     softmax_scale) = shared  # fmt: skip
+    ROWS: gl.constexpr = q_smem.shape[1]
+    HEAD_DIM: gl.constexpr = q_smem.shape[2]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = wgmma_layout(num_warps, BLOCK_N)
+    acc_layout: gl.constexpr = wgmma_layout(num_warps, HEAD_DIM)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    q_c = q_smem.index(ME)
+    do_c = do_smem.index(ME)
+    offs_m = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
+    m_mask = offs_m < seqlen_q
+    # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
+    lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
+    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
+    tile_args = (lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_tiles):
+        s = j % STAGES
+        s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
+        ds_a = _dq_scores(s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI)
+        dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+        mbarrier.arrive(empty.index(s))
+
+    store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    rows = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
+    cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, store_layout))
+    stride_dqb, stride_dqh, stride_dqm = dq_strides
+    dq_out = gl.convert_layout((dq * softmax_scale).to(DQ.dtype.element_ty), store_layout)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + cols[None, :]
+    gl.store(dq_ptrs, dq_out, mask=(rows < seqlen_q)[:, None])
+
+
+@gluon.jit
+def _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j):
+    """Once key tile j has landed (buffer j % STAGES): S = Q K^T and dP = dO V^T, asynchronously."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    s = j % STAGES
+    mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+    s_token = warpgroup_mma(q_c, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    dp_token = warpgroup_mma(do_c, v_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    return s_token, dp_token
+
+
+@gluon.jit
+def _dq_scores(
+    s_token, dp_token, j, tile_args, BLOCK_N: gl.constexpr, col_s: gl.constexpr, a_layout: gl.constexpr,
+    dtype: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+):  # fmt: skip
+    """dS = P (dP - delta) of key tile j (S and dP the last two matmuls issued), as the dQ matmul's register
+    operand."""
+    lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = tile_args
+    start_n = lo + j * BLOCK_N
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_token,))
+    p = gl.exp2(qk * qk_scale - lse2[:, None])
+    if (start_n < full_lo) | (start_n >= full_hi):
+        offs_n = start_n + gl.arange(0, BLOCK_N, col_s)
+        p = gl.where(visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_token,))
+    ds = p * (dp - delta[:, None])
+    return gl.convert_layout(ds.to(dtype), a_layout)
+
+
+@gluon.jit
+def attn_bwd_dq_ws_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ,
+    q_strides, k_strides, v_strides, do_strides, dq_strides,
+    num_heads, group, seqlen_q, seqlen_k, seqlen_buckets, window_left, window_right, qk_scale, softmax_scale,
+    HEAD_DIM: gl.constexpr, HEAD_DIM_PAD: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+    CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
+    WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
+):  # fmt: skip
+    """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
+    arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
+    program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
+    warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
+    WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in
+    registers."""
+    gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
+    gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
+    gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
+    ROWS: gl.constexpr = 64  # query rows per consumer
+    STAGES: gl.constexpr = WS_STAGES
+    q_strides = unit_strides(q_strides, STRIDE_UNIT)
+    k_strides = unit_strides(k_strides, STRIDE_UNIT)
+    v_strides = unit_strides(v_strides, STRIDE_UNIT)
+    do_strides = unit_strides(do_strides, STRIDE_UNIT)
+    dq_strides = unit_strides(dq_strides, STRIDE_UNIT)
+    start_m, off_bh, off_b, off_h = _query_block(num_heads, BLOCK_M)
+    off_hk = off_h // group
+    lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
+    row0 = off_bh.to(gl.int64) * lse_len
+    if IS_VARLEN:
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
+        if start_m >= seqlen_q:  # past this sequence's queries
+            return
+        # every tensor from the sequence's first row on: the sequence is batch 0 from here
+        rows = (q_strides[2], do_strides[2], k_strides[2], v_strides[2])
+        Q, DO, LSE2, DELTA, K, V = _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, *rows)
+        DQ = DQ + q_start * dq_strides[2]
+        off_b = 0
+        row0 = off_h * lse_len
+    dtype: gl.constexpr = Q.dtype.element_ty
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
+
+    bounds, window = query_window(
+        start_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI
+    )
+    lo, full_lo, full_hi, hi = bounds
+    _, lo_off, hi_off, _ = window
+    n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
+    shared = (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h,
+              row0, seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
+              softmax_scale)  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1)),
+            (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
+                            k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
+                            lo, n_tiles, STAGES)),
         ],
         [num_warps, 1],
         [240, 24],

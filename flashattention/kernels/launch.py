@@ -255,7 +255,7 @@ def backward_launches(
         **strides("dk", dk, unit),
         **strides("dv", dv, unit),
     )
-    dq_args = dict(common, DQ=dq, **strides("dq", dq, unit))
+    dq_args = dict(common, DQ=dq, CAN_TMA=can_tma, **strides("dq", dq, unit))
     return {
         "pre": (pre_args, pre_grid),
         "bwd_dkdv": (dkdv_args, lambda meta: (dev.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)),

@@ -73,7 +73,7 @@ KERNELS = {
         Kernel(
             "bwd_dkdv", "dK/dV", attn_bwd_dkdv_kernel, ("bwd_ws", "attn_bwd_dkdv_ws_kernel"), (64, 128, 256)
         ),
-        Kernel("bwd_dq", "dQ", attn_bwd_dq_kernel),
+        Kernel("bwd_dq", "dQ", attn_bwd_dq_kernel, ("bwd_ws", "attn_bwd_dq_ws_kernel"), (64, 128, 256)),
     )
 }
 
