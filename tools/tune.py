@@ -61,16 +61,11 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # the Gluon dQ (kernels/bwd_ws.py), and at D 256 also the Triton dQ with a deeper ring
+    # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {
             64: [_c(128, 128, 4, 2, GLUON_WS=True)],
-            128: [
-                _c(128, 128, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3),
-                _c(128, 64, 4, 2, GLUON_WS=True),
-            ],
-            256: [_c(128, 32, 4, 2, GLUON_WS=True), _c(128, 32, 8, 3)],
+            128: [_c(128, 64, 4, 2, GLUON_WS=True)],
         }
     },
 }
