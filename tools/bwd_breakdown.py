@@ -1,0 +1,102 @@
+"""Where the backward's device time goes: each kernel's share of ours (preprocess, dK/dV, dQ) and of the
+peers' (SDPA flash and cuDNN, by the same profiler), at the benchmark's shapes (16k tokens, hidden 2048,
+bf16). A kernel's own TFLOP/s counts the matmuls it does (dK/dV: S^T, dP^T, dV, dK; dQ: S, dP, dQ; two
+FLOPs per multiply-add, halved for causal), so the rows show how near each kernel runs to the tensor cores'
+rate, apart from the recompute that two kernels cost; `whole` is the DESIGN.md convention (2.5x forward).
+
+    PYTHONPATH=. python -m tools.bwd_breakdown [--dims 64,128] [--seqlens 2048,8192] [--calls 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.run import device_times
+from flashattention import flash_attention
+
+# matmuls per (query, key) pair and head dim element that each of our backward kernels computes
+MATMULS = {"dkdv": 4, "dq": 3}
+
+
+def kernel_flops(kind: str, batch: int, heads: int, seqlen: int, head_dim: int, causal: bool) -> float:
+    """FLOPs of `kind` ("dkdv", "dq" for our kernels, "whole" for a backward by DESIGN.md's convention)."""
+    pairs = batch * heads * seqlen * seqlen * (0.5 if causal else 1.0)
+    per_pair = 2 * head_dim * (MATMULS[kind] if kind in MATMULS else 5)
+    return pairs * per_pair
+
+
+def _kind(name: str) -> str:
+    """Our kernel's role from its CUDA name ('' for a peer's or another kernel)."""
+    if "attn_bwd_dkdv" in name:
+        return "dkdv"
+    if "attn_bwd_dq" in name:
+        return "dq"
+    if "attn_bwd_preprocess" in name:
+        return "pre"
+    return ""
+
+
+def rows_for(head_dim: int, seqlen: int, causal: bool, calls: int) -> list[str]:
+    batch, heads = 16384 // seqlen, 2048 // head_dim
+    q, k, v = (
+        torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    do = torch.randn_like(q)
+    case = f"| {head_dim} | {seqlen} | {'yes' if causal else 'no'} "
+    whole = kernel_flops("whole", batch, heads, seqlen, head_dim, causal)
+    lines = []
+
+    def report(provider: str, forward) -> None:
+        out = forward()
+        times = device_times(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), calls)
+        total = sum(times.values())
+        lines.append(f"{case}| {provider} | total | {total:.0f} | 100% | {whole / total / 1e6:.0f} |")
+        for name, us in sorted(times.items(), key=lambda item: -item[1]):
+            kind = _kind(name)
+            rate = (
+                f"{kernel_flops(kind, batch, heads, seqlen, head_dim, causal) / us / 1e6:.0f}"
+                if kind in MATMULS
+                else "-"
+            )
+            lines.append(f"{case}| {provider} | {name[:48]} | {us:.0f} | {us / total:.0%} | {rate} |")
+
+    report("ours", lambda: flash_attention(q, k, v, causal=causal))
+    for provider, backend in (
+        ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+    ):
+
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        try:
+            report(provider, sdpa)
+        except RuntimeError as exc:  # a backend that does not take the case
+            lines.append(f"{case}| {provider} | failed: {str(exc)[:60]} | - | - | - |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--seqlens", default="2048,8192")
+    ap.add_argument("--calls", type=int, default=10)
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()}, bf16, 16k tokens, hidden 2048; us per backward (torch.profiler)")
+    print("| D | S | causal | provider | kernel | us | share | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for head_dim in (int(d) for d in args.dims.split(",")):
+        for seqlen in (int(s) for s in args.seqlens.split(",")):
+            for causal in (False, True):
+                print("\n".join(rows_for(head_dim, seqlen, causal, args.calls)), flush=True)
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
