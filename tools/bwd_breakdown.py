@@ -10,33 +10,32 @@ rate, apart from the recompute that two kernels cost; `whole` is the DESIGN.md c
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from benchmarks.run import device_times
 from flashattention import flash_attention
+from tools.tune import _sdpa
 
-# matmuls per (query, key) pair and head dim element that each of our backward kernels computes
-MATMULS = {"dkdv": 4, "dq": 3}
+# matmuls per (query, key) pair and head dim element: each of our backward kernels' own, and a whole
+# backward's by DESIGN.md's convention (2.5x the forward's two)
+MATMULS = {"dkdv": 4, "dq": 3, "whole": 5}
 
 
 def kernel_flops(kind: str, batch: int, heads: int, seqlen: int, head_dim: int, causal: bool) -> float:
     """FLOPs of `kind` ("dkdv", "dq" for our kernels, "whole" for a backward by DESIGN.md's convention)."""
     pairs = batch * heads * seqlen * seqlen * (0.5 if causal else 1.0)
-    per_pair = 2 * head_dim * (MATMULS[kind] if kind in MATMULS else 5)
-    return pairs * per_pair
+    return pairs * 2 * head_dim * MATMULS[kind]
 
 
 def _kind(name: str) -> str:
-    """Our kernel's role from its CUDA name ('' for a peer's or another kernel)."""
+    """Our dK/dV or dQ kernel from its CUDA name ('' for the preprocess, a peer's or another kernel)."""
     if "attn_bwd_dkdv" in name:
         return "dkdv"
     if "attn_bwd_dq" in name:
         return "dq"
-    if "attn_bwd_preprocess" in name:
-        return "pre"
     return ""
 
 
@@ -60,7 +59,7 @@ def rows_for(head_dim: int, seqlen: int, causal: bool, calls: int) -> list[str]:
             kind = _kind(name)
             rate = (
                 f"{kernel_flops(kind, batch, heads, seqlen, head_dim, causal) / us / 1e6:.0f}"
-                if kind in MATMULS
+                if kind
                 else "-"
             )
             lines.append(f"{case}| {provider} | {name[:48]} | {us:.0f} | {us / total:.0%} | {rate} |")
@@ -70,13 +69,8 @@ def rows_for(head_dim: int, seqlen: int, causal: bool, calls: int) -> list[str]:
         ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
         ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
     ):
-
-        def sdpa(backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
         try:
-            report(provider, sdpa)
+            report(provider, functools.partial(_sdpa, backend, q, k, v, causal))
         except RuntimeError as exc:  # a backend that does not take the case
             lines.append(f"{case}| {provider} | failed: {str(exc)[:60]} | - | - | - |")
     return lines

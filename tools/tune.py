@@ -61,7 +61,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             ],
         }
     },
-    # the Gluon dK/dV with a third Q/dO buffer at D 128 (180 KB of shared memory, the table config's spills)
+    # the Gluon dK/dV with a third Q/dO buffer at D 128 (its sm_90a build: benchmarks/NOTES.md)
     "bwd_dkdv": {"sm90": {128: [_c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3)]}},
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
