@@ -52,17 +52,9 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
             ],
             128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
-            256: [
-                _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True),
-                _c(128, 64, 8, 2, PERSISTENT=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
-                _c(128, 32, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True),
-            ],
+            256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
-    # the Gluon dK/dV with a third Q/dO buffer at D 128 (its sm_90a build: benchmarks/NOTES.md)
-    "bwd_dkdv": {"sm90": {128: [_c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3)]}},
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {

@@ -74,7 +74,12 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
                 _c(128, 64, 8, 4),
                 _c(64, 64, 4, 3),  # causal 512
             ],
-            256: [_c(128, 64, 4, 2, GLUON_WS=True), _c(128, 64, 8, 2), _c(64, 64, 4, 2)],
+            256: [
+                _c(128, 64, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, PERSISTENT=True, HOST_DESC=True),  # causal
+                _c(128, 64, 8, 2),
+                _c(64, 64, 4, 2),
+            ],
         },
         "sm80": {
             64: [_c(128, 64, 4, 3), _c(128, 128, 8, 3)],
@@ -186,6 +191,7 @@ PICKS: dict[str, dict[str, dict[int, list[tuple[bool, int | None, str]]]]] = {
                 (True, 8192, _P128),
                 (True, None, "128x128 w4 s2 GLUON_WS HOST_DESC"),
             ],
+            256: [(True, None, "128x64 w4 s2 GLUON_WS PERSISTENT HOST_DESC")],
         }
     },
     "bwd_dkdv": {
