@@ -55,8 +55,6 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
-    # the Gluon dK/dV with three consumers (192 keys) at D 64 (its sm_90a build: benchmarks/NOTES.md)
-    "bwd_dkdv": {"sm90": {64: [_c(64, 192, 4, 2, GLUON_WS=True, WS_CONSUMERS=3)]}},
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {

@@ -60,14 +60,16 @@ def _load_resident(a_desc, b_desc, row, bar, a_smem, b_smem):
 
 
 @gluon.jit
-def _bwd_producer(loads, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
-    """One warp (`loads`: its runtime arguments, as the kernel packs them): the block's K and V once
-    (k_smem / v_smem: [boxes, 64 keys, head dim]), then for each query head of the group and each query
-    tile, Q and dO into buffer i % STAGES once every consumer has released it (i counts the tiles across
-    heads, as the consumers count them). A head's descriptors are rewritten only after its last copies
-    landed. IS_VARLEN: the tensors start at the sequence's rows."""
-    (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar, q_smem, do_smem, ready,
-     empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles) = loads  # fmt: skip
+def _bwd_producer(
+    Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
+    k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
+    off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
+):  # fmt: skip
+    """One warp: the block's K and V once (k_smem / v_smem: [boxes, 64 keys, head dim]), then for each
+    query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
+    released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
+    rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows."""
     ROWS: gl.constexpr = k_smem.shape[1]
     k_desc = _head_desc(K, k_strides, off_b, off_hk, seqlen_k, ROWS, k_smem)
     v_desc = _head_desc(V, v_strides, off_b, off_hk, seqlen_k, ROWS, v_smem)
@@ -99,7 +101,7 @@ def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     num_warps: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
-    """Consumer ME (`shared`: the runtime arguments every consumer takes, as the kernel packs them): dK and
+    """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
     key-side bounds (the query-side flags swapped, as in bwd.py)."""
@@ -211,21 +213,19 @@ def attn_bwd_dkdv_ws_kernel(
     HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, PRECISION: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
-    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, WS_CONSUMERS: gl.constexpr = 2,
-    CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
+    GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
+    IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
-    (the config's num_stages is not used); WS_CONSUMERS consumer partitions of num_warps = 4 warps: 64 keys
-    each (BLOCK_N = 128, or 192 with three at head dim 64), or at head dim 256 (SPLIT_D, BLOCK_N = 64, two)
-    half of the tile's queries and of the dK/dV columns each. IS_VARLEN: packed sequences as
-    bwd.attn_bwd_dkdv_kernel takes them (the grid covers the longest sequence's keys; seqlen_q and seqlen_k
-    come in as the packed totals)."""
+    (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
+    (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
+    dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
-    gl.static_assert(WS_CONSUMERS == 2 or (WS_CONSUMERS == 3 and HEAD_DIM == 64), "3 consumers fit D64 only")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
-    KV_BOXES: gl.constexpr = 1 if SPLIT_D else WS_CONSUMERS  # the block's K (and V) as boxes of 64 keys
-    gl.static_assert(BLOCK_N == 64 * KV_BOXES, "a consumer per 64 keys, or (head dim 256) one block of 64")
+    KV_BOXES: gl.constexpr = 1 if SPLIT_D else 2  # the block's K (and V) as boxes of 64 keys
+    gl.static_assert(BLOCK_N == 64 * KV_BOXES, "two consumers of 64 keys, or (head dim 256) one block of 64")
     STAGES: gl.constexpr = WS_STAGES
     ROWS: gl.constexpr = 64  # keys per box
     lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
@@ -271,43 +271,30 @@ def attn_bwd_dkdv_ws_kernel(
         pds_free = kv_bar
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=WS_CONSUMERS)  # every consumer releases each buffer
+        mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left (bwd.py)
     diag = seqlen_k - seqlen_q
     lo_off = -diag - window_right
     hi_off = -diag + window_left
-    # the block's query range (every consumer's keys): each consumer masks its own rows where needed
+    # the block's query range (both consumers' keys): each consumer masks its own rows where needed
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2,
               DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
               lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
               softmax_scale)  # fmt: skip
-    loads = (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar, q_smem,
-             do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo,
-             n_tiles)  # fmt: skip
-    if WS_CONSUMERS == 2:
-        gl.warp_specialize(
-            [
-                (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
-                (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
-                (_bwd_producer, (loads, BLOCK_M, STAGES, IS_VARLEN)),
-            ],
-            [num_warps, 1],
-            [240, 24],
-        )  # fmt: skip
-    else:  # 3 consumers at D64: registers for 3 warpgroups (160 each) instead of 2 (240)
-        gl.warp_specialize(
-            [
-                (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
-                (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
-                (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 2)),
-                (_bwd_producer, (loads, BLOCK_M, STAGES, IS_VARLEN)),
-            ],
-            [num_warps, num_warps, 1],
-            [160, 160, 24],
-        )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
+            (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
+                             q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
+                             lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
+        ],
+        [num_warps, 1],
+        [240, 24],
+    )  # fmt: skip
 
 
 @gluon.jit
