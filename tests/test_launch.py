@@ -75,7 +75,11 @@ def test_ordered_picks_by_mask_and_length() -> None:
     assert "WS_PINGPONG" in configs.label(configs.ordered("fwd", "sm90", 64, False, 4096)[0])
     assert "WS_ROWSUM_MMA" in configs.label(configs.ordered("fwd", "sm90", 64, True, 4096)[0])
     assert "WS_PINGPONG" in configs.label(configs.ordered("fwd", "sm90", 64, True, 4097)[0])
-    assert list(configs.ordered("fwd", "sm90", 256, True, 4096)) == configs.configs_for("fwd", "sm90", 256)
+    # D 256: causal picks the persistent config, non-causal (no pick) keeps the entry's order
+    assert configs.label(configs.ordered("fwd", "sm90", 256, True, 4096)[0]) == (
+        "128x64 w4 s2 GLUON_WS PERSISTENT HOST_DESC"
+    )
+    assert list(configs.ordered("fwd", "sm90", 256, False, 4096)) == configs.configs_for("fwd", "sm90", 256)
     assert list(configs.ordered("fwd", "sm80", 64, True, 4096)) == configs.configs_for("fwd", "sm80", 64)
     assert len(configs.ordered("fwd", "sm90", 64, True, 4096)) == len(d64)
 
