@@ -183,6 +183,12 @@ def test_gluon_configs_apply_only_where_they_can(fake_fwd) -> None:
         registry.run(dkdv, None, args, gluon_cfg)
     dq = registry.KERNELS["bwd_dq"]  # the Gluon dQ (kernels/bwd_ws.py): the same head dims
     assert "head dim 64, 128 or 256, got 96" in " ".join(dq.problems(gluon_cfg, {**args, "HEAD_DIM": 96}))
+    # FUSED_DQ: only with the accumulator attention_backward makes, and not at head dim 256
+    fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)
+    assert "float32 accumulator" in " ".join(dkdv.problems(fused, args))
+    with_acc = {**args, "DQ_ACC": torch.zeros(1, 1, 16, 64), "HEAD_DIM_PAD": 256}
+    found = " ".join(dkdv.problems(fused, with_acc))
+    assert "float32 accumulator" not in found and "FUSED_DQ takes head dims 64 and 128" in found
 
 
 def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(fake_fwd, monkeypatch) -> None:

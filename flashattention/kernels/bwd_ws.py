@@ -99,15 +99,16 @@ def _bwd_producer(
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
-    key-side bounds (the query-side flags swapped, as in bwd.py)."""
+    key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: also each tile's dQ share of
+    its keys, dS K, its dS^T staged in pds_smem[ME], added into DQ_ACC by float32 atomics."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2, DELTA, DK, DV,
      dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo,
-     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
+     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -130,6 +131,9 @@ def _bwd_consumer(
     zero_s = gl.zeros([ROWS, QM], gl.float32, s_layout)
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
+    if FUSED_DQ:  # a tile's dQ share: [BLOCK_M queries, head dim] in the dK/dV accumulators' layout
+        zero_dq = gl.zeros([QM, DC], gl.float32, acc_layout)
+        dq_cols = gl.arange(0, DC, gl.SliceLayout(0, acc_layout))
     mbarrier.wait(kv_bar, 0)
     done = 0
     for g in range(group):
@@ -178,12 +182,28 @@ def _bwd_consumer(
                     )
             else:
                 dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
-                dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
-            dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
-            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+                ds16 = ds.to(dtype)
+                dk_token = warpgroup_mma(gl.convert_layout(ds16, a_layout), q_s, dk, is_async=True)
+                if FUSED_DQ:  # dQ[tile] += dS K over this consumer's keys: dS^T through shared memory
+                    ds_s = pds_smem.index(ME)
+                    ds_s.store(ds16)
+                    fence_async_shared()
+                    _sync_warps()  # every warp's rows stored before the warpgroup's matmul reads them
+                    dq_token = warpgroup_mma(ds_s.permute((1, 0)), k_c, zero_dq, use_acc=False, is_async=True)
+            if FUSED_DQ:
+                dv = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token,))
+                dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk_token,))
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+            else:
+                dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
             if SPLIT_D:
                 mbarrier.arrive(pds_free)
             mbarrier.arrive(empty.index(s))
+            if FUSED_DQ:  # DQ_ACC: LSE2's [.., rows] layout with a head-dim axis, float32, unscaled
+                rows_q = start_m + gl.arange(0, QM, gl.SliceLayout(1, acc_layout))
+                dq_ptrs = DQ_ACC + (row0 + rows_q)[:, None] * HEAD_DIM + dq_cols[None, :]
+                gl.atomic_add(dq_ptrs, dq, mask=(rows_q < seqlen_q)[:, None], sem="relaxed")
         done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -214,13 +234,16 @@ def attn_bwd_dkdv_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-    IS_VARLEN: gl.constexpr = False,
+    IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
     dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
-    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
+    64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
+    by atomics, so not bitwise reproducible run to run; the launcher then skips the dQ kernel."""
+    gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -245,6 +268,8 @@ def attn_bwd_dkdv_ws_kernel(
         rows = (q_strides[2], do_strides[2], k_strides[2], v_strides[2])
         Q, DO, LSE2, DELTA, K, V = _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, *rows)
         DK, DV = DK + k_start * dk_strides[2], DV + k_start * dv_strides[2]
+        if FUSED_DQ:
+            DQ_ACC = DQ_ACC + q_start * HEAD_DIM
         off_b = 0
     dtype: gl.constexpr = Q.dtype.element_ty
 
@@ -265,10 +290,17 @@ def attn_bwd_dkdv_ws_kernel(
         pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(pds_full, count=2)
         mbarrier.init(pds_free, count=2)
+    elif FUSED_DQ:  # each consumer's dS^T of the tile, the A operand (transposed) of its dQ share
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M], dtype)
+        pds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_M], ds_layout)
+        pds_full = kv_bar  # not used
+        pds_free = kv_bar
     else:  # not used: stand-ins, so that the partitions' argument tuple holds no None
         pds_smem = k_smem
         pds_full = kv_bar
         pds_free = kv_bar
+    if not FUSED_DQ:
+        DQ_ACC = LSE2  # a stand-in, not used
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
@@ -283,11 +315,11 @@ def attn_bwd_dkdv_ws_kernel(
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2,
               DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
               lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale)  # fmt: skip
+              softmax_scale, DQ_ACC)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),

@@ -197,6 +197,17 @@ def attention_backward(
         compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
     pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
     seqlen_k = max_seqlen_k if varlen else None
+    # whether the choice is a FUSED_DQ config (lse2 stands in for the accumulator it would be given)
+    choice_args = dict(dkdv_args, DQ_ACC=lse2)
+    fused = registry.first_choice("bwd_dkdv", choice_args, q.device, q.dtype, seqlen_k=seqlen_k)
+    if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel, by atomics
+        dq_acc = torch.zeros((*lse2.shape, q.shape[-1]), dtype=torch.float32, device=q.device)
+        dkdv_args = dict(dkdv_args, DQ_ACC=dq_acc)
+        registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
+        registry.last_launched.pop("bwd_dq", None)
+        dq_acc = dq_acc.mul_(softmax_scale)
+        dq.copy_(dq_acc.transpose(0, 1) if varlen else dq_acc)  # varlen: [heads, total, D] into [total, ..]
+        return dq, dk, dv  # no plan: a replay would skip the zeroing and the copy
     dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, seqlen_k=seqlen_k)
     dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
     PLANS.put(key, (pre, dkdv, dq_launch))
