@@ -167,8 +167,9 @@ def attention_backward(
     cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ):  # fmt: skip
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
-    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Varlen: as
-    forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
+    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Not so for a
+    FUSED_DQ dK/dV config (dQ added up by atomics; no table holds one, a tools.tune candidate forces it).
+    Varlen: as forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
     varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
     dk = dev.empty(k.shape, k.dtype, k.device)
