@@ -159,6 +159,9 @@ def _bwd_consumer(
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
                 p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
+            if FUSED_DQ:  # keys past the end (TMA's zeros): P may overflow there, and dQ would add inf * 0
+                if start_n + ROWS > seqlen_k:
+                    p = gl.where((offs_n < seqlen_k)[:, None], p, 0.0)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
             ds = p * (dpt - delta[None, :])
             if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
