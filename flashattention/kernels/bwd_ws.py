@@ -131,6 +131,7 @@ def _bwd_consumer(
     zero_s = gl.zeros([ROWS, QM], gl.float32, s_layout)
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
+    AFTER_DK: gl.constexpr = 1 if FUSED_DQ else 0  # the matmul groups issued after a tile's dK
     if FUSED_DQ:  # a tile's dQ share: [BLOCK_M queries, head dim] in the dK/dV accumulators' layout
         zero_dq = gl.zeros([QM, DC], gl.float32, acc_layout)
         dq_cols = gl.arange(0, DC, gl.SliceLayout(0, acc_layout))
@@ -193,13 +194,10 @@ def _bwd_consumer(
                     fence_async_shared()
                     _sync_warps()  # every warp's rows stored before the warpgroup's matmul reads them
                     dq_token = warpgroup_mma(ds_s.permute((1, 0)), k_c, zero_dq, use_acc=False, is_async=True)
+            dv = warpgroup_mma_wait(num_outstanding=1 + AFTER_DK, deps=(dv_token,))
+            dk = warpgroup_mma_wait(num_outstanding=AFTER_DK, deps=(dk_token,))
             if FUSED_DQ:
-                dv = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token,))
-                dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk_token,))
                 dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-            else:
-                dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
             if SPLIT_D:
                 mbarrier.arrive(pds_free)
             mbarrier.arrive(empty.index(s))
