@@ -61,7 +61,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             64: [
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, WS_STAGES=3),
-            ]
+            ],
+            128: [_c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)],
         }
     },
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place

@@ -132,9 +132,11 @@ def _bwd_consumer(
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     AFTER_DK: gl.constexpr = 1 if FUSED_DQ else 0  # the matmul groups issued after a tile's dK
-    if FUSED_DQ:  # a tile's dQ share: [BLOCK_M queries, head dim] in the dK/dV accumulators' layout
-        zero_dq = gl.zeros([QM, DC], gl.float32, acc_layout)
-        dq_cols = gl.arange(0, DC, gl.SliceLayout(0, acc_layout))
+    if FUSED_DQ:  # a tile's dQ share in pieces of DQ_COLS head-dim columns (a piece's registers, not DC's)
+        DQ_COLS: gl.constexpr = 64 if DC > 64 else DC
+        dq_layout: gl.constexpr = wgmma_layout(num_warps, DQ_COLS)
+        zero_dq = gl.zeros([QM, DQ_COLS], gl.float32, dq_layout)
+        dq_cols = gl.arange(0, DQ_COLS, gl.SliceLayout(0, dq_layout))
     mbarrier.wait(kv_bar, 0)
     done = 0
     for g in range(group):
@@ -193,7 +195,9 @@ def _bwd_consumer(
                     ds_s.store(ds16)
                     fence_async_shared()
                     _sync_warps()  # every warp's rows stored before the warpgroup's matmul reads them
-                    dq_token = warpgroup_mma(ds_s.permute((1, 0)), k_c, zero_dq, use_acc=False, is_async=True)
+                    dst = ds_s.permute((1, 0))
+                    k_0 = k_c.slice(0, DQ_COLS, dim=1)
+                    dq_token = warpgroup_mma(dst, k_0, zero_dq, use_acc=False, is_async=True)
             dv = warpgroup_mma_wait(num_outstanding=1 + AFTER_DK, deps=(dv_token,))
             dk = warpgroup_mma_wait(num_outstanding=AFTER_DK, deps=(dk_token,))
             if FUSED_DQ:
@@ -202,9 +206,13 @@ def _bwd_consumer(
                 mbarrier.arrive(pds_free)
             mbarrier.arrive(empty.index(s))
             if FUSED_DQ:  # DQ_ACC: LSE2's [.., rows] layout with a head-dim axis, float32, unscaled
-                rows_q = start_m + gl.arange(0, QM, gl.SliceLayout(1, acc_layout))
+                rows_q = start_m + gl.arange(0, QM, gl.SliceLayout(1, dq_layout))
                 dq_ptrs = DQ_ACC + (row0 + rows_q)[:, None] * HEAD_DIM + dq_cols[None, :]
-                gl.atomic_add(dq_ptrs, dq, mask=(rows_q < seqlen_q)[:, None], sem="relaxed")
+                dq_mask = (rows_q < seqlen_q)[:, None]
+                gl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
+                for c in gl.static_range(DQ_COLS, DC, DQ_COLS):  # the further column pieces (head dim 128)
+                    dq = warpgroup_mma(dst, k_c.slice(c, DQ_COLS, dim=1), zero_dq, use_acc=False)
+                    gl.atomic_add(dq_ptrs + c, dq, mask=dq_mask, sem="relaxed")
         done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
