@@ -61,6 +61,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             64: [
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, WS_STAGES=3),
+                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=2),
             ],
             128: [_c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)],
         }
