@@ -206,8 +206,8 @@ def attention_backward(
         dkdv_args = dict(dkdv_args, DQ_ACC=dq_acc)
         registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
         registry.last_launched.pop("bwd_dq", None)
-        dq_acc = dq_acc.mul_(softmax_scale)
-        dq.copy_(dq_acc.transpose(0, 1) if varlen else dq_acc)  # varlen: [heads, total, D] into [total, ..]
+        # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
+        torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
         return dq, dk, dv  # no plan: a replay would skip the zeroing and the copy
     dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, seqlen_k=seqlen_k)
     dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
