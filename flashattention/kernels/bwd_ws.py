@@ -99,18 +99,15 @@ def _bwd_producer(
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
-    key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ 1: also each tile's dQ share of
-    its keys, dS K, its dS^T staged in pds_smem[ME], added into DQ_ACC by float32 atomics; FUSED_DQ 2: both
-    consumers stage their dS^T and the tile's owner (consumer t % 2) adds dS K over the block's keys (half
-    the atomics)."""
+    key-side bounds (the query-side flags swapped, as in bwd.py)."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2, DELTA, DK, DV,
      dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo,
-     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC) = shared  # fmt: skip
+     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -133,12 +130,6 @@ def _bwd_consumer(
     zero_s = gl.zeros([ROWS, QM], gl.float32, s_layout)
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
-    AFTER_DK: gl.constexpr = 1 if FUSED_DQ == 1 else 0  # the matmul groups issued after a tile's dK
-    if FUSED_DQ:  # a tile's dQ share in pieces of DQ_COLS head-dim columns (a piece's registers, not DC's)
-        DQ_COLS: gl.constexpr = 64 if DC > 64 else DC
-        dq_layout: gl.constexpr = wgmma_layout(num_warps, DQ_COLS)
-        zero_dq = gl.zeros([QM, DQ_COLS], gl.float32, dq_layout)
-        dq_cols = gl.arange(0, DQ_COLS, gl.SliceLayout(0, dq_layout))
     mbarrier.wait(kv_bar, 0)
     done = 0
     for g in range(group):
@@ -164,9 +155,6 @@ def _bwd_consumer(
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
                 p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-            if FUSED_DQ:  # keys past the end (TMA's zeros): P may overflow there, and dQ would add inf * 0
-                if start_n + ROWS > seqlen_k:
-                    p = gl.where((offs_n < seqlen_k)[:, None], p, 0.0)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
             ds = p * (dpt - delta[None, :])
             if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
@@ -190,46 +178,12 @@ def _bwd_consumer(
                     )
             else:
                 dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
-                ds16 = ds.to(dtype)
-                dk_token = warpgroup_mma(gl.convert_layout(ds16, a_layout), q_s, dk, is_async=True)
-                if FUSED_DQ == 1:  # dQ[tile] += dS K over this consumer's keys: dS^T through shared memory
-                    ds_s = pds_smem.index(ME)
-                    ds_s.store(ds16)
-                    fence_async_shared()
-                    _sync_warps()  # every warp's rows stored before the warpgroup's matmul reads them
-                    dq_token = _dq_piece(pds_smem, k_smem, ME, 1, 0, DQ_COLS, zero_dq)
-                elif FUSED_DQ == 2:  # both consumers' dS^T in shared memory for the tile's owner to multiply
-                    mbarrier.wait(pds_free, (t & 1) ^ 1)  # the last tile's dQ matmul has read them
-                    pds_smem.index(ME).store(ds16)
-                    fence_async_shared()
-                    _sync_warps()
-                    mbarrier.arrive(pds_full)
-            if FUSED_DQ == 2:
-                if (t & 1) == ME:  # this tile's owner: dQ[tile] += dS K over the block's 128 keys
-                    mbarrier.wait(pds_full, t & 1)
-                    dq_token = _dq_piece(pds_smem, k_smem, 0, 2, 0, DQ_COLS, zero_dq)
-                    dv = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token,))
-                    dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk_token,))
-                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-                    mbarrier.arrive(empty.index(s))
-                    _add_dq(DQ_ACC, dq, pds_smem, k_smem, 0, 2, row0, start_m, seqlen_q, DC, zero_dq, dq_cols)
-                    mbarrier.arrive(pds_free)
-                else:
-                    dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
-                    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
-                    mbarrier.arrive(empty.index(s))
-            else:
-                dv = warpgroup_mma_wait(num_outstanding=1 + AFTER_DK, deps=(dv_token,))
-                dk = warpgroup_mma_wait(num_outstanding=AFTER_DK, deps=(dk_token,))
-                if FUSED_DQ == 1:
-                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-                if SPLIT_D:
-                    mbarrier.arrive(pds_free)
-                mbarrier.arrive(empty.index(s))
-                if FUSED_DQ == 1:
-                    _add_dq(
-                        DQ_ACC, dq, pds_smem, k_smem, ME, 1, row0, start_m, seqlen_q, DC, zero_dq, dq_cols
-                    )
+                dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
+            dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
+            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+            if SPLIT_D:
+                mbarrier.arrive(pds_free)
+            mbarrier.arrive(empty.index(s))
         done += n_tiles
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -242,37 +196,6 @@ def _bwd_consumer(
     dv_row0 = off_b * stride_dvb + off_hk * stride_dvh
     gl.store(DK + dk_row0 + rows[:, None] * stride_dkn + cols[None, :], dk_out, mask=keep)
     gl.store(DV + dv_row0 + rows[:, None] * stride_dvn + cols[None, :], dv_out, mask=keep)
-
-
-@gluon.jit
-def _dq_piece(pds_smem, k_smem, first: gl.constexpr, boxes: gl.constexpr, col: gl.constexpr,
-              n_cols: gl.constexpr, zero_dq):  # fmt: skip
-    """Issues dS K for head-dim columns col.. col + n_cols over the key boxes first.. first + boxes (dS^T of
-    box b in pds_smem[b], its keys in k_smem[b]); returns the async matmul's token."""
-    token = zero_dq
-    for b in gl.static_range(first, first + boxes):
-        token = warpgroup_mma(
-            pds_smem.index(b).permute((1, 0)), k_smem.index(b).slice(col, n_cols, dim=1), token,
-            use_acc=b > first, is_async=True,
-        )  # fmt: skip
-    return token
-
-
-@gluon.jit
-def _add_dq(DQ_ACC, dq, pds_smem, k_smem, first: gl.constexpr, boxes: gl.constexpr, row0, start_m, seqlen_q,
-            HEAD_DIM: gl.constexpr, zero_dq, cols):  # fmt: skip
-    """Adds a tile's dQ share (dq: its first column piece, done) into DQ_ACC by float32 atomics (LSE2's [..,
-    rows] layout with a head-dim axis, unscaled), then computes and adds the further pieces (head dim 128)."""
-    QM: gl.constexpr = dq.shape[0]
-    DQ_COLS: gl.constexpr = dq.shape[1]
-    rows_q = start_m + gl.arange(0, QM, gl.SliceLayout(1, dq.type.layout))
-    dq_ptrs = DQ_ACC + (row0 + rows_q)[:, None] * HEAD_DIM + cols[None, :]
-    dq_mask = (rows_q < seqlen_q)[:, None]
-    gl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
-    for c in gl.static_range(DQ_COLS, HEAD_DIM, DQ_COLS):
-        token = _dq_piece(pds_smem, k_smem, first, boxes, c, DQ_COLS, zero_dq)
-        dq = warpgroup_mma_wait(num_outstanding=0, deps=(token,))
-        gl.atomic_add(dq_ptrs + c, dq, mask=dq_mask, sem="relaxed")
 
 
 @gluon.jit
@@ -291,17 +214,13 @@ def attn_bwd_dkdv_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-    IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
+    IS_VARLEN: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
     dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
-    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
-    64 and 128; 1: per consumer, 2: per block, _bwd_consumer): dQ too, unscaled, added into DQ_ACC (float32,
-    zeroed, LSE2's shape with a head-dim axis) by atomics, so not bitwise reproducible run to run; the
-    launcher then skips the dQ kernel."""
-    gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -326,8 +245,6 @@ def attn_bwd_dkdv_ws_kernel(
         rows = (q_strides[2], do_strides[2], k_strides[2], v_strides[2])
         Q, DO, LSE2, DELTA, K, V = _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, *rows)
         DK, DV = DK + k_start * dk_strides[2], DV + k_start * dv_strides[2]
-        if FUSED_DQ:
-            DQ_ACC = DQ_ACC + q_start * HEAD_DIM
         off_b = 0
     dtype: gl.constexpr = Q.dtype.element_ty
 
@@ -348,23 +265,10 @@ def attn_bwd_dkdv_ws_kernel(
         pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(pds_full, count=2)
         mbarrier.init(pds_free, count=2)
-    elif FUSED_DQ:  # each consumer's dS^T of the tile, the A operand (transposed) of the dQ matmul
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M], dtype)
-        pds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_M], ds_layout)
-        if FUSED_DQ == 2:
-            pds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(pds_full, count=2)  # both consumers' dS^T stored
-            mbarrier.init(pds_free, count=1)  # the tile's owner has multiplied them
-        else:  # not used
-            pds_full = kv_bar
-            pds_free = kv_bar
     else:  # not used: stand-ins, so that the partitions' argument tuple holds no None
         pds_smem = k_smem
         pds_full = kv_bar
         pds_free = kv_bar
-    if not FUSED_DQ:
-        DQ_ACC = LSE2  # a stand-in, not used
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
@@ -379,11 +283,11 @@ def attn_bwd_dkdv_ws_kernel(
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2,
               DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
               lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale, DQ_ACC)  # fmt: skip
+              softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
