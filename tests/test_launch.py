@@ -183,6 +183,12 @@ def test_gluon_configs_apply_only_where_they_can(fake_fwd) -> None:
         registry.run(dkdv, None, args, gluon_cfg)
     dq = registry.KERNELS["bwd_dq"]  # the Gluon dQ (kernels/bwd_ws.py): the same head dims
     assert "head dim 64, 128 or 256, got 96" in " ".join(dq.problems(gluon_cfg, {**args, "HEAD_DIM": 96}))
+    # FUSED_DQ: only with the accumulator attention_backward makes, and not at head dim 256
+    fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)
+    assert "float32 accumulator" in " ".join(dkdv.problems(fused, args))
+    with_acc = {**args, "DQ_ACC": torch.zeros(1, 1, 16, 64), "HEAD_DIM_PAD": 256}
+    found = " ".join(dkdv.problems(fused, with_acc))
+    assert "float32 accumulator" not in found and "FUSED_DQ takes head dims 64 and 128" in found
 
 
 def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(fake_fwd, monkeypatch) -> None:
@@ -500,3 +506,52 @@ def test_a_forced_host_desc_config_refuses_broadcast_kv(monkeypatch: pytest.Monk
     assert "stride-0" in " ".join(fwd.problems(cfg, _fake_args(q, K=kv, V=kv)))
     with pytest.raises(ValueError, match="stride-0 .* in K, V"):
         registry.run(fwd, None, _fake_args(q, K=kv, V=kv), cfg)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
+    monkeypatch: pytest.MonkeyPatch, varlen: bool
+) -> None:
+    """A forced FUSED_DQ dK/dV config (kernels/bwd_ws.py; Gluon, so a fake stands in for it here):
+    attention_backward gives it a zeroed float32 accumulator of LSE2's shape with a head-dim axis, launches
+    no dQ kernel, and returns dQ = accumulator * scale in dq's layout (varlen: [total, heads, D] from the
+    accumulator's [heads, total, D]); no plan is kept (a replay would skip the zeroing)."""
+    seen, dq_launches = [], []
+
+    class FusedFake:
+        def __getitem__(self, grid):
+            def launch_(**kw):
+                acc = kw["DQ_ACC"]
+                seen.append((acc.dtype, tuple(acc.shape), bool((acc == 0).all()), kw.get("FUSED_DQ")))
+                acc.copy_(torch.arange(acc.numel(), dtype=torch.float32).view(acc.shape))
+
+            return launch_
+
+    dkdv = registry.Kernel("bwd_dkdv", "dK/dV", FusedFake(), ("bwd_ws", "x"), (64, 128, 256))
+    dq_kernel = registry.Kernel("bwd_dq", "dQ", FakeKernel(dq_launches), ("bwd_ws", "x"), (64, 128, 256))
+    monkeypatch.setattr(registry.Kernel, "fn_for", lambda self, config: self.triton_fn)
+    monkeypatch.setattr(gluon, "problems", lambda dims, args: [])  # as on a Hopper GPU
+    monkeypatch.setitem(registry.KERNELS, "bwd_dkdv", dkdv)
+    monkeypatch.setitem(registry.KERNELS, "bwd_dq", dq_kernel)
+    fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)
+    heads, dim, scale = 2, 16, 0.25
+    if varlen:
+        cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        q, k, v, out, dout = (torch.randn(12, heads, dim) for _ in range(5))
+        lse2 = torch.zeros(heads, 12)
+        extra = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7, max_seqlen_k=7)
+    else:
+        q, k, v, out, dout = (torch.randn(2, heads, 9, dim) for _ in range(5))
+        lse2 = torch.zeros(2, heads, 9)
+        extra = {}
+    plans.PLANS.clear()
+    with hooks.overrides(configs={"bwd_dkdv": [fused]}):
+        dq, dk, dv = launch.attention_backward(
+            dout, q, k, v, out, lse2, softmax_scale=scale, left=-1, right=-1, **extra
+        )
+    acc_shape = (*lse2.shape, dim)
+    assert seen == [(torch.float32, acc_shape, True, True)]
+    assert dq_launches == [] and "bwd_dq" not in registry.last_launched
+    expected = torch.arange(lse2.numel() * dim, dtype=torch.float32).view(acc_shape) * scale
+    torch.testing.assert_close(dq, expected.transpose(0, 1) if varlen else expected, rtol=0, atol=0)
+    assert dq.shape == q.shape and len(plans.PLANS) == 0

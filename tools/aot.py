@@ -35,7 +35,7 @@ def blocks_per_sm(shared: int, regs: int, warps: int) -> int:
     return min(SM_SHARED // (shared + 1024), SM_REGS // (regs_per_warp * warps), SM_WARPS // warps)
 
 
-FP32_POINTERS = {"LSE2", "DELTA"}
+FP32_POINTERS = {"LSE2", "DELTA", "DQ_ACC"}
 INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
 VARLEN_ARGS = INT32_POINTERS | {"max_seqlen_q"}  # None (constexpr) in a dense launch
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
@@ -116,6 +116,8 @@ def compile_config(
             signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
     for param in fn.params:  # defaults of constexprs the config leaves out, and of optional pointers (None)
         if varlen and param.name in VARLEN_ARGS:
+            continue
+        if param.name == "DQ_ACC" and config.kwargs.get("FUSED_DQ"):  # the dQ accumulator it adds into
             continue
         if (param.is_constexpr or param.default is None) and param.name not in constexprs:
             constexprs[param.name] = param.default

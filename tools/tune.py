@@ -55,6 +55,13 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
+    # the Gluon dK/dV computing dQ too (FUSED_DQ, TMA bulk reductions; its sm_90a build: benchmarks/NOTES.md)
+    "bwd_dkdv": {
+        "sm90": {
+            64: [_c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)],
+            128: [_c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)],
+        }
+    },
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {

@@ -17,8 +17,10 @@ GLUON_WS config flag of the bwd_dkdv and bwd_dq tables (configs.py). Triton's in
 Gluon: tests/test_gpu.py checks them on the GPU; the CPU suite compiles them for sm_90a (tests/test_aot.py).
 """
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -33,6 +35,20 @@ from .fwd_ws_tiles import wgmma_layout
 
 # a partition's warps in step (Triton 3.6 names it thread_barrier, later releases barrier)
 _sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Global tile of tensor_desc at coord += shared tile src, one TMA bulk reduction (cp.reduce.async.bulk,
+    asynchronous like a TMA store: tma.store_wait before src is written again). Triton 3.6's Gluon has the
+    op's builder but no wrapper; later releases name it tma.async_atomic_add."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(
+        ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle
+    )
+
+
+_tma_add = getattr(tma, "async_atomic_add", None) or _tma_reduce_add
 
 
 @gluon.jit
@@ -99,15 +115,18 @@ def _bwd_producer(
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
-    key-side bounds (the query-side flags swapped, as in bwd.py)."""
-    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2, DELTA, DK, DV,
-     dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo,
-     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale) = shared  # fmt: skip
+    key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: both consumers stage their dS^T
+    in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
+    DQ_ACC by TMA bulk reductions from dq_smem[ME]."""
+    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
+     DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
+     start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
+     dq_rows) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -130,6 +149,14 @@ def _bwd_consumer(
     zero_s = gl.zeros([ROWS, QM], gl.float32, s_layout)
     dk = gl.zeros([ROWS, DC], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, DC], gl.float32, acc_layout)
+    if FUSED_DQ:  # a tile's dQ in pieces of DQ_COLS head-dim columns (a piece's registers, not DC's)
+        DQ_COLS: gl.constexpr = dq_smem.shape[2]
+        zero_dq = gl.zeros([QM, DQ_COLS], gl.float32, wgmma_layout(num_warps, DQ_COLS))
+        # DQ_ACC as [rows, head dim] float32 (LSE2's rows), the reductions' destination
+        dq_desc = tma.make_tensor_descriptor(
+            DQ_ACC, shape=[dq_rows, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[QM, DQ_COLS],
+            layout=dq_smem.layout,
+        )  # fmt: skip
     mbarrier.wait(kv_bar, 0)
     done = 0
     for g in range(group):
@@ -155,6 +182,9 @@ def _bwd_consumer(
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
                 p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
+            if FUSED_DQ:  # keys past the end (TMA's zeros): P may overflow there, and dQ would add inf * 0
+                if start_n + ROWS > seqlen_k:
+                    p = gl.where((offs_n < seqlen_k)[:, None], p, 0.0)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
             ds = p * (dpt - delta[None, :])
             if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
@@ -178,13 +208,36 @@ def _bwd_consumer(
                     )
             else:
                 dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
-                dk_token = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), q_s, dk, is_async=True)
-            dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
-            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
-            if SPLIT_D:
+                ds16 = ds.to(dtype)
+                dk_token = warpgroup_mma(gl.convert_layout(ds16, a_layout), q_s, dk, is_async=True)
+                if FUSED_DQ:  # both consumers' dS^T in shared memory for the tile's owner to multiply
+                    mbarrier.wait(pds_free, (t & 1) ^ 1)  # the last tile's dQ matmul has read them
+                    pds_smem.index(ME).store(ds16)
+                    fence_async_shared()
+                    _sync_warps()
+                    mbarrier.arrive(pds_full)
+            if not FUSED_DQ:
+                dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+                if SPLIT_D:
+                    mbarrier.arrive(pds_free)
+                mbarrier.arrive(empty.index(s))
+            elif (t & 1) == ME:  # this tile's owner: dQ[tile] += dS K over the block's 128 keys
+                mbarrier.wait(pds_full, t & 1)
+                dq_token = _dq_piece(pds_smem, k_smem, 0, DQ_COLS, zero_dq)
+                dv = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token,))
+                dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk_token,))
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+                mbarrier.arrive(empty.index(s))
+                _add_dq(dq_desc, dq, dq_smem.index(ME), pds_smem, k_smem, row0 + start_m, DC, zero_dq)
                 mbarrier.arrive(pds_free)
-            mbarrier.arrive(empty.index(s))
+            else:
+                dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
+                mbarrier.arrive(empty.index(s))
         done += n_tiles
+    if FUSED_DQ:
+        tma.store_wait(0)  # the last reduction has read dq_smem before the program ends
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_n + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -196,6 +249,43 @@ def _bwd_consumer(
     dv_row0 = off_b * stride_dvb + off_hk * stride_dvh
     gl.store(DK + dk_row0 + rows[:, None] * stride_dkn + cols[None, :], dk_out, mask=keep)
     gl.store(DV + dv_row0 + rows[:, None] * stride_dvn + cols[None, :], dv_out, mask=keep)
+
+
+@gluon.jit
+def _dq_piece(pds_smem, k_smem, col: gl.constexpr, n_cols: gl.constexpr, zero_dq):
+    """Issues dS K for head-dim columns col.. col + n_cols over both key boxes (dS^T of box b in
+    pds_smem[b], its keys in k_smem[b]); returns the async matmul's token."""
+    token = warpgroup_mma(
+        pds_smem.index(0).permute((1, 0)), k_smem.index(0).slice(col, n_cols, dim=1), zero_dq, use_acc=False,
+        is_async=True,
+    )  # fmt: skip
+    return warpgroup_mma(
+        pds_smem.index(1).permute((1, 0)), k_smem.index(1).slice(col, n_cols, dim=1), token, is_async=True
+    )
+
+
+@gluon.jit
+def _add_dq(dq_desc, dq, buf, pds_smem, k_smem, row, HEAD_DIM: gl.constexpr, zero_dq):
+    """Adds a tile's dQ (dq: its first column piece, done) at DQ_ACC's `row` (unscaled), then computes and
+    adds the further pieces (head dim 128). Each piece goes through `buf` as one TMA bulk reduction; rows
+    past the sequence are zeros (their P is 0) and rows past the tensor are clipped by TMA."""
+    DQ_COLS: gl.constexpr = dq.shape[1]
+    _reduce_add(dq_desc, dq, buf, row, 0)
+    for c in gl.static_range(DQ_COLS, HEAD_DIM, DQ_COLS):
+        token = _dq_piece(pds_smem, k_smem, c, DQ_COLS, zero_dq)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(token,))
+        _reduce_add(dq_desc, dq, buf, row, c)
+
+
+@gluon.jit
+def _reduce_add(dq_desc, dq, buf, row, col: gl.constexpr):
+    """dq into `buf` (once its last bulk reduction has read it), then DQ_ACC[row:, col:] += buf by TMA."""
+    tma.store_wait(0)  # the issuing thread's last reduction has read buf...
+    _sync_warps()  # ...before any warp overwrites it
+    buf.store(dq)
+    fence_async_shared()
+    _sync_warps()  # every warp's part stored before the reduction reads it
+    _tma_add(dq_desc, [row.to(gl.int32), col], buf)
 
 
 @gluon.jit
@@ -214,13 +304,17 @@ def attn_bwd_dkdv_ws_kernel(
     BLOCK_N: gl.constexpr, num_warps: gl.constexpr, CAN_TMA: gl.constexpr = False,
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
-    IS_VARLEN: gl.constexpr = False,
+    IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
     dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
-    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals)."""
+    the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
+    64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
+    by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
+    skips the dQ kernel."""
+    gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -245,7 +339,12 @@ def attn_bwd_dkdv_ws_kernel(
         rows = (q_strides[2], do_strides[2], k_strides[2], v_strides[2])
         Q, DO, LSE2, DELTA, K, V = _sequence_inputs(Q, DO, LSE2, DELTA, K, V, q_start, k_start, *rows)
         DK, DV = DK + k_start * dk_strides[2], DV + k_start * dv_strides[2]
+        if FUSED_DQ:
+            DQ_ACC = DQ_ACC + q_start * HEAD_DIM
+        dq_rows = num_heads * lse_len - q_start  # DQ_ACC's rows from the sequence's first on
         off_b = 0
+    else:
+        dq_rows = (off_b + 1) * num_heads * lse_len  # DQ_ACC's rows up to this batch's last
     dtype: gl.constexpr = Q.dtype.element_ty
 
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -265,10 +364,24 @@ def attn_bwd_dkdv_ws_kernel(
         pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(pds_full, count=2)
         mbarrier.init(pds_free, count=2)
+    elif FUSED_DQ:  # each consumer's dS^T of the tile, the A operand (transposed) of the dQ matmul
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M], dtype)
+        pds_smem = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_M], ds_layout)
+        pds_full = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(pds_full, count=2)  # both consumers' dS^T stored
+        mbarrier.init(pds_free, count=1)  # the tile's owner has multiplied them
+        # each consumer's staging tile of dQ pieces (64 head-dim columns, float32) for the bulk reductions
+        DQ_COLS: gl.constexpr = 64
+        dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQ_COLS], gl.float32)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_layout)
     else:  # not used: stand-ins, so that the partitions' argument tuple holds no None
         pds_smem = k_smem
         pds_full = kv_bar
         pds_free = kv_bar
+    if not FUSED_DQ:
+        DQ_ACC = LSE2  # stand-ins, not used
+        dq_smem = k_smem
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
@@ -280,14 +393,14 @@ def attn_bwd_dkdv_ws_kernel(
     # the block's query range (both consumers' keys): each consumer masks its own rows where needed
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, LSE2,
-              DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k,
-              lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale)  # fmt: skip
+    shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem,
+              LSE2, DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q,
+              seqlen_k, lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
+              softmax_scale, DQ_ACC, dq_rows)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),

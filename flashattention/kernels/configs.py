@@ -39,7 +39,9 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     warp-specialised Gluon kernel (forward: kernels/fwd_ws.py, Hopper, 16-bit, head dim 64/128/256, BLOCK_M =
     64 * WS_CONSUMERS, WS_STAGES K/V buffers; dK/dV and dQ: kernels/bwd_ws.py, head dim 64/128/256) with
     WS_PINGPONG (consumers' matmuls in turns), HOST_DESC (TMA descriptors made on the host), WS_OVERLAP (a
-    tile's stores under the next tile's first Q K^T), WS_ROWSUM_MMA (softmax row sums on the tensor cores)."""
+    tile's stores under the next tile's first Q K^T), WS_ROWSUM_MMA (softmax row sums on the tensor cores);
+    FUSED_DQ (Gluon dK/dV, head dim 64/128): dQ by float32 TMA bulk reductions in the dK/dV kernel, no dQ
+    kernel."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )

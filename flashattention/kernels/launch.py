@@ -167,8 +167,9 @@ def attention_backward(
     cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ):  # fmt: skip
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
-    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Varlen: as
-    forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
+    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Not so for a
+    FUSED_DQ dK/dV config (dQ added up by atomics; no table holds one, a tools.tune candidate forces it).
+    Varlen: as forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
     varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
     dk = dev.empty(k.shape, k.dtype, k.device)
@@ -197,6 +198,17 @@ def attention_backward(
         compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
     pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
     seqlen_k = max_seqlen_k if varlen else None
+    # whether the choice is a FUSED_DQ config (lse2 stands in for the accumulator it would be given)
+    choice_args = dict(dkdv_args, DQ_ACC=lse2)
+    fused = registry.first_choice("bwd_dkdv", choice_args, q.device, q.dtype, seqlen_k=seqlen_k)
+    if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel, by atomics
+        dq_acc = torch.zeros((*lse2.shape, q.shape[-1]), dtype=torch.float32, device=q.device)
+        dkdv_args = dict(dkdv_args, DQ_ACC=dq_acc)
+        registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
+        registry.last_launched.pop("bwd_dq", None)
+        # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
+        torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
+        return dq, dk, dv  # no plan: a replay would skip the zeroing and the copy
     dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, seqlen_k=seqlen_k)
     dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
     PLANS.put(key, (pre, dkdv, dq_launch))

@@ -54,6 +54,11 @@ class Kernel:
         found = gluon.problems(self.gluon_dims, args)
         if config.kwargs.get("HOST_DESC"):
             found += gluon.host_desc_problems(args)
+        if config.kwargs.get("FUSED_DQ"):
+            if args.get("DQ_ACC") is None:
+                found.append("FUSED_DQ adds dQ into a float32 accumulator only attention_backward makes")
+            if args.get("HEAD_DIM_PAD") == 256:
+                found.append("FUSED_DQ takes head dims 64 and 128")
         if config.kwargs.get("WS_OVERLAP") and gluon.length_one(args):
             found.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
         return found
