@@ -168,7 +168,8 @@ def attention_backward(
 ):  # fmt: skip
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
     by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Not so for a
-    FUSED_DQ dK/dV config (dQ added up by atomics; no table holds one, a tools.tune candidate forces it).
+    FUSED_DQ dK/dV config (dQ added up by TMA reductions in no fixed order; no table holds one, a tools.tune
+    candidate forces it).
     Varlen: as forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
     varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
@@ -201,7 +202,7 @@ def attention_backward(
     # whether the choice is a FUSED_DQ config (lse2 stands in for the accumulator it would be given)
     choice_args = dict(dkdv_args, DQ_ACC=lse2)
     fused = registry.first_choice("bwd_dkdv", choice_args, q.device, q.dtype, seqlen_k=seqlen_k)
-    if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel, by atomics
+    if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel (TMA reductions)
         dq_acc = torch.zeros((*lse2.shape, q.shape[-1]), dtype=torch.float32, device=q.device)
         dkdv_args = dict(dkdv_args, DQ_ACC=dq_acc)
         registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
