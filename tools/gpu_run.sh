@@ -15,6 +15,9 @@
 #   bash tools/gpu_run.sh serving [ARGS] # the decode, paged and CUDA-graph GPU tests, then the decode suite
 #                                        # (ARGS go to it, e.g. --providers ours,ours-prev,sdpa-flash,sdpa-cudnn),
 #                                        # benchmarks.paged in both page orders and benchmarks.varlen
+#   bash tools/gpu_run.sh profile        # Nsight Compute on the dK/dV kernel of tools.ncu_bwd's calls, one report per
+#                                        # PROFILE entry (';'-separated tools.ncu_bwd arguments): details and
+#                                        # per-SASS-line source counters as text
 #   bash tools/gpu_run.sh gluon          # the Gluon kernels: their GPU tests, then the forward's configs timed
 #                                        # (SEQLEN=2048,8192 DIMS=64,128 KERNELS=fwd,bwd_dkdv to choose;
 #                                        # GLUON_K="gluon and HOST_DESC": which configs' GPU tests run, a -k)
@@ -80,6 +83,24 @@ case "$mode" in
         sed -n "/  bf16$/,\$p" "$OUT/tune.log" | tail -n 140
         echo "tune exit code: $rc"
         exit $((tests_rc || rc)) ;;
+    profile)
+        rc=0; n=0
+        IFS=';' read -ra specs <<<"${PROFILE:---dim 64 --seqlen 8192;--dim 64 --seqlen 8192 --candidate 0}"
+        for spec in "${specs[@]}"; do
+            n=$((n + 1))
+            python -m tools.ncu_bwd $spec --calls 1 >/dev/null 2>&1  # compiles outside the profiler
+            ncu --clock-control none -k regex:attn_bwd_dkdv --launch-skip 1 --launch-count 1 --set full \
+                --import-source no -f -o "$OUT/prof$n" python -m tools.ncu_bwd $spec --calls 2 \
+                >"$OUT/prof$n.log" 2>&1 || rc=1
+            ncu --import "$OUT/prof$n.ncu-rep" --page details >"$OUT/prof${n}_details.txt" 2>&1 || rc=1
+            ncu --import "$OUT/prof$n.ncu-rep" --page source --csv --print-source sass \
+                >"$OUT/prof${n}_sass.csv" 2>&1 || rc=1
+            rm -f "$OUT/prof$n.ncu-rep"
+            echo "== $spec"; head -n 3 "$OUT/prof$n.log"
+            grep -E "Duration|Compute \(SM\) Throughput|Registers Per|Shared Memory Configuration Size|Issue Slots Busy|No Eligible|Active Warps Per Scheduler|Eligible Warps" "$OUT/prof${n}_details.txt" | head -n 12
+        done
+        echo "profile exit code: $rc"
+        exit $rc ;;
     varlen)
         TEST_PATHS="${TEST_PATHS:-tests/test_gpu.py tests/test_varlen.py tests/test_compat_varlen.py}" \
             run_tests "gpu or not gpu" gpu_varlen -k "varlen or gluon_forward or gluon_dkdv"; tests_rc=$?
