@@ -115,14 +115,15 @@ def _bwd_producer(
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, RESIDENT_REGS: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
     key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: both consumers stage their dS^T
     in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
-    DQ_ACC by TMA bulk reductions from dq_smem[ME]."""
+    DQ_ACC by TMA bulk reductions from dq_smem[ME]. RESIDENT_REGS: its K and V in registers as the A operand
+    of S^T and dP^T (read from shared memory once, not every tile)."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
      DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
      start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
@@ -158,6 +159,9 @@ def _bwd_consumer(
             layout=dq_smem.layout,
         )  # fmt: skip
     mbarrier.wait(kv_bar, 0)
+    if RESIDENT_REGS:
+        k_c = k_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        v_c = v_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     done = 0
     for g in range(group):
         row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
@@ -305,6 +309,7 @@ def attn_bwd_dkdv_ws_kernel(
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
+    RESIDENT_REGS: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
@@ -313,8 +318,9 @@ def attn_bwd_dkdv_ws_kernel(
     the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
     64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
-    skips the dQ kernel."""
+    skips the dQ kernel. RESIDENT_REGS (head dim 64): each consumer's K and V tiles in registers."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
+    gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -399,8 +405,8 @@ def attn_bwd_dkdv_ws_kernel(
               softmax_scale, DQ_ACC, dq_rows)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
@@ -437,10 +443,12 @@ def _dq_producer(
 
 @gluon.jit
 def _dq_consumer(
-    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr
+    shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr,
+    RESIDENT_REGS: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
-    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K."""
+    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. RESIDENT_REGS:
+    its Q and dO in registers as the A operand of S and dP."""
     (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
      seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
      softmax_scale) = shared  # fmt: skip
@@ -465,6 +473,9 @@ def _dq_consumer(
     tile_args = (lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     mbarrier.wait(q_bar, 0)
+    if RESIDENT_REGS:
+        q_c = q_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        do_c = do_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     for j in range(n_tiles):
         s = j % STAGES
         s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
@@ -521,16 +532,18 @@ def attn_bwd_dq_ws_kernel(
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
+    RESIDENT_REGS: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
     program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
     warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
     WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in
-    registers."""
+    registers. RESIDENT_REGS (head dim 64): each consumer's Q and dO tiles in registers too."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
+    gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     ROWS: gl.constexpr = 64  # query rows per consumer
     STAGES: gl.constexpr = WS_STAGES
     q_strides = unit_strides(q_strides, STRIDE_UNIT)
@@ -579,8 +592,8 @@ def attn_bwd_dq_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0)),
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0, RESIDENT_REGS)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1, RESIDENT_REGS)),
             (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
                             k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
                             lo, n_tiles, STAGES)),
