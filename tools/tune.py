@@ -55,16 +55,20 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
-    # the Gluon dK/dV with K and V in registers (RESIDENT_REGS), computing dQ too (FUSED_DQ, TMA bulk
-    # reductions); their sm_90a builds: benchmarks/NOTES.md
+    # the Gluon dK/dV with each tile's LSE2 / DELTA staged in shared memory by the producer (STATS_SMEM), with
+    # K and V in registers (RESIDENT_REGS), computing dQ too (FUSED_DQ, TMA bulk reductions); their sm_90a
+    # builds: benchmarks/NOTES.md
     "bwd_dkdv": {
         "sm90": {
             64: [
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True, RESIDENT_REGS=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, RESIDENT_REGS=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, RESIDENT_REGS=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, RESIDENT_REGS=True),
             ],
+            128: [_c(64, 128, 4, 2, GLUON_WS=True, STATS_SMEM=True)],
+            256: [_c(64, 64, 4, 2, GLUON_WS=True, STATS_SMEM=True)],
         }
     },
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place, with Q and dO in registers too

@@ -80,12 +80,16 @@ def _bwd_producer(
     Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
     k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
     off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr,
+    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, stats, STATS_SMEM: gl.constexpr,
 ):  # fmt: skip
     """One warp: the block's K and V once (k_smem / v_smem: [boxes, 64 keys, head dim]), then for each
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
-    rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows."""
+    rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows.
+    stats: (LSE2, DELTA, stats_smem, num_heads, lse_len); with STATS_SMEM the tile's LSE2 and DELTA rows go
+    to stats_smem as well (_stage_stats)."""
+    LSE2, DELTA, stats_smem, num_heads, lse_len = stats
+    q_rows = seqlen_q  # the sequence's query rows (the stats' bound)
     ROWS: gl.constexpr = k_smem.shape[1]
     k_desc = _head_desc(K, k_strides, off_b, off_hk, seqlen_k, ROWS, k_smem)
     v_desc = _head_desc(V, v_strides, off_b, off_hk, seqlen_k, ROWS, v_smem)
@@ -109,13 +113,34 @@ def _bwd_producer(
             start_m = lo + i * BLOCK_M
             tma.async_copy_global_to_shared(q_desc, [start_m, 0], ready.index(s), q_smem.index(s))
             tma.async_copy_global_to_shared(do_desc, [start_m, 0], ready.index(s), do_smem.index(s))
+            if STATS_SMEM:
+                row0 = (off_b * num_heads + off_h) * lse_len
+                _stage_stats(LSE2, DELTA, stats_smem, s, ready.index(s), row0, start_m, q_rows)
         issued += n_tiles
+
+
+@gluon.jit
+def _stage_stats(LSE2, DELTA, stats_smem, s, bar, row0, start_m, seqlen_q):
+    """A query tile's LSE2 and DELTA (rows start_m.. of the head whose rows start at row0) into rows 2 s
+    and 2 s + 1 of stats_smem ([2 * stages, BLOCK_M] float32) as the consumers use them: rows past
+    seqlen_q and rows that saw no key (-inf) read lse2 = +inf, so that P = 0, and delta 0; then the
+    producer's arrival on bar."""
+    BLOCK_M: gl.constexpr = stats_smem.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    offs = start_m + gl.arange(0, BLOCK_M, layout)
+    mask = offs < seqlen_q
+    lse2 = gl.load(LSE2 + row0 + offs, mask=mask, other=float("inf"))
+    stats_smem.index(2 * s).store(gl.where(lse2 == float("-inf"), float("inf"), lse2))
+    stats_smem.index(2 * s + 1).store(gl.load(DELTA + row0 + offs, mask=mask, other=0.0))
+    _sync_warps()  # every lane's part stored before the arrival releases them
+    mbarrier.arrive(bar)
 
 
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, RESIDENT_REGS: gl.constexpr,
+    stats_smem, STATS_SMEM: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
@@ -123,7 +148,8 @@ def _bwd_consumer(
     key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: both consumers stage their dS^T
     in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
     DQ_ACC by TMA bulk reductions from dq_smem[ME]. RESIDENT_REGS: its K and V in registers as the A operand
-    of S^T and dP^T (read from shared memory once, not every tile)."""
+    of S^T and dP^T (read from shared memory once, not every tile). STATS_SMEM: the tile's LSE2 and DELTA
+    from stats_smem, where the producer put them."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
      DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
      start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
@@ -179,9 +205,13 @@ def _bwd_consumer(
             offs_m = start_m + q0 + gl.arange(0, QM, col_s)
             m_mask = offs_m < seqlen_q
             # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
-            lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
-            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
-            delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+            if STATS_SMEM:
+                lse2 = stats_smem.index(2 * s).slice(q0, QM).load(col_s)
+                delta = stats_smem.index(2 * s + 1).slice(q0, QM).load(col_s)
+            else:
+                lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
+                lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+                delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
@@ -309,7 +339,7 @@ def attn_bwd_dkdv_ws_kernel(
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
-    RESIDENT_REGS: gl.constexpr = False,
+    RESIDENT_REGS: gl.constexpr = False, STATS_SMEM: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
@@ -318,7 +348,9 @@ def attn_bwd_dkdv_ws_kernel(
     the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
     64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
-    skips the dQ kernel. RESIDENT_REGS (head dim 64): each consumer's K and V tiles in registers."""
+    skips the dQ kernel. RESIDENT_REGS (head dim 64): each consumer's K and V tiles in registers.
+    STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared memory once for both
+    consumers (each consumer thread otherwise loads its columns' values from global memory, every tile)."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
@@ -388,8 +420,14 @@ def attn_bwd_dkdv_ws_kernel(
     if not FUSED_DQ:
         DQ_ACC = LSE2  # stand-ins, not used
         dq_smem = k_smem
+    if STATS_SMEM:  # per Q/dO buffer s, the tile's lse2 and delta rows (rows 2 s and 2 s + 1)
+        stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a row's layout: index() keeps it
+        stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M], stats_layout)
+    else:
+        stats_smem = kv_bar  # a stand-in, not used
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+        # the TMA copies' arrival, and with STATS_SMEM the producer's once it has stored the stats
+        mbarrier.init(ready.index(s), count=2 if STATS_SMEM else 1)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left (bwd.py)
@@ -405,11 +443,14 @@ def attn_bwd_dkdv_ws_kernel(
               softmax_scale, DQ_ACC, dq_rows)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS,
+                             stats_smem, STATS_SMEM)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS,
+                             stats_smem, STATS_SMEM)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
-                             lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN)),
+                             lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN,
+                             (LSE2, DELTA, stats_smem, num_heads, lse_len), STATS_SMEM)),
         ],
         [num_warps, 1],
         [240, 24],
