@@ -87,7 +87,7 @@ def _bwd_producer(
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
     rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows.
     stats: (LSE2, DELTA, stats_smem, num_heads, lse_len); with STATS_SMEM the tile's LSE2 and DELTA rows go
-    to stats_smem as well (_stage_stats)."""
+    to stats_smem as well (_load_stats, _store_stats)."""
     LSE2, DELTA, stats_smem, num_heads, lse_len = stats
     q_rows = seqlen_q  # the sequence's query rows (the stats' bound)
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -107,31 +107,40 @@ def _bwd_producer(
         do_desc = _head_desc(DO, do_strides, off_b, off_h, seqlen_q, BLOCK_M, do_smem)
         for i in range(n_tiles):
             s = (issued + i) % STAGES
+            start_m = lo + i * BLOCK_M
+            if STATS_SMEM:  # loaded before the buffer is free, so that their latency overlaps the wait
+                stats_tile = _load_stats(LSE2, DELTA, (off_b * num_heads + off_h) * lse_len, start_m, q_rows,
+                                         stats_smem.shape[1])  # fmt: skip
             # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
             mbarrier.wait(empty.index(s), (((issued + i) // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * q_desc.block_type.nbytes)
-            start_m = lo + i * BLOCK_M
             tma.async_copy_global_to_shared(q_desc, [start_m, 0], ready.index(s), q_smem.index(s))
             tma.async_copy_global_to_shared(do_desc, [start_m, 0], ready.index(s), do_smem.index(s))
             if STATS_SMEM:
-                row0 = (off_b * num_heads + off_h) * lse_len
-                _stage_stats(LSE2, DELTA, stats_smem, s, ready.index(s), row0, start_m, q_rows)
+                _store_stats(stats_tile, stats_smem, s, ready.index(s))
         issued += n_tiles
 
 
 @gluon.jit
-def _stage_stats(LSE2, DELTA, stats_smem, s, bar, row0, start_m, seqlen_q):
-    """A query tile's LSE2 and DELTA (rows start_m.. of the head whose rows start at row0) into rows 2 s
-    and 2 s + 1 of stats_smem ([2 * stages, BLOCK_M] float32) as the consumers use them: rows past
-    seqlen_q and rows that saw no key (-inf) read lse2 = +inf, so that P = 0, and delta 0; then the
-    producer's arrival on bar."""
-    BLOCK_M: gl.constexpr = stats_smem.shape[1]
+def _load_stats(LSE2, DELTA, row0, start_m, seqlen_q, BLOCK_M: gl.constexpr):
+    """A query tile's LSE2 and DELTA (rows start_m.. of the head whose rows start at row0) as the consumers
+    use them: rows past seqlen_q and rows that saw no key (-inf) read lse2 = +inf, so that P = 0, and
+    delta 0. One warp, BLOCK_M / 32 rows a lane."""
     layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     offs = start_m + gl.arange(0, BLOCK_M, layout)
     mask = offs < seqlen_q
     lse2 = gl.load(LSE2 + row0 + offs, mask=mask, other=float("inf"))
-    stats_smem.index(2 * s).store(gl.where(lse2 == float("-inf"), float("inf"), lse2))
-    stats_smem.index(2 * s + 1).store(gl.load(DELTA + row0 + offs, mask=mask, other=0.0))
+    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2, gl.load(DELTA + row0 + offs, mask=mask, other=0.0)
+
+
+@gluon.jit
+def _store_stats(stats_tile, stats_smem, s, bar):
+    """_load_stats' pair into rows 2 s and 2 s + 1 of stats_smem ([2 * stages, BLOCK_M] float32), then the
+    producer's arrival on bar."""
+    lse2, delta = stats_tile
+    stats_smem.index(2 * s).store(lse2)
+    stats_smem.index(2 * s + 1).store(delta)
     _sync_warps()  # every lane's part stored before the arrival releases them
     mbarrier.arrive(bar)
 
