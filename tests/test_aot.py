@@ -47,6 +47,7 @@ for kernel, table, dim, cfg in tables_and_candidates():
     if cfg.kwargs.get("GLUON_WS"):
         r = aot.compile_config(kernel, cfg, dim, False)
         assert r["shared"] <= aot.SHARED_LIMIT and r["wgmma"] > 0, (dim, cfg, r)
+        assert not r["serialized"], (dim, cfg, "ptxas serialized its wgmma", r)
         if id(cfg) in in_table:
             # the Gluon dK/dV's loop scalars and addresses (LDL hits in L1; benchmarks/NOTES.md)
             dkdv = {128: 320, 256: 400}.get(dim, 0) if kernel == "bwd_dkdv" else 0
@@ -63,8 +64,9 @@ print("compiled", n)
 @pytest.mark.skipif(not (ROOT / "tools" / "aot.py").exists(), reason="needs the checkout's tools/")
 def test_gluon_configs_compile_for_sm90_without_spills() -> None:
     """The Gluon kernels (kernels/fwd_ws.py, bwd_ws.py) cannot run in the interpreter; this at least compiles
-    every GLUON_WS config for sm_90a on the CPU, through ptxas, and checks shared memory and wgmma use, and
-    the spills of the table's configs; those of the table that take varlen launches, with IS_VARLEN too."""
+    every GLUON_WS config for sm_90a on the CPU, through ptxas, and checks shared memory and wgmma use (none
+    serialized by ptxas), and the spills of the table's configs; those of the table that take varlen
+    launches, with IS_VARLEN too."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     pytest.importorskip("triton.experimental.gluon", reason="triton without Gluon")
     result = _compile_on_cpu(["-c", GLUON_SCRIPT], timeout=900)

@@ -41,8 +41,9 @@ VARLEN_ARGS = INT32_POINTERS | {"max_seqlen_q"}  # None (constexpr) in a dense l
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
 
-def _ptxas_report(ptx: str) -> tuple[int, int]:
-    """(registers, spill bytes) from ptxas -v on the PTX."""
+def _ptxas_report(ptx: str) -> tuple[int, int, bool]:
+    """(registers, spill bytes, serialized) from ptxas -v on the PTX; serialized: ptxas made every wgmma wait
+    for the one before it (its C7512 warning, e.g. for want of registers to keep several in flight)."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
@@ -53,7 +54,8 @@ def _ptxas_report(ptx: str) -> tuple[int, int]:
         )
     regs = re.search(r"Used (\d+) registers", result.stderr)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
-    return (int(regs.group(1)) if regs else -1), sum(spills)
+    serialized = "wgmma.mma_async instructions are serialized" in result.stderr
+    return (int(regs.group(1)) if regs else -1), sum(spills), serialized
 
 
 def _compile_sm90(fn, signature: dict, constexprs: dict, config, aligned_scalars=(), source_type=ASTSource):
@@ -142,11 +144,12 @@ def compile_config(
         fn, signature, constexprs, config, lengths if aligned_lengths else (), source_type
     )
     ptx = compiled.asm["ptx"]
-    regs, spills = _ptxas_report(ptx)
+    regs, spills, serialized = _ptxas_report(ptx)
     return dict(
         shared=compiled.metadata.shared,
         regs=regs,
         spills=spills,
+        serialized=serialized,
         wgmma=ptx.count("wgmma.mma_async"),
         ex2=ptx.count("ex2.approx"),
         cp_async=ptx.count("cp.async"),
@@ -229,7 +232,8 @@ def main() -> int:
                         f"| {table} | {kernel} | {dim} | {label} | {r['shared'] / 1024:.0f} | {r['regs']} | "
                         f"{r['spills']} | {blocks_per_sm(r['shared'], r['regs'], cfg.num_warps)} | "
                         f"{r['wgmma']} | {r['ex2']} | {r['cp_async']} | "
-                        f"{'yes' if r['spills'] == 0 else 'NO'} |",
+                        f"{'yes' if r['spills'] == 0 else 'NO'}"
+                        f"{' (wgmma serialized)' if r['serialized'] else ''} |",
                         flush=True,
                     )
     print(f"{failures} configs failed to compile or need more than {SHARED_LIMIT} bytes of shared memory")

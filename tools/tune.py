@@ -56,14 +56,26 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
         }
     },
     # the Gluon dK/dV with each tile's LSE2 / DELTA staged in shared memory by the producer (STATS_SMEM), with
-    # K and V in registers (RESIDENT_REGS), computing dQ too (FUSED_DQ, TMA bulk reductions); their sm_90a
-    # builds: benchmarks/NOTES.md
+    # K and V in registers (RESIDENT_REGS), with dV / dK a tile late under the next softmax (WS_PIPELINE),
+    # computing dQ too (FUSED_DQ, TMA bulk reductions); their sm_90a builds: benchmarks/NOTES.md
     "bwd_dkdv": {
         "sm90": {
             64: [
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True, RESIDENT_REGS=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, RESIDENT_REGS=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True, WS_PIPELINE=True),
+                _c(
+                    64,
+                    128,
+                    4,
+                    2,
+                    GLUON_WS=True,
+                    WS_STAGES=3,
+                    STATS_SMEM=True,
+                    RESIDENT_REGS=True,
+                    WS_PIPELINE=True,
+                ),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
             ],

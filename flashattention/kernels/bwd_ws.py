@@ -149,7 +149,7 @@ def _store_stats(stats_tile, stats_smem, s, bar):
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, RESIDENT_REGS: gl.constexpr,
-    stats_smem, STATS_SMEM: gl.constexpr,
+    stats_smem, STATS_SMEM: gl.constexpr, WS_PIPELINE: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
@@ -158,7 +158,9 @@ def _bwd_consumer(
     in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
     DQ_ACC by TMA bulk reductions from dq_smem[ME]. RESIDENT_REGS: its K and V in registers as the A operand
     of S^T and dP^T (read from shared memory once, not every tile). STATS_SMEM: the tile's LSE2 and DELTA
-    from stats_smem, where the producer put them."""
+    from stats_smem, where the producer put them. WS_PIPELINE: a tile's dV and dK matmuls are issued a tile
+    late, behind the next tile's S^T and dP^T, and run under that tile's softmax (its buffer released
+    once they complete)."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
      DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
      start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
@@ -197,6 +199,9 @@ def _bwd_consumer(
     if RESIDENT_REGS:
         k_c = k_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         v_c = v_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    if WS_PIPELINE:  # the last tile's P^T and dS^T, the register operands of its dV and dK
+        p_prev = gl.zeros([ROWS, QM], dtype, a_layout)
+        ds_prev = gl.zeros([ROWS, QM], dtype, a_layout)
     done = 0
     for g in range(group):
         row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
@@ -211,6 +216,10 @@ def _bwd_consumer(
             do_s = do_smem.index(s)
             do_mine = do_s.slice(q0, QM, dim=0) if SPLIT_D else do_s
             dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            if WS_PIPELINE:  # the last tile's dV and dK (on the first tile: zeros into this tile's rows)
+                sp = gl.where(t > 0, (t + STAGES - 1) % STAGES, s)
+                dv = warpgroup_mma(p_prev, do_smem.index(sp), dv, is_async=True)
+                dk = warpgroup_mma(ds_prev, q_smem.index(sp), dk, is_async=True)
             offs_m = start_m + q0 + gl.arange(0, QM, col_s)
             m_mask = offs_m < seqlen_q
             # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
@@ -221,14 +230,14 @@ def _bwd_consumer(
                 lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
                 lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
                 delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
-            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
+            st = warpgroup_mma_wait(num_outstanding=3 if WS_PIPELINE else 1, deps=(st_token,))
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
                 p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
             if FUSED_DQ:  # keys past the end (TMA's zeros): P may overflow there, and dQ would add inf * 0
                 if start_n + ROWS > seqlen_k:
                     p = gl.where((offs_n < seqlen_k)[:, None], p, 0.0)
-            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
+            dpt = warpgroup_mma_wait(num_outstanding=2 if WS_PIPELINE else 0, deps=(dpt_token,))
             ds = p * (dpt - delta[None, :])
             if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
                 mbarrier.wait(pds_free, (t & 1) ^ 1)  # both consumers' matmuls of the last tile read them
@@ -249,6 +258,14 @@ def _bwd_consumer(
                     dk_token = warpgroup_mma(
                         pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
                     )
+            elif WS_PIPELINE:  # the last tile's dV and dK done (its buffer free); this tile's, next tile
+                dv, dk, p_prev, ds_prev = warpgroup_mma_wait(
+                    num_outstanding=0, deps=(dv, dk, p_prev, ds_prev)
+                )
+                if t > 0:
+                    mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES))
+                p_prev = gl.convert_layout(p.to(dtype), a_layout)
+                ds_prev = gl.convert_layout(ds.to(dtype), a_layout)
             else:
                 dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
                 ds16 = ds.to(dtype)
@@ -259,7 +276,9 @@ def _bwd_consumer(
                     fence_async_shared()
                     _sync_warps()
                     mbarrier.arrive(pds_full)
-            if not FUSED_DQ:
+            if WS_PIPELINE:
+                pass
+            elif not FUSED_DQ:
                 dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
                 if SPLIT_D:
@@ -279,6 +298,12 @@ def _bwd_consumer(
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
                 mbarrier.arrive(empty.index(s))
         done += n_tiles
+    if WS_PIPELINE:  # the last tile's dV and dK
+        if done > 0:
+            sp = (done - 1) % STAGES
+            dv = warpgroup_mma(p_prev, do_smem.index(sp), dv, is_async=True)
+            dk = warpgroup_mma(ds_prev, q_smem.index(sp), dk, is_async=True)
+            dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_prev, ds_prev))
     if FUSED_DQ:
         tma.store_wait(0)  # the last reduction has read dq_smem before the program ends
 
@@ -348,7 +373,7 @@ def attn_bwd_dkdv_ws_kernel(
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
-    RESIDENT_REGS: gl.constexpr = False, STATS_SMEM: gl.constexpr = False,
+    RESIDENT_REGS: gl.constexpr = False, STATS_SMEM: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
@@ -359,9 +384,14 @@ def attn_bwd_dkdv_ws_kernel(
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
     skips the dQ kernel. RESIDENT_REGS (head dim 64): each consumer's K and V tiles in registers.
     STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared memory once for both
-    consumers (each consumer thread otherwise loads its columns' values from global memory, every tile)."""
+    consumers (each consumer thread otherwise loads its columns' values from global memory, every tile).
+    WS_PIPELINE (head dim 64, not with FUSED_DQ): each consumer issues a tile's dV and dK a tile late,
+    behind the next tile's S^T and dP^T, so that they run under its softmax."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
+    gl.static_assert(
+        not WS_PIPELINE or (HEAD_DIM == 64 and not FUSED_DQ), "WS_PIPELINE: head dim 64, no FUSED_DQ"
+    )
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -453,9 +483,9 @@ def attn_bwd_dkdv_ws_kernel(
     gl.warp_specialize(
         [
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM)),
+                             stats_smem, STATS_SMEM, WS_PIPELINE)),
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM)),
+                             stats_smem, STATS_SMEM, WS_PIPELINE)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN,
