@@ -196,11 +196,11 @@ def test_gluon_configs_apply_only_where_they_can(fake_fwd) -> None:
             kernel.problems(resident, {**args, "HEAD_DIM_PAD": 128})
         )
         assert "RESIDENT_REGS" not in " ".join(kernel.problems(resident, {**args, "HEAD_DIM_PAD": 64}))
-    pipelined = configs._c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True)  # dK/dV, head dim 64
-    assert "WS_PIPELINE takes head dim 64" in " ".join(
-        dkdv.problems(pipelined, {**args, "HEAD_DIM_PAD": 128})
-    )
+    pipelined = configs._c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True)  # dK/dV: head dim 64
+    at_128 = {**args, "HEAD_DIM_PAD": 128}
+    assert "WS_PIPELINE takes head dim 64" in " ".join(dkdv.problems(pipelined, at_128))
     assert "WS_PIPELINE" not in " ".join(dkdv.problems(pipelined, {**args, "HEAD_DIM_PAD": 64}))
+    assert "WS_PIPELINE" not in " ".join(dq.problems(pipelined, at_128))  # the dQ's: any head dim
 
 
 def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(fake_fwd, monkeypatch) -> None:

@@ -37,6 +37,7 @@ from flashattention.testing import error_and_bound
 
 NAMES = ("out", "dq", "dk", "dv")
 
+_WS3_STATS = dict(GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True)  # the D64 dK/dV candidates' common flags
 _D64_PERSISTENT = dict(GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True)
 # Configs to measure before they may enter a table (kernel -> table -> padded head dim -> configs): they
 # must pass this tool's check on the GPU and win a case (benchmarks/NOTES.md has what each measured).
@@ -61,21 +62,11 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
     "bwd_dkdv": {
         "sm90": {
             64: [
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True, RESIDENT_REGS=True),
+                _c(64, 128, 4, 2, **_WS3_STATS),
+                _c(64, 128, 4, 2, **_WS3_STATS, RESIDENT_REGS=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, RESIDENT_REGS=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True, WS_PIPELINE=True),
-                _c(
-                    64,
-                    128,
-                    4,
-                    2,
-                    GLUON_WS=True,
-                    WS_STAGES=3,
-                    STATS_SMEM=True,
-                    RESIDENT_REGS=True,
-                    WS_PIPELINE=True,
-                ),
+                _c(64, 128, 4, 2, **_WS3_STATS, WS_PIPELINE=True),
+                _c(64, 128, 4, 2, **_WS3_STATS, RESIDENT_REGS=True, WS_PIPELINE=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
             ],
@@ -84,10 +75,20 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
         }
     },
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place, with Q and dO in registers too
+    # (RESIDENT_REGS), with a tile's dQ matmul under the next tile's softmax (WS_PIPELINE)
     "bwd_dq": {
         "sm90": {
-            64: [_c(128, 128, 4, 2, GLUON_WS=True), _c(128, 128, 4, 2, GLUON_WS=True, RESIDENT_REGS=True)],
-            128: [_c(128, 64, 4, 2, GLUON_WS=True)],
+            64: [
+                _c(128, 128, 4, 2, GLUON_WS=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, RESIDENT_REGS=True),
+                _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True, RESIDENT_REGS=True),
+            ],
+            128: [
+                _c(128, 64, 4, 2, GLUON_WS=True),
+                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True),
+            ],
+            256: [_c(128, 32, 4, 2, GLUON_WS=True, WS_PIPELINE=True)],
         }
     },
 }

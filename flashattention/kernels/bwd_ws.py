@@ -524,11 +524,12 @@ def _dq_producer(
 @gluon.jit
 def _dq_consumer(
     shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr,
-    RESIDENT_REGS: gl.constexpr,
+    RESIDENT_REGS: gl.constexpr, WS_PIPELINE: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
     issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. RESIDENT_REGS:
-    its Q and dO in registers as the A operand of S and dP."""
+    its Q and dO in registers as the A operand of S and dP. WS_PIPELINE: a tile's dQ matmul issued a tile
+    late, behind the next tile's S and dP, under that tile's softmax (its buffer released once done)."""
     (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
      seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
      softmax_scale) = shared  # fmt: skip
@@ -556,13 +557,30 @@ def _dq_consumer(
     if RESIDENT_REGS:
         q_c = q_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         do_c = do_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    if WS_PIPELINE:  # the last tile's dS, the register operand of its dQ matmul
+        ds_prev = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)
     for j in range(n_tiles):
         s = j % STAGES
         s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
-        ds_a = _dq_scores(s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI)
-        dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
-        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-        mbarrier.arrive(empty.index(s))
+        if WS_PIPELINE:  # the last tile's dQ (on the first tile: zeros against this tile's keys)
+            sp = gl.where(j > 0, (j + STAGES - 1) % STAGES, s)
+            dq = warpgroup_mma(ds_prev, k_smem.index(sp), dq, is_async=True)
+        ds_a = _dq_scores(
+            s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI, WS_PIPELINE
+        )  # fmt: skip
+        if WS_PIPELINE:  # the last tile's dQ done (its buffer free); this tile's, next tile
+            dq, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_prev))
+            if j > 0:
+                mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES))
+            ds_prev = ds_a
+        else:
+            dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+            mbarrier.arrive(empty.index(s))
+    if WS_PIPELINE:  # the last tile's dQ
+        if n_tiles > 0:
+            dq = warpgroup_mma(ds_prev, k_smem.index((n_tiles - 1) % STAGES), dq, is_async=True)
+            dq, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_prev))
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -587,18 +605,18 @@ def _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j):
 @gluon.jit
 def _dq_scores(
     s_token, dp_token, j, tile_args, BLOCK_N: gl.constexpr, col_s: gl.constexpr, a_layout: gl.constexpr,
-    dtype: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
+    dtype: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, AHEAD: gl.constexpr,
 ):  # fmt: skip
-    """dS = P (dP - delta) of key tile j (S and dP the last two matmuls issued), as the dQ matmul's register
-    operand."""
+    """dS = P (dP - delta) of key tile j (S and dP issued last, or with AHEAD before one more matmul), as
+    the dQ matmul's register operand."""
     lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = tile_args
     start_n = lo + j * BLOCK_N
-    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_token,))
+    qk = warpgroup_mma_wait(num_outstanding=1 + AHEAD, deps=(s_token,))
     p = gl.exp2(qk * qk_scale - lse2[:, None])
     if (start_n < full_lo) | (start_n >= full_hi):
         offs_n = start_n + gl.arange(0, BLOCK_N, col_s)
         p = gl.where(visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_token,))
+    dp = warpgroup_mma_wait(num_outstanding=0 + AHEAD, deps=(dp_token,))
     ds = p * (dp - delta[:, None])
     return gl.convert_layout(ds.to(dtype), a_layout)
 
@@ -612,14 +630,15 @@ def attn_bwd_dq_ws_kernel(
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
-    RESIDENT_REGS: gl.constexpr = False,
+    RESIDENT_REGS: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
     program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
     warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
     WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in
-    registers. RESIDENT_REGS (head dim 64): each consumer's Q and dO tiles in registers too."""
+    registers. RESIDENT_REGS (head dim 64): each consumer's Q and dO tiles in registers too. WS_PIPELINE:
+    each consumer issues a tile's dQ matmul a tile late, behind the next tile's S and dP."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
@@ -672,8 +691,8 @@ def attn_bwd_dq_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0, RESIDENT_REGS)),
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1, RESIDENT_REGS)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0, RESIDENT_REGS, WS_PIPELINE)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1, RESIDENT_REGS, WS_PIPELINE)),
             (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
                             k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
                             lo, n_tiles, STAGES)),
