@@ -289,10 +289,13 @@ def _bwd_consumer(
                 dq_token = _dq_piece(pds_smem, k_smem, 0, DQ_COLS, zero_dq)
                 dv = warpgroup_mma_wait(num_outstanding=2, deps=(dv_token,))
                 dk = warpgroup_mma_wait(num_outstanding=1, deps=(dk_token,))
+                mbarrier.arrive(empty.index(s))  # dV and dK have read this tile's dO and Q
                 dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-                mbarrier.arrive(empty.index(s))
+                if DQ_COLS == DC:  # one piece: the dS^T tiles are read; the other consumer may store its next
+                    mbarrier.arrive(pds_free)
                 _add_dq(dq_desc, dq, dq_smem.index(ME), pds_smem, k_smem, row0 + start_m, DC, zero_dq)
-                mbarrier.arrive(pds_free)
+                if DQ_COLS != DC:  # further pieces read them in _add_dq
+                    mbarrier.arrive(pds_free)
             else:
                 dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
