@@ -277,7 +277,7 @@ def _bwd_consumer(
                     _sync_warps()
                     mbarrier.arrive(pds_full)
             if WS_PIPELINE:
-                pass
+                pass  # this tile's dV and dK are issued and waited for in the next tile
             elif not FUSED_DQ:
                 dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
