@@ -387,6 +387,43 @@ def test_gluon_backward_matches_reference(entry, import_error) -> None:
         _assert_matches((q, k, v, dout), {"dq": dq, "dk": dk, "dv": dv}, causal, (left, right))
 
 
+def _ordered_params() -> list:
+    """The DQ_ORDERED dK/dV configs of the tables and candidates (fused dQ with ordered adds)."""
+    return [
+        p for p in _gluon_params("bwd_dkdv") if p.values[0] is None or p.values[0][3].kwargs.get("DQ_ORDERED")
+    ]
+
+
+@pytest.mark.configs
+@pytest.mark.parametrize("entry, import_error", _ordered_params())
+def test_gluon_ordered_fused_dq_is_reproducible(entry, import_error) -> None:
+    """DQ_ORDERED (the fused dQ's adds in the key blocks' grid order): dQ is bitwise the same over repeated
+    backward calls, where 16 to 64 key blocks add into each query tile (4k and 8k keys, 2k queries), under
+    a full and a causal mask, GQA, and a left window (a tile's first adding block is not block 0); dK and
+    dV too."""
+    if import_error is not None:
+        pytest.fail(f"could not list the configs: {import_error!r}")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are Hopper-only")
+    from flashattention.kernels import hooks, launch
+
+    _, _, head_dim, config = entry
+    for causal, left, seqlen_k in ((False, -1, 8192), (True, -1, 4096), (True, 1000, 4096)):
+        q, k, v, dout = make_inputs(2, 8, 2, 2048, seqlen_k, head_dim, B16, "cuda", 1.0)
+        scale, right = 1 / math.sqrt(head_dim), 0 if causal else -1
+        out, _, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=left, right=right)
+        with hooks.overrides(configs={"bwd_dkdv": [config]}):
+            first = launch.attention_backward(
+                dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right
+            )
+            for _ in range(3):
+                again = launch.attention_backward(
+                    dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right
+                )
+                for name, a, b in zip(("dq", "dk", "dv"), first, again, strict=True):
+                    assert torch.equal(a, b), f"{name} differs between runs (causal={causal}, left={left})"
+
+
 def _varlen_params() -> list:
     """The Gluon configs that take varlen launches (not HOST_DESC), forward, dK/dV and dQ."""
     params = []

@@ -520,21 +520,26 @@ def test_a_forced_host_desc_config_refuses_broadcast_kv(monkeypatch: pytest.Monk
         registry.run(fwd, None, _fake_args(q, K=kv, V=kv), cfg)
 
 
+@pytest.mark.parametrize("ordered", [False, True], ids=["any-order", "ordered"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
-    monkeypatch: pytest.MonkeyPatch, varlen: bool
+    monkeypatch: pytest.MonkeyPatch, varlen: bool, ordered: bool
 ) -> None:
     """A forced FUSED_DQ dK/dV config (kernels/bwd_ws.py; Gluon, so a fake stands in for it here):
     attention_backward gives it a zeroed float32 accumulator of LSE2's shape with a head-dim axis, launches
     no dQ kernel, and returns dQ = accumulator * scale in dq's layout (varlen: [total, heads, D] from the
-    accumulator's [heads, total, D]); no plan is kept (a replay would skip the zeroing)."""
-    seen, dq_launches = [], []
+    accumulator's [heads, total, D]); no plan is kept (a replay would skip the zeroing). DQ_ORDERED: also
+    zeroed int32 turn counters, one per (batch or sequence, head, query tile of BLOCK_M rows)."""
+    seen, turns, dq_launches = [], [], []
 
     class FusedFake:
         def __getitem__(self, grid):
             def launch_(**kw):
                 acc = kw["DQ_ACC"]
                 seen.append((acc.dtype, tuple(acc.shape), bool((acc == 0).all()), kw.get("FUSED_DQ")))
+                if "DQ_TURNS" in kw:
+                    t = kw["DQ_TURNS"]
+                    turns.append((t.dtype, t.numel(), bool((t == 0).all()), kw["dq_tiles"]))
                 acc.copy_(torch.arange(acc.numel(), dtype=torch.float32).view(acc.shape))
 
             return launch_
@@ -545,7 +550,8 @@ def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
     monkeypatch.setattr(gluon, "problems", lambda dims, args: [])  # as on a Hopper GPU
     monkeypatch.setitem(registry.KERNELS, "bwd_dkdv", dkdv)
     monkeypatch.setitem(registry.KERNELS, "bwd_dq", dq_kernel)
-    fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)
+    flags = dict(GLUON_WS=True, FUSED_DQ=True, **({"DQ_ORDERED": True} if ordered else {}))
+    fused = configs._c(4, 128, 4, 2, **flags)  # 4-row query tiles: several turn counters per head
     heads, dim, scale = 2, 16, 0.25
     if varlen:
         cu = torch.tensor([0, 5, 12], dtype=torch.int32)
@@ -563,6 +569,9 @@ def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
         )
     acc_shape = (*lse2.shape, dim)
     assert seen == [(torch.float32, acc_shape, True, True)]
+    # dense: batch 2 x 2 heads x ceil(9 / 4) tiles; varlen: 2 sequences x 2 heads x ceil(max 7 / 4) tiles
+    tiles = 2 if varlen else 3
+    assert turns == ([(torch.int32, 2 * heads * tiles, True, tiles)] if ordered else [])
     assert dq_launches == [] and "bwd_dq" not in registry.last_launched
     expected = torch.arange(lse2.numel() * dim, dtype=torch.float32).view(acc_shape) * scale
     torch.testing.assert_close(dq, expected.transpose(0, 1) if varlen else expected, rtol=0, atol=0)

@@ -36,8 +36,8 @@ def blocks_per_sm(shared: int, regs: int, warps: int) -> int:
 
 
 FP32_POINTERS = {"LSE2", "DELTA", "DQ_ACC"}
-INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K"}
-VARLEN_ARGS = INT32_POINTERS | {"max_seqlen_q"}  # None (constexpr) in a dense launch
+INT32_POINTERS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "DQ_TURNS"}
+VARLEN_ARGS = {"CU_SEQLENS_Q", "CU_SEQLENS_K", "max_seqlen_q"}  # None (constexpr) in a dense launch
 FLOAT_SCALARS = {"qk_scale", "softmax_scale"}
 
 
@@ -120,6 +120,8 @@ def compile_config(
         if varlen and param.name in VARLEN_ARGS:
             continue
         if param.name == "DQ_ACC" and config.kwargs.get("FUSED_DQ"):  # the dQ accumulator it adds into
+            continue
+        if param.name in ("DQ_TURNS", "dq_tiles") and config.kwargs.get("DQ_ORDERED"):  # the adds' turns
             continue
         if (param.is_constexpr or param.default is None) and param.name not in constexprs:
             constexprs[param.name] = param.default

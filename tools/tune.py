@@ -61,7 +61,8 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
     },
     # the Gluon dK/dV with each tile's LSE2 / DELTA staged in shared memory by the producer (STATS_SMEM), with
     # K and V in registers (RESIDENT_REGS), with dV / dK a tile late under the next softmax (WS_PIPELINE),
-    # computing dQ too (FUSED_DQ, TMA bulk reductions); their sm_90a builds: benchmarks/NOTES.md
+    # computing dQ too (FUSED_DQ, TMA bulk reductions; DQ_ORDERED: in the key blocks' order); their sm_90a
+    # builds: benchmarks/NOTES.md
     "bwd_dkdv": {
         "sm90": {
             64: [
@@ -72,6 +73,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(64, 128, 4, 2, **_WS3_STATS, RESIDENT_REGS=True, WS_PIPELINE=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True, DQ_ORDERED=True),
             ],
             128: [_c(64, 128, 4, 2, GLUON_WS=True, STATS_SMEM=True)],
             256: [_c(64, 64, 4, 2, GLUON_WS=True, STATS_SMEM=True)],

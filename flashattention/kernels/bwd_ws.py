@@ -149,7 +149,7 @@ def _store_stats(stats_tile, stats_smem, s, bar):
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
     num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, RESIDENT_REGS: gl.constexpr,
-    stats_smem, STATS_SMEM: gl.constexpr, WS_PIPELINE: gl.constexpr,
+    stats_smem, STATS_SMEM: gl.constexpr, WS_PIPELINE: gl.constexpr, DQ_ORDERED: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
@@ -160,11 +160,12 @@ def _bwd_consumer(
     of S^T and dP^T (read from shared memory once, not every tile). STATS_SMEM: the tile's LSE2 and DELTA
     from stats_smem, where the producer put them. WS_PIPELINE: a tile's dV and dK matmuls are issued a tile
     late, behind the next tile's S^T and dP^T, and run under that tile's softmax (its buffer released
-    once they complete)."""
+    once they complete). DQ_ORDERED: the owner adds into a query tile in the key blocks' turn (the kernel's
+    docstring)."""
     (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
      DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
      start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
-     dq_rows) = shared  # fmt: skip
+     dq_rows, DQ_TURNS, turns_row, dq_tiles) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -293,7 +294,15 @@ def _bwd_consumer(
                 dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
                 if DQ_COLS == DC:  # one piece: the dS^T tiles are read; the other consumer may store its next
                     mbarrier.arrive(pds_free)
+                if DQ_ORDERED:  # this block's turn at the tile: the blocks before it that see it have added
+                    turn = DQ_TURNS + (turns_row + off_hk * group + g) * dq_tiles + start_m // BLOCK_M
+                    rank = _turn_of(
+                        start_m, start_n, seqlen_k, lo_off, hi_off, BLOCK_M, k_smem, HAS_LO, HAS_HI
+                    )
+                    _wait_turn(turn, rank)
                 _add_dq(dq_desc, dq, dq_smem.index(ME), pds_smem, k_smem, row0 + start_m, DC, zero_dq)
+                if DQ_ORDERED:
+                    _pass_turn(turn, rank)
                 if DQ_COLS != DC:  # further pieces read them in _add_dq
                     mbarrier.arrive(pds_free)
             else:
@@ -320,6 +329,41 @@ def _bwd_consumer(
     dv_row0 = off_b * stride_dvb + off_hk * stride_dvh
     gl.store(DK + dk_row0 + rows[:, None] * stride_dkn + cols[None, :], dk_out, mask=keep)
     gl.store(DV + dv_row0 + rows[:, None] * stride_dvn + cols[None, :], dv_out, mask=keep)
+
+
+@gluon.jit
+def _turn_of(start_m, start_n, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, k_smem, HAS_LO: gl.constexpr,
+             HAS_HI: gl.constexpr):  # fmt: skip
+    """DQ_ORDERED: the adds into query tile start_m that come before this key block's: the key blocks that see
+    the tile are consecutive from the tile's first visible key tile on (common.tile_range from the query
+    side; HAS_LO / HAS_HI are the key-side flags, the query-side ones swapped)."""
+    BLOCK_N: gl.constexpr = k_smem.shape[0] * k_smem.shape[1]
+    first, _, _, _ = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, -hi_off, -lo_off, HAS_HI, HAS_LO)
+    return start_n // BLOCK_N - first // BLOCK_N
+
+
+@gluon.jit
+def _wait_turn(turn, rank):
+    """Until `rank` adds into the tile have completed (acquire). Bounded: past ~4 million polls it goes on,
+    so that a mistaken order costs reproducibility, not a hang."""
+    seen = gl.atomic_add(turn, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (seen < rank) & (polls < 4194304):
+        seen = gl.atomic_add(turn, 0, sem="acquire", scope="gpu")
+        polls += 1
+
+
+@gluon.jit
+def _pass_turn(turn, rank):
+    """Once the partition's bulk reductions have completed (written, not only read: `cp.async.bulk.wait_group
+    0`, which tma.store_wait is not; Triton issues a tile's from two warps), the tile's next add may go
+    (release, from one thread). rank: _wait_turn's."""
+    gl.inline_asm_elementwise(
+        "cp.async.bulk.wait_group 0;\nfence.proxy.async;\nmov.u32 $0, $1;", "=r,r", [rank], dtype=gl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+    _sync_warps()  # every issuing thread's reductions complete before the release
+    gl.atomic_add(turn, 1, sem="release", scope="gpu")
 
 
 @gluon.jit
@@ -377,6 +421,7 @@ def attn_bwd_dkdv_ws_kernel(
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
     RESIDENT_REGS: gl.constexpr = False, STATS_SMEM: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
+    DQ_ORDERED: gl.constexpr = False, DQ_TURNS=None, dq_tiles=None,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
@@ -389,8 +434,14 @@ def attn_bwd_dkdv_ws_kernel(
     STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared memory once for both
     consumers (each consumer thread otherwise loads its columns' values from global memory, every tile).
     WS_PIPELINE (head dim 64, not with FUSED_DQ): each consumer issues a tile's dV and dK a tile late,
-    behind the next tile's S^T and dP^T, so that they run under its softmax."""
+    behind the next tile's S^T and dP^T, so that they run under its softmax. DQ_ORDERED (with FUSED_DQ): the
+    key blocks add into each query tile in their grid order, which makes dQ reproducible: DQ_TURNS (int32,
+    zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M rows) counts each tile's adds so far, and a
+    block waits for its turn (the blocks before it that see the tile) before it adds, then passes it on
+    once its reduction has completed. Blocks are dispatched in grid order, so a block only ever waits for
+    blocks already resident or done."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
+    gl.static_assert(not DQ_ORDERED or FUSED_DQ, "DQ_ORDERED orders FUSED_DQ's adds")
     gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     gl.static_assert(
         not WS_PIPELINE or (HEAD_DIM == 64 and not FUSED_DQ), "WS_PIPELINE: head dim 64, no FUSED_DQ"
@@ -411,6 +462,7 @@ def attn_bwd_dkdv_ws_kernel(
     dk_strides = unit_strides(dk_strides, STRIDE_UNIT)
     dv_strides = unit_strides(dv_strides, STRIDE_UNIT)
     start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
+    turns_row = off_b * num_heads  # DQ_ORDERED: the batch's (sequence's) rows of DQ_TURNS
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)
         if start_n >= seqlen_k:  # past this sequence's keys
@@ -462,6 +514,10 @@ def attn_bwd_dkdv_ws_kernel(
     if not FUSED_DQ:
         DQ_ACC = LSE2  # stand-ins, not used
         dq_smem = k_smem
+    if not DQ_ORDERED:  # stand-ins, not used
+        DQ_TURNS = DQ_ACC
+        dq_tiles = 0
+        turns_row = 0
     if STATS_SMEM:  # per Q/dO buffer s, the tile's lse2 and delta rows (rows 2 s and 2 s + 1)
         stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a row's layout: index() keeps it
         stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M], stats_layout)
@@ -482,13 +538,13 @@ def attn_bwd_dkdv_ws_kernel(
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem,
               LSE2, DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q,
               seqlen_k, lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale, DQ_ACC, dq_rows)  # fmt: skip
+              softmax_scale, DQ_ACC, dq_rows, DQ_TURNS, turns_row, dq_tiles)  # fmt: skip
     gl.warp_specialize(
         [
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM, WS_PIPELINE)),
+                             stats_smem, STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM, WS_PIPELINE)),
+                             stats_smem, STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN,

@@ -168,8 +168,8 @@ def attention_backward(
 ):  # fmt: skip
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
     by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Not so for a
-    FUSED_DQ dK/dV config (dQ added up by TMA reductions in no fixed order; no table holds one, a tools.tune
-    candidate forces it).
+    FUSED_DQ dK/dV config (dQ added up by TMA reductions in no fixed order, unless DQ_ORDERED; no table
+    holds one, a tools.tune candidate forces it).
     Varlen: as forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
     varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
@@ -205,6 +205,11 @@ def attention_backward(
     if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel (TMA reductions)
         dq_acc = torch.zeros((*lse2.shape, q.shape[-1]), dtype=torch.float32, device=q.device)
         dkdv_args = dict(dkdv_args, DQ_ACC=dq_acc)
+        if fused.kwargs.get("DQ_ORDERED"):  # a turn counter per (batch or sequence, head, query tile)
+            batch = cu_seqlens_q.numel() - 1 if varlen else lse2.shape[0]
+            tiles = -(-(max_seqlen_q if varlen else lse2.shape[-1]) // fused.kwargs["BLOCK_M"])
+            turns = torch.zeros(batch * lse2.shape[-2] * tiles, dtype=torch.int32, device=q.device)
+            dkdv_args.update(DQ_TURNS=turns, dq_tiles=tiles)
         registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
         registry.last_launched.pop("bwd_dq", None)
         # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
