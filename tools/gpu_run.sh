@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's work in as few device calls as fit its 10-minute limit per command:
-#   bash tools/gpu_run.sh tests          # info + the GPU test suite, without the config sweep (MARKER: another -m)
+#   bash tools/gpu_run.sh tests          # info + the GPU test suite, without the config sweep (MARKER: another -m,
+#                                        # K: a -k expression)
 #   bash tools/gpu_run.sh configs        # the GPU tests of every table config (bf16 and fp32 tables)
 #   bash tools/gpu_run.sh alltests       # both test sets in one call
 #   bash tools/gpu_run.sh suite          # every test of tests/, the CPU suite's too, on the GPU
@@ -60,7 +61,9 @@ run_bench() {
 }
 
 case "$mode" in
-    tests) run_tests "${MARKER:-gpu and not configs}" gpu_tests ;;
+    tests)  # K: a pytest -k expression, if any
+        if [ -n "${K:-}" ]; then run_tests "${MARKER:-gpu and not configs}" gpu_tests -k "$K"
+        else run_tests "${MARKER:-gpu and not configs}" gpu_tests; fi ;;
     alltests) run_tests gpu gpu_tests ;;
     suite) run_tests "gpu or not gpu" gpu_suite ;;
     configs) run_tests "gpu and configs" gpu_configs ;;
