@@ -153,7 +153,7 @@ _FP32 = {
     "fwd": {
         64: [_c(128, 64, 8, 2), _c(64, 64, 4, 2), _c(64, 32, 4, 1)],
         128: [_c(128, 32, 8, 2), _c(64, 32, 4, 2), _c(32, 32, 4, 1)],
-        # 32x16 first: ptxas serializes the wgmma of 64x32 and 64x16 here, and they spill (benchmarks/NOTES.md)
+        # 32x16 first: ptxas serializes the wgmma of 64x32 and 64x16 here, and they spill (NOTES.md)
         256: [_c(32, 16, 4, 1), _c(64, 32, 4, 1), _c(64, 16, 4, 2)],
     },
     "bwd_dkdv": {
