@@ -201,6 +201,10 @@ def test_gluon_configs_apply_only_where_they_can(fake_fwd) -> None:
     assert "WS_PIPELINE takes head dim 64" in " ".join(dkdv.problems(pipelined, at_128))
     assert "WS_PIPELINE" not in " ".join(dkdv.problems(pipelined, {**args, "HEAD_DIM_PAD": 64}))
     assert "WS_PIPELINE" not in " ".join(dq.problems(pipelined, at_128))  # the dQ's: any head dim
+    ordered = configs._c(64, 128, 4, 2, GLUON_WS=True, DQ_ORDERED=True)  # orders FUSED_DQ's adds only
+    assert "it needs FUSED_DQ" in " ".join(dkdv.problems(ordered, args))
+    ordered_fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True)
+    assert "needs FUSED_DQ" not in " ".join(dkdv.problems(ordered_fused, {**args, "DQ_ACC": torch.zeros(1)}))
 
 
 def test_gluon_compile_failure_runs_the_triton_kernel_with_a_warning(fake_fwd, monkeypatch) -> None:
