@@ -344,11 +344,12 @@ def _turn_of(start_m, start_n, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, 
 
 @gluon.jit
 def _wait_turn(turn, rank):
-    """Until `rank` adds into the tile have completed (acquire). Bounded: past ~4 million polls it goes on,
-    so that a mistaken order costs reproducibility, not a hang."""
+    """Until `rank` adds into the tile have completed (acquire). Bounded (16384 polls, milliseconds, where a
+    block's wait is microseconds per block ahead of it): past it the add goes, so that a mistaken order
+    costs reproducibility, not a hang."""
     seen = gl.atomic_add(turn, 0, sem="acquire", scope="gpu")
     polls = 0
-    while (seen < rank) & (polls < 4194304):
+    while (seen < rank) & (polls < 16384):
         seen = gl.atomic_add(turn, 0, sem="acquire", scope="gpu")
         polls += 1
 
