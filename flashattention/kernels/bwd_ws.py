@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .bwd import _key_block, _query_block, _sequence_inputs
+from .bwd import _key_block, _load_lse2, _query_block, _sequence_inputs
 from .common import query_window, tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws_tiles import wgmma_layout
 
@@ -129,9 +129,7 @@ def _load_stats(LSE2, DELTA, row0, start_m, seqlen_q, BLOCK_M: gl.constexpr):
     layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     offs = start_m + gl.arange(0, BLOCK_M, layout)
     mask = offs < seqlen_q
-    lse2 = gl.load(LSE2 + row0 + offs, mask=mask, other=float("inf"))
-    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
-    return lse2, gl.load(DELTA + row0 + offs, mask=mask, other=0.0)
+    return _load_lse2(LSE2 + row0, offs, mask), gl.load(DELTA + row0 + offs, mask=mask, other=0.0)
 
 
 @gluon.jit
@@ -228,8 +226,7 @@ def _bwd_consumer(
                 lse2 = stats_smem.index(2 * s).slice(q0, QM).load(col_s)
                 delta = stats_smem.index(2 * s + 1).slice(q0, QM).load(col_s)
             else:
-                lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
-                lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+                lse2 = _load_lse2(LSE2 + row0, offs_m, m_mask)
                 delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
             st = warpgroup_mma_wait(num_outstanding=3 if WS_PIPELINE else 1, deps=(st_token,))
             p = gl.exp2(st * qk_scale - lse2[None, :])
@@ -606,8 +603,7 @@ def _dq_consumer(
     offs_m = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
     m_mask = offs_m < seqlen_q
     # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
-    lse2 = gl.load(LSE2 + row0 + offs_m, mask=m_mask, other=float("inf"))
-    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+    lse2 = _load_lse2(LSE2 + row0, offs_m, m_mask)
     delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
     zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, acc_layout)
