@@ -69,11 +69,18 @@ def _load_t(base, offs, stride, offs_d, mask, d_mask, MASKED: tl.constexpr, MASK
 
 
 @triton.jit
-def _key_block(num_kv_heads, BLOCK_N: tl.constexpr):
+def _key_block(num_kv_heads, BLOCK_N: tl.constexpr, LAST_FIRST: tl.constexpr = False):
     """A dK/dV program's first key, batch and kv head (int64), from its place in the grid (key blocks,
-    batch * kv heads); the Triton and Gluon dK/dV kernels both take it."""
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bhk = tl.program_id(1)
+    batch * kv heads); the Triton and Gluon dK/dV kernels both take it. LAST_FIRST: in dispatch order (grid
+    axis 0 fastest) every (batch, kv head)'s last key block comes first, then each one's block before it."""
+    if LAST_FIRST:
+        n_bhk = tl.num_programs(1)
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        start_n = (tl.num_programs(0) - 1 - pid // n_bhk) * BLOCK_N
+        off_bhk = pid % n_bhk
+    else:
+        start_n = tl.program_id(0) * BLOCK_N
+        off_bhk = tl.program_id(1)
     return start_n, (off_bhk // num_kv_heads).to(tl.int64), (off_bhk % num_kv_heads).to(tl.int64)
 
 

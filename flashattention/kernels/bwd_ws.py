@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .bwd import _key_block, _load_lse2, _query_block, _sequence_inputs
-from .common import query_window, tile_range, unit_strides, varlen_bounds, visible
+from .common import key_blocks_of_tile, query_window, tile_range, unit_strides, varlen_bounds, visible
 from .fwd_ws_tiles import wgmma_layout
 
 # a partition's warps in step (Triton 3.6 names it thread_barrier, later releases barrier)
@@ -167,6 +167,7 @@ def _bwd_consumer(
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
+    BLOCK_N: gl.constexpr = k_smem.shape[0] * ROWS
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
     SPLIT_D: gl.constexpr = k_smem.shape[0] == 1
     # the tile's queries this consumer scores and the dK/dV columns it accumulates
@@ -202,6 +203,8 @@ def _bwd_consumer(
         p_prev = gl.zeros([ROWS, QM], dtype, a_layout)
         ds_prev = gl.zeros([ROWS, QM], dtype, a_layout)
     done = 0
+    passing = 0  # DQ_ORDERED: DQ_TURNS' entry of the owner's last tile, passed once its adds complete
+    passes = 0
     for g in range(group):
         row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
         for i in range(n_tiles):
@@ -291,15 +294,17 @@ def _bwd_consumer(
                 dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
                 if DQ_COLS == DC:  # one piece: the dS^T tiles are read; the other consumer may store its next
                     mbarrier.arrive(pds_free)
-                if DQ_ORDERED:  # this block's turn at the tile: the blocks before it that see it have added
-                    turn = DQ_TURNS + (turns_row + off_hk * group + g) * dq_tiles + start_m // BLOCK_M
-                    rank = _turn_of(
-                        start_m, start_n, seqlen_k, lo_off, hi_off, BLOCK_M, k_smem, HAS_LO, HAS_HI
-                    )
-                    _wait_turn(turn, rank)
+                if DQ_ORDERED:  # this block's turn at the tile: the blocks after it that see it have added
+                    entry = ((turns_row + off_hk * group + g) * dq_tiles + start_m // BLOCK_M).to(gl.int32)
+                    turn = DQ_TURNS + entry
+                    _, last = key_blocks_of_tile(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO,
+                                                 HAS_HI)  # fmt: skip
+                    _wait_turn(turn, last - start_n // BLOCK_N)
                 _add_dq(dq_desc, dq, dq_smem.index(ME), pds_smem, k_smem, row0 + start_m, DC, zero_dq)
-                if DQ_ORDERED:
-                    _pass_turn(turn, rank)
+                if DQ_ORDERED:  # the owner's last tile's adds have completed (this one's may not): its turn
+                    _pass_turn(DQ_TURNS + passing, passes, HEAD_DIM // DQ_COLS)
+                    passing = entry
+                    passes = 1
                 if DQ_COLS != DC:  # further pieces read them in _add_dq
                     mbarrier.arrive(pds_free)
             else:
@@ -314,6 +319,8 @@ def _bwd_consumer(
             dk = warpgroup_mma(ds_prev, q_smem.index(sp), dk, is_async=True)
             dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_prev, ds_prev))
     if FUSED_DQ:
+        if DQ_ORDERED:  # the owner's last tile's turn
+            _pass_turn(DQ_TURNS + passing, passes, 0)
         tma.store_wait(0)  # the last reduction has read dq_smem before the program ends
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
@@ -329,17 +336,6 @@ def _bwd_consumer(
 
 
 @gluon.jit
-def _turn_of(start_m, start_n, seqlen_k, lo_off, hi_off, BLOCK_M: gl.constexpr, k_smem, HAS_LO: gl.constexpr,
-             HAS_HI: gl.constexpr):  # fmt: skip
-    """DQ_ORDERED: the adds into query tile start_m that come before this key block's: the key blocks that see
-    the tile are consecutive from the tile's first visible key tile on (common.tile_range from the query
-    side; HAS_LO / HAS_HI are the key-side flags, the query-side ones swapped)."""
-    BLOCK_N: gl.constexpr = k_smem.shape[0] * k_smem.shape[1]
-    first, _, _, _ = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, -hi_off, -lo_off, HAS_HI, HAS_LO)
-    return start_n // BLOCK_N - first // BLOCK_N
-
-
-@gluon.jit
 def _wait_turn(turn, rank):
     """Until `rank` adds into the tile have completed (acquire). Bounded (16384 polls, milliseconds, where a
     block's wait is microseconds per block ahead of it): past it the add goes, so that a mistaken order
@@ -352,16 +348,23 @@ def _wait_turn(turn, rank):
 
 
 @gluon.jit
-def _pass_turn(turn, rank):
-    """Once the partition's bulk reductions have completed (written, not only read: `cp.async.bulk.wait_group
-    0`, which tma.store_wait is not; Triton issues a tile's from two warps), the tile's next add may go
-    (release, from one thread). rank: _wait_turn's."""
+def _pass_turn(turn, passes, IN_FLIGHT: gl.constexpr):
+    """Adds `passes` (0 or 1) to `turn` once the partition's bulk reductions but the IN_FLIGHT newest have
+    completed (written, not only read: `cp.async.bulk.wait_group`, which tma.store_wait is not; Triton
+    issues a tile's from two warps): the tile's next add may go (release, from one thread)."""
+    gl.static_assert(IN_FLIGHT <= 2, "a tile's dQ is at most two bulk reductions (head dim 128)")
+    if IN_FLIGHT == 0:
+        wait: gl.constexpr = "cp.async.bulk.wait_group 0;"
+    elif IN_FLIGHT == 1:
+        wait: gl.constexpr = "cp.async.bulk.wait_group 1;"
+    else:
+        wait: gl.constexpr = "cp.async.bulk.wait_group 2;"
     gl.inline_asm_elementwise(
-        "cp.async.bulk.wait_group 0;\nfence.proxy.async;\nmov.u32 $0, $1;", "=r,r", [rank], dtype=gl.int32,
-        is_pure=False, pack=1,
+        wait + "\nfence.proxy.async;\nmov.u32 $0, $1;", "=r,r", [passes], dtype=gl.int32, is_pure=False,
+        pack=1,
     )  # fmt: skip
     _sync_warps()  # every issuing thread's reductions complete before the release
-    gl.atomic_add(turn, 1, sem="release", scope="gpu")
+    gl.atomic_add(turn, passes, sem="release", scope="gpu")
 
 
 @gluon.jit
@@ -433,11 +436,13 @@ def attn_bwd_dkdv_ws_kernel(
     consumers (each consumer thread otherwise loads its columns' values from global memory, every tile).
     WS_PIPELINE (head dim 64, not with FUSED_DQ): each consumer issues a tile's dV and dK a tile late,
     behind the next tile's S^T and dP^T, so that they run under its softmax. DQ_ORDERED (with FUSED_DQ): the
-    key blocks add into each query tile in their grid order, which makes dQ reproducible: DQ_TURNS (int32,
+    key blocks add into each query tile last block first, which makes dQ reproducible: DQ_TURNS (int32,
     zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M rows) counts each tile's adds so far, and a
-    block waits for its turn (the blocks before it that see the tile) before it adds, then passes it on
-    once its reduction has completed. Blocks are dispatched in grid order, so a block only ever waits for
-    blocks already resident or done."""
+    block waits for its turn (the blocks after it that see the tile) before it adds; the owner passes the
+    turn on once the reductions have completed, at its next tile (a wait for them at every tile stalls it
+    for their round trip). The programs are dispatched (batch, kv head) fastest and last key block first
+    (bwd._key_block's LAST_FIRST): a block only ever waits for blocks already resident or done, few blocks
+    of one head run at once, and with a causal mask the blocks after it reach a tile first anyway."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(not DQ_ORDERED or FUSED_DQ, "DQ_ORDERED orders FUSED_DQ's adds")
     gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
@@ -459,7 +464,7 @@ def attn_bwd_dkdv_ws_kernel(
     do_strides = unit_strides(do_strides, STRIDE_UNIT)
     dk_strides = unit_strides(dk_strides, STRIDE_UNIT)
     dv_strides = unit_strides(dv_strides, STRIDE_UNIT)
-    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, DQ_ORDERED)
     turns_row = off_b * num_heads  # DQ_ORDERED: the batch's (sequence's) rows of DQ_TURNS
     if IS_VARLEN:
         q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b)

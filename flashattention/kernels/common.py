@@ -108,6 +108,15 @@ def tile_range(
 
 
 @triton.jit
+def key_blocks_of_tile(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, seqlen_k, lo_off, hi_off,
+                       HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):  # fmt: skip
+    """The first and last key blocks of BLOCK_N whose query range (tile_range from the key side, with the
+    key side's offsets and flags as given) holds query tile start_m; last < first where none does."""
+    lo, _, _, hi = tile_range(start_m, BLOCK_M, BLOCK_N, seqlen_k, -hi_off, -lo_off, HAS_HI, HAS_LO)
+    return lo // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N - 1
+
+
+@triton.jit
 def query_window(
     start_m, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
