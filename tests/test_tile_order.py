@@ -73,8 +73,8 @@ def test_causal_square_by_hand() -> None:
     first, last = (torch.full((2,), -7, dtype=torch.int32) for _ in range(2))
     key_lo, key_hi = (torch.full((2,), -7, dtype=torch.int32) for _ in range(2))
     _visits_kernel[(1,)](
-        key_lo, key_hi, first, last, seqlen_q, seqlen_k, -1, 0, 2, 2, BLOCK_M=128, BLOCK_N=128, Q_HAS_LO=False,
-        Q_HAS_HI=True,
+        key_lo, key_hi, first, last, seqlen_q, seqlen_k, -1, 0, 2, 2, BLOCK_M=128, BLOCK_N=128,
+        Q_HAS_LO=False, Q_HAS_HI=True,
     )  # fmt: skip
     # causal, square: tile 0 is seen by key block 0 alone, tile 1 by blocks 0 and 1
     assert [int(x) for x in first] == [0, 0]
