@@ -403,3 +403,29 @@ def test_finish_waits_for_the_thread(monkeypatch):
     assert not finisher.is_alive() and not thread.is_alive()
     monkeypatch.setattr(_prefetch, "_thread", None)
     _prefetch.finish()  # no thread: at once
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["any-order", "ordered"])
+def test_fused_dq_choice_compiles_no_dq_kernel(monkeypatch, device, ordered):
+    """Where the dK/dV choice is a FUSED_DQ config (forced here; Gluon's checks pass as on a Hopper GPU), the
+    jobs are the preprocess and that dK/dV kernel, with stand-ins for the accumulator and (DQ_ORDERED) the
+    turn counters as attention_backward allocates them: float32 [batch, heads, seqlen_q, D], int32 one per
+    (batch, head, query tile)."""
+    from flashattention.kernels import configs, gluon, warmup
+
+    monkeypatch.setattr(gluon, "problems", lambda dims, args: [])
+    flags = dict(GLUON_WS=True, FUSED_DQ=True, **({"DQ_ORDERED": True} if ordered else {}))
+    fused = configs._c(16, 128, 4, 2, **flags)
+    (q, k, v), _ = _inputs(device, head_dim=64, kv_heads=2)  # batch 1, 2 heads, 33 queries
+    with hooks.overrides(configs={"bwd_dkdv": [fused]}):
+        jobs = warmup.backward_jobs(q, k, v, 0.125, -1, -1)
+    assert [name for name, *_ in jobs] == ["pre", "bwd_dkdv"]
+    kwargs = jobs[1][3]
+    assert kwargs["FUSED_DQ"] is True
+    acc = kwargs["DQ_ACC"]
+    assert (acc.dtype, tuple(acc.shape)) == (torch.float32, (1, 2, 33, 64))
+    if ordered:
+        turns = kwargs["DQ_TURNS"]
+        assert (turns.dtype, turns.numel(), kwargs["dq_tiles"]) == (torch.int32, 6, 3)
+    else:
+        assert "DQ_TURNS" not in kwargs

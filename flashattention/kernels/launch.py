@@ -203,13 +203,11 @@ def attention_backward(
     choice_args = dict(dkdv_args, DQ_ACC=lse2)
     fused = registry.first_choice("bwd_dkdv", choice_args, q.device, q.dtype, seqlen_k=seqlen_k)
     if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel (TMA reductions)
-        dq_acc = torch.zeros((*lse2.shape, q.shape[-1]), dtype=torch.float32, device=q.device)
-        dkdv_args = dict(dkdv_args, DQ_ACC=dq_acc)
-        if fused.kwargs.get("DQ_ORDERED"):  # a turn counter per (batch or sequence, head, query tile)
-            batch = cu_seqlens_q.numel() - 1 if varlen else lse2.shape[0]
-            tiles = -(-(max_seqlen_q if varlen else lse2.shape[-1]) // fused.kwargs["BLOCK_M"])
-            turns = torch.zeros(batch * lse2.shape[-2] * tiles, dtype=torch.int32, device=q.device)
-            dkdv_args.update(DQ_TURNS=turns, dq_tiles=tiles)
+        zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=q.device)  # noqa: E731
+        sequences = cu_seqlens_q.numel() - 1 if varlen else lse2.shape[0]
+        rows = max_seqlen_q if varlen else lse2.shape[-1]
+        dq_acc, extra = fused_dq_args(fused, lse2.shape, q.shape[-1], sequences, rows, zeros)
+        dkdv_args = dict(dkdv_args, **extra)
         registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
         registry.last_launched.pop("bwd_dq", None)
         # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
@@ -222,6 +220,18 @@ def attention_backward(
 
 
 PRE_BLOCK = 64  # query rows per program of the backward's preprocess
+
+
+def fused_dq_args(config, lse2_shape, head_dim: int, sequences: int, rows: int, zeros) -> tuple:
+    """(DQ_ACC, the dK/dV arguments) of a FUSED_DQ config: the float32 accumulator in LSE2's shape with a
+    head-dim axis and, with DQ_ORDERED, a turn counter per (batch or sequence, head, query tile of the
+    longest sequence's `rows`); zeros(shape, dtype) allocates them zeroed (the warm-up: stand-ins)."""
+    dq_acc = zeros((*lse2_shape, head_dim), torch.float32)
+    extra = dict(DQ_ACC=dq_acc)
+    if config.kwargs.get("DQ_ORDERED"):
+        tiles = -(-rows // config.kwargs["BLOCK_M"])
+        extra.update(DQ_TURNS=zeros((sequences * lse2_shape[-2] * tiles,), torch.int32), dq_tiles=tiles)
+    return dq_acc, extra
 
 
 def backward_launches(
