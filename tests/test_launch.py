@@ -580,3 +580,32 @@ def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
     expected = torch.arange(lse2.numel() * dim, dtype=torch.float32).view(acc_shape) * scale
     torch.testing.assert_close(dq, expected.transpose(0, 1) if varlen else expected, rtol=0, atol=0)
     assert dq.shape == q.shape and len(plans.PLANS) == 0
+
+
+def test_fused_dq_compile_failure_runs_the_two_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FUSED_DQ choice that this Triton cannot compile (faked): attention_backward warns once (gluon's
+    note) and runs the dK/dV and dQ kernels instead, with no accumulator."""
+    from triton.compiler.errors import CompilationError
+
+    def fail(kw):
+        if kw.get("FUSED_DQ"):
+            raise CompilationError(None, None, "unsupported layout")
+
+    dkdv_launches, dq_launches = [], []
+    dkdv = registry.Kernel("bwd_dkdv", "dK/dV", FakeKernel(dkdv_launches, fail), ("bwd_ws", "x"), (64,))
+    dq_kernel = registry.Kernel("bwd_dq", "dQ", FakeKernel(dq_launches), ("bwd_ws", "x"), (64,))
+    monkeypatch.setattr(registry.Kernel, "fn_for", lambda self, config: self.triton_fn)
+    monkeypatch.setattr(gluon, "problems", lambda dims, args: [])  # as on a Hopper GPU
+    monkeypatch.setattr(gluon, "_compile_error", "")
+    monkeypatch.setitem(registry.KERNELS, "bwd_dkdv", dkdv)
+    monkeypatch.setitem(registry.KERNELS, "bwd_dq", dq_kernel)
+    fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True)
+    two = configs._c(32, 16, 4, 1)
+    q, k, v, out, dout = (torch.randn(1, 2, 9, 16) for _ in range(5))
+    plans.PLANS.clear()
+    with hooks.overrides(configs={"bwd_dkdv": [fused, two], "bwd_dq": [two]}):
+        with pytest.warns(UserWarning, match="does not compile .*unsupported layout"):
+            launch.attention_backward(dout, q, k, v, out, torch.zeros(1, 2, 9), softmax_scale=0.25, left=-1,
+                                      right=-1)  # fmt: skip
+    assert dkdv_launches == [(32, 16, None, 4)] and dq_launches == [(32, 16, None, 4)]
+    assert gluon._compile_error

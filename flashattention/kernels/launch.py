@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
+from triton.compiler.errors import CompilationError
 
 from .. import _env
 from . import device as dev
-from . import hooks, registry, warmup
+from . import gluon, hooks, registry, warmup
 from .bwd import attn_bwd_preprocess_kernel
 from .plans import PLANS
 from .plans import key as plan_key
@@ -166,10 +167,12 @@ def attention_backward(
     dout, q, k, v, out, lse2, *, softmax_scale: float, left: int, right: int, cu_seqlens_q=None,
     cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ):  # fmt: skip
-    """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: every gradient element is written
-    by one program (a preprocess for delta = rowsum(dO * O), the dK/dV kernel, the dQ kernel). Not so for a
-    FUSED_DQ dK/dV config (dQ added up by TMA reductions in no fixed order, unless DQ_ORDERED; no table
-    holds one, a tools.tune candidate forces it).
+    """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: a preprocess for delta = rowsum(dO
+    * O), then either the dK/dV and dQ kernels (each gradient element written by one program) or a FUSED_DQ
+    dK/dV config, which adds dQ into a float32 accumulator by TMA reductions, in a fixed order with
+    DQ_ORDERED (the tables' only kind; an unordered one, in no fixed order, only where a tools.tune
+    candidate forces it). Autotuning times the two-kernel configs only (the fused one does the dQ
+    kernel's work as well).
     Varlen: as forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
     varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
@@ -207,12 +210,15 @@ def attention_backward(
         sequences = cu_seqlens_q.numel() - 1 if varlen else lse2.shape[0]
         rows = max_seqlen_q if varlen else lse2.shape[-1]
         dq_acc, extra = fused_dq_args(fused, lse2.shape, q.shape[-1], sequences, rows, zeros)
-        dkdv_args = dict(dkdv_args, **extra)
-        registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, config=fused)
-        registry.last_launched.pop("bwd_dq", None)
-        # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
-        torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
-        return dq, dk, dv  # no plan: a replay would skip the zeroing and the copy
+        try:
+            registry.launch("bwd_dkdv", dkdv_grid, dict(dkdv_args, **extra), q.device, q.dtype, config=fused)
+        except CompilationError as err:  # this Triton cannot build it: warn once, the two kernels instead
+            gluon.note_compile_error(err)
+        else:
+            registry.last_launched.pop("bwd_dq", None)
+            # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
+            torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
+            return dq, dk, dv  # no plan: a replay would skip the zeroing and the copy
     dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, seqlen_k=seqlen_k)
     dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
     PLANS.put(key, (pre, dkdv, dq_launch))
