@@ -146,17 +146,16 @@ def _store_stats(stats_tile, stats_smem, s, bar):
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, RESIDENT_REGS: gl.constexpr,
-    stats_smem, STATS_SMEM: gl.constexpr, WS_PIPELINE: gl.constexpr, DQ_ORDERED: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, stats_smem, STATS_SMEM: gl.constexpr,
+    WS_PIPELINE: gl.constexpr, DQ_ORDERED: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
     key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: both consumers stage their dS^T
     in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
-    DQ_ACC by TMA bulk reductions from dq_smem[ME]. RESIDENT_REGS: its K and V in registers as the A operand
-    of S^T and dP^T (read from shared memory once, not every tile). STATS_SMEM: the tile's LSE2 and DELTA
-    from stats_smem, where the producer put them. WS_PIPELINE: a tile's dV and dK matmuls are issued a tile
+    DQ_ACC by TMA bulk reductions from dq_smem[ME]. STATS_SMEM: the tile's LSE2 and DELTA from stats_smem,
+    where the producer put them. WS_PIPELINE: a tile's dV and dK matmuls are issued a tile
     late, behind the next tile's S^T and dP^T, and run under that tile's softmax (its buffer released
     once they complete). DQ_ORDERED: the owner adds into a query tile in the key blocks' turn (the kernel's
     docstring)."""
@@ -196,9 +195,6 @@ def _bwd_consumer(
             layout=dq_smem.layout,
         )  # fmt: skip
     mbarrier.wait(kv_bar, 0)
-    if RESIDENT_REGS:
-        k_c = k_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        v_c = v_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     if WS_PIPELINE:  # the last tile's P^T and dS^T, the register operands of its dV and dK
         p_prev = gl.zeros([ROWS, QM], dtype, a_layout)
         ds_prev = gl.zeros([ROWS, QM], dtype, a_layout)
@@ -421,8 +417,8 @@ def attn_bwd_dkdv_ws_kernel(
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
-    RESIDENT_REGS: gl.constexpr = False, STATS_SMEM: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
-    DQ_ORDERED: gl.constexpr = False, DQ_TURNS=None, dq_tiles=None,
+    STATS_SMEM: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False, DQ_ORDERED: gl.constexpr = False,
+    DQ_TURNS=None, dq_tiles=None,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
@@ -431,21 +427,19 @@ def attn_bwd_dkdv_ws_kernel(
     the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
     64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
-    skips the dQ kernel. RESIDENT_REGS (head dim 64): each consumer's K and V tiles in registers.
-    STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared memory once for both
-    consumers (each consumer thread otherwise loads its columns' values from global memory, every tile).
-    WS_PIPELINE (head dim 64, not with FUSED_DQ): each consumer issues a tile's dV and dK a tile late,
-    behind the next tile's S^T and dP^T, so that they run under its softmax. DQ_ORDERED (with FUSED_DQ): the
-    key blocks add into each query tile last block first, which makes dQ reproducible: DQ_TURNS (int32,
-    zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M rows) counts each tile's adds so far, and a
-    block waits for its turn (the blocks after it that see the tile) before it adds; the owner passes the
-    turn on once the reductions have completed, at its next tile (a wait for them at every tile stalls it
-    for their round trip). The programs are dispatched (batch, kv head) fastest and last key block first
-    (bwd._key_block's LAST_FIRST): a block only ever waits for blocks already resident or done, few blocks
-    of one head run at once, and with a causal mask the blocks after it reach a tile first anyway."""
+    skips the dQ kernel. STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared
+    memory once for both consumers (each consumer thread otherwise loads its columns' values from global
+    memory, every tile). WS_PIPELINE (head dim 64, not with FUSED_DQ): each consumer issues a tile's dV and
+    dK a tile late, behind the next tile's S^T and dP^T, so that they run under its softmax. DQ_ORDERED
+    (with FUSED_DQ): the key blocks add into each query tile last block first, which makes dQ reproducible:
+    DQ_TURNS (int32, zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M rows) counts each tile's adds
+    so far, and a block waits for its turn (the blocks after it that see the tile) before it adds; the owner
+    passes the turn on once the reductions have completed, at its next tile (a wait for them at every tile
+    stalls it for their round trip). The programs are dispatched (batch, kv head) fastest and last key block
+    first (bwd._key_block's LAST_FIRST): a block only ever waits for blocks already resident or done, few
+    blocks of one head run at once, and with a causal mask the blocks after it reach a tile first anyway."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(not DQ_ORDERED or FUSED_DQ, "DQ_ORDERED orders FUSED_DQ's adds")
-    gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     gl.static_assert(
         not WS_PIPELINE or (HEAD_DIM == 64 and not FUSED_DQ), "WS_PIPELINE: head dim 64, no FUSED_DQ"
     )
@@ -544,10 +538,10 @@ def attn_bwd_dkdv_ws_kernel(
               softmax_scale, DQ_ACC, dq_rows, DQ_TURNS, turns_row, dq_tiles)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, stats_smem,
+                             STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, stats_smem,
+                             STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN,
@@ -586,12 +580,12 @@ def _dq_producer(
 @gluon.jit
 def _dq_consumer(
     shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr,
-    RESIDENT_REGS: gl.constexpr, WS_PIPELINE: gl.constexpr,
+    WS_PIPELINE: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
-    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. RESIDENT_REGS:
-    its Q and dO in registers as the A operand of S and dP. WS_PIPELINE: a tile's dQ matmul issued a tile
-    late, behind the next tile's S and dP, under that tile's softmax (its buffer released once done)."""
+    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. WS_PIPELINE: a
+    tile's dQ matmul issued a tile late, behind the next tile's S and dP, under that tile's softmax (its
+    buffer released once done)."""
     (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
      seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
      softmax_scale) = shared  # fmt: skip
@@ -615,9 +609,6 @@ def _dq_consumer(
     tile_args = (lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     mbarrier.wait(q_bar, 0)
-    if RESIDENT_REGS:
-        q_c = q_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        do_c = do_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     if WS_PIPELINE:  # the last tile's dS, the register operand of its dQ matmul
         ds_prev = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)
     for j in range(n_tiles):
@@ -691,19 +682,18 @@ def attn_bwd_dq_ws_kernel(
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
-    RESIDENT_REGS: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
+    WS_PIPELINE: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
     program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
     warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
     WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in
-    registers. RESIDENT_REGS (head dim 64): each consumer's Q and dO tiles in registers too. WS_PIPELINE:
-    each consumer issues a tile's dQ matmul a tile late, behind the next tile's S and dP."""
+    registers. WS_PIPELINE: each consumer issues a tile's dQ matmul a tile late, behind the next tile's S
+    and dP."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
-    gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     ROWS: gl.constexpr = 64  # query rows per consumer
     STAGES: gl.constexpr = WS_STAGES
     q_strides = unit_strides(q_strides, STRIDE_UNIT)
@@ -752,8 +742,8 @@ def attn_bwd_dq_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0, RESIDENT_REGS, WS_PIPELINE)),
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1, RESIDENT_REGS, WS_PIPELINE)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0, WS_PIPELINE)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1, WS_PIPELINE)),
             (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
                             k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
                             lo, n_tiles, STAGES)),
