@@ -59,14 +59,13 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
-    # the Gluon dK/dV with each tile's LSE2 / DELTA staged in shared memory by the producer (STATS_SMEM), with
-    # dV / dK a tile late under the next softmax (WS_PIPELINE), computing dQ too (FUSED_DQ, TMA bulk
-    # reductions; DQ_ORDERED: in the key blocks' order); their sm_90a builds: benchmarks/NOTES.md
+    # the Gluon dK/dV with each tile's LSE2 / DELTA staged in shared memory by the producer (STATS_SMEM),
+    # computing dQ too (FUSED_DQ, TMA bulk reductions; DQ_ORDERED: in the key blocks' order); their sm_90a
+    # builds: benchmarks/NOTES.md
     "bwd_dkdv": {
         "sm90": {
             64: [
                 _c(64, 128, 4, 2, **_WS3_STATS),
-                _c(64, 128, 4, 2, **_WS3_STATS, WS_PIPELINE=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True, DQ_ORDERED=True),
@@ -75,19 +74,11 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             256: [_c(64, 64, 4, 2, GLUON_WS=True, STATS_SMEM=True)],
         }
     },
-    # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place, and with a tile's dQ matmul under
-    # the next tile's softmax (WS_PIPELINE)
+    # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {
-            64: [
-                _c(128, 128, 4, 2, GLUON_WS=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True),
-            ],
-            128: [
-                _c(128, 64, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True),
-            ],
-            256: [_c(128, 32, 4, 2, GLUON_WS=True, WS_PIPELINE=True)],
+            64: [_c(128, 128, 4, 2, GLUON_WS=True)],
+            128: [_c(128, 64, 4, 2, GLUON_WS=True)],
         }
     },
 }
