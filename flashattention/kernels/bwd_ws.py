@@ -1,10 +1,10 @@
 """Hopper dK/dV with warp specialisation (Gluon), after FlashAttention-3's backward. One program per key
 block of BLOCK_N = 128 keys (64 at head dim 256) and kv head. A producer warp loads the block's K and V
-once, then streams the Q and dO tiles of every query head of the GQA group through a ring of STAGES
-shared-memory buffers. Two consumer partitions (one warpgroup and 64 keys each) keep dK and dV in
-registers. Per query tile each consumer issues S^T = K Q^T and dP^T = V dO^T asynchronously, loads the
-tile's LSE2 and delta while they run, forms P^T and dS^T = P^T (dP^T - delta), then issues dV += P^T dO
-and dK += dS^T Q.
+once, then streams the Q and dO tiles (and each tile's LSE2 and delta rows) of every query head of the GQA
+group through a ring of STAGES shared-memory buffers. Two consumer partitions (one warpgroup and 64 keys
+each) keep dK and dV in registers. Per query tile each consumer issues S^T = K Q^T and dP^T = V dO^T
+asynchronously, reads the tile's LSE2 and delta while they run, forms P^T and dS^T = P^T (dP^T - delta),
+then issues dV += P^T dO and dK += dS^T Q.
 At head dim 256 (SPLIT_D) a consumer's dK and dV of 64 keys would take 256 registers a thread: the block is
 64 keys and the consumers split the work the other way, FlashAttention-3's way for that head dim. Each
 forms P^T and dS^T for its half of the tile's queries, both halves meet in shared memory, and each
@@ -80,14 +80,14 @@ def _bwd_producer(
     Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
     k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
     off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, stats, STATS_SMEM: gl.constexpr,
+    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, stats,
 ):  # fmt: skip
     """One warp: the block's K and V once (k_smem / v_smem: [boxes, 64 keys, head dim]), then for each
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
     rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows.
-    stats: (LSE2, DELTA, stats_smem, num_heads, lse_len); with STATS_SMEM the tile's LSE2 and DELTA rows go
-    to stats_smem as well (_load_stats, _store_stats)."""
+    stats: (LSE2, DELTA, stats_smem, num_heads, lse_len): the tile's LSE2 and DELTA rows go to stats_smem
+    beside its Q and dO, loaded once for both consumers (_load_stats, _store_stats)."""
     LSE2, DELTA, stats_smem, num_heads, lse_len = stats
     q_rows = seqlen_q  # the sequence's query rows (the stats' bound)
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -108,16 +108,15 @@ def _bwd_producer(
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             start_m = lo + i * BLOCK_M
-            if STATS_SMEM:  # loaded before the buffer is free, so that their latency overlaps the wait
-                stats_tile = _load_stats(LSE2, DELTA, (off_b * num_heads + off_h) * lse_len, start_m, q_rows,
-                                         stats_smem.shape[1])  # fmt: skip
+            # the stats loaded before the buffer is free, so that their latency overlaps the wait
+            stats_tile = _load_stats(LSE2, DELTA, (off_b * num_heads + off_h) * lse_len, start_m, q_rows,
+                                     stats_smem.shape[1])  # fmt: skip
             # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
             mbarrier.wait(empty.index(s), (((issued + i) // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [start_m, 0], ready.index(s), q_smem.index(s))
             tma.async_copy_global_to_shared(do_desc, [start_m, 0], ready.index(s), do_smem.index(s))
-            if STATS_SMEM:
-                _store_stats(stats_tile, stats_smem, s, ready.index(s))
+            _store_stats(stats_tile, stats_smem, s, ready.index(s))
         issued += n_tiles
 
 
@@ -146,21 +145,20 @@ def _store_stats(stats_tile, stats_smem, s, bar):
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, stats_smem, STATS_SMEM: gl.constexpr,
-    DQ_ORDERED: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, stats_smem, DQ_ORDERED: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
-    key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: both consumers stage their dS^T
-    in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
-    DQ_ACC by TMA bulk reductions from dq_smem[ME]. STATS_SMEM: the tile's LSE2 and DELTA from stats_smem,
-    where the producer put them. DQ_ORDERED: the owner adds into a query tile in the key blocks' turn (the
+    key-side bounds (the query-side flags swapped, as in bwd.py). The tile's LSE2 and DELTA come from
+    stats_smem, where the producer put them. FUSED_DQ: both consumers stage their dS^T in pds_smem, and the
+    tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into DQ_ACC by TMA bulk
+    reductions from dq_smem[ME]. DQ_ORDERED: the owner adds into a query tile in the key blocks' turn (the
     kernel's docstring)."""
-    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
-     DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
-     start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
-     dq_rows, DQ_TURNS, turns_row, dq_tiles) = shared  # fmt: skip
+    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, DK, DV,
+     dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo,
+     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC, dq_rows, DQ_TURNS, turns_row,
+     dq_tiles) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -197,7 +195,7 @@ def _bwd_consumer(
     passing = 0  # DQ_ORDERED: DQ_TURNS' entry of the owner's last tile, passed once its adds complete
     passes = 0
     for g in range(group):
-        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
+        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # DQ_ACC's rows: [batch, heads, lse_len]
         for i in range(n_tiles):
             t = done + i
             s = t % STAGES
@@ -210,14 +208,9 @@ def _bwd_consumer(
             do_mine = do_s.slice(q0, QM, dim=0) if SPLIT_D else do_s
             dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
             offs_m = start_m + q0 + gl.arange(0, QM, col_s)
-            m_mask = offs_m < seqlen_q
-            # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
-            if STATS_SMEM:
-                lse2 = stats_smem.index(2 * s).slice(q0, QM).load(col_s)
-                delta = stats_smem.index(2 * s + 1).slice(q0, QM).load(col_s)
-            else:
-                lse2 = _load_lse2(LSE2 + row0, offs_m, m_mask)
-                delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
+            # rows that saw no key (-inf) and rows past seqlen_q come as +inf, so that P = 0 (_load_stats)
+            lse2 = stats_smem.index(2 * s).slice(q0, QM).load(col_s)
+            delta = stats_smem.index(2 * s + 1).slice(q0, QM).load(col_s)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
@@ -392,18 +385,17 @@ def attn_bwd_dkdv_ws_kernel(
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
-    STATS_SMEM: gl.constexpr = False, DQ_ORDERED: gl.constexpr = False, DQ_TURNS=None, dq_tiles=None,
+    DQ_ORDERED: gl.constexpr = False, DQ_TURNS=None, dq_tiles=None,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
-    dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
+    dK/dV columns each. The producer stages each query tile's LSE2 and DELTA rows in shared memory once for
+    both consumers. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
     the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
     64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
-    skips the dQ kernel. STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared
-    memory once for both consumers (each consumer thread otherwise loads its columns' values from global
-    memory, every tile). DQ_ORDERED (with FUSED_DQ): the key blocks add into each query tile last block first,
+    skips the dQ kernel. DQ_ORDERED (with FUSED_DQ): the key blocks add into each query tile last block first,
     which makes dQ reproducible: DQ_TURNS (int32, zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M
     rows) counts each tile's adds so far, and a block waits for its turn (the blocks after it that see the
     tile) before it adds; the owner passes the turn on once the reductions have completed, at its next tile (a
@@ -485,14 +477,12 @@ def attn_bwd_dkdv_ws_kernel(
         DQ_TURNS = DQ_ACC
         dq_tiles = 0
         turns_row = 0
-    if STATS_SMEM:  # per Q/dO buffer s, the tile's lse2 and delta rows (rows 2 s and 2 s + 1)
-        stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a row's layout: index() keeps it
-        stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M], stats_layout)
-    else:
-        stats_smem = kv_bar  # a stand-in, not used
+    # per Q/dO buffer s, the tile's lse2 and delta rows (rows 2 s and 2 s + 1)
+    stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a row's layout: index() keeps it
+    stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M], stats_layout)
     for s in gl.static_range(STAGES):
-        # the TMA copies' arrival, and with STATS_SMEM the producer's once it has stored the stats
-        mbarrier.init(ready.index(s), count=2 if STATS_SMEM else 1)
+        # the TMA copies' arrival, and the producer's once it has stored the stats
+        mbarrier.init(ready.index(s), count=2)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left (bwd.py)
@@ -503,19 +493,19 @@ def attn_bwd_dkdv_ws_kernel(
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem,
-              LSE2, DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q,
-              seqlen_k, lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale, DQ_ACC, dq_rows, DQ_TURNS, turns_row, dq_tiles)  # fmt: skip
+              DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
+              start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
+              dq_rows, DQ_TURNS, turns_row, dq_tiles)  # fmt: skip
     gl.warp_specialize(
         [
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, stats_smem,
-                             STATS_SMEM, DQ_ORDERED)),
+                             DQ_ORDERED)),
             (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, stats_smem,
-                             STATS_SMEM, DQ_ORDERED)),
+                             DQ_ORDERED)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN,
-                             (LSE2, DELTA, stats_smem, num_heads, lse_len), STATS_SMEM)),
+                             (LSE2, DELTA, stats_smem, num_heads, lse_len))),
         ],
         [num_warps, 1],
         [240, 24],
