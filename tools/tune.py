@@ -50,9 +50,6 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
-                # the table's Triton 128x128 w4 s3 USE_TMA (head dims 32 / 48 take it) has its wgmma
-                # serialized by ptxas; with 8 warps they are not (tools.aot)
-                _c(128, 128, 8, 3, USE_TMA=True),
             ],
             128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
