@@ -189,18 +189,6 @@ def test_gluon_configs_apply_only_where_they_can(fake_fwd) -> None:
     with_acc = {**args, "DQ_ACC": torch.zeros(1, 1, 16, 64), "HEAD_DIM_PAD": 256}
     found = " ".join(dkdv.problems(fused, with_acc))
     assert "float32 accumulator" not in found and "FUSED_DQ takes head dims 64 and 128" in found
-    # RESIDENT_REGS: head dim 64 only (dK/dV and dQ alike)
-    resident = configs._c(64, 128, 4, 2, GLUON_WS=True, RESIDENT_REGS=True)
-    for kernel in (dkdv, dq):
-        assert "RESIDENT_REGS takes head dim 64" in " ".join(
-            kernel.problems(resident, {**args, "HEAD_DIM_PAD": 128})
-        )
-        assert "RESIDENT_REGS" not in " ".join(kernel.problems(resident, {**args, "HEAD_DIM_PAD": 64}))
-    pipelined = configs._c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True)  # dK/dV: head dim 64
-    at_128 = {**args, "HEAD_DIM_PAD": 128}
-    assert "WS_PIPELINE takes head dim 64" in " ".join(dkdv.problems(pipelined, at_128))
-    assert "WS_PIPELINE" not in " ".join(dkdv.problems(pipelined, {**args, "HEAD_DIM_PAD": 64}))
-    assert "WS_PIPELINE" not in " ".join(dq.problems(pipelined, at_128))  # the dQ's: any head dim
     ordered = configs._c(64, 128, 4, 2, GLUON_WS=True, DQ_ORDERED=True)  # orders FUSED_DQ's adds only
     assert "it needs FUSED_DQ" in " ".join(dkdv.problems(ordered, args))
     ordered_fused = configs._c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True)

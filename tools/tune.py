@@ -37,7 +37,6 @@ from flashattention.testing import error_and_bound
 
 NAMES = ("out", "dq", "dk", "dv")
 
-_WS3_STATS = dict(GLUON_WS=True, WS_STAGES=3, STATS_SMEM=True)  # the D64 dK/dV candidates' common flags
 _D64_PERSISTENT = dict(GLUON_WS=True, WS_CONSUMERS=3, PERSISTENT=True, HOST_DESC=True)
 # Configs to measure before they may enter a table (kernel -> table -> padded head dim -> configs): they
 # must pass this tool's check on the GPU and win a case (benchmarks/NOTES.md has what each measured).
@@ -51,49 +50,26 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(128, 128, 4, 2, GLUON_WS=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True),
                 _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
-                # the table's Triton 128x128 w4 s3 USE_TMA (head dims 32 / 48 take it) has its wgmma
-                # serialized by ptxas; with 8 warps they are not (tools.aot)
-                _c(128, 128, 8, 3, USE_TMA=True),
             ],
             128: [_c(128, 128, 4, 2, GLUON_WS=True, WS_PINGPONG=True, PERSISTENT=True)],
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
-    # the Gluon dK/dV with each tile's LSE2 / DELTA staged in shared memory by the producer (STATS_SMEM), with
-    # K and V in registers (RESIDENT_REGS), with dV / dK a tile late under the next softmax (WS_PIPELINE),
-    # computing dQ too (FUSED_DQ, TMA bulk reductions; DQ_ORDERED: in the key blocks' order); their sm_90a
-    # builds: benchmarks/NOTES.md
+    # the Gluon dK/dV computing dQ too (FUSED_DQ, TMA bulk reductions; DQ_ORDERED: in the key blocks' order);
+    # their sm_90a builds: benchmarks/NOTES.md
     "bwd_dkdv": {
         "sm90": {
             64: [
-                _c(64, 128, 4, 2, **_WS3_STATS),
-                _c(64, 128, 4, 2, **_WS3_STATS, RESIDENT_REGS=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, RESIDENT_REGS=True),
-                _c(64, 128, 4, 2, **_WS3_STATS, WS_PIPELINE=True),
-                _c(64, 128, 4, 2, **_WS3_STATS, RESIDENT_REGS=True, WS_PIPELINE=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
-                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, STATS_SMEM=True, DQ_ORDERED=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True),
             ],
-            128: [_c(64, 128, 4, 2, GLUON_WS=True, STATS_SMEM=True)],
-            256: [_c(64, 64, 4, 2, GLUON_WS=True, STATS_SMEM=True)],
         }
     },
-    # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place, with Q and dO in registers too
-    # (RESIDENT_REGS), with a tile's dQ matmul under the next tile's softmax (WS_PIPELINE)
+    # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {
-            64: [
-                _c(128, 128, 4, 2, GLUON_WS=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, RESIDENT_REGS=True),
-                _c(128, 128, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True, RESIDENT_REGS=True),
-            ],
-            128: [
-                _c(128, 64, 4, 2, GLUON_WS=True),
-                _c(128, 64, 4, 2, GLUON_WS=True, WS_STAGES=3, WS_PIPELINE=True),
-            ],
-            256: [_c(128, 32, 4, 2, GLUON_WS=True, WS_PIPELINE=True)],
+            64: [_c(128, 128, 4, 2, GLUON_WS=True)],
+            128: [_c(128, 64, 4, 2, GLUON_WS=True)],
         }
     },
 }

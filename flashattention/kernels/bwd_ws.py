@@ -1,10 +1,10 @@
 """Hopper dK/dV with warp specialisation (Gluon), after FlashAttention-3's backward. One program per key
 block of BLOCK_N = 128 keys (64 at head dim 256) and kv head. A producer warp loads the block's K and V
-once, then streams the Q and dO tiles of every query head of the GQA group through a ring of STAGES
-shared-memory buffers. Two consumer partitions (one warpgroup and 64 keys each) keep dK and dV in
-registers. Per query tile each consumer issues S^T = K Q^T and dP^T = V dO^T asynchronously, loads the
-tile's LSE2 and delta while they run, forms P^T and dS^T = P^T (dP^T - delta), then issues dV += P^T dO
-and dK += dS^T Q.
+once, then streams the Q and dO tiles (and each tile's LSE2 and delta rows) of every query head of the GQA
+group through a ring of STAGES shared-memory buffers. Two consumer partitions (one warpgroup and 64 keys
+each) keep dK and dV in registers. Per query tile each consumer issues S^T = K Q^T and dP^T = V dO^T
+asynchronously, reads the tile's LSE2 and delta while they run, forms P^T and dS^T = P^T (dP^T - delta),
+then issues dV += P^T dO and dK += dS^T Q.
 At head dim 256 (SPLIT_D) a consumer's dK and dV of 64 keys would take 256 registers a thread: the block is
 64 keys and the consumers split the work the other way, FlashAttention-3's way for that head dim. Each
 forms P^T and dS^T for its half of the tile's queries, both halves meet in shared memory, and each
@@ -80,14 +80,14 @@ def _bwd_producer(
     Q, K, V, DO, q_strides, k_strides, v_strides, do_strides,
     k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty,
     off_b, off_hk, group, seqlen_q, seqlen_k, start_n, lo, n_tiles, BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, stats, STATS_SMEM: gl.constexpr,
+    STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, stats,
 ):  # fmt: skip
     """One warp: the block's K and V once (k_smem / v_smem: [boxes, 64 keys, head dim]), then for each
     query head of the group and each query tile, Q and dO into buffer i % STAGES once both consumers have
     released it (i counts the tiles across heads, as the consumers count them). A head's descriptors are
     rewritten only after its last copies landed. IS_VARLEN: the tensors start at the sequence's rows.
-    stats: (LSE2, DELTA, stats_smem, num_heads, lse_len); with STATS_SMEM the tile's LSE2 and DELTA rows go
-    to stats_smem as well (_load_stats, _store_stats)."""
+    stats: (LSE2, DELTA, stats_smem, num_heads, lse_len): the tile's LSE2 and DELTA rows go to stats_smem
+    beside its Q and dO, loaded once for both consumers (_load_stats, _store_stats)."""
     LSE2, DELTA, stats_smem, num_heads, lse_len = stats
     q_rows = seqlen_q  # the sequence's query rows (the stats' bound)
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -108,16 +108,15 @@ def _bwd_producer(
         for i in range(n_tiles):
             s = (issued + i) % STAGES
             start_m = lo + i * BLOCK_M
-            if STATS_SMEM:  # loaded before the buffer is free, so that their latency overlaps the wait
-                stats_tile = _load_stats(LSE2, DELTA, (off_b * num_heads + off_h) * lse_len, start_m, q_rows,
-                                         stats_smem.shape[1])  # fmt: skip
+            # the stats loaded before the buffer is free, so that their latency overlaps the wait
+            stats_tile = _load_stats(LSE2, DELTA, (off_b * num_heads + off_h) * lse_len, start_m, q_rows,
+                                     stats_smem.shape[1])  # fmt: skip
             # a fresh barrier counts as having completed the phase before 0: the first pass does not wait
             mbarrier.wait(empty.index(s), (((issued + i) // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [start_m, 0], ready.index(s), q_smem.index(s))
             tma.async_copy_global_to_shared(do_desc, [start_m, 0], ready.index(s), do_smem.index(s))
-            if STATS_SMEM:
-                _store_stats(stats_tile, stats_smem, s, ready.index(s))
+            _store_stats(stats_tile, stats_smem, s, ready.index(s))
         issued += n_tiles
 
 
@@ -146,24 +145,20 @@ def _store_stats(stats_tile, stats_smem, s, bar):
 @gluon.jit
 def _bwd_consumer(
     shared, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
-    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, RESIDENT_REGS: gl.constexpr,
-    stats_smem, STATS_SMEM: gl.constexpr, WS_PIPELINE: gl.constexpr, DQ_ORDERED: gl.constexpr,
+    num_warps: gl.constexpr, ME: gl.constexpr, FUSED_DQ: gl.constexpr, stats_smem, DQ_ORDERED: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME (`shared`: the runtime arguments both consumers take, as the kernel packs them): dK and
     dV of its ROWS keys over every query tile of every query head of the group, or with SPLIT_D (one K/V
     box: head dim 256) columns ME * HEAD_DIM / 2.. of the block's dK and dV. HAS_LO / HAS_HI are the
-    key-side bounds (the query-side flags swapped, as in bwd.py). FUSED_DQ: both consumers stage their dS^T
-    in pds_smem, and the tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into
-    DQ_ACC by TMA bulk reductions from dq_smem[ME]. RESIDENT_REGS: its K and V in registers as the A operand
-    of S^T and dP^T (read from shared memory once, not every tile). STATS_SMEM: the tile's LSE2 and DELTA
-    from stats_smem, where the producer put them. WS_PIPELINE: a tile's dV and dK matmuls are issued a tile
-    late, behind the next tile's S^T and dP^T, and run under that tile's softmax (its buffer released
-    once they complete). DQ_ORDERED: the owner adds into a query tile in the key blocks' turn (the kernel's
-    docstring)."""
-    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, LSE2,
-     DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
-     start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
-     dq_rows, DQ_TURNS, turns_row, dq_tiles) = shared  # fmt: skip
+    key-side bounds (the query-side flags swapped, as in bwd.py). The tile's LSE2 and DELTA come from
+    stats_smem, where the producer put them. FUSED_DQ: both consumers stage their dS^T in pds_smem, and the
+    tile's owner (consumer t % 2) computes dS K over the block's keys and adds it into DQ_ACC by TMA bulk
+    reductions from dq_smem[ME]. DQ_ORDERED: the owner adds into a query tile in the key blocks' turn (the
+    kernel's docstring)."""
+    (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem, DK, DV,
+     dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len, start_n, lo,
+     full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC, dq_rows, DQ_TURNS, turns_row,
+     dq_tiles) = shared  # fmt: skip
     stride_dkb, stride_dkh, stride_dkn = dk_strides
     stride_dvb, stride_dvh, stride_dvn = dv_strides
     ROWS: gl.constexpr = k_smem.shape[1]
@@ -196,17 +191,11 @@ def _bwd_consumer(
             layout=dq_smem.layout,
         )  # fmt: skip
     mbarrier.wait(kv_bar, 0)
-    if RESIDENT_REGS:
-        k_c = k_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        v_c = v_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    if WS_PIPELINE:  # the last tile's P^T and dS^T, the register operands of its dV and dK
-        p_prev = gl.zeros([ROWS, QM], dtype, a_layout)
-        ds_prev = gl.zeros([ROWS, QM], dtype, a_layout)
     done = 0
     passing = 0  # DQ_ORDERED: DQ_TURNS' entry of the owner's last tile, passed once its adds complete
     passes = 0
     for g in range(group):
-        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # LSE2 / DELTA: [batch, heads, lse_len]
+        row0 = (off_b * num_heads + off_hk * group + g) * lse_len  # DQ_ACC's rows: [batch, heads, lse_len]
         for i in range(n_tiles):
             t = done + i
             s = t % STAGES
@@ -218,27 +207,18 @@ def _bwd_consumer(
             do_s = do_smem.index(s)
             do_mine = do_s.slice(q0, QM, dim=0) if SPLIT_D else do_s
             dpt_token = warpgroup_mma(v_c, do_mine.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            if WS_PIPELINE:  # the last tile's dV and dK (on the first tile: zeros into this tile's rows)
-                sp = gl.where(t > 0, (t + STAGES - 1) % STAGES, s)
-                dv = warpgroup_mma(p_prev, do_smem.index(sp), dv, is_async=True)
-                dk = warpgroup_mma(ds_prev, q_smem.index(sp), dk, is_async=True)
             offs_m = start_m + q0 + gl.arange(0, QM, col_s)
-            m_mask = offs_m < seqlen_q
-            # rows that saw no key (-inf) and rows past seqlen_q: +inf, so that P = 0
-            if STATS_SMEM:
-                lse2 = stats_smem.index(2 * s).slice(q0, QM).load(col_s)
-                delta = stats_smem.index(2 * s + 1).slice(q0, QM).load(col_s)
-            else:
-                lse2 = _load_lse2(LSE2 + row0, offs_m, m_mask)
-                delta = gl.load(DELTA + row0 + offs_m, mask=m_mask, other=0.0)
-            st = warpgroup_mma_wait(num_outstanding=3 if WS_PIPELINE else 1, deps=(st_token,))
+            # rows that saw no key (-inf) and rows past seqlen_q come as +inf, so that P = 0 (_load_stats)
+            lse2 = stats_smem.index(2 * s).slice(q0, QM).load(col_s)
+            delta = stats_smem.index(2 * s + 1).slice(q0, QM).load(col_s)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_token,))
             p = gl.exp2(st * qk_scale - lse2[None, :])
             if (start_m < full_lo) | (start_m >= full_hi):
                 p = gl.where(visible(offs_n, offs_m, seqlen_q, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
             if FUSED_DQ:  # keys past the end (TMA's zeros): P may overflow there, and dQ would add inf * 0
                 if start_n + ROWS > seqlen_k:
                     p = gl.where((offs_n < seqlen_k)[:, None], p, 0.0)
-            dpt = warpgroup_mma_wait(num_outstanding=2 if WS_PIPELINE else 0, deps=(dpt_token,))
+            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_token,))
             ds = p * (dpt - delta[None, :])
             if SPLIT_D:  # both halves of P^T and dS^T in shared memory, then each its dV / dK columns
                 mbarrier.wait(pds_free, (t & 1) ^ 1)  # both consumers' matmuls of the last tile read them
@@ -259,14 +239,6 @@ def _bwd_consumer(
                     dk_token = warpgroup_mma(
                         pds_smem.index(2 + h), _rows_cols(q_s, QM * h, QM, c0, DC), dk_token, is_async=True
                     )
-            elif WS_PIPELINE:  # the last tile's dV and dK done (its buffer free); this tile's, next tile
-                dv, dk, p_prev, ds_prev = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(dv, dk, p_prev, ds_prev)
-                )
-                if t > 0:
-                    mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES))
-                p_prev = gl.convert_layout(p.to(dtype), a_layout)
-                ds_prev = gl.convert_layout(ds.to(dtype), a_layout)
             else:
                 dv_token = warpgroup_mma(gl.convert_layout(p.to(dtype), a_layout), do_s, dv, is_async=True)
                 ds16 = ds.to(dtype)
@@ -277,9 +249,7 @@ def _bwd_consumer(
                     fence_async_shared()
                     _sync_warps()
                     mbarrier.arrive(pds_full)
-            if WS_PIPELINE:
-                pass  # this tile's dV and dK are issued and waited for in the next tile
-            elif not FUSED_DQ:
+            if not FUSED_DQ:
                 dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv_token,))
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
                 if SPLIT_D:
@@ -312,12 +282,6 @@ def _bwd_consumer(
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_token,))
                 mbarrier.arrive(empty.index(s))
         done += n_tiles
-    if WS_PIPELINE:  # the last tile's dV and dK
-        if done > 0:
-            sp = (done - 1) % STAGES
-            dv = warpgroup_mma(p_prev, do_smem.index(sp), dv, is_async=True)
-            dk = warpgroup_mma(ds_prev, q_smem.index(sp), dk, is_async=True)
-            dv, dk, p_prev, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p_prev, ds_prev))
     if FUSED_DQ:
         if DQ_ORDERED:  # the owner's last tile's turn
             _pass_turn(DQ_TURNS + passing, passes, 0)
@@ -421,34 +385,26 @@ def attn_bwd_dkdv_ws_kernel(
     ONE_LOOP: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1,
     GLUON_WS: gl.constexpr = True, WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None,
     IS_VARLEN: gl.constexpr = False, FUSED_DQ: gl.constexpr = False, DQ_ACC=None,
-    RESIDENT_REGS: gl.constexpr = False, STATS_SMEM: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
     DQ_ORDERED: gl.constexpr = False, DQ_TURNS=None, dq_tiles=None,
 ):  # fmt: skip
     """Grid (key blocks of BLOCK_N, batch * kv heads). BLOCK_M query rows per tile; WS_STAGES Q/dO buffers
     (the config's num_stages is not used); two consumer partitions of num_warps = 4 warps: 64 keys each
     (BLOCK_N = 128), or at head dim 256 (SPLIT_D, BLOCK_N = 64) half of the tile's queries and of the
-    dK/dV columns each. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
+    dK/dV columns each. The producer stages each query tile's LSE2 and DELTA rows in shared memory once for
+    both consumers. IS_VARLEN: packed sequences as bwd.attn_bwd_dkdv_kernel takes them (the grid covers
     the longest sequence's keys; seqlen_q and seqlen_k come in as the packed totals). FUSED_DQ (head dims
     64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
-    skips the dQ kernel. RESIDENT_REGS (head dim 64): each consumer's K and V tiles in registers.
-    STATS_SMEM: the producer stages each query tile's LSE2 and DELTA rows in shared memory once for both
-    consumers (each consumer thread otherwise loads its columns' values from global memory, every tile).
-    WS_PIPELINE (head dim 64, not with FUSED_DQ): each consumer issues a tile's dV and dK a tile late,
-    behind the next tile's S^T and dP^T, so that they run under its softmax. DQ_ORDERED (with FUSED_DQ): the
-    key blocks add into each query tile last block first, which makes dQ reproducible: DQ_TURNS (int32,
-    zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M rows) counts each tile's adds so far, and a
-    block waits for its turn (the blocks after it that see the tile) before it adds; the owner passes the
-    turn on once the reductions have completed, at its next tile (a wait for them at every tile stalls it
-    for their round trip). The programs are dispatched (batch, kv head) fastest and last key block first
-    (bwd._key_block's LAST_FIRST): a block only ever waits for blocks already resident or done, few blocks
-    of one head run at once, and with a causal mask the blocks after it reach a tile first anyway."""
+    skips the dQ kernel. DQ_ORDERED (with FUSED_DQ): the key blocks add into each query tile last block first,
+    which makes dQ reproducible: DQ_TURNS (int32, zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M
+    rows) counts each tile's adds so far, and a block waits for its turn (the blocks after it that see the
+    tile) before it adds; the owner passes the turn on once the reductions have completed, at its next tile (a
+    wait for them at every tile stalls it for their round trip). The programs are dispatched (batch, kv head)
+    fastest and last key block first (bwd._key_block's LAST_FIRST): a block only ever waits for blocks already
+    resident or done, few blocks of one head run at once, and with a causal mask the blocks after it reach a
+    tile first anyway."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(not DQ_ORDERED or FUSED_DQ, "DQ_ORDERED orders FUSED_DQ's adds")
-    gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
-    gl.static_assert(
-        not WS_PIPELINE or (HEAD_DIM == 64 and not FUSED_DQ), "WS_PIPELINE: head dim 64, no FUSED_DQ"
-    )
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dK/dV takes head dims 64, 128 and 256")
     SPLIT_D: gl.constexpr = HEAD_DIM == 256
@@ -521,14 +477,12 @@ def attn_bwd_dkdv_ws_kernel(
         DQ_TURNS = DQ_ACC
         dq_tiles = 0
         turns_row = 0
-    if STATS_SMEM:  # per Q/dO buffer s, the tile's lse2 and delta rows (rows 2 s and 2 s + 1)
-        stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a row's layout: index() keeps it
-        stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M], stats_layout)
-    else:
-        stats_smem = kv_bar  # a stand-in, not used
+    # per Q/dO buffer s, the tile's lse2 and delta rows (rows 2 s and 2 s + 1)
+    stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # a row's layout: index() keeps it
+    stats_smem = gl.allocate_shared_memory(gl.float32, [2 * STAGES, BLOCK_M], stats_layout)
     for s in gl.static_range(STAGES):
-        # the TMA copies' arrival, and with STATS_SMEM the producer's once it has stored the stats
-        mbarrier.init(ready.index(s), count=2 if STATS_SMEM else 1)
+        # the TMA copies' arrival, and the producer's once it has stored the stats
+        mbarrier.init(ready.index(s), count=2)
         mbarrier.init(empty.index(s), count=2)  # both consumers release each buffer
 
     # key j is seen by queries i with j - diag - right <= i <= j - diag + left (bwd.py)
@@ -539,19 +493,19 @@ def attn_bwd_dkdv_ws_kernel(
     lo, full_lo, full_hi, hi = tile_range(start_n, BLOCK_N, BLOCK_M, seqlen_q, lo_off, hi_off, HAS_HI, HAS_LO)
     n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
     shared = (k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, pds_smem, pds_full, pds_free, dq_smem,
-              LSE2, DELTA, DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q,
-              seqlen_k, lse_len, start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
-              softmax_scale, DQ_ACC, dq_rows, DQ_TURNS, turns_row, dq_tiles)  # fmt: skip
+              DK, DV, dk_strides, dv_strides, off_b, off_hk, num_heads, group, seqlen_q, seqlen_k, lse_len,
+              start_n, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale, softmax_scale, DQ_ACC,
+              dq_rows, DQ_TURNS, turns_row, dq_tiles)  # fmt: skip
     gl.warp_specialize(
         [
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
-            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, RESIDENT_REGS,
-                             stats_smem, STATS_SMEM, WS_PIPELINE, DQ_ORDERED)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 0, FUSED_DQ, stats_smem,
+                             DQ_ORDERED)),
+            (_bwd_consumer, (shared, BLOCK_M, STAGES, HAS_HI, HAS_LO, num_warps, 1, FUSED_DQ, stats_smem,
+                             DQ_ORDERED)),
             (_bwd_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, k_smem, v_smem, kv_bar,
                              q_smem, do_smem, ready, empty, off_b, off_hk, group, seqlen_q, seqlen_k, start_n,
                              lo, n_tiles, BLOCK_M, STAGES, IS_VARLEN,
-                             (LSE2, DELTA, stats_smem, num_heads, lse_len), STATS_SMEM)),
+                             (LSE2, DELTA, stats_smem, num_heads, lse_len))),
         ],
         [num_warps, 1],
         [240, 24],
@@ -586,12 +540,9 @@ def _dq_producer(
 @gluon.jit
 def _dq_consumer(
     shared, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, num_warps: gl.constexpr, ME: gl.constexpr,
-    RESIDENT_REGS: gl.constexpr, WS_PIPELINE: gl.constexpr,
 ):  # fmt: skip
     """Consumer ME: dQ of the block's query rows ME * ROWS.. over its key tiles: S = Q K^T and dP = dO V^T
-    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K. RESIDENT_REGS:
-    its Q and dO in registers as the A operand of S and dP. WS_PIPELINE: a tile's dQ matmul issued a tile
-    late, behind the next tile's S and dP, under that tile's softmax (its buffer released once done)."""
+    issued together, P and dS = P (dP - delta) formed while dP completes, then dQ += dS K."""
     (q_smem, do_smem, q_bar, k_smem, v_smem, ready, empty, LSE2, DELTA, DQ, dq_strides, off_b, off_h, row0,
      seqlen_q, seqlen_k, start_m, lo, full_lo, full_hi, n_tiles, lo_off, hi_off, qk_scale,
      softmax_scale) = shared  # fmt: skip
@@ -615,33 +566,13 @@ def _dq_consumer(
     tile_args = (lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     mbarrier.wait(q_bar, 0)
-    if RESIDENT_REGS:
-        q_c = q_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        do_c = do_c.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    if WS_PIPELINE:  # the last tile's dS, the register operand of its dQ matmul
-        ds_prev = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)
     for j in range(n_tiles):
         s = j % STAGES
         s_token, dp_token = _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j)
-        if WS_PIPELINE:  # the last tile's dQ (on the first tile: zeros against this tile's keys)
-            sp = gl.where(j > 0, (j + STAGES - 1) % STAGES, s)
-            dq = warpgroup_mma(ds_prev, k_smem.index(sp), dq, is_async=True)
-        ds_a = _dq_scores(
-            s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI, WS_PIPELINE
-        )  # fmt: skip
-        if WS_PIPELINE:  # the last tile's dQ done (its buffer free); this tile's, next tile
-            dq, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_prev))
-            if j > 0:
-                mbarrier.arrive(empty.index((j + STAGES - 1) % STAGES))
-            ds_prev = ds_a
-        else:
-            dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
-            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
-            mbarrier.arrive(empty.index(s))
-    if WS_PIPELINE:  # the last tile's dQ
-        if n_tiles > 0:
-            dq = warpgroup_mma(ds_prev, k_smem.index((n_tiles - 1) % STAGES), dq, is_async=True)
-            dq, ds_prev = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds_prev))
+        ds_a = _dq_scores(s_token, dp_token, j, tile_args, BLOCK_N, col_s, a_layout, dtype, HAS_LO, HAS_HI)
+        dq_token = warpgroup_mma(ds_a, k_smem.index(s), dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_token,))
+        mbarrier.arrive(empty.index(s))
 
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     rows = start_m + ME * ROWS + gl.arange(0, ROWS, gl.SliceLayout(1, store_layout))
@@ -666,18 +597,17 @@ def _dq_issue(q_c, do_c, k_smem, v_smem, ready, zero_s, j):
 @gluon.jit
 def _dq_scores(
     s_token, dp_token, j, tile_args, BLOCK_N: gl.constexpr, col_s: gl.constexpr, a_layout: gl.constexpr,
-    dtype: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr, AHEAD: gl.constexpr,
+    dtype: gl.constexpr, HAS_LO: gl.constexpr, HAS_HI: gl.constexpr,
 ):  # fmt: skip
-    """dS = P (dP - delta) of key tile j (S and dP issued last, or with AHEAD before one more matmul), as
-    the dQ matmul's register operand."""
+    """dS = P (dP - delta) of key tile j (S and dP issued last), as the dQ matmul's register operand."""
     lse2, delta, offs_m, lo, full_lo, full_hi, seqlen_k, lo_off, hi_off, qk_scale = tile_args
     start_n = lo + j * BLOCK_N
-    qk = warpgroup_mma_wait(num_outstanding=1 + AHEAD, deps=(s_token,))
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_token,))
     p = gl.exp2(qk * qk_scale - lse2[:, None])
     if (start_n < full_lo) | (start_n >= full_hi):
         offs_n = start_n + gl.arange(0, BLOCK_N, col_s)
         p = gl.where(visible(offs_m, offs_n, seqlen_k, lo_off, hi_off, HAS_LO, HAS_HI), p, 0.0)
-    dp = warpgroup_mma_wait(num_outstanding=0 + AHEAD, deps=(dp_token,))
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_token,))
     ds = p * (dp - delta[:, None])
     return gl.convert_layout(ds.to(dtype), a_layout)
 
@@ -691,19 +621,16 @@ def attn_bwd_dq_ws_kernel(
     PRECISION: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
     CAN_TMA: gl.constexpr = False, STRIDE_UNIT: gl.constexpr = 1, GLUON_WS: gl.constexpr = True,
     WS_STAGES: gl.constexpr = 2, CU_SEQLENS_Q=None, CU_SEQLENS_K=None, IS_VARLEN: gl.constexpr = False,
-    RESIDENT_REGS: gl.constexpr = False, WS_PIPELINE: gl.constexpr = False,
 ):  # fmt: skip
     """dQ with warp specialisation: the Q-stationary twin of the dK/dV kernel above, same semantics,
     arguments and outputs as bwd.attn_bwd_dq_kernel. Grid (query blocks of BLOCK_M = 128, batch * heads),
     program 0 taking the last block (under a causal mask the last blocks see the most keys). A producer
     warp loads the block's Q and dO once and streams its visible K and V tiles (BLOCK_N keys) through
     WS_STAGES buffers; two consumer partitions of num_warps = 4 warps keep dQ of 64 rows each in
-    registers. RESIDENT_REGS (head dim 64): each consumer's Q and dO tiles in registers too. WS_PIPELINE:
-    each consumer issues a tile's dQ matmul a tile late, behind the next tile's S and dP."""
+    registers."""
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")
     gl.static_assert(BLOCK_M == 128, "two consumers of 64 query rows")
     gl.static_assert(HEAD_DIM == HEAD_DIM_PAD, "the Gluon dQ takes head dims 64, 128 and 256")
-    gl.static_assert(not RESIDENT_REGS or HEAD_DIM == 64, "RESIDENT_REGS takes head dim 64")
     ROWS: gl.constexpr = 64  # query rows per consumer
     STAGES: gl.constexpr = WS_STAGES
     q_strides = unit_strides(q_strides, STRIDE_UNIT)
@@ -752,8 +679,8 @@ def attn_bwd_dq_ws_kernel(
               softmax_scale)  # fmt: skip
     gl.warp_specialize(
         [
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0, RESIDENT_REGS, WS_PIPELINE)),
-            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1, RESIDENT_REGS, WS_PIPELINE)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 0)),
+            (_dq_consumer, (shared, HAS_LO, HAS_HI, num_warps, 1)),
             (_dq_producer, (Q, K, V, DO, q_strides, k_strides, v_strides, do_strides, q_smem, do_smem, q_bar,
                             k_smem, v_smem, ready, empty, off_b, off_h, off_hk, seqlen_q, seqlen_k, start_m,
                             lo, n_tiles, STAGES)),

@@ -61,10 +61,6 @@ class Kernel:
                 found.append("FUSED_DQ takes head dims 64 and 128")
         if config.kwargs.get("DQ_ORDERED") and not config.kwargs.get("FUSED_DQ"):
             found.append("DQ_ORDERED orders FUSED_DQ's dQ adds: it needs FUSED_DQ")
-        if config.kwargs.get("RESIDENT_REGS") and args.get("HEAD_DIM_PAD") != 64:
-            found.append("RESIDENT_REGS takes head dim 64 (the resident tiles' registers)")
-        if config.kwargs.get("WS_PIPELINE") and self.name == "bwd_dkdv" and args.get("HEAD_DIM_PAD") != 64:
-            found.append("the dK/dV's WS_PIPELINE takes head dim 64 (two tiles' matmuls' registers)")
         if config.kwargs.get("WS_OVERLAP") and gluon.length_one(args):
             found.append("WS_OVERLAP takes no sequence length of 1 (Triton 3.6 cannot compile it)")
         return found
