@@ -88,7 +88,7 @@ case "$mode" in
         exit $((tests_rc || rc)) ;;
     profile)
         rc=0; n=0
-        IFS=';' read -ra specs <<<"${PROFILE:---dim 64 --seqlen 8192;--dim 64 --seqlen 8192 --candidate 0}"
+        IFS=';' read -ra specs <<<"${PROFILE:---dim 64 --seqlen 8192;--dim 64 --seqlen 8192 --candidate 0;--dim 64 --seqlen 8192 --candidate 1}"
         for spec in "${specs[@]}"; do
             n=$((n + 1))
             python -m tools.ncu_bwd $spec --calls 1 >/dev/null 2>&1  # compiles outside the profiler

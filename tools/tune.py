@@ -55,8 +55,16 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
             256: [_c(128, 64, 4, 2, GLUON_WS=True, HOST_DESC=True)],
         }
     },
-    # the fused dK/dV + dQ with its adds in no fixed order (the table's is DQ_ORDERED): what the order costs
-    "bwd_dkdv": {"sm90": {64: [_c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)]}},
+    # the Gluon dK/dV computing dQ too (FUSED_DQ, TMA bulk reductions in no fixed order; DQ_ORDERED: in a
+    # fixed order, bitwise reproducible); their sm_90a builds: benchmarks/NOTES.md
+    "bwd_dkdv": {
+        "sm90": {
+            64: [
+                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True),
+                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
+            ],
+        }
+    },
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
     "bwd_dq": {
         "sm90": {

@@ -97,8 +97,6 @@ TABLES: dict[str, dict[str, dict[int, list[triton.Config]]]] = {
     "bwd_dkdv": {
         "sm90": {
             64: [
-                # dQ too, added into each query tile in a fixed order (bitwise reproducible): no dQ kernel
-                _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, WS_STAGES=3),
                 _c(64, 128, 4, 2, GLUON_WS=True),
                 _c(32, 128, 4, 3),  # non-causal to 2k

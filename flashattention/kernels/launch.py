@@ -170,9 +170,8 @@ def attention_backward(
     """(dq, dk, dv) in the dtypes and shapes of (q, k, v); deterministic: a preprocess for delta = rowsum(dO
     * O), then either the dK/dV and dQ kernels (each gradient element written by one program) or a FUSED_DQ
     dK/dV config, which adds dQ into a float32 accumulator by TMA reductions, in a fixed order with
-    DQ_ORDERED (the tables' only kind; an unordered one, in no fixed order, only where a tools.tune
-    candidate forces it). Autotuning times the two-kernel configs only (the fused one does the dQ
-    kernel's work as well).
+    DQ_ORDERED, else in none (no table holds one yet: tools.tune's candidates force them). Autotuning
+    would time the two-kernel configs only (a fused one does the dQ kernel's work as well).
     Varlen: as forward_stats' (delta is per packed row, [heads, total_q], like lse2)."""
     varlen = cu_seqlens_q is not None
     dq = dev.empty(q.shape, q.dtype, q.device)
