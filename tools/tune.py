@@ -63,6 +63,7 @@ CANDIDATES: dict[str, dict[str, dict[int, list]]] = {
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True, DQ_ORDERED=True),
                 _c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True),
             ],
+            128: [_c(64, 128, 4, 2, GLUON_WS=True, FUSED_DQ=True)],
         }
     },
     # the Gluon dQ (kernels/bwd_ws.py) where it has not won a table place
