@@ -397,10 +397,10 @@ def _ordered_params() -> list:
 @pytest.mark.configs
 @pytest.mark.parametrize("entry, import_error", _ordered_params())
 def test_gluon_ordered_fused_dq_is_reproducible(entry, import_error) -> None:
-    """DQ_ORDERED (the fused dQ's adds in the key blocks' grid order): dQ is bitwise the same over repeated
-    backward calls, where 16 to 64 key blocks add into each query tile (4k and 8k keys, 2k queries), under
-    a full and a causal mask, GQA, and a left window (a tile's first adding block is not block 0); dK and
-    dV too."""
+    """DQ_ORDERED (the fused dQ's adds in a fixed order, last key block first): no turn wait gives up, and dQ
+    is bitwise the same over repeated backward calls, where 16 to 64 key blocks add into each query tile (4k
+    and 8k keys, 2k queries), under a full and a causal mask, GQA, and a left window (a tile's last adding
+    block is not the last block); dK and dV too."""
     if import_error is not None:
         pytest.fail(f"could not list the configs: {import_error!r}")
     if torch.cuda.get_device_capability()[0] != 9:
@@ -412,16 +412,25 @@ def test_gluon_ordered_fused_dq_is_reproducible(entry, import_error) -> None:
         q, k, v, dout = make_inputs(2, 8, 2, 2048, seqlen_k, head_dim, B16, "cuda", 1.0)
         scale, right = 1 / math.sqrt(head_dim), 0 if causal else -1
         out, _, lse2 = launch.attention_forward(q, k, v, softmax_scale=scale, left=left, right=right)
-        with hooks.overrides(configs={"bwd_dkdv": [config]}):
-            first = launch.attention_backward(
-                dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right
-            )
-            for _ in range(3):
-                again = launch.attention_backward(
-                    dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right
+        # the test's own turn counters in place of the launcher's (same size), so that [0], the waits that
+        # gave up (out of turn: not reproducible by construction), can be read after each call
+        turns = torch.zeros(1 + 2 * 8 * math.ceil(2048 / config.kwargs["BLOCK_M"]), dtype=torch.int32)
+        turns = turns.cuda()
+        results = []
+        with hooks.overrides(configs={"bwd_dkdv": [config]}, extra_args={"bwd_dkdv": {"DQ_TURNS": turns}}):
+            for _ in range(4):
+                turns.zero_()
+                results.append(
+                    launch.attention_backward(
+                        dout, q, k, v, out, lse2, softmax_scale=scale, left=left, right=right
+                    )
                 )
-                for name, a, b in zip(("dq", "dk", "dv"), first, again, strict=True):
-                    assert torch.equal(a, b), f"{name} differs between runs (causal={causal}, left={left})"
+                assert turns[0].item() == 0, (
+                    f"{turns[0].item()} turn waits gave up (causal={causal}, left={left})"
+                )
+        for again in results[1:]:
+            for name, a, b in zip(("dq", "dk", "dv"), results[0], again, strict=True):
+                assert torch.equal(a, b), f"{name} differs between runs (causal={causal}, left={left})"
 
 
 def _varlen_params() -> list:

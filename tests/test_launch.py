@@ -521,7 +521,8 @@ def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
     attention_backward gives it a zeroed float32 accumulator of LSE2's shape with a head-dim axis, launches
     no dQ kernel, and returns dQ = accumulator * scale in dq's layout (varlen: [total, heads, D] from the
     accumulator's [heads, total, D]); no plan is kept (a replay would skip the zeroing). DQ_ORDERED: also
-    zeroed int32 turn counters, one per (batch or sequence, head, query tile of BLOCK_M rows)."""
+    zeroed int32 turn counters, one per (batch or sequence, head, query tile of BLOCK_M rows), after one
+    that counts the waits that gave up."""
     seen, turns, dq_launches = [], [], []
 
     class FusedFake:
@@ -563,7 +564,8 @@ def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
     assert seen == [(torch.float32, acc_shape, True, True)]
     # dense: batch 2 x 2 heads x ceil(9 / 4) tiles; varlen: 2 sequences x 2 heads x ceil(max 7 / 4) tiles
     tiles = 2 if varlen else 3
-    assert turns == ([(torch.int32, 2 * heads * tiles, True, tiles)] if ordered else [])
+    # and the count of waits that gave up first
+    assert turns == ([(torch.int32, 1 + 2 * heads * tiles, True, tiles)] if ordered else [])
     assert dq_launches == [] and "bwd_dq" not in registry.last_launched
     expected = torch.arange(lse2.numel() * dim, dtype=torch.float32).view(acc_shape) * scale
     torch.testing.assert_close(dq, expected.transpose(0, 1) if varlen else expected, rtol=0, atol=0)

@@ -410,7 +410,7 @@ def test_fused_dq_choice_compiles_no_dq_kernel(monkeypatch, device, ordered):
     """Where the dK/dV choice is a FUSED_DQ config (forced here; Gluon's checks pass as on a Hopper GPU), the
     jobs are the preprocess and that dK/dV kernel, with stand-ins for the accumulator and (DQ_ORDERED) the
     turn counters as attention_backward allocates them: float32 [batch, heads, seqlen_q, D], int32 one per
-    (batch, head, query tile)."""
+    (batch, head, query tile) after the count of waits that gave up."""
     from flashattention.kernels import configs, gluon, warmup
 
     monkeypatch.setattr(gluon, "problems", lambda dims, args: [])
@@ -426,6 +426,6 @@ def test_fused_dq_choice_compiles_no_dq_kernel(monkeypatch, device, ordered):
     assert (acc.dtype, tuple(acc.shape)) == (torch.float32, (1, 2, 33, 64))
     if ordered:
         turns = kwargs["DQ_TURNS"]
-        assert (turns.dtype, turns.numel(), kwargs["dq_tiles"]) == (torch.int32, 6, 3)
+        assert (turns.dtype, turns.numel(), kwargs["dq_tiles"]) == (torch.int32, 1 + 6, 3)
     else:
         assert "DQ_TURNS" not in kwargs

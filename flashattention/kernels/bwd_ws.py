@@ -265,11 +265,12 @@ def _bwd_consumer(
                 if DQ_COLS == DC:  # one piece: the dS^T tiles are read; the other consumer may store its next
                     mbarrier.arrive(pds_free)
                 if DQ_ORDERED:  # this block's turn at the tile: the blocks after it that see it have added
-                    entry = ((turns_row + off_hk * group + g) * dq_tiles + start_m // BLOCK_M).to(gl.int32)
+                    tile = (turns_row + off_hk * group + g) * dq_tiles + start_m // BLOCK_M
+                    entry = 1 + tile.to(gl.int32)  # [0]: the waits that gave up
                     turn = DQ_TURNS + entry
                     _, last = key_blocks_of_tile(start_m, BLOCK_M, BLOCK_N, seqlen_k, lo_off, hi_off, HAS_LO,
                                                  HAS_HI)  # fmt: skip
-                    _wait_turn(turn, last - start_n // BLOCK_N)
+                    _wait_turn(turn, last - start_n // BLOCK_N, DQ_TURNS)
                 _add_dq(dq_desc, dq, dq_smem.index(ME), pds_smem, k_smem, row0 + start_m, DC, zero_dq)
                 if DQ_ORDERED:  # the owner's last tile's adds have completed (this one's may not): its turn
                     _pass_turn(DQ_TURNS + passing, passes, HEAD_DIM // DQ_COLS)
@@ -300,15 +301,17 @@ def _bwd_consumer(
 
 
 @gluon.jit
-def _wait_turn(turn, rank):
+def _wait_turn(turn, rank, missed):
     """Until `rank` adds into the tile have completed (acquire). Bounded (16384 polls, milliseconds, where a
-    block's wait is microseconds per block ahead of it): past it the add goes, so that a mistaken order
-    costs reproducibility, not a hang."""
+    block's wait is a few tiles' time): past it the add goes, so that a mistaken order costs
+    reproducibility, not a hang, and adds 1 to `missed` (the GPU test checks that it stays 0)."""
     seen = gl.atomic_add(turn, 0, sem="acquire", scope="gpu")
     polls = 0
     while (seen < rank) & (polls < 16384):
         seen = gl.atomic_add(turn, 0, sem="acquire", scope="gpu")
         polls += 1
+    if seen < rank:
+        gl.atomic_add(missed, 1, sem="relaxed", scope="gpu")
 
 
 @gluon.jit
@@ -396,13 +399,13 @@ def attn_bwd_dkdv_ws_kernel(
     64 and 128): dQ too, unscaled, added into DQ_ACC (float32, zeroed, LSE2's shape with a head-dim axis)
     by TMA bulk reductions, in no fixed order, so not bitwise reproducible run to run; the launcher then
     skips the dQ kernel. DQ_ORDERED (with FUSED_DQ): the key blocks add into each query tile last block first,
-    which makes dQ reproducible: DQ_TURNS (int32, zeroed, [batch, heads, dq_tiles] for query tiles of BLOCK_M
-    rows) counts each tile's adds so far, and a block waits for its turn (the blocks after it that see the
-    tile) before it adds; the owner passes the turn on once the reductions have completed, at its next tile (a
-    wait for them at every tile stalls it for their round trip). The programs are dispatched (batch, kv head)
-    fastest and last key block first (bwd._key_block's LAST_FIRST): a block only ever waits for blocks already
-    resident or done, few blocks of one head run at once, and with a causal mask the blocks after it reach a
-    tile first anyway."""
+    which makes dQ reproducible: DQ_TURNS (int32, zeroed; [0] counts the waits that gave up, then [batch,
+    heads, dq_tiles] for query tiles of BLOCK_M rows) counts each tile's adds so far, and a block waits for
+    its turn (the blocks after it that see the tile) before it adds; the owner passes the turn on once the
+    reductions have completed, at its next tile (a wait for them at every tile stalls it for their round
+    trip). The programs are dispatched (batch, kv head) fastest and last key block first (bwd._key_block's
+    LAST_FIRST): a block only ever waits for blocks already resident or done, few blocks of one head run at
+    once, and with a causal mask the blocks after it reach a tile first anyway."""
     gl.static_assert(not (FUSED_DQ and HEAD_DIM == 256), "FUSED_DQ takes head dims 64 and 128")
     gl.static_assert(not DQ_ORDERED or FUSED_DQ, "DQ_ORDERED orders FUSED_DQ's adds")
     gl.static_assert(num_warps == 4, "each consumer partition is one warpgroup (num_warps = 4)")

@@ -229,13 +229,15 @@ PRE_BLOCK = 64  # query rows per program of the backward's preprocess
 
 def fused_dq_args(config, lse2_shape, head_dim: int, sequences: int, rows: int, zeros) -> tuple:
     """(DQ_ACC, the dK/dV arguments) of a FUSED_DQ config: the float32 accumulator in LSE2's shape with a
-    head-dim axis and, with DQ_ORDERED, a turn counter per (batch or sequence, head, query tile of the
-    longest sequence's `rows`); zeros(shape, dtype) allocates them zeroed (the warm-up: stand-ins)."""
+    head-dim axis and, with DQ_ORDERED, the count of turn waits that gave up, then a turn counter per (batch
+    or sequence, head, query tile of the longest sequence's `rows`); zeros(shape, dtype) allocates them
+    zeroed (the warm-up: stand-ins)."""
     dq_acc = zeros((*lse2_shape, head_dim), torch.float32)
     extra = dict(DQ_ACC=dq_acc)
     if config.kwargs.get("DQ_ORDERED"):
         tiles = -(-rows // config.kwargs["BLOCK_M"])
-        extra.update(DQ_TURNS=zeros((sequences * lse2_shape[-2] * tiles,), torch.int32), dq_tiles=tiles)
+        turns = zeros((1 + sequences * lse2_shape[-2] * tiles,), torch.int32)
+        extra.update(DQ_TURNS=turns, dq_tiles=tiles)
     return dq_acc, extra
 
 
