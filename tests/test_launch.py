@@ -520,9 +520,9 @@ def test_fused_dq_config_takes_the_accumulator_and_skips_the_dq_kernel(
     """A forced FUSED_DQ dK/dV config (kernels/bwd_ws.py; Gluon, so a fake stands in for it here):
     attention_backward gives it a zeroed float32 accumulator of LSE2's shape with a head-dim axis, launches
     no dQ kernel, and returns dQ = accumulator * scale in dq's layout (varlen: [total, heads, D] from the
-    accumulator's [heads, total, D]); no plan is kept (a replay would skip the zeroing). DQ_ORDERED: also
-    zeroed int32 turn counters, one per (batch or sequence, head, query tile of BLOCK_M rows), after one
-    that counts the waits that gave up."""
+    accumulator's [heads, total, D]); the interpreter keeps no plan (the test below replays one).
+    DQ_ORDERED: also zeroed int32 turn counters, one per (batch or sequence, head, query tile of BLOCK_M
+    rows), after one that counts the waits that gave up."""
     seen, turns, dq_launches = [], [], []
 
     class FusedFake:
@@ -599,3 +599,99 @@ def test_fused_dq_compile_failure_runs_the_two_kernels(monkeypatch: pytest.Monke
                                       right=-1)  # fmt: skip
     assert dkdv_launches == [(32, 16, None, 4)] and dq_launches == [(32, 16, None, 4)]
     assert gluon._compile_error
+
+
+@pytest.mark.parametrize("ordered", [False, True], ids=["any-order", "ordered"])
+def test_fused_dq_call_keeps_a_plan_that_zeroes_afresh(
+    monkeypatch: pytest.MonkeyPatch, ordered: bool
+) -> None:
+    """A FUSED_DQ backward keeps a launch plan (preprocess, fused dK/dV) like the two-kernel one; a replay
+    gives the fused kernel a new zeroed accumulator (and turn counters), launches no dQ kernel and returns
+    dQ = accumulator * scale. (CPU: plans on as on a GPU, stand-in kernels that record their launches and
+    write a call number into the accumulator.)"""
+    import inspect
+
+    from flashattention import _env
+
+    launched, zeroed = [], []
+
+    class Compiled:  # compiled[grid](*values, stream=...) replays; run() would be Triton's slow path
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, *a):
+            raise AssertionError("plans launch through compiled[grid]")
+
+        def __getitem__(self, grid):
+            return lambda *values, stream: self.launch(**dict(zip(SIGNATURE[self.name], values, strict=True)))
+
+        def launch(self, **kw):
+            launched.append((self.name, {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}))
+            if "DQ_ACC" in kw:
+                zeroed.append(
+                    all(bool((kw[n] == 0).all()) for n in ("DQ_ACC", "DQ_TURNS") if kw.get(n) is not None)
+                )
+                kw["DQ_ACC"].fill_(float(len(launched)))
+
+    def dkdv_fn(DQ_ACC, DQ_TURNS=None, dq_tiles=None, DK=None, DV=None, BLOCK_M=None): ...
+
+    def pre_fn(O, DO, DELTA): ...
+
+    SIGNATURE = {"dkdv": list(inspect.signature(dkdv_fn).parameters), "pre": ["O", "DO", "DELTA"]}
+
+    class Fake:  # kernel_fn: [grid](**kwargs) launches and returns its Compiled
+        def __init__(self, name, fn):
+            self.name, self.signature = name, inspect.signature(fn)
+
+        def __getitem__(self, grid):
+            def launch_(**kw):
+                compiled = Compiled(self.name)
+                compiled.launch(**{k: v for k, v in kw.items() if k in SIGNATURE[self.name]})
+                return compiled
+
+            return launch_
+
+    class Driver:
+        class active:  # noqa: N801
+            get_current_stream = staticmethod(lambda index: "stream")
+
+    dq_launches = []
+    monkeypatch.setattr(_env, "interpreting", lambda: False)  # plans are kept (the interpreter keeps none)
+    monkeypatch.setattr(plans.triton.runtime, "driver", Driver)
+    monkeypatch.setattr(device, "ensure_allocator", lambda: None)
+    monkeypatch.setattr(device, "capturing", lambda: False)
+    monkeypatch.setattr(launch, "attn_bwd_preprocess_kernel", Fake("pre", pre_fn))
+    dkdv = registry.Kernel("bwd_dkdv", "dK/dV", Fake("dkdv", dkdv_fn), ("bwd_ws", "x"), (64,))
+    monkeypatch.setitem(registry.KERNELS, "bwd_dkdv", dkdv)
+    monkeypatch.setitem(
+        registry.KERNELS, "bwd_dq", registry.Kernel("bwd_dq", "dQ", FakeKernel(dq_launches), None, ())
+    )
+    monkeypatch.setattr(registry.Kernel, "fn_for", lambda self, config: self.triton_fn)
+    monkeypatch.setattr(gluon, "problems", lambda dims, args: [])  # as on a Hopper GPU
+    flags = dict(GLUON_WS=True, FUSED_DQ=True, **({"DQ_ORDERED": True} if ordered else {}))
+    fused = configs._c(4, 128, 4, 2, **flags)
+    heads, dim, scale = 2, 16, 0.5
+    plans.PLANS.clear()
+    results, accs = [], []
+    with hooks.overrides(configs={"bwd_dkdv": [fused]}):
+        for _ in range(3):  # a launch, then two replays
+            q, k, v, out, dout = (torch.randn(2, heads, 9, dim) for _ in range(5))
+            results.append(launch.attention_backward(
+                dout, q, k, v, out, torch.zeros(2, heads, 9), softmax_scale=scale, left=-1, right=-1
+            ))  # fmt: skip
+            assert len(plans.PLANS) == 1
+    assert [name for name, _ in launched] == ["pre", "dkdv"] * 3 and dq_launches == []
+    assert "bwd_dq" not in registry.last_launched and registry.last_launched["bwd_dkdv"] is fused
+    accs = [kw["DQ_ACC"] for name, kw in launched if name == "dkdv"]
+    assert len({id(a) for a in accs}) == 3 and zeroed == [True] * 3  # a new zeroed accumulator each call
+    for call, (dq, _, _) in enumerate(results):
+        # the fake's fill (its launch number) times the scale: the accumulator was the call's own
+        torch.testing.assert_close(dq, torch.full_like(dq, 2.0 * (call + 1) * scale), rtol=0, atol=0)
+    turns = [kw.get("DQ_TURNS") for name, kw in launched if name == "dkdv"]
+    if ordered:  # zeroed afresh: 1 + batch 2 x 2 heads x ceil(9 / 4) tiles, one object per call
+        assert all(
+            t is not None and t.numel() == 1 + 2 * heads * 3 and len({id(x) for x in turns}) == 3
+            for t in turns
+        )
+    else:
+        assert turns == [None] * 3

@@ -9,6 +9,7 @@ out are packed [total, heads, head_dim] and stats [heads, total_q]: the same ker
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -188,8 +189,20 @@ def attention_backward(
                            max_seqlen_k=max_seqlen_k)  # fmt: skip
     kind = ("bwd_varlen", max_seqlen_q, max_seqlen_k) if varlen else "bwd"
     key = call_key(kind, tuple(tensors.values()), softmax_scale, left, right, q.dtype)
+    # FUSED_DQ's zeroed accumulator (and turn counters), for its launch or a replay of it
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=q.device)  # noqa: E731
+    sequences = cu_seqlens_q.numel() - 1 if varlen else lse2.shape[0]
+    rows = max_seqlen_q if varlen else lse2.shape[-1]
+    fused_args = functools.partial(fused_dq_args, lse2_shape=lse2.shape, head_dim=q.shape[-1],
+                                   sequences=sequences, rows=rows, zeros=zeros)  # fmt: skip
+    planned = next(
+        (p.config for p in PLANS.get(key) or () if p.config and p.config.kwargs.get("FUSED_DQ")), None
+    )
+    dq_acc, extra = fused_args(planned) if planned is not None else (None, {})
     # a replay takes the packed tensors for the kernels' views of them (the same pointers)
-    if PLANS.replay(key, q.device, tensors, registry.last_launched):
+    if PLANS.replay(key, q.device, dict(tensors, **extra), registry.last_launched):
+        if planned is not None:
+            _fused_dq_out(dq, dq_acc, softmax_scale, varlen)
         return dq, dk, dv
     if varlen:  # the kernels see [1, heads, total, head_dim] views
         names = ("O", "DO", "Q", "K", "V", "DQ", "DK", "DV")
@@ -205,19 +218,17 @@ def attention_backward(
     choice_args = dict(dkdv_args, DQ_ACC=lse2)
     fused = registry.first_choice("bwd_dkdv", choice_args, q.device, q.dtype, seqlen_k=seqlen_k)
     if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel (TMA reductions)
-        zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=q.device)  # noqa: E731
-        sequences = cu_seqlens_q.numel() - 1 if varlen else lse2.shape[0]
-        rows = max_seqlen_q if varlen else lse2.shape[-1]
-        dq_acc, extra = fused_dq_args(fused, lse2.shape, q.shape[-1], sequences, rows, zeros)
+        dq_acc, extra = fused_args(fused)
         try:
-            registry.launch("bwd_dkdv", dkdv_grid, dict(dkdv_args, **extra), q.device, q.dtype, config=fused)
+            dkdv = registry.launch(
+                "bwd_dkdv", dkdv_grid, dict(dkdv_args, **extra), q.device, q.dtype, config=fused
+            )
         except CompilationError as err:  # this Triton cannot build it: warn once, the two kernels instead
             gluon.note_compile_error(err)
         else:
-            registry.last_launched.pop("bwd_dq", None)
-            # scaled and rounded in one pass; varlen: [heads, total, D] into [total, heads, D]
-            torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
-            return dq, dk, dv  # no plan: a replay would skip the zeroing and the copy
+            _fused_dq_out(dq, dq_acc, softmax_scale, varlen)
+            PLANS.put(key, (pre, dkdv))  # a replay allocates its own zeroed accumulator (above)
+            return dq, dk, dv
     dkdv = registry.launch("bwd_dkdv", dkdv_grid, dkdv_args, q.device, q.dtype, seqlen_k=seqlen_k)
     dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
     PLANS.put(key, (pre, dkdv, dq_launch))
@@ -225,6 +236,13 @@ def attention_backward(
 
 
 PRE_BLOCK = 64  # query rows per program of the backward's preprocess
+
+
+def _fused_dq_out(dq, dq_acc, softmax_scale: float, varlen: bool) -> None:
+    """A FUSED_DQ launch's dQ: the accumulator scaled and rounded into dq in one pass (varlen: [heads,
+    total, D] into [total, heads, D]); no dQ kernel ran."""
+    registry.last_launched.pop("bwd_dq", None)
+    torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
 
 
 def fused_dq_args(config, lse2_shape, head_dim: int, sequences: int, rows: int, zeros) -> tuple:
