@@ -3,7 +3,7 @@ comes from common.key_blocks_of_tile (the query side), while the tiles a key blo
 common.tile_range on the key side. The two must agree exactly: the key blocks that visit a tile are the
 consecutive blocks first..last, so that the ranks last - block are 0, 1, ... once each. A block whose rank
 counted a block that never visits the tile would wait out its bound; one that missed a visitor would add out
-of turn."""
+of turn. And the blocks it waits for are dispatched before it (bwd._key_block's LAST_FIRST)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashattention.kernels.bwd import _key_block
 from flashattention.kernels.common import key_blocks_of_tile, tile_range
 
 
@@ -80,3 +81,29 @@ def test_causal_square_by_hand() -> None:
     assert [int(x) for x in first] == [0, 0]
     assert [int(x) for x in last] == [0, 1]
     assert list(itertools.chain(key_lo.tolist(), key_hi.tolist())) == [0, 128, 256, 256]
+
+
+@triton.jit
+def _key_block_kernel(OUT, num_kv_heads, BLOCK_N: tl.constexpr, LAST_FIRST: tl.constexpr):
+    start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, LAST_FIRST)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # the dispatch order (axis 0 fastest)
+    tl.store(OUT + pid * 3 + 0, start_n)
+    tl.store(OUT + pid * 3 + 1, off_b.to(tl.int32))
+    tl.store(OUT + pid * 3 + 2, off_hk.to(tl.int32))
+
+
+@pytest.mark.parametrize("last_first", [False, True], ids=["grid-order", "last-first"])
+def test_key_block_dispatch_order(last_first: bool) -> None:
+    """bwd._key_block over a (key blocks, batch * kv heads) grid: every (key block, batch, kv head) once;
+    LAST_FIRST dispatches (batch, kv head) fastest and the last key block first, so that a DQ_ORDERED block
+    waits only for blocks dispatched before it (the ones after it in key order)."""
+    blocks, batch, kv_heads, block_n = 5, 2, 3, 128
+    out = torch.full((blocks * batch * kv_heads, 3), -1, dtype=torch.int32)
+    _key_block_kernel[(blocks, batch * kv_heads)](out, kv_heads, BLOCK_N=block_n, LAST_FIRST=last_first)
+    seen = [(n // block_n, b, h) for n, b, h in out.tolist()]
+    assert sorted(seen) == sorted(itertools.product(range(blocks), range(batch), range(kv_heads)))
+    if last_first:
+        expected = [(j, b, h) for j in reversed(range(blocks)) for b in range(batch) for h in range(kv_heads)]
+    else:
+        expected = [(j, b, h) for b in range(batch) for h in range(kv_heads) for j in range(blocks)]
+    assert seen == expected
