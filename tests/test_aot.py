@@ -33,8 +33,8 @@ def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
     assert "| sm90 | fwd | 128 |" in result.stdout and "| sm90-fp32 | bwd_dkdv | 256 |" in result.stdout
 
 
-# Table configs may not spill, but for PERSISTENT ones a few loop-carried scalars (ptxas: 36-92 B of spill
-# traffic, a 16-byte stack frame at D128 with triton 3.6; measured faster at 2k all the same) and the D128
+# Table configs may not spill, but for PERSISTENT ones a few loop-carried scalars (ptxas: 36-168 B of spill
+# traffic, 168 B for the D64 WS_STAGES=3 one with triton 3.6; measured faster at 2k all the same) and the D128
 # dK/dV of 64x128 (248 B with triton 3.6, 264 B with 3.8; measured 4-7% faster than the spill-free 32x128
 # all the same); candidates only have to compile and fit (their spills are what tune runs measure)
 GLUON_SCRIPT = """
@@ -51,7 +51,7 @@ for kernel, table, dim, cfg in tables_and_candidates():
         if id(cfg) in in_table:
             # the Gluon dK/dV's loop scalars and addresses (LDL hits in L1; benchmarks/NOTES.md)
             dkdv = {128: 320, 256: 400}.get(dim, 0) if kernel == "bwd_dkdv" else 0
-            allowed = 128 if cfg.kwargs.get("PERSISTENT") else dkdv
+            allowed = 192 if cfg.kwargs.get("PERSISTENT") else dkdv
             assert r["spills"] <= allowed, (dim, cfg, r)
             if registry.KERNELS[kernel].takes_varlen(cfg):  # the IS_VARLEN specialisation as well
                 r = aot.compile_config(kernel, cfg, dim, False, varlen=True)
