@@ -41,8 +41,8 @@ def _c(block_m: int, block_n: int, warps: int, stages: int, **flags: bool | int)
     WS_PINGPONG (consumers' matmuls in turns), HOST_DESC (TMA descriptors made on the host), WS_OVERLAP (a
     tile's stores under the next tile's first Q K^T), WS_ROWSUM_MMA (softmax row sums on the tensor cores);
     FUSED_DQ (Gluon dK/dV, head dim 64/128): dQ by float32 TMA bulk reductions in the dK/dV kernel, no dQ
-    kernel; DQ_ORDERED (with FUSED_DQ): the key blocks' dQ adds into each query tile in grid order, so that
-    dQ is reproducible."""
+    kernel; DQ_ORDERED (with FUSED_DQ): the key blocks' dQ adds into each query tile in a fixed order (last
+    key block first), so that dQ is reproducible."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n, **flags}, num_warps=warps, num_stages=stages
     )

@@ -214,9 +214,7 @@ def attention_backward(
         compiled = attn_bwd_preprocess_kernel[pre_grid](**pre_args)
     pre = ("", attn_bwd_preprocess_kernel, compiled, pre_grid, pre_args, None)
     seqlen_k = max_seqlen_k if varlen else None
-    # whether the choice is a FUSED_DQ config (lse2 stands in for the accumulator it would be given)
-    choice_args = dict(dkdv_args, DQ_ACC=lse2)
-    fused = registry.first_choice("bwd_dkdv", choice_args, q.device, q.dtype, seqlen_k=seqlen_k)
+    fused = dkdv_choice(dkdv_args, lse2, q.device, q.dtype, seqlen_k=seqlen_k)
     if fused is not None and fused.kwargs.get("FUSED_DQ"):  # dQ inside the dK/dV kernel (TMA reductions)
         dq_acc, extra = fused_args(fused)
         try:
@@ -243,6 +241,12 @@ def _fused_dq_out(dq, dq_acc, softmax_scale: float, varlen: bool) -> None:
     total, D] into [total, heads, D]); no dQ kernel ran."""
     registry.last_launched.pop("bwd_dq", None)
     torch.mul(dq_acc.transpose(0, 1) if varlen else dq_acc, softmax_scale, out=dq)
+
+
+def dkdv_choice(args: dict, lse2, device, dtype, seqlen_k=None):
+    """The dK/dV config a backward tries first (registry.first_choice), FUSED_DQ ones included: lse2 stands
+    in for the accumulator that only such a config is given (fused_dq_args)."""
+    return registry.first_choice("bwd_dkdv", dict(args, DQ_ACC=lse2), device, dtype, seqlen_k=seqlen_k)
 
 
 def fused_dq_args(config, lse2_shape, head_dim: int, sequences: int, rows: int, zeros) -> tuple:

@@ -82,7 +82,7 @@ def enabled(device: torch.device) -> bool:
 def backward_jobs(q, k, v, softmax_scale: float, left: int, right: int) -> list[tuple]:
     """(name, kernel_fn, grid, keyword arguments) of each backward launch that a forward of (q, k, v) with
     gradients will lead to, for the gradient the backward usually gets (contiguous, in out's shape)."""
-    from .launch import backward_launches, fused_dq_args
+    from .launch import backward_launches, dkdv_choice, fused_dq_args
 
     batch, heads, seqlen_q, head_dim = q.shape
     like = lambda shape, dtype=q.dtype: StandIn(shape, dtype, q.device)  # noqa: E731
@@ -102,8 +102,8 @@ def backward_jobs(q, k, v, softmax_scale: float, left: int, right: int) -> list[
             continue
         if name == "bwd_dq" and fused:
             continue
-        if name == "bwd_dkdv":  # the accumulator's stand-in lets a FUSED_DQ config be chosen
-            config = registry.first_choice(name, dict(args, DQ_ACC=tensors["LSE2"]), q.device, q.dtype)
+        if name == "bwd_dkdv":  # FUSED_DQ configs included, as the backward chooses
+            config = dkdv_choice(args, tensors["LSE2"], q.device, q.dtype)
             fused = config is not None and bool(config.kwargs.get("FUSED_DQ"))
             if fused:
                 _, extra = fused_dq_args(config, tensors["LSE2"].shape, head_dim, batch, seqlen_q, like)
