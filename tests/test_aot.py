@@ -33,10 +33,10 @@ def test_default_configs_compile_for_sm90_and_fit_shared_memory() -> None:
     assert "| sm90 | fwd | 128 |" in result.stdout and "| sm90-fp32 | bwd_dkdv | 256 |" in result.stdout
 
 
-# Table configs may not spill, but for PERSISTENT ones a few loop-carried scalars (ptxas: 36-168 B of spill
-# traffic, 168 B for the D64 WS_STAGES=3 one with triton 3.6; measured faster at 2k all the same) and the D128
-# dK/dV of 64x128 (248 B with triton 3.6, 264 B with 3.8; measured 4-7% faster than the spill-free 32x128
-# all the same); candidates only have to compile and fit (their spills are what tune runs measure)
+# Table configs may not spill, but PERSISTENT ones may spill a few loop-carried scalars and the Gluon dK/dV
+# at D128 / 256 its loop scalars and addresses: both measured faster than spill-free configs all the same
+# (benchmarks/NOTES.md has the bytes per triton version); candidates only have to compile and fit (their
+# spills are what tune runs measure)
 GLUON_SCRIPT = """
 from tools import aot
 from tools.tune import tables_and_candidates
