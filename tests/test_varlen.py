@@ -269,15 +269,17 @@ def test_bad_input_raises_before_any_kernel(name: str, backend: str, device, mon
 
 
 def test_offsets_are_read_once_per_unmodified_tensor(device, monkeypatch) -> None:
-    """The offsets' host read (a device sync) is kept for the same, unmodified cu_seqlens tensors, as a
-    model's layers pass them; an in-place write to either one (a new version) or other tensors of equal
-    values are read again, so a stale read never validates changed offsets."""
+    """The offsets' host read (a device sync) is kept for the same, unmodified device cu_seqlens tensors, as
+    a model's layers pass them; an in-place write to either one (a new version) or other tensors of equal
+    values are read again, so a stale read never validates changed offsets. (CPU tensors stand in for
+    device ones here: the policy's `cacheable` is replaced.)"""
     from flashattention._validation import varlen as checks
 
     reads = []
     stack = torch.stack
     monkeypatch.setattr(torch, "stack", lambda *a, **kw: reads.append(1) or stack(*a, **kw))
     monkeypatch.setattr(checks, "_last_read", ())
+    monkeypatch.setattr(checks, "cacheable", lambda t: not t.is_inference())
     args = _good(device)
 
     def check():
@@ -300,6 +302,66 @@ def test_offsets_are_read_once_per_unmodified_tensor(device, monkeypatch) -> Non
     with pytest.raises(ValueError, match="max_seqlen_k"):
         check()
     assert len(reads) == 4
+
+
+def test_cpu_offsets_are_read_every_call() -> None:
+    """CPU offsets are read afresh on every call (no sync to save): a write through a numpy view, which
+    PyTorch's version counter does not see, is caught as any other."""
+    args = _good("cpu")
+    flash_attention_varlen(*args.values(), backend="torch")
+    args["cu_seqlens_q"].numpy()[1] = 9  # sequence 1 has 3 queries now, sequence 0 has 9 > max_seqlen_q 7
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        flash_attention_varlen(*args.values(), backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_offsets(backend: str, device) -> None:
+    """Offsets made under torch.inference_mode (tensors without a version counter) are read on every call:
+    the call works, and a change made in place under inference mode is seen."""
+    with torch.inference_mode():
+        args = _good(device)
+        out = flash_attention_varlen(*args.values(), backend=backend)
+        expected = flash_attention_varlen(*{**args, "cu_seqlens_q": args["cu_seqlens_q"].clone()}.values(),
+                                          backend=backend)  # fmt: skip
+        assert_same_result("out", out, expected)
+        args["cu_seqlens_q"][1] = 9
+        with pytest.raises(ValueError, match="max_seqlen_q"):
+            flash_attention_varlen(*args.values(), backend=backend)
+
+
+def test_offsets_changed_unseen_stay_inside_the_tensors(device, monkeypatch) -> None:
+    """Offsets written after their check without PyTorch seeing it (as a custom kernel writes a device
+    tensor; simulated with a numpy view and the cached read kept) never take a kernel outside the packed
+    rows: each range is clamped into [0, total). q, k and v lie in NaN-filled buffers, so a read past their
+    rows would show as NaN; the last offset pushed 4 rows past the end reads as the end, giving exactly the
+    result of the valid offsets, forward and backward."""
+    from flashattention._validation import varlen as checks
+
+    if device != "cpu":
+        pytest.skip("the unseen write goes through a numpy view of a CPU tensor (the interpreter runs it)")
+    monkeypatch.setattr(checks, "_last_read", ())
+    monkeypatch.setattr(checks, "cacheable", lambda t: True)
+    torch.manual_seed(0)
+    total, guard = 8, 4
+
+    def guarded(heads):  # [total, heads, 16] rows of a NaN buffer with `guard` more rows after them
+        buffer = torch.full((total + guard, heads, 16), float("nan"), device=device)
+        buffer[:total] = torch.randn(total, heads, 16, device=device)
+        return buffer[:total].requires_grad_()
+
+    q, k, v = guarded(4), guarded(2), guarded(2)
+    cu = cu_seqlens((3, 5), device)
+
+    def run():
+        out = flash_attention_varlen(q, k, v, cu, cu, 5, 5, causal=True, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return (out, *grads)
+
+    expected = run()
+    cu.numpy()[2] = total + guard
+    for name, got, want in zip(("out", "dq", "dk", "dv"), run(), expected, strict=True):
+        assert not got.isnan().any(), f"{name}: NaN, a read past the packed rows"
+        assert_same_result(name, got, want)
 
 
 def test_larger_max_seqlen_is_accepted(device) -> None:

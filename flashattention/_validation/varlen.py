@@ -140,10 +140,20 @@ def check_cu_seqlens(
 _last_read: tuple = ()
 
 
+def cacheable(t: torch.Tensor) -> bool:
+    """Whether a read of t is kept: a device tensor (a CPU read costs no sync, and numpy views write CPU
+    tensors without a new version) with a version counter (inference tensors have none)."""
+    return t.device.type != "cpu" and not t.is_inference()
+
+
 def _host_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple[list[int], list[int]]:
     """Both offset tensors as host lists: read (one sync), or the last read where it came from these very
-    tensors and neither has been written since (an in-place write bumps a tensor's version counter)."""
+    device tensors and neither has been written since (an in-place write bumps a tensor's version counter;
+    a write that bypasses PyTorch, such as a custom kernel's, does not: the kernels keep every sequence
+    inside the packed tensors whatever the offsets, README "Varlen")."""
     global _last_read
+    if not (cacheable(cu_seqlens_q) and cacheable(cu_seqlens_k)):
+        return tuple(torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist())
     versions = (cu_seqlens_q._version, cu_seqlens_k._version)
     if _last_read:
         ref_q, ref_k, last_versions, offsets = _last_read

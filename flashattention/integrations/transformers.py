@@ -48,6 +48,7 @@ import torch
 
 from .. import _validation_compat as _vc
 from ..api import flash_attention, flash_attention_varlen
+from .._validation.varlen import cacheable
 
 ATTN_IMPLEMENTATION = "fa_triton"
 
@@ -159,7 +160,10 @@ _LAST: dict = {}
 def _mask_rows(mask: torch.Tensor, causal: bool, left: int) -> tuple[list[int], list[int]] | None:
     """(starts, ends) when `mask` [batch, 1 or heads, seqlen_q, seqlen_k] is exactly, per row b, keys
     [start_b, end_b), causal bottom-right at end_b when `causal`, within `left` keys before the diagonal
-    when left >= 0; None when it is anything else. One device sync, cached for the same unchanged mask."""
+    when left >= 0; None when it is anything else. One device sync, cached for the same unchanged device
+    mask (as the varlen offsets' read: not for CPU or inference tensors)."""
+    if not cacheable(mask):
+        return _infer_rows(mask, causal, left)
     key = (mask.data_ptr(), mask._version, tuple(mask.shape), mask.dtype, causal, left)
     ref = _LAST.get("mask")
     if ref is not None and ref() is mask and _LAST.get("key") == key:

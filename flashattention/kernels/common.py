@@ -60,13 +60,15 @@ def persistent_tile(tile, num_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b):
+def varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, total_q, total_k):
     """Packed sequence off_b: (first query row, first key row) as int64 (row offsets of a long packed batch
-    exceed 2^31 elements), and its (seqlen_q, seqlen_k) as int32, from the cu_seqlens (int32 [batch + 1])."""
-    q_start = tl.load(CU_SEQLENS_Q + off_b)
-    k_start = tl.load(CU_SEQLENS_K + off_b)
-    seqlen_q = tl.load(CU_SEQLENS_Q + off_b + 1) - q_start
-    seqlen_k = tl.load(CU_SEQLENS_K + off_b + 1) - k_start
+    exceed 2^31 elements), and its (seqlen_q, seqlen_k) as int32, from the cu_seqlens (int32 [batch + 1]),
+    each range clamped into the packed rows [0, total): the host checks the offsets, and the clamp keeps
+    every access inside the tensors should they change unseen after the check (a write bypassing PyTorch)."""
+    q_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + off_b), 0), total_q)
+    k_start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_K + off_b), 0), total_k)
+    seqlen_q = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_Q + off_b + 1), q_start), total_q) - q_start
+    seqlen_k = tl.minimum(tl.maximum(tl.load(CU_SEQLENS_K + off_b + 1), k_start), total_k) - k_start
     return q_start.to(tl.int64), k_start.to(tl.int64), seqlen_q, seqlen_k
 
 

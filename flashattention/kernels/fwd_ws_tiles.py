@@ -32,7 +32,7 @@ def _tile(
     off_bh, start_m = persistent_tile(tile, num_m, BLOCK_M)
     off_b = (off_bh // num_heads).to(gl.int64)
     if IS_VARLEN:
-        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_Q, CU_K, off_b)
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_Q, CU_K, off_b, seqlen_q, seqlen_k)
         lo_off = seqlen_k - seqlen_q - window_left
         hi_off = seqlen_k - seqlen_q + window_right
         mem_b = 0
