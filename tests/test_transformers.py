@@ -176,6 +176,23 @@ def test_per_row_ranges_are_recognised():
     assert fa_hf._infer_rows(window[None, None], True, 1) == ([1], [7])
 
 
+def test_masks_under_inference_mode():
+    """A padding mask made under torch.inference_mode (no version counter) works and is read on every call:
+    a mask changed in place under inference mode gives the new mask's result."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    with torch.inference_mode():
+        q, k, v = (torch.randn(2, 2, 4, 16) for _ in range(3))
+        mask = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+        mask[0, :, :, :1] = False  # row 0: one left-padding key
+        first, _ = fa_hf.flashattention_forward(module, q, k, v, mask, scaling=0.25)
+        mask[0, :, :, 1] = False  # row 0: two left-padding keys now
+        second, _ = fa_hf.flashattention_forward(module, q, k, v, mask, scaling=0.25)
+        fresh, _ = fa_hf.flashattention_forward(module, q, k, v, mask.clone(), scaling=0.25)
+    assert torch.equal(second, fresh)
+    assert not torch.equal(first[0, 2:], second[0, 2:])  # the rows that see the changed key
+
+
 def test_unsupported_raise():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 16)
