@@ -131,14 +131,17 @@ def sdpa_applies(q: torch.Tensor, k: torch.Tensor, left: int, right: int, return
     """Whether backend="auto" runs PyTorch's scaled_dot_product_attention: CPU tensors (BHSD views), the
     normalised window (left, right) one that SDPA can express exactly, no LSE wanted (SDPA returns none).
     SDPA's causal is top-left aligned, ours bottom-right: the same only where seqlen_q == seqlen_k (a single
-    query's causal bound was normalised to -1 already). A sequence without keys gives SDPA NaN, ours 0."""
+    query's causal bound was normalised to -1 already). A sequence without keys gives SDPA NaN, ours 0; a
+    query row with a NaN or inf gives SDPA's CPU kernel zeros, ours NaN (one pass over q tells)."""
     if q.device.type != "cpu" or return_lse or left != -1:
         return False
     if right != -1 and not (right == 0 and q.shape[2] == k.shape[2]):
         return False
     if q.numel() == 0 or k.numel() == 0:
         return False
-    return q.shape[1] == k.shape[1] or SDPA_HAS_GQA
+    if not (q.shape[1] == k.shape[1] or SDPA_HAS_GQA):
+        return False
+    return bool(torch.isfinite(q).all())
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:

@@ -89,3 +89,17 @@ def test_auto_on_cpu_matches_reference_and_picks_sdpa_where_exact(shape, kwargs,
     )
     for name, a, r, s in zip(("out", "dq", "dk", "dv"), got, ref, same, strict=True):
         assert_close_to_reference(name, a, r, s)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_auto_with_a_nonfinite_query_matches_the_torch_backend(bad, causal, sdpa_calls):
+    """A query row holding a NaN or inf gives NaN on every backend (SDPA's CPU kernel gives that row zeros,
+    so backend="auto" does not run it); the other rows are unaffected."""
+    q, k, v, _ = make_inputs(1, 2, 2, 6, 6, 16, torch.float32, "cpu")
+    q[0, 1, 2, 5] = bad
+    auto = flash_attention(q, k, v, causal=causal, backend="auto")
+    blockwise = flash_attention(q, k, v, causal=causal, backend="torch")
+    assert not sdpa_calls
+    assert auto[0, 1, 2].isnan().all() and blockwise[0, 1, 2].isnan().all()
+    torch.testing.assert_close(auto, blockwise, equal_nan=True, rtol=0, atol=0)
