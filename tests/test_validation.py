@@ -152,6 +152,10 @@ BAD_INPUTS = [
     ("scale-zero", _qkv, {"softmax_scale": 0.0}, ValueError, ["softmax_scale", "> 0", "got 0.0"]),
     ("scale-negative", _qkv, {"softmax_scale": -0.5}, ValueError, ["softmax_scale", "> 0", "got -0.5"]),
     ("scale-str", _qkv, {"softmax_scale": "0.1"}, TypeError, ["softmax_scale", "str"]),
+    ("scale-past-fp32", _qkv, {"softmax_scale": 1e39}, ValueError, ["softmax_scale", "float32", "got 1e+39"]),
+    ("scale-huge-int", _qkv, {"softmax_scale": 10**400}, ValueError, ["softmax_scale", "finite"]),
+    ("scale-fp32-overflow", _qkv, {"softmax_scale": 3e38}, ValueError, ["softmax_scale", "log2(e)"]),
+    ("scale-below-fp32", _qkv, {"softmax_scale": 1e-40}, ValueError, ["softmax_scale", "between"]),
     # backend
     ("backend-unknown", _qkv, {"backend": "flash"}, ValueError, ["backend", "'flash'", "triton", "torch"]),
     ("backend-cuda", _qkv, {"backend": "cuda"}, ValueError, ["backend", "'cuda'"]),

@@ -164,6 +164,11 @@ def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
         )
 
 
+# softmax_scale's range: softmax_scale * log2(e) a normal float32 (the kernels' score scale)
+SCALE_MIN = 2.0**-126
+SCALE_MAX = 3.4028234663852886e38 / math.log2(math.e)
+
+
 def check_scale(softmax_scale: object, head_dim: int) -> float:
     """Returns the softmax scale, 1/sqrt(head_dim) by default."""
     if softmax_scale is None:
@@ -173,12 +178,22 @@ def check_scale(softmax_scale: object, head_dim: int) -> float:
             f"flash_attention: `softmax_scale` must be a float or None, got {type(softmax_scale).__name__}. "
             f"Pass a Python float, e.g. `softmax_scale=float(scale)`."
         )
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+    try:
+        scale = float(softmax_scale)
+    except OverflowError:  # an int past float range
+        scale = math.inf
+    if not math.isfinite(scale) or scale <= 0:
         raise ValueError(
             f"flash_attention: `softmax_scale` must be a finite number > 0, got {softmax_scale}. Use None "
             f"for the default 1/sqrt(head_dim); for a negative scale pass -q with scale -softmax_scale."
         )
-    return float(softmax_scale)
+    if not SCALE_MIN <= scale <= SCALE_MAX:
+        raise ValueError(
+            f"flash_attention: `softmax_scale` must be between {SCALE_MIN:.3g} and {SCALE_MAX:.3g} (the kernels "
+            f"scale the scores by softmax_scale * log2(e) in float32, which must be a normal float32 number), "
+            f"got {softmax_scale}. Scale q instead (q * s with softmax_scale=1.0 is the same attention)."
+        )
+    return scale
 
 
 def check_mask_types(what: str, causal: object, window_size: object) -> None:
