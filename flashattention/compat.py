@@ -184,6 +184,9 @@ def flash_attn_with_kvcache(
     backend = _validation.pick_backend(backend, q.device)
     _vc.check_kvcache_grad(what, api._needs_grad(q, k_cache, v_cache, *((k, v) if k is not None else ())))
     _validation.check_paged_backend(what, backend, plain(q, k_cache, v_cache))
+    if backend == "triton" and not plan.paged and plan.starts is not None:  # before anything is written
+        _vc.token_pool_strides(what, k_cache)
+        _vc.token_pool_strides(what, v_cache)
     if rotary_cos is not None:
         seqlen_q, new = q.shape[1], k.shape[1]
         steps = left >= 0 or right >= 0  # causal or local: query i at cache_seqlens + i
@@ -274,8 +277,7 @@ def _attend_triton(q, k_cache, v_cache, plan: _vc.KVCachePlan, block_table, call
     if plan.paged:
         k_view, v_view = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     elif plan.starts is not None:
-        m = _vc.token_pool_strides("flash_attn_with_kvcache", k_cache)
-        _vc.token_pool_strides("flash_attn_with_kvcache", v_cache)
+        m = k_cache.stride(0) // k_cache.stride(1)  # one-token pages (strides checked by the caller)
         k_view, v_view = (_token_pool(c, m) for c in (k_cache, v_cache))
         ends = plan.ends if plan.ends is not None else torch.full_like(plan.starts, plan.capacity)
         lengths = (ends - plan.starts).to(torch.int32)

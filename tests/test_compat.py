@@ -531,3 +531,13 @@ def test_kvcache_bad_input_raises_before_writing(device):
     with pytest.raises(NotImplementedError, match="inference only"):
         flash_attn_with_kvcache(q.requires_grad_(), k_cache, v_cache, cache_seqlens=1)
     assert torch.equal(k_cache, before)
+    # cache_leftpad on triton over rows 3 elements apart past their tokens (batch stride 323, sequence
+    # stride 32): not one-token pages, refused before k and v are written
+    padded = torch.zeros(2 * (10 * 32 + 3), device=device).as_strided((2, 10, 2, 16), (323, 32, 16, 1))
+    before = padded.clone()
+    with pytest.raises(NotImplementedError, match="multiple of its sequence stride"):
+        flash_attn_with_kvcache(
+            q.detach(), padded, padded.clone(), k, v, cache_seqlens=1, cache_leftpad=i32([0, 1]),
+            backend="triton",
+        )  # fmt: skip
+    assert torch.equal(padded, before)
