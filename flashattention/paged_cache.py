@@ -382,6 +382,10 @@ def _attention(q, key_pool, value_pool, block_table, cache_seqlens, call: api.Ca
     blockwise call per row on its gathered keys/values (one device sync for the lengths)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
+    # no row holds more than max_seqlen_k keys: a bound hiding none of those is -1 (the kernel's int32
+    # offsets would wrap on a huge one), as api.attention_with_seqlens does for dense rows
+    left, right = api.normalise_window(call.left, call.right, q.shape[2], max_seqlen_k)
+    call = call._replace(left=left, right=right)
     if call.backend == "triton":
         from .kernels import launch_decode
 

@@ -12,7 +12,14 @@ import pytest
 import torch
 from _helpers import Case, assert_close_to_reference, case_params, check_attention
 
-from flashattention import KVCache, blockwise, flash_attention, incremental_attention
+from flashattention import (
+    KVCache,
+    PagedKVCache,
+    blockwise,
+    flash_attention,
+    incremental_attention,
+    paged_attention,
+)
 from flashattention.api import normalise_window
 from flashattention.reference import attention_reference, visible_mask
 
@@ -73,6 +80,33 @@ def test_huge_window_kv_cache_matches_reference(per_row: bool, backend: str, dev
             ref, _ = attention_reference(*args, window_size=window)
             same, _ = attention_reference(*args, window_size=window, upcast=False)
             assert_close_to_reference(f"row {b} (length {n}), window {window}", out[rows], ref, same)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_window_paged_matches_reference(backend: str, device: str) -> None:
+    """A PagedKVCache (blocks of 4, rows of 10, 1 and 7 tokens) through incremental_attention and
+    paged_attention, 1 and 12 queries a row, with huge bounds: each row's reference."""
+    lengths = [10, 1, 7]
+    _, k, v, _ = Case(3, 4, 2, 1, 10, 16, F32).inputs(device)
+    cache = PagedKVCache(3, 2, 16, num_blocks=12, block_size=4, dtype=F32, device=device)
+    with torch.no_grad():
+        cache.append(k, v, num_new=lengths)
+    for seqlen_q, window in itertools.product((1, 12), ((-1, 2**31 - 1), (2**31 - 1, -1), (2**40, 2**31))):
+        q = torch.randn(3, 4, seqlen_q, 16, device=device)
+        with torch.no_grad():
+            outs = (
+                incremental_attention(q, cache, causal=False, window_size=window, backend=backend),
+                paged_attention(
+                    q, cache.key_pool, cache.value_pool, cache.block_table, cache.cache_seqlens,
+                    window_size=window, backend=backend,
+                ),
+            )  # fmt: skip
+        for (b, n), out in itertools.product(enumerate(lengths), outs):
+            args = (q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+            ref, _ = attention_reference(*args, window_size=window)
+            same, _ = attention_reference(*args, window_size=window, upcast=False)
+            name = f"row {b} (length {n}), {seqlen_q} queries, window {window}"
+            assert_close_to_reference(name, out[b : b + 1], ref, same)
 
 
 def _boundary_values(seqlen: int) -> list[int]:
