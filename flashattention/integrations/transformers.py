@@ -47,8 +47,8 @@ import weakref
 import torch
 
 from .. import _validation_compat as _vc
-from ..api import flash_attention, flash_attention_varlen
 from .._validation.varlen import cacheable
+from ..api import flash_attention, flash_attention_varlen
 
 ATTN_IMPLEMENTATION = "fa_triton"
 

@@ -169,7 +169,9 @@ def attn_bwd_dkdv_kernel(
     start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N)
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     if IS_VARLEN:
-        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k)
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(
+            CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k
+        )
         if start_n >= seqlen_k:  # past this sequence's keys
             return
         # every tensor from the sequence's first row on: the sequence is batch 0 from here
@@ -271,7 +273,9 @@ def attn_bwd_dq_kernel(
     lse_len = seqlen_q  # the rows of LSE2 and DELTA
     off_hk = off_h // group
     if IS_VARLEN:
-        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k)
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(
+            CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k
+        )
         if start_m >= seqlen_q:  # past this sequence's queries
             return
         # every tensor from the sequence's first row on: the sequence is batch 0 from here

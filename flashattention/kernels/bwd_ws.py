@@ -426,7 +426,9 @@ def attn_bwd_dkdv_ws_kernel(
     start_n, off_b, off_hk = _key_block(num_kv_heads, BLOCK_N, DQ_ORDERED)
     turns_row = off_b * num_heads  # DQ_ORDERED: the batch's (sequence's) rows of DQ_TURNS
     if IS_VARLEN:
-        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k)
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(
+            CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k
+        )
         if start_n >= seqlen_k:  # past this sequence's keys
             return
         # every tensor from the sequence's first row on: the sequence is batch 0 from here
@@ -646,7 +648,9 @@ def attn_bwd_dq_ws_kernel(
     lse_len = seqlen_q  # the rows of LSE2 and DELTA (seqlen_q becomes the sequence's with IS_VARLEN)
     row0 = off_bh.to(gl.int64) * lse_len
     if IS_VARLEN:
-        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k)
+        q_start, k_start, seqlen_q, seqlen_k = varlen_bounds(
+            CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k
+        )
         if start_m >= seqlen_q:  # past this sequence's queries
             return
         # every tensor from the sequence's first row on: the sequence is batch 0 from here

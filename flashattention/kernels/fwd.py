@@ -56,7 +56,9 @@ def _fwd_block(
     off_h = off_bh % num_heads
     off_hk = off_h // group
     if IS_VARLEN:
-        q_start, k_start, seqlen_q_i, seqlen_k_i = varlen_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k)
+        q_start, k_start, seqlen_q_i, seqlen_k_i = varlen_bounds(
+            CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k
+        )
         # a block past the sequence's end (the grid covers the longest one) visits no key, stores nothing
         seqlen_k = tl.where(start_m < seqlen_q_i, seqlen_k_i, 0)
         lse2_row = LSE2 + off_h.to(tl.int64) * seqlen_q + q_start  # LSE2: [heads, total_q]
