@@ -66,8 +66,7 @@ def flash_window(what: str, causal: object, window_size: object, seqlen_k: int) 
 
 def check_packed(what: str, name: str, packed: object, count: int) -> None:
     """qkv [batch, seqlen, 3, heads, head_dim] (count 3) or kv [batch, seqlen, 2, kv_heads, head_dim]."""
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(packed).__name__}.")
+    _validation.check_tensors(what, **{name: packed})
     if packed.dim() != 5 or packed.shape[2] != count:
         heads = "heads" if count == 3 else "kv_heads"
         raise ValueError(
@@ -139,9 +138,10 @@ def check_kvcache(
                     f"{what}: `{name}` with a paged cache (block_table) is not supported (nor in "
                     f"flash-attn): the block table already says where each row's tokens are."
                 )
-        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
-            raise ValueError(f"{what}: `block_table` must be a 2-D int32 tensor [batch, max_blocks_per_seq].")
-        capacity = block_table.shape[1] * k_cache.shape[1]
+        dims = ("num_blocks", "block_size", "kv_heads", "head_dim")
+        block_size = _validation.check_pools(what, k_cache, v_cache, ("k_cache", "v_cache"), dims)
+        _validation.check_block_table_tensor(what, block_table, batch, k_cache.device)  # capacity from it
+        capacity = block_table.shape[1] * block_size
     else:
         capacity = k_cache.shape[1]
         if cache_batch_idx is None and k_cache.shape[0] < batch:
@@ -149,7 +149,7 @@ def check_kvcache(
                 f"{what}: k_cache holds {k_cache.shape[0]} rows but q has batch {batch}; without "
                 f"cache_batch_idx row b of q reads cache row b."
             )
-    _validation.check_qkv(q, _like(k_cache, batch), _like(k_cache, batch), "bshd")
+    _validation.check_qkv(q, _like(k_cache, batch), _like(k_cache, batch), "bshd", what)
 
     new_tokens = 0
     if (k is None) != (v is None):
@@ -176,6 +176,7 @@ def check_kvcache(
     seqlens = None
     if cache_seqlens is not None:
         if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+            _check_seqlens_range(what, cache_seqlens, cache_seqlens, new_tokens, capacity)  # fits int32
             cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
         seqlens = _index_tensor(what, "cache_seqlens", cache_seqlens, batch, device)
     batch_idx = (
@@ -196,11 +197,7 @@ def check_kvcache(
     longest = capacity
     if seqlens is not None:
         low, high = next(lows_highs, (0, 0))
-        if low < 0 or high + new_tokens > capacity:
-            raise ValueError(
-                f"{what}: `cache_seqlens` + the {new_tokens} new token(s) must lie in [0, {capacity}] (the "
-                f"cache's capacity), got cache_seqlens in [{low}, {high}]. Use a larger cache."
-            )
+        _check_seqlens_range(what, low, high, new_tokens, capacity)
         longest = high + new_tokens
     if batch_idx is not None:
         low, high = next(lows_highs, (0, 0))
@@ -230,6 +227,20 @@ def check_kvcache(
             device,
         )
     return KVCachePlan(batch, capacity, new_tokens, paged, seqlens, ends, starts, batch_idx, longest)
+
+
+def _check_seqlens_range(what: str, low: int, high: int, new_tokens: int, capacity: int) -> None:
+    """cache_seqlens (lowest `low`, highest `high`) >= 0, and each + the new tokens within the capacity."""
+    if low < 0:
+        raise ValueError(
+            f"{what}: `cache_seqlens` (each row's tokens before the append) must be >= 0, got values in "
+            f"[{low}, {high}]."
+        )
+    if high + new_tokens > capacity:
+        raise ValueError(
+            f"{what}: `cache_seqlens` + the {new_tokens} new token(s) must lie in [0, {capacity}] (the "
+            f"cache's capacity), got cache_seqlens in [{low}, {high}]. Use a larger cache (or shorter rows)."
+        )
 
 
 def _like(cache: torch.Tensor, batch: int) -> torch.Tensor:

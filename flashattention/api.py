@@ -51,6 +51,7 @@ def flash_attention(
     """
     _validation.check_keywords(unsupported)
     _validation.check_layout(layout)
+    _validation.check_bool("flash_attention", "return_lse", return_lse)
     _validation.check_qkv(q, k, v, layout)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -104,10 +105,12 @@ def flash_attention_varlen(
     sequence actually present. A cu_seqlens that is not contiguous is copied; so is a q, k or v whose last
     dimension is not (other strides are used as they are, e.g. q = qkv[:, 0] of a packed qkv tensor).
     """
+    what = "flash_attention_varlen"
+    _validation.check_bool(what, "return_lse", return_lse)
     _validation.check_varlen_qkv(q, k, v)
-    scale = _validation.check_scale(softmax_scale, q.shape[-1])
-    left, right = _validation.canonical_window(causal, window_size)
-    backend = _validation.pick_backend(backend, q.device)
+    scale = _validation.check_scale(softmax_scale, q.shape[-1], what)
+    left, right = _validation.canonical_window(causal, window_size, what)
+    backend = _validation.pick_backend(backend, q.device, what)
     longest_q, longest_k = _validation.check_cu_seqlens(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k
     )
@@ -206,10 +209,10 @@ def check_cache_call(
     cache's valid part or the new tokens, which match it), the mask arguments, the backend and, for a cache
     with per-row lengths (per_row), whether the backend can run it (cache_storage: the cache's tensors,
     which may carry gradients of earlier appends)."""
-    _validation.check_qkv(q, k, v)
-    scale = _validation.check_scale(softmax_scale, q.shape[-1])
-    left, right = _validation.canonical_window(causal, window_size)
-    backend = _validation.pick_backend(backend, q.device)
+    _validation.check_qkv(q, k, v, what=what)
+    scale = _validation.check_scale(softmax_scale, q.shape[-1], what)
+    left, right = _validation.canonical_window(causal, window_size, what)
+    backend = _validation.pick_backend(backend, q.device, what)
     if per_row:
         _validation.check_seqlens_backend(
             what,

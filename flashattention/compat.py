@@ -49,7 +49,7 @@ def flash_attn_func(
     right): query i sees keys in [i + off - left, i + off + right], -1 (any negative) unbounded; causal sets
     right = 0. softmax_scale defaults to 1/sqrt(head_dim)."""
     what = "flash_attn_func"
-    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
+    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
     _validation.check_qkv(q, k, v, "bshd")
     return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
 
@@ -63,7 +63,7 @@ def flash_attn_qkvpacked_func(
     """flash-attn's flash_attn_qkvpacked_func: qkv [batch, seqlen, 3, heads, head_dim] (q, k, v are views
     of it; the gradient flows back into qkv). Otherwise as flash_attn_func."""
     what = "flash_attn_qkvpacked_func"
-    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
+    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
     _vc.check_packed(what, "qkv", qkv, 3)
     q, k, v = qkv.unbind(2)
     return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
@@ -78,7 +78,7 @@ def flash_attn_kvpacked_func(
     """flash-attn's flash_attn_kvpacked_func: q [batch, seqlen_q, heads, head_dim], kv [batch, seqlen_k, 2,
     kv_heads, head_dim] (k, v are views of it). Otherwise as flash_attn_func."""
     what = "flash_attn_kvpacked_func"
-    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
+    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
     _vc.check_packed(what, "kv", kv, 2)
     k, v = kv.unbind(2)
     _validation.check_qkv(q, k, v, "bshd")
@@ -99,7 +99,7 @@ def flash_attn_varlen_func(
     Returns out [total_q, heads, head_dim] or, with return_attn_probs, (out, softmax_lse [heads, total_q]
     float32, None). block_table (paged varlen) raises NotImplementedError."""
     what = "flash_attn_varlen_func"
-    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic)
+    _check_common(what, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
     _vc.check_unsupported(what, block_table=block_table)
     _validation.check_int(what, "max_seqlen_k", max_seqlen_k)
     window = _vc.flash_window(what, causal, window_size, max_seqlen_k)
@@ -163,6 +163,7 @@ def flash_attn_with_kvcache(
     seqlen_q] float32."""
     what = "flash_attn_with_kvcache"
     _vc.check_unsupported(what, softcap=softcap, alibi_slopes=alibi_slopes)
+    _validation.check_bool(what, "return_softmax_lse", return_softmax_lse)
     plan = _vc.check_kvcache(
         what,
         q,
@@ -179,9 +180,9 @@ def flash_attn_with_kvcache(
         rotary_interleaved,
         num_splits,
     )
-    scale = _validation.check_scale(softmax_scale, q.shape[-1])
+    scale = _validation.check_scale(softmax_scale, q.shape[-1], what)
     left, right = _vc.flash_window(what, causal, window_size, plan.capacity)
-    backend = _validation.pick_backend(backend, q.device)
+    backend = _validation.pick_backend(backend, q.device, what)
     _vc.check_kvcache_grad(what, api._needs_grad(q, k_cache, v_cache, *((k, v) if k is not None else ())))
     _validation.check_paged_backend(what, backend, plain(q, k_cache, v_cache))
     if backend == "triton" and not plan.paged and plan.starts is not None:  # before anything is written
@@ -208,9 +209,10 @@ def flash_attn_with_kvcache(
 # Helpers
 
 
-def _check_common(what: str, dropout_p, softcap, alibi_slopes, deterministic) -> None:
+def _check_common(what: str, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs) -> None:
     _vc.check_unsupported(what, dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes)
     _vc.check_deterministic(what, deterministic)
+    _validation.check_bool(what, "return_attn_probs", return_attn_probs)
 
 
 def _bshd(what: str, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend: str) -> Out:

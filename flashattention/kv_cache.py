@@ -21,7 +21,9 @@ class KVCache:
     `length` positions are valid.
 
     `KVCache(keys, values)` holds exactly those tokens (the tensors become the storage, no copy). Appends
-    past the capacity grow the storage (doubling, one copy), so an append never writes out of bounds.
+    past the capacity grow the storage (doubling, one copy), so an append never writes out of bounds. The
+    storage follows attention's rules, checked here: float16, bfloat16 or float32, kv_heads >= 1, head_dim
+    in [8, 256].
 
     Per-row lengths: `KVCache(keys, values, cache_seqlens=lengths)` with lengths an int32/int64 tensor
     [batch] (on the keys' device or the CPU) of values in [0, capacity]: row b holds the first lengths[b]
@@ -47,7 +49,7 @@ class KVCache:
         length: int | None = None,
         cache_seqlens: torch.Tensor | None = None,
     ) -> None:
-        _validation.check_cache_tensors("KVCache", keys, values)
+        _validation.check_cache_storage("KVCache", keys, values)
         capacity = keys.shape[2]
         seqlens, longest = None, None
         if cache_seqlens is not None:
@@ -296,6 +298,8 @@ def flash_attention_with_kv_cache(
     )
     if cache_seqlens is not None:
         _validation.check_prompt_queries(what, q, k)
+        # checked here too, so that an error names this function (KVCache checks them again: one more sync)
+        _validation.check_cache_seqlens(what, cache_seqlens, k.shape[0], k.shape[2], k.device)
         kv_cache = KVCache(k.clone(), v.clone(), cache_seqlens=cache_seqlens)
         out = api.attention_right_padded(q, kv_cache.keys, kv_cache.values, kv_cache.cache_seqlens, call)
         return out, kv_cache
@@ -311,17 +315,24 @@ def flash_attention_with_kv_cache(
 
 def reorder_kv_cache(kv_cache: KVCache | PagedKVCache, beam_idx: torch.Tensor) -> KVCache | PagedKVCache:
     """In place: batch row b of the cache (and its length, with per-row lengths) becomes old row
-    beam_idx[b] (beam search). beam_idx: 1-D integer tensor of length batch with values in [0, batch);
-    anything else raises. A PagedKVCache: PagedKVCache.reorder (rows share blocks; no K/V copied)."""
+    beam_idx[b] (beam search). beam_idx: 1-D integer tensor of length batch with values in [0, batch), on
+    the cache's device or the CPU; anything else raises. A PagedKVCache: PagedKVCache.reorder (rows share
+    blocks; no K/V copied)."""
     _validation.check_kv_cache("reorder_kv_cache", kv_cache, (KVCache, PagedKVCache))
     if isinstance(kv_cache, PagedKVCache):
         kv_cache.reorder(beam_idx)
         return kv_cache
-    _validation.check_beam_idx(beam_idx, kv_cache._keys.shape[0])
+    _validation.check_beam_idx(beam_idx, kv_cache._keys.shape[0], kv_cache._keys.device)
     idx = beam_idx.to(device=kv_cache._keys.device, dtype=torch.long)
     n = kv_cache.length
     kv_cache._keys[:, :, :n] = kv_cache._keys[:, :, :n].index_select(0, idx)
     kv_cache._values[:, :, :n] = kv_cache._values[:, :, :n].index_select(0, idx)
     if kv_cache._cache_seqlens is not None:
         kv_cache._cache_seqlens.copy_(kv_cache._cache_seqlens.index_select(0, idx))
+        # repeated beams may drop the longest row: the host length is read again (one sync), or inside a
+        # capture left to the device, as after a captured append
+        if kv_cache._length is not None:
+            capturing = _capturing(kv_cache._keys)
+            seqlens = kv_cache._cache_seqlens
+            kv_cache._length = None if capturing else int(seqlens.max()) if seqlens.numel() else 0
     return kv_cache

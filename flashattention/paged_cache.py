@@ -118,18 +118,18 @@ class PagedKVCache:
     def block_ids(self, row: int) -> list[int]:
         """Row `row`'s blocks in order (the host's copy of its block-table entries in use)."""
         return list(
-            self._tables[_validation.check_rows("PagedKVCache.block_ids", "row", row, self.batch_size)[0]]
+            self._tables[_validation.check_index("PagedKVCache.block_ids", "row", row, self.batch_size)]
         )
 
     def refcount(self, block: int) -> int:
         """How many rows hold block `block` (0: it is free)."""
         return self._refcounts[
-            _validation.check_rows("PagedKVCache.refcount", "block", block, self.num_blocks)[0]
+            _validation.check_index("PagedKVCache.refcount", "block", block, self.num_blocks)
         ]
 
     def gather(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s keys and values as dense copies, each [num_kv_heads, seqlen, head_dim]."""
-        (row,) = _validation.check_rows("PagedKVCache.gather", "row", row, self.batch_size)
+        row = _validation.check_index("PagedKVCache.gather", "row", row, self.batch_size)
         blocks = torch.tensor(self._tables[row], dtype=torch.long, device=self._key_pool.device)
         n = self._lengths[row]
         return tuple(
@@ -210,8 +210,9 @@ class PagedKVCache:
         """Row b becomes old row beam_idx[b] (beam search), by sharing blocks: the block tables and lengths
         are gathered, reference counts go up for the blocks a row takes and down for those it leaves (a
         block no row holds returns to the free list); no K/V is copied. beam_idx: 1-D integer tensor of
-        batch_size values in [0, batch_size), on any device (read on the host: one device sync)."""
-        _validation.check_beam_idx(beam_idx, self.batch_size)
+        batch_size values in [0, batch_size), on the pools' device or the CPU (read on the host: one device
+        sync)."""
+        _validation.check_beam_idx(beam_idx, self.batch_size, self._block_table.device)
         idx = beam_idx.tolist()
         old = self._tables
         self._tables = [list(old[i]) for i in idx]
@@ -231,7 +232,7 @@ class PagedKVCache:
         tokens of src_row (default: all of them) by sharing src_row's blocks (reference counts up; no K/V
         copied). The first append into a shared, partly filled block, by any of its rows, copies it."""
         what = "PagedKVCache.fork"
-        (src_row,) = _validation.check_rows(what, "src_row", src_row, self.batch_size)
+        src_row = _validation.check_index(what, "src_row", src_row, self.batch_size)
         dst_rows = _validation.check_rows(what, "dst_rows", dst_rows, self.batch_size)
         n = _validation.check_fork(what, src_row, dst_rows, prefix_len, self._lengths[src_row])
         shared = self._tables[src_row][: _cdiv(n, self.block_size)]
@@ -325,16 +326,25 @@ def paged_attention(
     Checks the lengths and the table entries they cover against the pools (two small device syncs).
     Inference only (a call that would record a gradient raises NotImplementedError)."""
     what = "paged_attention"
-    _validation.check_cache_tensors(what, key_pool, value_pool)
-    batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() else 0
+    _validation.check_bool(what, "return_lse", return_lse)
+    dims = ("num_blocks", "kv_heads", "block_size", "head_dim")
+    _validation.check_pools(what, key_pool, value_pool, ("key_pool", "value_pool"), dims)
+    _validation.check_tensors(what, q=q)
+    _validation.check_same_place(
+        what,
+        "q",
+        q,
+        "key_pool/value_pool",
+        key_pool,
+        "Convert q with `q.to(key_pool.dtype)` (or `.to(device)`).",
+    )
+    batch = q.shape[0] if q.dim() else 0
     num_blocks, kv_heads, block_size, head_dim = key_pool.shape
     like = key_pool.new_empty(batch, kv_heads, 0, head_dim)
     call = _check_call(what, q, like, causal, softmax_scale, window_size, backend, (key_pool, value_pool))
-    max_blocks = (
-        block_table.shape[1] if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 else 0
-    )
+    _validation.check_block_table_tensor(what, block_table, batch, key_pool.device)  # the lengths' range
     seqlens, longest = _validation.check_cache_seqlens(
-        what, cache_seqlens, batch, max_blocks * block_size, key_pool.device
+        what, cache_seqlens, batch, block_table.shape[1] * block_size, key_pool.device
     )
     _validation.check_block_table(what, block_table, seqlens, batch, num_blocks, block_size, key_pool.device)
     out, lse = _attention(q, key_pool, value_pool, block_table, seqlens, call, longest)
@@ -367,10 +377,10 @@ def check_cache_call(
 def _check_call(what, q, like, causal, softmax_scale, window_size, backend, others) -> api.CacheCall:
     """q against a [batch, kv_heads, 0, head_dim] stand-in of the cache, the mask arguments, the backend,
     and no gradient to record (q and `others`, the tensors the call reads or appends)."""
-    _validation.check_qkv(q, like, like)
-    scale = _validation.check_scale(softmax_scale, q.shape[-1])
-    left, right = _validation.canonical_window(causal, window_size)
-    backend = _validation.pick_backend(backend, q.device)
+    _validation.check_qkv(q, like, like, what=what)
+    scale = _validation.check_scale(softmax_scale, q.shape[-1], what)
+    left, right = _validation.canonical_window(causal, window_size, what)
+    backend = _validation.pick_backend(backend, q.device, what)
     _validation.check_paged_grad(what, api._needs_grad(q, *others))
     _validation.check_paged_backend(what, backend, plain(q, *others))
     return api.CacheCall(scale, left, right, backend)

@@ -213,6 +213,23 @@ def test_bad_input_raises():
         flash_attn_func(q, q, q, causal=None)
     with pytest.raises(ValueError, match="heads"):
         flash_attn_func(torch.randn(1, 4, 3, 16), q, q)
+    # flags are bools, not truthy objects; sparse tensors are refused by name
+    for fn, args in (
+        (flash_attn_func, (q, q, q)),
+        (flash_attn_qkvpacked_func, (torch.randn(1, 4, 3, 2, 16),)),
+        (flash_attn_kvpacked_func, (q, torch.randn(1, 4, 2, 2, 16))),
+    ):
+        with pytest.raises(TypeError, match=f"^{fn.__name__}: `return_attn_probs` must be a bool, got str"):
+            fn(*args, return_attn_probs="no")
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="^flash_attn_varlen_func: `return_attn_probs` must be a bool"):
+        flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4, return_attn_probs="no")
+    with pytest.raises(TypeError, match="`max_seqlen_k` must be an int >= 0, got float"):
+        flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 4, 4.0)
+    with pytest.raises(TypeError, match=r"`q` must be a dense \(strided\) tensor.*to_dense"):
+        flash_attn_func(q.to_sparse(), q, q)
+    with pytest.raises(TypeError, match=r"`qkv` must be a dense \(strided\) tensor"):
+        flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 16).to_sparse())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,6 +545,33 @@ def test_kvcache_bad_input_raises_before_writing(device):
         )
     with pytest.raises(ValueError, match="block_table"):  # an entry outside the pool
         flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, block_table=i32([[0], [7]]))
+    # an int cache_seqlens past int32 is checked against the capacity before a tensor is made of it; a
+    # negative one says the lengths must be >= 0 (not "a larger cache")
+    with pytest.raises(ValueError, match=r"`cache_seqlens` \+ the 3 new token\(s\) must lie in \[0, 10\]"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=2**40)
+    for negative in (-1, i32([0, -2])):
+        with pytest.raises(ValueError, match="`cache_seqlens` .* must be >= 0, got values in") as info:
+            flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=negative)
+        assert "larger cache" not in str(info.value)
+    with pytest.raises(TypeError, match="`num_splits` must be an int >= 0, got float"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1, num_splits=1.0)
+    with pytest.raises(TypeError, match="^flash_attn_with_kvcache: `return_softmax_lse` must be a bool"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1, return_softmax_lse="no")
+    # another device is a ValueError (README "Errors"), another dtype a TypeError
+    with pytest.raises(ValueError, match=r"q must match the cache .* got torch.float32 on meta"):
+        flash_attn_with_kvcache(q.to("meta"), k_cache, v_cache, k, v, cache_seqlens=1)
+    with pytest.raises(TypeError, match=r"q must match the cache .* got torch.float16"):
+        flash_attn_with_kvcache(q.half(), k_cache, v_cache, k, v, cache_seqlens=1)
+    with pytest.raises(TypeError, match=r"`k_cache` must be a dense \(strided\) tensor"):
+        flash_attn_with_kvcache(q, k_cache.to_sparse(), v_cache.to_sparse(), k, v, cache_seqlens=1)
+    # paged pools [num_blocks, block_size, kv_heads, head_dim]: block_size >= 1; the table's type first
+    empty = k_cache[:, :0]
+    with pytest.raises(
+        ValueError, match=r"`k_cache`/`v_cache` \[num_blocks, block_size, kv_heads.*block_size=0"
+    ):
+        flash_attn_with_kvcache(q, empty, empty, cache_seqlens=0, block_table=i32([[0, 1], [2, 3]]))
+    with pytest.raises(TypeError, match="`block_table` must be a torch.Tensor.*got list"):
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, block_table=[[0], [1]])
     with pytest.raises(NotImplementedError, match="inference only"):
         flash_attn_with_kvcache(q.requires_grad_(), k_cache, v_cache, cache_seqlens=1)
     assert torch.equal(k_cache, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,8 +79,14 @@ def test_reorder_kv_cache_matches_index_select(device):
         (torch.tensor([[0, 1, 2]]), ValueError, "1-D"),
         (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer"),
         ([0, 1, 2], TypeError, "torch.Tensor"),
+        (
+            torch.tensor([0, 1, 2], device="meta"),
+            ValueError,
+            "on the cache's device (cpu) or the CPU, got meta",
+        ),
+        (torch.tensor([0, 1, 2]).to_sparse(), TypeError, "dense"),
     ],
-    ids=["too-large", "negative", "wrong-length", "2d", "float", "list"],
+    ids=["too-large", "negative", "wrong-length", "2d", "float", "list", "meta-device", "sparse"],
 )
 def test_reorder_rejects_bad_beam_indices(beam_idx, error, fragment):
     cache = KVCache(torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16))
@@ -97,6 +104,15 @@ def test_update_rejects_mismatched_tokens():
         update_kv_cache(cache, torch.randn(2, 4, 1, 16).half(), torch.randn(2, 4, 1, 16).half())
     with pytest.raises(ValueError, match="one shape"):
         update_kv_cache(cache, torch.randn(2, 4, 1, 16), torch.randn(2, 4, 2, 16))
+    # another device is a ValueError (README "Errors"), another dtype a TypeError
+    with pytest.raises(
+        ValueError, match=r"must match the cache \(torch.float32 on cpu\), got torch.float32 on meta"
+    ):
+        update_kv_cache(
+            cache, torch.randn(2, 4, 1, 16, device="meta"), torch.randn(2, 4, 1, 16, device="meta")
+        )
+    with pytest.raises(TypeError, match=r"`keys` must be a dense \(strided\) tensor"):
+        update_kv_cache(cache, torch.randn(2, 4, 1, 16).to_sparse(), torch.randn(2, 4, 1, 16).to_sparse())
     assert cache.length == 0
 
 
@@ -111,3 +127,37 @@ def test_initialize_defaults_and_errors():
         initialize_kv_cache(1, 2, -1, 8)
     with pytest.raises(TypeError, match="dtype"):
         initialize_kv_cache(1, 2, 3, 8, dtype=torch.float64)
+    # the rules attention applies, at construction: at least one kv head; sizes are ints (TypeError)
+    with pytest.raises(ValueError, match="`num_heads` must be an int >= 1, got 0"):
+        initialize_kv_cache(1, 0, 3, 8)
+    with pytest.raises(TypeError, match=r"`batch_size` must be an int >= 0, got int64"):
+        initialize_kv_cache(np.int64(1), 2, 3, 8)
+    with pytest.raises(TypeError, match=r"`max_seq_len` must be an int >= 0, got float 3.0"):
+        initialize_kv_cache(1, 2, 3.0, 8)
+    with pytest.raises(TypeError, match=r"`head_dim` must be an int >= 8, got bool"):
+        initialize_kv_cache(1, 2, 3, True)
+
+
+@pytest.mark.parametrize(
+    "keys, error, fragment",
+    [
+        (torch.zeros(2, 1, 4, 16, dtype=torch.int64), TypeError, "`keys` has dtype torch.int64"),
+        (torch.zeros(2, 1, 4, 4), ValueError, r"head_dim between 8 and 256 .*got shape \(2, 1, 4, 4\)"),
+        (torch.zeros(2, 1, 4, 264), ValueError, r"head_dim between 8 and 256"),
+        (torch.zeros(2, 0, 4, 16), ValueError, r"kv_heads >= 1 .*got shape \(2, 0, 4, 16\)"),
+        (torch.zeros(2, 1, 4, 16).to_sparse(), TypeError, r"`keys` must be a dense \(strided\) tensor"),
+    ],
+    ids=["int64", "head-dim-4", "head-dim-264", "no-kv-heads", "sparse"],
+)
+def test_kvcache_rejects_storage_attention_rejects(keys, error, fragment):
+    """KVCache takes only storage attention can read: the error comes when it is made, not at attention."""
+    with pytest.raises(error, match=f"^KVCache: .*{fragment}"):
+        KVCache(keys, keys.clone(), length=0)
+
+
+def test_kvcache_length_type_and_value():
+    keys = torch.zeros(2, 1, 4, 16)
+    with pytest.raises(TypeError, match=r"`length` must be an int in \[0, 4\], got float 2.0"):
+        KVCache(keys, keys, length=2.0)
+    with pytest.raises(ValueError, match=r"`length` must be an int in \[0, 4\], got 5"):
+        KVCache(keys, keys, length=5)

@@ -172,6 +172,22 @@ def test_reorder_keeps_lengths_with_rows(device):
         assert torch.equal(cache._keys[b, :, n], k_new[b, :, 0])
 
 
+def test_reorder_that_drops_the_longest_row_shortens_the_cache(device):
+    """Beams that all continue the shorter row: `length` (the longest row) and the keys/values views follow,
+    and appends up to the capacity do not grow the storage."""
+    keys = torch.randn(2, 1, 8, 16, device=device)
+    cache = KVCache(keys.clone(), keys.clone(), cache_seqlens=_lengths([3, 8], device))
+    reorder_kv_cache(cache, torch.tensor([0, 0], device=device))
+    assert cache.cache_seqlens.tolist() == [3, 3]
+    assert cache.length == 3 and cache.keys.shape[2] == 3 and cache.values.shape[2] == 3
+    storage = cache._keys
+    for _ in range(5):
+        update_kv_cache(
+            cache, torch.randn(2, 1, 1, 16, device=device), torch.randn(2, 1, 1, 16, device=device)
+        )
+    assert cache.length == 8 and cache.capacity == 8 and cache._keys is storage
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_loop_matches_recomputing_each_row(backend, device):
     """Right-padded prompts of different lengths start a cache (flash_attention_with_kv_cache with
@@ -214,20 +230,23 @@ BAD_SEQLENS = [
     (torch.tensor([1, 2]), ValueError, r"shape \(3,\)"),
     (torch.tensor([1, -1, 2]), ValueError, "min -1"),
     (torch.tensor([1, 9, 2]), ValueError, r"\[0, 8\].*max 9"),
+    (torch.tensor([1, 2, 3], device="meta"), ValueError, "the cache's device"),
+    (torch.tensor([1, 2, 3]).to_sparse(), TypeError, "dense"),
 ]
 
 
 @pytest.mark.parametrize(
     ("bad", "error", "fragment"),
     BAD_SEQLENS,
-    ids=["float", "list", "2d", "wrong-length", "negative", "too-long"],
+    ids=["float", "list", "2d", "wrong-length", "negative", "too-long", "meta", "sparse"],
 )
 def test_bad_cache_seqlens_raise_before_any_write(bad, error, fragment):
+    """Each error names the function called (flash_attention_with_kv_cache, not the KVCache it builds)."""
     keys, values = torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16)
-    with pytest.raises(error, match=fragment):
+    with pytest.raises(error, match=f"^KVCache: .*{fragment}"):
         KVCache(keys, values, cache_seqlens=bad)
     q = torch.randn(3, 4, 8, 16)
-    with pytest.raises(error, match=fragment):
+    with pytest.raises(error, match=f"^flash_attention_with_kv_cache: .*{fragment}"):
         flash_attention_with_kv_cache(q, keys, values, cache_seqlens=bad, backend="torch")
 
 

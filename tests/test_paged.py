@@ -395,6 +395,36 @@ def test_bad_calls_raise_clear_errors(device):
         run(table.long())
     with pytest.raises(ValueError, match=r"2-D \[batch=2"):
         run(table[:1])
+    # the table's type and shape are checked before the lengths, whose range it gives; the pools' errors
+    # name paged_attention and the pool arguments
+    for call, error, fragment in (
+        (lambda: run(table[0]), ValueError, r"`block_table` must be 2-D \[batch=2.*got shape \(5,\)"),
+        (lambda: run(table.tolist()), TypeError, r"`block_table` must be a torch.Tensor.*got list"),
+        (lambda: run(return_lse="no"), TypeError, r"paged_attention: `return_lse` must be a bool"),
+        (
+            lambda: paged_attention(q, key_pool.half(), value_pool.half(), table, seqlens),
+            TypeError,
+            r"paged_attention: q must match key_pool/value_pool \(torch.float16",
+        ),
+        (
+            lambda: paged_attention(q, key_pool[0], value_pool[0], table, seqlens),
+            ValueError,
+            r"paged_attention: `key_pool` must have 4 dimensions "
+            r"\[num_blocks, kv_heads, block_size, head_dim\], got shape \(2, 4, 16\)",
+        ),
+        (
+            lambda: paged_attention(q, key_pool[:, :, :0], value_pool[:, :, :0], table, seqlens * 0),
+            ValueError,
+            r"paged_attention: .*`key_pool`/`value_pool`.*block_size >= 1.*block_size=0",
+        ),
+        (
+            lambda: paged_attention(q, key_pool.to_sparse(), value_pool.to_sparse(), table, seqlens),
+            TypeError,
+            r"`key_pool` must be a dense \(strided\) tensor",
+        ),
+    ):
+        with pytest.raises(error, match=fragment):
+            call()
     with pytest.raises(ValueError, match=r"\[0, 20\].*max 21"):  # 5 entries of 4 tokens
         run(n=_lengths([21, 5], device))
     with pytest.raises(ValueError, match="min -1"):
@@ -413,6 +443,17 @@ def test_bad_calls_raise_clear_errors(device):
         (lambda: cache.fork(3, [1]), ValueError, "out of range"),
         (lambda: cache.fork(0, [1], prefix_len=7), ValueError, r"\[0, 6\]"),
         (lambda: cache.release([True]), TypeError, "list/tuple of ints"),
+        # one row (or block) where one is meant, not a list of them; beam indices on the cache's device
+        (lambda: cache.fork([0, 1], []), TypeError, r"`src_row` must be one int.*\[0, 1\]"),
+        (lambda: cache.gather([0, 1]), TypeError, r"`row` must be one int.*\[0, 1\]"),
+        (lambda: cache.block_ids([1, 0]), TypeError, r"`row` must be one int.*\[1, 0\]"),
+        (lambda: cache.refcount([3, 0]), TypeError, r"`block` must be one int.*\[3, 0\]"),
+        (lambda: cache.refcount(8), ValueError, r"`block` must be an index in \[0, 8\).*out of range"),
+        (
+            lambda: reorder_kv_cache(cache, torch.tensor([0, 1, 2], device="meta")),
+            ValueError,
+            r"`beam_idx` must be on the cache's device .* or the CPU, got meta",
+        ),
         (lambda: incremental_attention(torch.randn(3, 3, 1, 16, device=device), cache), ValueError, "H_kv=2"),
         (lambda: incremental_attention(q, cache), ValueError, "batch size"),
         (lambda: update_kv_cache(cache, k[:, :, :1].clone(), k[:, :, :1].clone()), ValueError, "batch=3"),
@@ -427,6 +468,8 @@ def test_bad_calls_raise_clear_errors(device):
         PagedKVCache(1, 2, 16, num_blocks=-1)
     with pytest.raises(ValueError, match=r"`block_size` must be an int >= 1"):
         PagedKVCache(1, 2, 16, num_blocks=4, block_size=0)
+    with pytest.raises(TypeError, match=r"`num_blocks` must be an int >= 0, got float 4.0"):
+        PagedKVCache(1, 2, 16, num_blocks=4.0)
 
 
 @pytest.mark.gpu

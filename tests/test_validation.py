@@ -35,6 +35,20 @@ BAD_INPUTS = [
         ["`v`", "torch.Tensor", "ndarray"],
     ),
     ("k-is-none", lambda: _replace(1, None), {}, TypeError, ["`k`", "NoneType"]),
+    (
+        "q-sparse",
+        lambda: _replace(0, _t(2, 4, 17, 64).to_sparse()),
+        {},
+        TypeError,
+        ["`q`", "dense", "to_dense()"],
+    ),
+    (
+        "v-sparse-csr",
+        lambda: _replace(2, _t(2, 2, 17, 64).flatten(0, 2).to_sparse_csr()),
+        {},
+        TypeError,
+        ["`v`", "dense", "sparse_csr"],
+    ),
     # dtypes
     (
         "qkv-dtype-mismatch",
@@ -145,6 +159,9 @@ BAD_INPUTS = [
     ),
     ("causal-not-bool", _qkv, {"causal": 1}, TypeError, ["causal", "int"]),
     ("causal-str", _qkv, {"causal": "yes"}, TypeError, ["causal", "str"]),
+    # flags
+    ("return-lse-str", _qkv, {"return_lse": "False"}, TypeError, ["`return_lse`", "bool", "str"]),
+    ("return-lse-int", _qkv, {"return_lse": 1}, TypeError, ["`return_lse`", "bool", "int"]),
     # softmax_scale
     ("scale-nan", _qkv, {"softmax_scale": math.nan}, ValueError, ["softmax_scale", "finite", "nan"]),
     ("scale-inf", _qkv, {"softmax_scale": math.inf}, ValueError, ["softmax_scale", "finite", "inf"]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -233,6 +234,23 @@ BAD = {
     "max-seqlen-q-small": (lambda a: dict(max_seqlen_q=6), ValueError, "max_seqlen_q"),
     "max-seqlen-k-small": (lambda a: dict(max_seqlen_k=5), ValueError, "max_seqlen_k"),
     "max-seqlen-float": (lambda a: dict(max_seqlen_k=6.0), TypeError, "max_seqlen_k"),
+    "max-seqlen-negative": (
+        lambda a: dict(max_seqlen_q=-1),
+        ValueError,
+        "`max_seqlen_q` must be a non-negative",
+    ),
+    "max-seqlen-numpy": (lambda a: dict(max_seqlen_q=np.int64(7)), TypeError, "`max_seqlen_q`.*int64"),
+    "q-sparse": (lambda a: dict(q=a["q"].to_sparse()), TypeError, "`q` must be a dense.*to_dense"),
+    "window-left-minus3": (
+        lambda a: dict(window_size=(-3, 0)),
+        ValueError,
+        "^flash_attention_varlen: window_size left=-3",
+    ),
+    "return-lse-str": (
+        lambda a: dict(return_lse="False"),
+        TypeError,
+        "flash_attention_varlen: `return_lse`.*bool",
+    ),
     "q-rank-4": (lambda a: dict(q=a["q"][None]), ValueError, "3 dimensions"),
     "heads-not-multiple": (
         lambda a: dict(q=torch.randn(12, 3, 16, device=a["q"].device)),
@@ -261,10 +279,11 @@ def test_bad_input_raises_before_any_kernel(name: str, backend: str, device, mon
     args = _good(device)
     change, error, match = BAD[name]
     args.update(change(args))
+    keywords = {key: args.pop(key) for key in ("window_size", "return_lse") if key in args}
     with pytest.raises(error, match=match):
         flash_attention_varlen(
             args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"], args["max_seqlen_q"],
-            args["max_seqlen_k"], backend=backend,
+            args["max_seqlen_k"], backend=backend, **keywords,
         )  # fmt: skip
 
 

@@ -77,10 +77,15 @@ def check_dtype(what: str, name: str, t: torch.Tensor) -> None:
 
 
 def check_tensors(what: str, **tensors: object) -> None:
-    """Each keyword argument (its name as the caller spells it) is a torch.Tensor."""
+    """Each keyword argument (its name as the caller spells it) is a dense (strided) torch.Tensor."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"{what}: `{name}` must be a dense (strided) tensor, got layout {t.layout}. Convert it with "
+                f"`{name}.to_dense()`."
+            )
 
 
 def check_twins(what: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
@@ -93,9 +98,11 @@ def check_twins(what: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.T
 
 
 def check_same_place(what: str, name: str, t: torch.Tensor, other: str, like: torch.Tensor, fix: str) -> None:
-    """`t` (named `name`) has the dtype and device of `like` (described as `other`), else TypeError + fix."""
+    """`t` (named `name`) has the dtype and device of `like` (described as `other`), else TypeError (another
+    dtype) or ValueError (another device), with `fix`."""
     if t.dtype != like.dtype or t.device != like.device:
-        raise TypeError(
+        error = TypeError if t.dtype != like.dtype else ValueError
+        raise error(
             f"{what}: {name} must match {other} ({like.dtype} on {like.device}), got {t.dtype} on "
             f"{t.device}. {fix}"
         )
@@ -115,9 +122,10 @@ def check_one_dtype_and_device(what: str, q: torch.Tensor, k: torch.Tensor, v: t
         )
 
 
-def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
-    """Checks types, ranks, dtypes, devices and shapes of q, k, v in `layout` (BHSD or BSHD)."""
-    check_tensors("flash_attention", q=q, k=k, v=v)
+def check_qkv(q: object, k: object, v: object, layout: str = "bhsd", what: str = "flash_attention") -> None:
+    """Checks types, ranks, dtypes, devices and shapes of q, k, v in `layout` (BHSD or BSHD); errors name
+    `what` (the public function called)."""
+    check_tensors(what, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             other = (
@@ -126,40 +134,40 @@ def check_qkv(q: object, k: object, v: object, layout: str = "bhsd") -> None:
                 else "for (batch, heads, seqlen, head_dim) data leave layout='bhsd'"
             )
             raise ValueError(
-                f"flash_attention: `{name}` must have 4 dimensions {_axes(layout, 'heads', 'seqlen')} "
+                f"{what}: `{name}` must have 4 dimensions {_axes(layout, 'heads', 'seqlen')} "
                 f"(layout={layout!r}), got shape {tuple(t.shape)}. For a single sequence add a batch "
                 f"dimension with `{name}[None]`; {other}."
             )
-        check_dtype("flash_attention", name, t)
-    check_one_dtype_and_device("flash_attention", q, k, v)
+        check_dtype(what, name, t)
+    check_one_dtype_and_device(what, q, k, v)
     heads_axis = 1 if layout == "bhsd" else 2
     batch, heads, head_dim = q.shape[0], q.shape[heads_axis], q.shape[3]
     if k.shape != v.shape:
         raise ValueError(
-            f"flash_attention: k and v must have the same shape {_axes(layout, 'kv_heads', 'seqlen_k')}, "
+            f"{what}: k and v must have the same shape {_axes(layout, 'kv_heads', 'seqlen_k')}, "
             f"got k {tuple(k.shape)} and v {tuple(v.shape)}."
         )
     if k.shape[0] != batch:
         raise ValueError(
-            f"flash_attention: q and k/v must have the same batch size, got q batch={batch} and k/v "
+            f"{what}: q and k/v must have the same batch size, got q batch={batch} and k/v "
             f"batch={k.shape[0]}."
         )
     if k.shape[3] != head_dim:
         raise ValueError(
-            f"flash_attention: q and k/v must have the same head_dim, got q head_dim={head_dim} and k/v "
+            f"{what}: q and k/v must have the same head_dim, got q head_dim={head_dim} and k/v "
             f"head_dim={k.shape[3]}. Project them to one head size first."
         )
     kv_heads = k.shape[heads_axis]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(
-            f"flash_attention: the number of query heads must be a multiple of the number of key/value "
+            f"{what}: the number of query heads must be a multiple of the number of key/value "
             f"heads (GQA/MQA), got H={heads} and H_kv={kv_heads} (dimension {heads_axis} with "
             f"layout={layout!r}). Try H_kv in "
             f"{[d for d in range(1, heads + 1) if heads % d == 0] if heads else '[...]'}."
         )
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
-            f"flash_attention: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {head_dim}. "
+            f"{what}: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, got {head_dim}. "
             f"Pad a smaller head dim with zeros (and pass the original softmax_scale), or split a larger one."
         )
 
@@ -169,13 +177,13 @@ SCALE_MIN = 2.0**-126
 SCALE_MAX = 3.4028234663852886e38 / math.log2(math.e)
 
 
-def check_scale(softmax_scale: object, head_dim: int) -> float:
+def check_scale(softmax_scale: object, head_dim: int, what: str = "flash_attention") -> float:
     """Returns the softmax scale, 1/sqrt(head_dim) by default."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(
-            f"flash_attention: `softmax_scale` must be a float or None, got {type(softmax_scale).__name__}. "
+            f"{what}: `softmax_scale` must be a float or None, got {type(softmax_scale).__name__}. "
             f"Pass a Python float, e.g. `softmax_scale=float(scale)`."
         )
     try:
@@ -184,14 +192,15 @@ def check_scale(softmax_scale: object, head_dim: int) -> float:
         scale = math.inf
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(
-            f"flash_attention: `softmax_scale` must be a finite number > 0, got {softmax_scale}. Use None "
+            f"{what}: `softmax_scale` must be a finite number > 0, got {softmax_scale}. Use None "
             f"for the default 1/sqrt(head_dim); for a negative scale pass -q with scale -softmax_scale."
         )
     if not SCALE_MIN <= scale <= SCALE_MAX:
         raise ValueError(
-            f"flash_attention: `softmax_scale` must be between {SCALE_MIN:.3g} and {SCALE_MAX:.3g} (the kernels "
-            f"scale the scores by softmax_scale * log2(e) in float32, which must be a normal float32 number), "
-            f"got {softmax_scale}. Scale q instead (q * s with softmax_scale=1.0 is the same attention)."
+            f"{what}: `softmax_scale` must be between {SCALE_MIN:.3g} and {SCALE_MAX:.3g} (the "
+            f"kernels scale the scores by softmax_scale * log2(e) in float32, which must be a normal float32 "
+            f"number), got {softmax_scale}. Scale q instead (q * s with softmax_scale=1.0 is the same "
+            f"attention)."
         )
     return scale
 
@@ -212,53 +221,64 @@ def check_mask_types(what: str, causal: object, window_size: object) -> None:
 
 
 def check_int(what: str, name: str, value: object, least: int = 0) -> int:
-    """An int (not a bool) >= least."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    """An int (not a bool; TypeError) >= least (ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{what}: `{name}` must be an int >= {least}, got {type(value).__name__} {value!r}. Pass a "
+            f"Python int, e.g. `{name}=int(...)`."
+        )
+    if value < least:
         raise ValueError(f"{what}: `{name}` must be an int >= {least}, got {value!r}.")
     return value
 
 
-def canonical_window(causal: object, window_size: object) -> tuple[int, int]:
+def check_bool(what: str, name: str, value: object) -> None:
+    """A flag: a bool (True or False), not any truthy object."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what}: `{name}` must be a bool, got {type(value).__name__} {value!r}.")
+
+
+def canonical_window(causal: object, window_size: object, what: str = "flash_attention") -> tuple[int, int]:
     """Folds (causal, window_size) into one (left, right) pair, -1 meaning unbounded."""
-    check_mask_types("flash_attention", causal, window_size)
+    check_mask_types(what, causal, window_size)
     left, right = window_size
     for name, w in (("left", left), ("right", right)):
         if w < -1:
             raise ValueError(
-                f"flash_attention: window_size {name}={w} is invalid: expected -1 (unbounded) or a "
+                f"{what}: window_size {name}={w} is invalid: expected -1 (unbounded) or a "
                 f"non-negative number of keys."
             )
     if causal:
         if right > 0:
             raise ValueError(
-                f"flash_attention: causal=True means window right=0, but window_size={tuple(window_size)} "
+                f"{what}: causal=True means window right=0, but window_size={tuple(window_size)} "
                 f"asks for right={right}. Pass causal=False with window_size=({left}, {right}), or right=0."
             )
         right = 0
     return left, right
 
 
-def pick_backend(backend: object, device: torch.device) -> str:
+def pick_backend(backend: object, device: torch.device, what: str = "flash_attention") -> str:
     """Resolves "auto" and checks that an explicit backend can run on `device`; never falls back."""
     if backend not in BACKENDS:
-        raise ValueError(f"flash_attention: `backend` must be one of {BACKENDS}, got {backend!r}.")
+        raise ValueError(f"{what}: `backend` must be one of {BACKENDS}, got {backend!r}.")
     interpret = _env.interpreter_requested()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "triton":
         if device.type == "cpu" and not interpret:
             raise ValueError(
-                "flash_attention: backend='triton' needs CUDA tensors, got tensors on cpu. Use "
+                f"{what}: backend='triton' needs CUDA tensors, got tensors on cpu. Use "
                 "backend='torch' (or 'auto') on the CPU, or set TRITON_INTERPRET=1 before importing triton "
                 "to run the kernels in Triton's (slow) interpreter."
             )
         if device.type not in ("cuda", "cpu"):
             raise NotImplementedError(
-                f"flash_attention: backend='triton' supports CUDA devices, got {device}. Use backend='torch'."
+                f"{what}: backend='triton' supports CUDA devices, got {device}. Use backend='torch'."
             )
         if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
             raise NotImplementedError(
-                "flash_attention: backend='triton' does not run under torch.func transforms (grad, vmap, "
+                f"{what}: backend='triton' does not run under torch.func transforms (grad, vmap, "
                 "jacrev, ...): the kernels cannot take their wrapped tensors. Use backend='torch' inside "
                 "the transform, or torch.autograd.grad / .backward() for gradients."
             )
@@ -266,7 +286,7 @@ def pick_backend(backend: object, device: torch.device) -> str:
             import triton  # noqa: F401
         except ImportError as exc:
             raise NotImplementedError(
-                "flash_attention: backend='triton' needs the `triton` package, which is not installed. "
+                f"{what}: backend='triton' needs the `triton` package, which is not installed. "
                 "Install it with `pip install triton`, or use backend='torch'."
             ) from exc
     return backend
@@ -281,17 +301,18 @@ def check_row_values(
     name: str,
     t: object,
     batch_size: int,
-    device: torch.device | None,
+    device: torch.device,
     meaning: str,
     dtypes: tuple[torch.dtype, ...] = INDEX_DTYPES,
 ) -> torch.Tensor:
-    """`t`: a 1-D tensor of batch_size values (`meaning`, e.g. "token counts") of `dtypes`, on `device` or
-    the CPU (any device where None). Returns it unchanged; the caller checks the values' range."""
+    """`t`: a 1-D tensor of batch_size values (`meaning`, e.g. "token counts") of `dtypes`, on `device` (the
+    cache's) or the CPU. Returns it unchanged; the caller checks the values' range."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(
             f"{what}: `{name}` must be a torch.Tensor of {meaning}, one per cache row, got "
             f"{type(t).__name__}. Use `torch.tensor(values, dtype=torch.int32)`."
         )
+    check_tensors(what, **{name: t})  # dense
     if t.dtype not in dtypes:
         kinds = "int32 or int64" if dtypes == INDEX_DTYPES else "integer"
         raise TypeError(
@@ -303,7 +324,7 @@ def check_row_values(
             f"{what}: `{name}` must be 1-D with one value per cache row (shape ({batch_size},)), got shape "
             f"{tuple(t.shape)}."
         )
-    if device is not None and t.device not in (device, torch.device("cpu")):
+    if t.device not in (device, torch.device("cpu")):
         raise ValueError(
             f"{what}: `{name}` must be on the cache's device ({device}) or the CPU, got {t.device}. Move it "
             f"with `{name}.to({str(device)!r})`."
@@ -327,12 +348,15 @@ def check_value_range(what: str, name: str, t: torch.Tensor, low: int, high: int
 # KV caches: _validation/cache.py
 from .cache import check_beam_idx as check_beam_idx  # noqa: E402
 from .cache import check_block_table as check_block_table  # noqa: E402
+from .cache import check_block_table_tensor as check_block_table_tensor  # noqa: E402
 from .cache import check_cache_dims as check_cache_dims  # noqa: E402
 from .cache import check_cache_length as check_cache_length  # noqa: E402
 from .cache import check_cache_seqlens as check_cache_seqlens  # noqa: E402
+from .cache import check_cache_storage as check_cache_storage  # noqa: E402
 from .cache import check_cache_tensors as check_cache_tensors  # noqa: E402
 from .cache import check_captured_append as check_captured_append  # noqa: E402
 from .cache import check_fork as check_fork  # noqa: E402
+from .cache import check_index as check_index  # noqa: E402
 from .cache import check_kv_cache as check_kv_cache  # noqa: E402
 from .cache import check_new_cache_seqlens as check_new_cache_seqlens  # noqa: E402
 from .cache import check_num_new as check_num_new  # noqa: E402
@@ -340,6 +364,7 @@ from .cache import check_paged_backend as check_paged_backend  # noqa: E402
 from .cache import check_paged_dims as check_paged_dims  # noqa: E402
 from .cache import check_paged_grad as check_paged_grad  # noqa: E402
 from .cache import check_pool_room as check_pool_room  # noqa: E402
+from .cache import check_pools as check_pools  # noqa: E402
 from .cache import check_prompt_queries as check_prompt_queries  # noqa: E402
 from .cache import check_row_room as check_row_room  # noqa: E402
 from .cache import check_rows as check_rows  # noqa: E402

@@ -11,6 +11,7 @@ from . import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
     SUPPORTED_DTYPES,
+    check_dtype,
     check_int,
     check_row_values,
     check_same_place,
@@ -21,16 +22,15 @@ from . import (
 
 
 def check_cache_dims(batch_size: object, num_heads: object, max_seq_len: object, head_dim: object) -> None:
-    """Sizes given to initialize_kv_cache."""
-    for name, value in (
-        ("batch_size", batch_size),
-        ("num_heads", num_heads),
-        ("max_seq_len", max_seq_len),
-        ("head_dim", head_dim),
+    """Sizes given to initialize_kv_cache (the rules KVCache and attention apply to its storage)."""
+    for name, value, least in (
+        ("batch_size", batch_size, 0),
+        ("num_heads", num_heads, 1),
+        ("max_seq_len", max_seq_len, 0),
+        ("head_dim", head_dim, MIN_HEAD_DIM),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"initialize_kv_cache: `{name}` must be a non-negative int, got {value!r}.")
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        check_int("initialize_kv_cache", name, value, least)
+    if head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"initialize_kv_cache: head_dim must be between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}, "
             f"got {head_dim}."
@@ -67,10 +67,31 @@ def check_cache_tensors(what: str, keys: object, values: object, like: torch.Ten
     )
 
 
-def check_beam_idx(beam_idx: object, batch_size: int) -> None:
-    """A 1-D integer tensor of length batch_size with values in [0, batch_size). Syncs once (host check)."""
+def check_cache_storage(what: str, keys: object, values: object) -> None:
+    """A KVCache's storage: check_cache_tensors, and what attention over it needs (a supported dtype, at
+    least one kv head, head_dim in [MIN_HEAD_DIM, MAX_HEAD_DIM]), so that a cache attention would reject
+    is rejected when it is made."""
+    check_cache_tensors(what, keys, values)
+    check_dtype(what, "keys", keys)
+    kv_heads, head_dim = keys.shape[1], keys.shape[3]
+    if kv_heads < 1:
+        raise ValueError(
+            f"{what}: `keys`/`values` [batch, kv_heads, seqlen, head_dim] need kv_heads >= 1 (attention "
+            f"reads at least one key/value head), got shape {tuple(keys.shape)}."
+        )
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{what}: `keys`/`values` [batch, kv_heads, seqlen, head_dim] need head_dim between "
+            f"{MIN_HEAD_DIM} and {MAX_HEAD_DIM} (as attention does), got shape {tuple(keys.shape)}. Pad a "
+            f"smaller head dim with zeros (and pass the original softmax_scale), or split a larger one."
+        )
+
+
+def check_beam_idx(beam_idx: object, batch_size: int, device: torch.device) -> None:
+    """A 1-D integer tensor of length batch_size with values in [0, batch_size), on the cache's `device` or
+    the CPU. Syncs once (host check)."""
     check_row_values(
-        "reorder_kv_cache", "beam_idx", beam_idx, batch_size, None, "source rows", INTEGER_DTYPES
+        "reorder_kv_cache", "beam_idx", beam_idx, batch_size, device, "source rows", INTEGER_DTYPES
     )
     check_value_range("reorder_kv_cache", "beam_idx", beam_idx, 0, batch_size - 1)
 
@@ -88,7 +109,12 @@ def check_cache_seqlens(
 
 def check_cache_length(what: str, length: object, capacity: int, longest: int | None) -> None:
     """A cache's `length`: an int in [0, capacity]; with per-row lengths (longest = their max), that max."""
-    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= capacity:
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(
+            f"{what}: `length` must be an int in [0, {capacity}], got {type(length).__name__} {length!r}. "
+            f"Pass a Python int, e.g. `length=int(...)`."
+        )
+    if not 0 <= length <= capacity:
         raise ValueError(f"{what}: `length` must be an int in [0, {capacity}], got {length!r}.")
     if longest is not None and length != longest:
         raise ValueError(
@@ -282,13 +308,30 @@ def check_rows(what: str, name: str, rows: object, batch_size: int) -> list[int]
     return list(values)
 
 
+def check_index(what: str, name: str, index: object, count: int) -> int:
+    """One row (or block) index: an int (not a list of them) in [0, count); returns it."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(
+            f"{what}: `{name}` must be one int (a single index in [0, {count})), got {type(index).__name__} "
+            f"{index!r}. It takes one index: call it once per index, each a Python int (e.g. `int(...)`)."
+        )
+    if not 0 <= index < count:
+        raise ValueError(f"{what}: `{name}` must be an index in [0, {count}), got {index} (out of range).")
+    return index
+
+
 def check_fork(what: str, src_row: object, dst_rows: list[int], prefix_len: object, src_len: int) -> int:
     """fork(src_row, dst_rows, prefix_len): src not among dst, prefix_len in [0, src's length]; returns it."""
     if src_row in dst_rows:
         raise ValueError(f"{what}: `dst_rows` {dst_rows} must not contain the source row {src_row}.")
     if prefix_len is None:
         return src_len
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or not 0 <= prefix_len <= src_len:
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int):
+        raise TypeError(
+            f"{what}: `prefix_len` must be an int in [0, {src_len}] or None, got {type(prefix_len).__name__} "
+            f"{prefix_len!r}. Pass a Python int, e.g. `prefix_len=int(...)`."
+        )
+    if not 0 <= prefix_len <= src_len:
         raise ValueError(
             f"{what}: `prefix_len` must be an int in [0, {src_len}] (row {src_row}'s length) or None for the "
             f"whole row, got {prefix_len!r}."
@@ -296,20 +339,39 @@ def check_fork(what: str, src_row: object, dst_rows: list[int], prefix_len: obje
     return prefix_len
 
 
-def check_block_table(
-    what: str,
-    block_table: object,
-    cache_seqlens: torch.Tensor,
-    batch_size: int,
-    num_blocks: int,
-    block_size: int,
-    device: torch.device,
-) -> None:
-    """A block table: int32 [batch_size, max_blocks] on `device`, stride 1 on the last dim, and every entry
-    that a row's length covers (the first cdiv(cache_seqlens[b], block_size)) in [0, num_blocks). Checks the
-    entries on the device and syncs once. cache_seqlens: the checked int32 lengths on `device`."""
+def check_pools(
+    what: str, key_pool: object, value_pool: object, names: tuple[str, str], dims: tuple[str, ...]
+) -> int:
+    """Block pools (argument names `names`) of 4 dimensions `dims` (e.g. num_blocks, kv_heads, block_size,
+    head_dim), one shape, dtype and device, a supported dtype, block_size >= 1 (the block table counts in
+    blocks). Returns block_size."""
+    key_name, value_name = names
+    axes = f"[{', '.join(dims)}]"
+    check_tensors(what, **{key_name: key_pool, value_name: value_pool})
+    for name, t in ((key_name, key_pool), (value_name, value_pool)):
+        if t.dim() != 4:
+            raise ValueError(f"{what}: `{name}` must have 4 dimensions {axes}, got shape {tuple(t.shape)}.")
+    check_twins(what, key_name, key_pool, value_name, value_pool)
+    check_dtype(what, key_name, key_pool)
+    block_size = key_pool.shape[dims.index("block_size")]
+    if block_size < 1:
+        raise ValueError(
+            f"{what}: the pools `{key_name}`/`{value_name}` {axes} need block_size >= 1, got shape "
+            f"{tuple(key_pool.shape)} (block_size={block_size}). Allocate at least one token per block."
+        )
+    return block_size
+
+
+def check_block_table_tensor(what: str, block_table: object, batch_size: int, device: torch.device) -> None:
+    """A block table's type and shape: int32 [batch_size, max_blocks] on `device`, stride 1 on the last dim
+    (checked before the lengths, whose range it gives)."""
     if not isinstance(block_table, torch.Tensor):
-        raise TypeError(f"{what}: `block_table` must be a torch.Tensor, got {type(block_table).__name__}.")
+        raise TypeError(
+            f"{what}: `block_table` must be a torch.Tensor of int32 block indices [batch={batch_size}, "
+            f"max_blocks_per_seq], got {type(block_table).__name__}. Use `torch.tensor(table, "
+            f"dtype=torch.int32, device=...)`."
+        )
+    check_tensors(what, block_table=block_table)  # dense
     if block_table.dtype != torch.int32:
         raise TypeError(
             f"{what}: `block_table` must be int32 block indices, got dtype {block_table.dtype}. Use "
@@ -328,6 +390,21 @@ def check_block_table(
         raise ValueError(
             f"{what}: `block_table` needs stride 1 on its last dim; pass `block_table.contiguous()`."
         )
+
+
+def check_block_table(
+    what: str,
+    block_table: object,
+    cache_seqlens: torch.Tensor,
+    batch_size: int,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+) -> None:
+    """A block table (check_block_table_tensor) whose entries that a row's length covers (the first
+    cdiv(cache_seqlens[b], block_size)) are in [0, num_blocks). Checks the entries on the device and syncs
+    once. cache_seqlens: the checked int32 lengths on `device`; block_size >= 1 (check_pools)."""
+    check_block_table_tensor(what, block_table, batch_size, device)
     if block_table.numel() == 0:
         return
     used = (cache_seqlens.long()[:, None] + block_size - 1) // block_size  # [batch, 1] entries covered

@@ -117,9 +117,15 @@ def check_cu_seqlens(
             f"empty range (two equal offsets)."
         )
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(
-                f"{WHAT}: `{name}` must be a non-negative int (the longest sequence's length), got {value!r}."
+                f"{WHAT}: `{name}` must be a non-negative int (the longest sequence's length), got "
+                f"{type(value).__name__} {value!r}. Pass a Python int, e.g. `int(...)`."
+            )
+        if value < 0:
+            raise ValueError(
+                f"{WHAT}: `{name}` must be a non-negative int (the longest sequence's length), got {value}. "
+                f"Pass `int((cu[1:] - cu[:-1]).max())`."
             )
     offsets_q, offsets_k = _host_offsets(cu_seqlens_q, cu_seqlens_k)
     longest_q = _check_offsets("cu_seqlens_q", offsets_q, q.shape[0], "q")
