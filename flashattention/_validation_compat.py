@@ -156,6 +156,7 @@ def check_kvcache(
         raise ValueError(f"{what}: pass both `k` and `v` (the new tokens to append) or neither.")
     if k is not None:
         _check_new(what, k, v, k_cache, batch)
+        _validation.check_distinct_storage(what, ("k_cache", k_cache), ("v_cache", v_cache))
         new_tokens = k.shape[1]
         if cache_seqlens is None:
             raise ValueError(

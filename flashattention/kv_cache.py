@@ -151,6 +151,9 @@ def update_kv_cache(
         kv_cache.append(k_new, v_new)
         return kv_cache
     _validation.check_cache_tensors("update_kv_cache", k_new, v_new, like=kv_cache._keys)
+    _validation.check_distinct_storage(
+        "update_kv_cache", ("the cache's keys", kv_cache._keys), ("its values", kv_cache._values)
+    )
     new_tokens = k_new.shape[2]
     capturing = _capturing(kv_cache._keys)
     if capturing:
@@ -323,6 +326,9 @@ def reorder_kv_cache(kv_cache: KVCache | PagedKVCache, beam_idx: torch.Tensor) -
         kv_cache.reorder(beam_idx)
         return kv_cache
     _validation.check_beam_idx(beam_idx, kv_cache._keys.shape[0], kv_cache._keys.device)
+    _validation.check_distinct_storage(
+        "reorder_kv_cache", ("the cache's keys", kv_cache._keys), ("its values", kv_cache._values)
+    )
     idx = beam_idx.to(device=kv_cache._keys.device, dtype=torch.long)
     n = kv_cache.length
     kv_cache._keys[:, :, :n] = kv_cache._keys[:, :, :n].index_select(0, idx)

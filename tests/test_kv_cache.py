@@ -161,3 +161,30 @@ def test_kvcache_length_type_and_value():
         KVCache(keys, keys, length=2.0)
     with pytest.raises(ValueError, match=r"`length` must be an int in \[0, 4\], got 5"):
         KVCache(keys, keys, length=5)
+
+
+def test_one_tensor_as_keys_and_values_is_refused_before_a_write(device):
+    """A cache whose keys and values are one and the same tensor: an append (or a beam reorder) would write
+    the values over the keys, so it raises and leaves the storage as it was; the flash-attn function too."""
+    from flashattention.compat import flash_attn_with_kvcache
+
+    storage = torch.randn(2, 1, 8, 16, device=device)
+    before = storage.clone()
+    cache = KVCache(storage, storage, length=3)
+    new = torch.randn(2, 1, 1, 16, device=device)
+    with pytest.raises(ValueError, match="same memory"):
+        update_kv_cache(cache, new, new.clone())
+    with pytest.raises(ValueError, match="same memory"):
+        reorder_kv_cache(cache, torch.tensor([1, 0], device=device))
+    bshd = storage.transpose(1, 2)
+    with pytest.raises(ValueError, match="same memory"):
+        flash_attn_with_kvcache(
+            torch.randn(2, 1, 2, 16, device=device), bshd, bshd, new.transpose(1, 2), new.transpose(1, 2),
+            cache_seqlens=3,
+        )  # fmt: skip
+    assert torch.equal(storage, before)
+    packed = torch.randn(2, 8, 2, 1, 16, device=device)  # k and v interleaved in one buffer: distinct views
+    flash_attn_with_kvcache(
+        torch.randn(2, 1, 2, 16, device=device), packed[:, :, 0], packed[:, :, 1], new.transpose(1, 2),
+        new.transpose(1, 2), cache_seqlens=3,
+    )  # fmt: skip

@@ -67,6 +67,18 @@ def check_cache_tensors(what: str, keys: object, values: object, like: torch.Ten
     )
 
 
+def check_distinct_storage(what: str, a: tuple[str, torch.Tensor], b: tuple[str, torch.Tensor]) -> None:
+    """The key and value caches an append writes are not one and the same memory (the values would
+    overwrite the keys). Views that interleave in one buffer (a packed [..., 2, ...] kv) are fine: only the
+    same view twice is refused."""
+    (a_name, a_t), (b_name, b_t) = a, b
+    if a_t.data_ptr() == b_t.data_ptr() and a_t.stride() == b_t.stride() and a_t.numel():
+        raise ValueError(
+            f"{what}: `{a_name}` and `{b_name}` are the same memory (one tensor passed twice?): appends would "
+            f"write the values over the keys. Pass two tensors, e.g. `{b_name}.clone()`."
+        )
+
+
 def check_cache_storage(what: str, keys: object, values: object) -> None:
     """A KVCache's storage: check_cache_tensors, and what attention over it needs (a supported dtype, at
     least one kv head, head_dim in [MIN_HEAD_DIM, MAX_HEAD_DIM]), so that a cache attention would reject
