@@ -354,8 +354,8 @@ from .cache import check_cache_length as check_cache_length  # noqa: E402
 from .cache import check_cache_seqlens as check_cache_seqlens  # noqa: E402
 from .cache import check_cache_storage as check_cache_storage  # noqa: E402
 from .cache import check_cache_tensors as check_cache_tensors  # noqa: E402
-from .cache import check_distinct_storage as check_distinct_storage  # noqa: E402
 from .cache import check_captured_append as check_captured_append  # noqa: E402
+from .cache import check_distinct_storage as check_distinct_storage  # noqa: E402
 from .cache import check_fork as check_fork  # noqa: E402
 from .cache import check_index as check_index  # noqa: E402
 from .cache import check_kv_cache as check_kv_cache  # noqa: E402
