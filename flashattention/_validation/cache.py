@@ -74,8 +74,8 @@ def check_distinct_storage(what: str, a: tuple[str, torch.Tensor], b: tuple[str,
     (a_name, a_t), (b_name, b_t) = a, b
     if a_t.data_ptr() == b_t.data_ptr() and a_t.stride() == b_t.stride() and a_t.numel():
         raise ValueError(
-            f"{what}: `{a_name}` and `{b_name}` are the same memory (one tensor passed twice?): appends would "
-            f"write the values over the keys. Pass two tensors, e.g. `{b_name}.clone()`."
+            f"{what}: `{a_name}` and `{b_name}` are the same memory (one tensor passed twice?): appends "
+            f"would write the values over the keys. Pass two tensors, e.g. `{b_name}.clone()`."
         )
 
 
