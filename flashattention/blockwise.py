@@ -121,6 +121,9 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: i
     for q0 in range(0, seqlen_q, BLOCK_Q):
         q1 = min(q0 + BLOCK_Q, seqlen_q)
         qb = qg[:, :, :, q0:q1].to(acc_dtype)
+        # the scores rounded as the forward made them (scale first): at huge scores another rounding would
+        # push exp(s - lse) past float range
+        qb_scaled = qb * softmax_scale
         dob = dog[:, :, :, q0:q1].to(acc_dtype)
         lse_b = lseg[:, :, :, q0:q1, None].to(acc_dtype)
         delta_b = deltag[:, :, :, q0:q1, None]
@@ -129,7 +132,7 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale: float, left: i
             k1 = min(k0 + BLOCK_K, hi)
             kb = k[:, :, None, k0:k1].to(acc_dtype)
             vb = v[:, :, None, k0:k1].to(acc_dtype)
-            s = torch.matmul(qb, kb.transpose(-1, -2)) * softmax_scale
+            s = torch.matmul(qb_scaled, kb.transpose(-1, -2))
             mask = _tile_mask(q0, q1, k0, k1, seqlen_q, seqlen_k, left, right, q.device)
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
