@@ -14,6 +14,7 @@ launch excluded), which short sequences and decoding pay on every layer."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -123,6 +124,55 @@ def _grads(ctx, grad_out, backward_op):
     return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
+def _first_order(backward):
+    """backward made first-order only: its gradients are computed without a graph and, under
+    create_graph=True, come back through _NoSecondOrder, so that a second derivative (a gradient penalty,
+    say) raises instead of coming out silently wrong (the torch backend's ops take out and the LSE as
+    constants) or silently zero (the kernels have no graph)."""
+
+    @functools.wraps(backward)
+    def first_order(ctx, *grads):
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # jacrev runs the backward under vmap
+            from . import _validation
+
+            _validation.check_functorch("flash_attention (backward)")
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # create_graph=False: the usual backward
+            return result
+        q, k, v = ctx.saved_tensors[:3]
+        sources = [t for t in (*grads, q, k, v) if isinstance(t, torch.Tensor) and t.requires_grad]
+        tensors = [t for t in result if t is not None]
+        if not sources or not tensors:
+            return result
+        guarded = iter(_NoSecondOrder.apply(len(tensors), *tensors, *sources))
+        return tuple(None if t is None else next(guarded) for t in result)
+
+    return first_order
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on the first `count` tensors, tied in the graph to the rest (the backward's inputs that
+    require grad); differentiating through it raises."""
+
+    @staticmethod
+    def forward(count, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "flashattention: the attention backward is not differentiable (no second derivative, e.g. for "
+            "a gradient penalty through attention). Compute such a term with "
+            "torch.nn.functional.scaled_dot_product_attention (math backend)."
+        )
+
+
+@_first_order
 def _backward(ctx, grad_out, grad_stats):
     return _grads(ctx, grad_out, attention_backward)
 
@@ -141,6 +191,7 @@ class _EagerAttention(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad_out, grad_stats):
         return _grads(ctx, grad_out, _backward_impl)
 

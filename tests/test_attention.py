@@ -346,3 +346,20 @@ def test_auto_backend_picks_triton_on_cuda_and_torch_elsewhere(device: str) -> N
     auto = flash_attention(q, k, v, causal=True, backend="auto", return_lse=True)
     explicit = flash_attention(q, k, v, causal=True, backend=expected_backend, return_lse=True)
     assert torch.equal(auto[0], explicit[0]) and torch.equal(auto[1], explicit[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["square", "sum"])
+def test_second_derivative_raises(loss: str, backend: str, device: str) -> None:
+    """The backward has no derivative of its own: differentiating the gradients again (a gradient penalty)
+    raises, whether or not the incoming gradient depends on q (it was silently wrong on the torch backend
+    and silently zero on triton). create_graph=True alone, without a second derivative, still works."""
+    q, k, v, _ = Case(1, 2, 2, 9, 11, 16, F32).inputs(device)
+    q.requires_grad_()
+    out = flash_attention(q, k, v, causal=True, backend=backend)
+    objective = (out**2).sum() if loss == "square" else out.sum()
+    (dq,) = torch.autograd.grad(objective, q, create_graph=True, retain_graph=True)
+    (plain_dq,) = torch.autograd.grad(objective, q)
+    assert dq.requires_grad and torch.equal(dq.detach(), plain_dq)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(dq.square().sum(), q)

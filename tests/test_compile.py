@@ -76,3 +76,25 @@ def test_torch_func_with_triton_backend_is_refused(device: str) -> None:
     q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
     with pytest.raises(NotImplementedError, match="torch.func"):
         torch.func.grad(lambda q_: flash_attention(q_, k, v, backend="triton").sum())(q)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "jacrev", "jacfwd", "vmap-of-grad"])
+def test_torch_func_transforms_without_a_rule_are_refused(transform: str, device: str) -> None:
+    """vmap (jacrev vmaps the backward) and forward mode (jvp, jacfwd) have no rule for the attention:
+    NotImplementedError naming the transform and what works, not an error from inside the autograd
+    Function."""
+    q, k, v = (torch.randn(1, 2, 9, 16, device=device) for _ in range(3))
+
+    def f(q_):
+        return flash_attention(q_, k, v, backend="torch")
+
+    run = {
+        "vmap": lambda: torch.func.vmap(f)(q[None].expand(3, -1, -1, -1, -1)),
+        "jacrev": lambda: torch.func.jacrev(f)(q),
+        "jacfwd": lambda: torch.func.jacfwd(f)(q),
+        "vmap-of-grad": lambda: torch.func.vmap(torch.func.grad(lambda x: f(x).sum()))(
+            q[None].repeat(2, 1, 1, 1, 1)
+        ),
+    }[transform]
+    with pytest.raises(NotImplementedError, match=r"torch.func.(vmap|jvp).*torch.func.grad works"):
+        run()

@@ -258,10 +258,32 @@ def canonical_window(causal: object, window_size: object, what: str = "flash_att
     return left, right
 
 
+def check_functorch(what: str) -> None:
+    """No torch.func transform but grad is active: the attention Function has no vmap rule nor forward-mode
+    formula (called in the backward too, which jacrev runs under vmap)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    unsupported = {
+        TransformType.Vmap: "vmap (which jacrev and hessian use)",
+        TransformType.Jvp: "jvp / jacfwd",
+    }
+    found = [unsupported[i.key()] for i in retrieve_all_functorch_interpreters() if i.key() in unsupported]
+    if found:
+        raise NotImplementedError(
+            f"{what}: torch.func.{found[0]} is not supported (the attention has no batching rule nor "
+            f"forward-mode derivative); torch.func.grad works, with backend='torch'. For a batch of problems "
+            f"use the batch dimension, or loop over them."
+        )
+
+
 def pick_backend(backend: object, device: torch.device, what: str = "flash_attention") -> str:
     """Resolves "auto" and checks that an explicit backend can run on `device`; never falls back."""
     if backend not in BACKENDS:
         raise ValueError(f"{what}: `backend` must be one of {BACKENDS}, got {backend!r}.")
+    check_functorch(what)
     interpret = _env.interpreter_requested()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
@@ -279,8 +301,9 @@ def pick_backend(backend: object, device: torch.device, what: str = "flash_atten
         if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
             raise NotImplementedError(
                 f"{what}: backend='triton' does not run under torch.func transforms (grad, vmap, "
-                "jacrev, ...): the kernels cannot take their wrapped tensors. Use backend='torch' inside "
-                "the transform, or torch.autograd.grad / .backward() for gradients."
+                "jacrev, ...): the kernels cannot take their wrapped tensors. Use backend='torch' under "
+                "torch.func.grad (vmap, jvp, jacrev and jacfwd run on neither backend), or "
+                "torch.autograd.grad / .backward() for gradients."
             )
         try:
             import triton  # noqa: F401
