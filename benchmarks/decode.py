@@ -3,7 +3,7 @@ sequence over a KV cache, GQA 32/8, D 128, ours against SDPA flash, SDPA cuDNN a
 
 Decode is memory-bound, so the measure is the K/V bytes read per second, 2 * batch * kv_heads * cache *
 head_dim * element size / time, and its share of the card's copy bandwidth, measured in the same run: a
-device-to-device copy of a ~1 GiB tensor, counted as read + write (2 * bytes / time, DESIGN.md section 5).
+device-to-device copy of a ~1 GiB tensor, counted as read + write (2 * bytes / time).
 Before timing, ours is checked against a peer (SDPA flash, else SDPA math); a mismatch reads WRONG.
 """
 

@@ -1,6 +1,6 @@
 """The attention benchmark: ours against SDPA (flash, cuDNN, memory-efficient) and FlexAttention, one run.
 
-    python -m benchmarks.run                      # the full matrix of DESIGN.md section 4 (CUDA GPU)
+    python -m benchmarks.run                      # the README's full benchmark matrix (CUDA GPU)
     python -m benchmarks.run --quick              # a few shapes
     python -m benchmarks.run --json r.json --plot r.png --results-md
     python -m benchmarks.run --suite decode       # decode GB/s (benchmarks/decode.py)
@@ -91,7 +91,7 @@ def _name_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description="Attention benchmark (DESIGN.md section 4): ours against SDPA flash, cuDNN, "
+        description="Attention benchmark (the README's Benchmarks section): ours against SDPA flash, cuDNN, "
         "memory-efficient and FlexAttention in one run, TFLOP/s per shape, ratios to the peers. Standard "
         "shapes: 16k tokens per batch (B = 16384 // S), hidden 2048 (H = 2048 // D), square (Sq = Sk).",
     )
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return decode.main(args, argv, device)
     if device.type == "cpu" and args.device is None:
         print(
-            "No CUDA GPU here: the benchmark of DESIGN.md section 4 needs one. Running a small CPU "
+            "No CUDA GPU here: the README's benchmark needs one. Running a small CPU "
             "comparison instead (B = 2048 // S, H 8, D 64, fp32): ours (backend auto: SDPA itself on these "
             "shapes) and ours-torch (the blockwise backend) against SDPA's default CPU backend, in ms.\n"
         )

@@ -1,5 +1,5 @@
-"""The seed's first example (SEED_API.md), verbatim except for the device: on a machine without a CUDA GPU
-it runs on the CPU, with seq_len 128."""
+"""The seed's first example (the README's seed API), verbatim except for the device: on a machine without
+a CUDA GPU it runs on the CPU, with seq_len 128."""
 
 import torch
 

@@ -1,5 +1,5 @@
-"""The seed's KV-cache and beam-search examples (SEED_API.md), verbatim except for the device: on a machine
-without a CUDA GPU they run on the CPU, with seq_len 128."""
+"""The seed's KV-cache and beam-search examples (the README's seed API), verbatim except for the device: on a
+machine without a CUDA GPU they run on the CPU, with seq_len 128."""
 
 import torch
 

@@ -83,7 +83,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         rows.append(("device", f"cpu only (no CUDA GPU visible to torch), {torch.get_num_threads()} threads"))
     for var, value in _env.settings().items():
         rows.append((var, "unset" if value is None else repr(value)))
-    rows.append(("backend auto", f"-> {'triton' if device.type == 'cuda' else 'torch'} on {device.type}"))
+    picks = "triton" if device.type == "cuda" else "torch (PyTorch's SDPA where exactly ours)"
+    rows.append(("backend auto", f"-> {picks} on {device.type}"))
     for backend in ("triton", "torch"):
         rows.append((f"backend {backend}", _try_backend(backend, device)))
     width = max(len(name) for name, _ in rows)

@@ -31,7 +31,7 @@ def flash_attention(
     result, no copy either way); lse stays [batch, heads, seqlen_q].
 
     Masking, with off = seqlen_k - seqlen_q (bottom-right alignment, as flash-attn >= 2.1):
-      - causal=True: query i sees key j iff j <= i + off (the same as window_size=(left, 0)).
+      - causal=True: query i sees key j iff j <= i + off (the same as window_size=(-1, 0)).
       - window_size=(left, right): query i sees key j iff i + off - left <= j <= i + off + right;
         -1 means unbounded on that side. Any non-negative int is valid; one that hides no key is -1.
     A query row that sees no key returns 0 and lse -inf.

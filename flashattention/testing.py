@@ -1,4 +1,4 @@
-"""The tolerance rule of DESIGN.md section 3, shared by the tests, `python -m flashattention check` and the
+"""The tolerance rule (the README's pass rule), shared by the tests, `python -m flashattention check` and the
 tuning script:
 
     max|ours - ref| <= 2 * max|same_dtype - ref| + floor

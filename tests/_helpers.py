@@ -1,4 +1,4 @@
-"""The one tolerance rule of DESIGN.md section 3 and the forward+backward runs it compares.
+"""The one tolerance rule (the README's pass rule) and the forward+backward runs it compares.
 
 Pass rule, for every output and gradient:
     max|ours - ref| <= 2 * max|same_dtype - ref| + floor
@@ -48,7 +48,7 @@ def assert_close_to_reference(
     same_dtype: torch.Tensor,
     floor: float | None = None,
 ) -> None:
-    """Asserts the pass rule of DESIGN.md section 3 (see `compare_to_reference`)."""
+    """Asserts the pass rule of the README (see `compare_to_reference`)."""
     message = compare_to_reference(name, ours, ref, same_dtype, floor)
     if message is not None:
         raise AssertionError(message)

@@ -1,4 +1,4 @@
-"""flash_attention forward and gradients against the float64 oracle (DESIGN.md section 3), and metamorphic
+"""flash_attention forward and gradients against the float64 oracle (the README's pass rule), and metamorphic
 checks, for both backends. On a CPU-only machine backend="triton" runs the kernels in Triton's interpreter
 (conftest sets TRITON_INTERPRET=1), so shapes stay small; the big matrix is marked slow."""
 

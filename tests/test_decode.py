@@ -1,5 +1,5 @@
 """Split-KV decode (kernels/launch_decode.decode_forward) against the float64 oracle with the tolerance rule
-of DESIGN.md section 3, and metamorphic checks: any split count gives the same result, decode == the last
+of the README's pass rule, and metamorphic checks: any split count gives the same result, decode == the last
 rows of prefill, per-sequence lengths == per-row calls, cache views == contiguous copies. On a CPU-only
 machine the kernels run in Triton's interpreter (conftest), so shapes stay small.
 

@@ -1,6 +1,6 @@
 """GPU suite (`pytest -m gpu`, run on the device): real sizes, every dtype, 64k-token sequences, linear
 peak memory, and every config of the autotune table. The oracle is float32 on the GPU (float64 for fp32
-inputs); DESIGN.md section 3's rule through tests/_helpers.py."""
+inputs); the README's pass rule through tests/_helpers.py."""
 
 import json
 import math

@@ -1,6 +1,6 @@
 """KV cache with per-row lengths (cache_seqlens), on both backends ("triton": the split-KV decode kernel,
 in the interpreter on a CPU-only machine; "torch": one blockwise call per row), with the tolerance rule of
-DESIGN.md section 3 against the float64 oracle on each row's own sliced K/V.
+the README's pass rule against the float64 oracle on each row's own sliced K/V.
 
 Storage positions past a row's length are NaN wherever a test sets them up: a read of one shows up as NaN in
 the output, which never passes."""

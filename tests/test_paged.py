@@ -1,5 +1,5 @@
 """Paged KV cache (flashattention/paged_cache.py, the decode kernel's IS_PAGED): paged == dense through a
-random page table (tolerance rule of DESIGN.md section 3 against the float64 oracle per row, and the same
+random page table (tolerance rule (the README's pass rule) against the float64 oracle per row, and the same
 result as the dense kernel), decode and prefill chunks, GQA, causal/window, any split count, ragged lengths
 with 0; PagedKVCache's bookkeeping: beam reorder == dense reorder by table edits, fork + copy-on-write,
 release, pool exhaustion and bad input raising before anything is written.

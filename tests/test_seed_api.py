@@ -1,6 +1,6 @@
-"""The seed API (shared/SEED_API.md) as acceptance tests: its snippets as written, on "cuda" when present,
-else on the CPU with a shorter sequence. The KV cache snippets belong to a later issue: they are reported
-as xfail while their names are not exported, and run for real once they are."""
+"""The seed API (the README's seed API section) as acceptance tests: its snippets as written, on "cuda" when
+present, else on the CPU with a shorter sequence. The KV cache snippets belong to a later issue: they are
+reported as xfail while their names are not exported, and run for real once they are."""
 
 import importlib
 

@@ -1,5 +1,5 @@
 """Every bad input raises the right exception type with a message that names the argument and the value
-given (DESIGN.md section 3, issue 2 item 6)."""
+given (the README's Errors section)."""
 
 import math
 

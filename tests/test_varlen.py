@@ -1,7 +1,7 @@
 """flash_attention_varlen: packed sequences of different lengths (cu_seqlens), forward and backward.
 
-Oracle: the float64 reference run sequence by sequence and packed, with the tolerance rule of DESIGN.md
-section 3 (tests/_helpers.py); metamorphic: varlen == one flash_attention call per sequence. Sequences of
+Oracle: the float64 reference run sequence by sequence and packed, with the tolerance rule (the README's
+pass rule) (tests/_helpers.py); metamorphic: varlen == one flash_attention call per sequence. Sequences of
 length 0 (queries or keys), seqlen_q != seqlen_k per sequence, causal and windows with each sequence's own
 bottom-right offset, GQA/MQA, LSE, three dtypes, both backends (triton in the interpreter on the CPU).
 Bad cu_seqlens / max_seqlen raise before any kernel runs."""

@@ -2,7 +2,7 @@
 peers' (SDPA flash and cuDNN, by the same profiler), at the benchmark's shapes (16k tokens, hidden 2048,
 bf16). A kernel's own TFLOP/s counts the matmuls it does (dK/dV: S^T, dP^T, dV, dK; dQ: S, dP, dQ; two
 FLOPs per multiply-add, halved for causal), so the rows show how near each kernel runs to the tensor cores'
-rate, apart from the recompute that two kernels cost; `whole` is the DESIGN.md convention (2.5x forward).
+rate, apart from the recompute that two kernels cost; `whole` is the README's FLOP convention (2.5x forward).
 
     PYTHONPATH=. python -m tools.bwd_breakdown [--dims 64,128] [--seqlens 2048,8192] [--calls 10]
 """
@@ -20,12 +20,12 @@ from flashattention import flash_attention
 from tools.tune import _sdpa
 
 # matmuls per (query, key) pair and head dim element: each of our backward kernels' own, and a whole
-# backward's by DESIGN.md's convention (2.5x the forward's two)
+# backward's by the README's FLOP convention (2.5x the forward's two)
 MATMULS = {"dkdv": 4, "dq": 3, "whole": 5}
 
 
 def kernel_flops(kind: str, batch: int, heads: int, seqlen: int, head_dim: int, causal: bool) -> float:
-    """FLOPs of `kind` ("dkdv", "dq" for our kernels, "whole" for a backward by DESIGN.md's convention)."""
+    """FLOPs of `kind` ("dkdv", "dq" for our kernels, "whole" for a backward by the README's convention)."""
     pairs = batch * heads * seqlen * seqlen * (0.5 if causal else 1.0)
     return pairs * 2 * head_dim * MATMULS[kind]
 

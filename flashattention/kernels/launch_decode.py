@@ -77,9 +77,10 @@ def decode_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [batch, heads, seqlen_q, head_dim]; k, v: [batch, kv_heads, capacity, head_dim] (cache views, any
     strides with stride 1 on the last dim); cache_seqlens: int32 [batch], each row's key count (<= capacity),
-    or None for capacity keys everywhere. Window (left, right) as in DESIGN.md, -1 = unbounded, offset
-    seqlen_k[b] - seqlen_q per row. num_splits None: num_splits_heuristic (from batch * kv_heads, the
-    visible length bounded by max_seqlen_k or else the capacity, the SM count; no device sync).
+    or None for capacity keys everywhere. Window (left, right) as in the README's mask convention, -1 =
+    unbounded, offset seqlen_k[b] - seqlen_q per row. num_splits None: num_splits_heuristic (from batch *
+    kv_heads, the visible length bounded by max_seqlen_k or else the capacity, the SM count; no device
+    sync).
     Paged (block_table: int32 [batch, max_blocks], stride 1 on the last dim; cache_seqlens required): k, v
     are block pools [num_blocks, kv_heads, block_size, head_dim] and key p of row b is k[block_table[b, p //
     block_size], :, p % block_size]; capacity = max_blocks * block_size. The table entries of keys below
