@@ -50,16 +50,24 @@ def flash_attention(
     what to pass instead.
     """
     _validation.check_keywords(unsupported)
+    return dense_attention(
+        q, k, v, causal, softmax_scale, window_size, return_lse, backend, layout, "flash_attention"
+    )
+
+
+def dense_attention(q, k, v, causal, softmax_scale, window_size, return_lse, backend, layout, what: str):
+    """flash_attention's work, its errors naming `what` (the public function called: flash-attn's
+    compatible functions come here too)."""
     _validation.check_layout(layout)
-    _validation.check_bool("flash_attention", "return_lse", return_lse)
-    _validation.check_qkv(q, k, v, layout)
+    _validation.check_bool(what, "return_lse", return_lse)
+    _validation.check_qkv(q, k, v, layout, what)
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scale = _validation.check_scale(softmax_scale, q.shape[-1])
-    left, right = _validation.canonical_window(causal, window_size)
+    scale = _validation.check_scale(softmax_scale, q.shape[-1], what)
+    left, right = _validation.canonical_window(causal, window_size, what)
     left, right = normalise_window(left, right, q.shape[2], k.shape[2])
     requested = backend
-    backend = _validation.pick_backend(backend, q.device)
+    backend = _validation.pick_backend(backend, q.device, what)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if requested == "auto" and sdpa_applies(q, k, left, right, return_lse):
         out, lse = _sdpa(q, k, v, scale, causal=right == 0), None

@@ -22,7 +22,7 @@ import torch
 from . import _validation, api
 from . import _validation_compat as _vc
 from ._autograd import plain
-from .api import flash_attention, flash_attention_varlen
+from .api import flash_attention_varlen
 
 __all__ = [
     "flash_attn_func",
@@ -50,7 +50,7 @@ def flash_attn_func(
     right = 0. softmax_scale defaults to 1/sqrt(head_dim)."""
     what = "flash_attn_func"
     _check_common(what, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
-    _validation.check_qkv(q, k, v, "bshd")
+    _validation.check_qkv(q, k, v, "bshd", what)
     return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
 
 
@@ -81,7 +81,7 @@ def flash_attn_kvpacked_func(
     _check_common(what, dropout_p, softcap, alibi_slopes, deterministic, return_attn_probs)
     _vc.check_packed(what, "kv", kv, 2)
     k, v = kv.unbind(2)
-    _validation.check_qkv(q, k, v, "bshd")
+    _validation.check_qkv(q, k, v, "bshd", what)
     return _bshd(what, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend)
 
 
@@ -218,15 +218,8 @@ def _check_common(what: str, dropout_p, softcap, alibi_slopes, deterministic, re
 def _bshd(what: str, q, k, v, softmax_scale, causal, window_size, return_attn_probs, backend: str) -> Out:
     """flash_attention on BSHD views, with flash-attn's window rule applied here (causal folded into it)."""
     window = _vc.flash_window(what, causal, window_size, k.shape[1])
-    result = flash_attention(
-        q,
-        k,
-        v,
-        softmax_scale=softmax_scale,
-        window_size=window,
-        return_lse=return_attn_probs,
-        backend=backend,
-        layout="bshd",
+    result = api.dense_attention(
+        q, k, v, False, softmax_scale, window, return_attn_probs, backend, "bshd", what
     )
     return (*result, None) if return_attn_probs else result
 

@@ -103,15 +103,16 @@ def test_flash_attn_func_low_precision(dtype, backend, device):
 
 
 def _record_flash_attention(monkeypatch) -> list:
-    """The q, k, v that compat hands to flash_attention (to check that they are views of the inputs)."""
+    """The q, k, v that compat hands to flash_attention's work (api.dense_attention; to check that they
+    are views of the inputs)."""
     seen = []
-    real = compat.flash_attention
+    real = compat.api.dense_attention
 
-    def spy(q, k, v, **kwargs):
+    def spy(q, k, v, *args):
         seen.append((q, k, v))
-        return real(q, k, v, **kwargs)
+        return real(q, k, v, *args)
 
-    monkeypatch.setattr(compat, "flash_attention", spy)
+    monkeypatch.setattr(compat.api, "dense_attention", spy)
     return seen
 
 
@@ -585,3 +586,12 @@ def test_kvcache_bad_input_raises_before_writing(device):
             backend="triton",
         )  # fmt: skip
     assert torch.equal(padded, before)
+
+
+def test_errors_name_the_compat_function(device):
+    """flash-attn's functions check through flash_attention's checks, under their own names."""
+    q = _randn(1, 4, 2, 16, device=device)
+    with pytest.raises(ValueError, match="^flash_attn_func: `softmax_scale`"):
+        flash_attn_func(q, q, q, softmax_scale=-1.0)
+    with pytest.raises(TypeError, match="^flash_attn_func: `q` has dtype"):
+        flash_attn_func(q.double(), q.double(), q.double())
