@@ -335,10 +335,9 @@ def reorder_kv_cache(kv_cache: KVCache | PagedKVCache, beam_idx: torch.Tensor) -
     kv_cache._values[:, :, :n] = kv_cache._values[:, :, :n].index_select(0, idx)
     if kv_cache._cache_seqlens is not None:
         kv_cache._cache_seqlens.copy_(kv_cache._cache_seqlens.index_select(0, idx))
-        # repeated beams may drop the longest row: the host length is read again (one sync), or inside a
-        # capture left to the device, as after a captured append
+        # repeated beams may drop the longest row: the host length is read again (one sync; check_beam_idx
+        # synced already, so a reorder is never captured)
         if kv_cache._length is not None:
-            capturing = _capturing(kv_cache._keys)
             seqlens = kv_cache._cache_seqlens
-            kv_cache._length = None if capturing else int(seqlens.max()) if seqlens.numel() else 0
+            kv_cache._length = int(seqlens.max()) if seqlens.numel() else 0
     return kv_cache

@@ -695,3 +695,15 @@ def test_fused_dq_call_keeps_a_plan_that_zeroes_afresh(
         )
     else:
         assert turns == [None] * 3
+
+
+def test_stride_unit_keeps_strides_past_int32_whole():
+    """Strides reach the kernels in units of the largest power of two (up to 16) dividing them all, except
+    where one is 2^31 elements or more: its quotient could fit int32 and the kernel's multiplication back
+    wrap, so the unit is 1 (Triton types the stride int64 itself)."""
+    from flashattention.kernels.launch import stride_unit
+
+    small = torch.empty(2, 3, 40, 40, device="meta")  # strides 4800, 1600, 40: all divisible by 8
+    assert stride_unit(small) == 8
+    huge = torch.empty(2, 32, 1, 128, device="meta").as_strided((2, 32, 524288, 128), (2**31, 128, 4096, 1))
+    assert stride_unit(huge) == 1 and stride_unit(small, huge) == 1

@@ -6,6 +6,7 @@ GPU tests run a fresh process end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -429,3 +430,42 @@ def test_fused_dq_choice_compiles_no_dq_kernel(monkeypatch, device, ordered):
         assert (turns.dtype, turns.numel(), kwargs["dq_tiles"]) == (torch.int32, 1 + 6, 3)
     else:
         assert "DQ_TURNS" not in kwargs
+
+
+def test_wait_from_two_threads_at_once(monkeypatch):
+    """Two threads waiting at once (autograd's per-device backward threads) that both see the last pending
+    compile: both block until it ends, and neither fails (each popped it before: the second pop raised)."""
+    import concurrent.futures
+    import threading
+
+    from flashattention.kernels import warmup
+
+    both_looked = threading.Barrier(2)
+
+    class Pending(list):  # both threads see one compile pending before either takes it
+        def __bool__(self):
+            seen = len(self) > 0
+            if seen:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    both_looked.wait(timeout=1)
+            return seen
+
+    compile_done = concurrent.futures.Future()
+    monkeypatch.setattr(warmup, "_pending", Pending([compile_done]))
+    monkeypatch.setattr(warmup._prefetch, "wait", lambda: None)
+    errors, returned = [], []
+
+    def backward_thread():
+        try:
+            warmup.wait()
+            returned.append(compile_done.done())
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=backward_thread) for _ in range(2)]
+    for t in threads:
+        t.start()
+    threading.Timer(0.2, compile_done.set_result, (None,)).start()
+    for t in threads:
+        t.join(timeout=10)
+    assert errors == [] and returned == [True, True] and not warmup._pending

@@ -54,8 +54,13 @@ def persistent_programs(tiles: int, sms: int) -> int:
 
 def stride_unit(*tensors: torch.Tensor) -> int:
     """The largest power of two up to 16 dividing every batch, head and sequence stride of `tensors`: the
-    kernels take strides in these units (common.unit_strides says why)."""
-    g = math.gcd(*(stride for t in tensors for stride in t.stride()[:3]))
+    kernels take strides in these units (common.unit_strides says why). 1 where a stride reaches 2^31
+    elements: Triton types such an argument int64, but its quotient by the unit could fit int32, and the
+    kernel's multiplication back would then wrap."""
+    all_strides = [stride for t in tensors for stride in t.stride()[:3]]
+    if max(all_strides, default=0) >= 2**31:
+        return 1
+    g = math.gcd(*all_strides)
     return min(16, g & -g) if g else 16  # g & -g: the lowest set bit, the largest power of two dividing g
 
 

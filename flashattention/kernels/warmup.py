@@ -20,6 +20,7 @@ and tools (warmup_compile= replaces the compile a thread runs, to record what it
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -174,8 +175,14 @@ def wait() -> None:
     """Blocks until the compiles started ahead have ended (at once if none runs); the backward calls it
     before its launches."""
     _prefetch.wait()
-    while _pending:
-        _pending.pop().result()
+    while _pending:  # threads may wait at once (autograd's per-device ones): each waits for every compile
+        try:
+            future = _pending[-1]
+        except IndexError:  # another thread took the last one meanwhile
+            break
+        future.result()
+        with contextlib.suppress(ValueError):  # or removed it first
+            _pending.remove(future)
 
 
 def reset() -> None:
