@@ -4,6 +4,7 @@ Triton's allocator per thread. Fake kernels stand in for compiled ones where a l
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -707,3 +708,43 @@ def test_stride_unit_keeps_strides_past_int32_whole():
     assert stride_unit(small) == 8
     huge = torch.empty(2, 32, 1, 128, device="meta").as_strided((2, 32, 524288, 128), (2**31, 128, 4096, 1))
     assert stride_unit(huge) == 1 and stride_unit(small, huge) == 1
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_more_batch_heads_than_a_grid_axis_takes(varlen, device, monkeypatch):
+    """More (batch, head) programs than a grid's second axis holds (65535 on CUDA; 4 here) run as one call
+    a part of the batch (varlen: of the sequences, from offsets of 0): the same result as one launch,
+    forward and backward, GQA and a causal mask (bottom-right per sequence)."""
+    from flashattention import flash_attention, flash_attention_varlen
+
+    torch.manual_seed(0)
+    if varlen:
+        lens_q, lens_k = [5, 0, 9, 3, 7], [8, 4, 9, 1, 7]
+        q = torch.randn(sum(lens_q), 4, 16, device=device)
+        k, v = (torch.randn(sum(lens_k), 2, 16, device=device) for _ in range(2))
+
+        def cu(lens):
+            return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+
+        def run():
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = flash_attention_varlen(*leaves, cu(lens_q), cu(lens_k), 9, 9, causal=True, backend="triton")
+            return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+    else:
+        q, k, v = make_inputs(3, 4, 2, 11, 13, 16, torch.float32, device)[:3]
+
+        def run():
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = flash_attention(*leaves, causal=True, backend="triton")
+            return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+    whole = run()
+    parts = []
+    real = launch.grid_parts
+    monkeypatch.setattr(launch, "MAX_GRID_Y", 4)
+    monkeypatch.setattr(launch, "grid_parts", lambda *a: parts.append(real(*a)) or parts[-1])
+    split = run()
+    split_calls = [p for p in parts if p is not None]  # the parts' own calls fit: None
+    assert len(split_calls) == 2 and all(len(p) >= 2 for p in split_calls)  # the forward and the backward
+    for name, got, want in zip(("out", "dq", "dk", "dv"), split, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)

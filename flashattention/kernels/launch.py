@@ -130,6 +130,17 @@ def forward_stats(
         return out, lse2
     if k.shape[0 if varlen else 2] == 0:  # no keys: every row is empty (-inf is the same in both units)
         return out.zero_(), lse2.fill_(-math.inf)
+    varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                       max_seqlen_k=max_seqlen_k)  # fmt: skip
+    parts = grid_parts(q, cu_seqlens_q, cu_seqlens_k)
+    if parts is not None:  # more (batch, head) programs than a grid's second axis takes: one call a part
+        for rows, part in parts:
+            q_, k_, v_, part_args = _part_inputs(rows, part, (q, k, v), varlen_args)
+            out_, lse2_ = forward_stats(q_, k_, v_, softmax_scale=softmax_scale, left=left, right=right,
+                                        config=config, **part_args)  # fmt: skip
+            out[rows[0]] = out_
+            lse2[(slice(None), rows[0]) if varlen else rows[0]] = lse2_
+        return out, lse2
     tensors = dict(Q=q, K=k, V=v, O=out, LSE2=lse2)
     if varlen:
         tensors.update(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k)
@@ -185,6 +196,20 @@ def attention_backward(
     dv = dev.empty(v.shape, v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing flows: zero grads
         return dq.zero_(), dk.zero_(), dv.zero_()
+    parts = grid_parts(q, cu_seqlens_q, cu_seqlens_k)
+    if parts is not None:  # as forward_stats: one call a part of the batch (or of the sequences)
+        varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k)  # fmt: skip
+        for (q_rows, k_rows), part in parts:
+            q_, k_, v_, part_args = _part_inputs((q_rows, k_rows), part, (q, k, v), varlen_args)
+            lse2_ = lse2[:, q_rows].contiguous() if varlen else lse2[q_rows]
+            grads = attention_backward(
+                dout[q_rows], q_, k_, v_, out[q_rows], lse2_, softmax_scale=softmax_scale, left=left,
+                right=right, **part_args,
+            )  # fmt: skip
+            for grad, part_grad, rows in zip((dq, dk, dv), grads, (q_rows, k_rows, k_rows), strict=True):
+                grad[rows] = part_grad
+        return dq, dk, dv
     delta = torch.empty(lse2.shape, dtype=torch.float32, device=q.device)
     tensors = dict(O=out, DO=dout, DELTA=delta, Q=q, K=k, V=v, LSE2=lse2, DQ=dq, DK=dk, DV=dv)
     varlen_args = {}
@@ -236,6 +261,43 @@ def attention_backward(
     dq_launch = registry.launch("bwd_dq", dq_grid, dq_args, q.device, q.dtype, seqlen_k=seqlen_k)
     PLANS.put(key, (pre, dkdv, dq_launch))
     return dq, dk, dv
+
+
+MAX_GRID_Y = 65535  # CUDA's bound on a grid's second axis, which holds the (batch, head) programs
+
+
+def grid_parts(q, cu_seqlens_q=None, cu_seqlens_k=None) -> list | None:
+    """None where one launch's grid holds every (batch, head) program (batch * heads <= MAX_GRID_Y), else
+    the parts of at most MAX_GRID_Y // heads batch rows (varlen: sequences) each, as ((q rows, k rows) as
+    slices, (first, end) batch rows or sequences). Varlen reads the offsets on the host (one sync)."""
+    varlen = cu_seqlens_q is not None
+    batch, heads = (cu_seqlens_q.shape[0] - 1, q.shape[1]) if varlen else q.shape[:2]
+    if batch * heads <= MAX_GRID_Y:
+        return None
+    per = max(1, MAX_GRID_Y // heads)
+    bounds = [(b, min(b + per, batch)) for b in range(0, batch, per)]
+    if not varlen:
+        return [((slice(b0, b1), slice(b0, b1)), (b0, b1)) for b0, b1 in bounds]
+    offsets_q, offsets_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()
+    return [
+        ((slice(offsets_q[b0], offsets_q[b1]), slice(offsets_k[b0], offsets_k[b1])), (b0, b1))
+        for b0, b1 in bounds
+    ]
+
+
+def _part_inputs(rows, part, qkv, varlen_args: dict) -> tuple:
+    """q, k, v of one grid part (grid_parts) and its varlen keywords: the part's sequences' offsets from 0."""
+    (q_rows, k_rows), (b0, b1) = rows, part
+    q, k, v = qkv
+    if varlen_args.get("cu_seqlens_q") is None:
+        return q[q_rows], k[k_rows], v[k_rows], varlen_args
+    cu_q, cu_k = varlen_args["cu_seqlens_q"], varlen_args["cu_seqlens_k"]
+    part_args = dict(
+        varlen_args,
+        cu_seqlens_q=cu_q[b0 : b1 + 1] - q_rows.start,
+        cu_seqlens_k=cu_k[b0 : b1 + 1] - k_rows.start,
+    )
+    return q[q_rows], k[k_rows], v[k_rows], part_args
 
 
 PRE_BLOCK = 64  # query rows per program of the backward's preprocess
