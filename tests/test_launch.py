@@ -748,3 +748,51 @@ def test_more_batch_heads_than_a_grid_axis_takes(varlen, device, monkeypatch):
     assert len(split_calls) == 2 and all(len(p) >= 2 for p in split_calls)  # the forward and the backward
     for name, got, want in zip(("out", "dq", "dk", "dv"), split, whole, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+def test_a_config_this_gpu_cannot_launch_warns_once(monkeypatch):
+    """A table config that does not fit the GPU (OutOfResources: a card with less shared memory than the
+    table's) gives way to the next one with a warning, once per config, not silently."""
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class Recorder:  # the kernel: the 128-row config needs more shared memory than there is
+        def __getitem__(self, grid):
+            def go(**kwargs):
+                if kwargs["BLOCK_M"] == 128:
+                    raise OutOfResources(232448, 101376, "shared memory")
+                launched.append(kwargs["BLOCK_M"])
+
+            return go
+
+    monkeypatch.setitem(registry.KERNELS, "fwd", registry.Kernel("fwd", "forward", Recorder()))
+    monkeypatch.setattr(registry, "_out_of_resources", set())
+    big, small = configs._c(128, 128, 8, 3), configs._c(64, 64, 4, 2)
+    q = torch.zeros(1, 2, 16, 64)
+    args = dict(Q=q, K=q, V=q, HEAD_DIM=64, HEAD_DIM_PAD=64, HAS_HI=False, seqlen_q=16, seqlen_k=16)
+    with hooks.overrides(configs={"fwd": [big, small]}), pytest.warns(UserWarning, match="does not fit") as w:
+        for _ in range(2):
+            registry.launch("fwd", (1,), args, q.device, q.dtype)
+    assert launched == [64, 64] and len([x for x in w if "does not fit" in str(x.message)]) == 1
+
+
+def test_a_triton_without_gluon_on_hopper_warns(monkeypatch):
+    """On a Hopper GPU whose Triton lacks Gluon's API, the Gluon configs drop out with a warning (once): the
+    slower Triton kernels run, not silently."""
+    from flashattention import _env
+
+    class CudaBf16:  # what the check reads of a CUDA bfloat16 tensor
+        device = torch.device("cuda", 0)
+        dtype = torch.bfloat16
+
+    monkeypatch.setattr(_env, "interpreting", lambda: False)
+    monkeypatch.setattr(device, "capability", lambda index: (9, 0))
+    monkeypatch.setattr(gluon, "missing", lambda: "cannot import name 'tma'")
+    gluon._warn_missing.cache_clear()
+    args = dict(Q=CudaBf16(), HEAD_DIM=128, CAN_TMA=True)
+    with pytest.warns(UserWarning, match="lacks Gluon's Hopper API") as w:
+        for _ in range(2):
+            assert any("lacks Gluon" in p for p in gluon.problems((64, 128, 256), args))
+    assert len([x for x in w if "lacks Gluon" in str(x.message)]) == 1
+    gluon._warn_missing.cache_clear()

@@ -14,6 +14,7 @@ import math
 
 import torch
 from triton.compiler.errors import CompilationError
+from triton.runtime.errors import PTXASError
 
 from .. import _env
 from . import device as dev
@@ -251,7 +252,7 @@ def attention_backward(
             dkdv = registry.launch(
                 "bwd_dkdv", dkdv_grid, dict(dkdv_args, **extra), q.device, q.dtype, config=fused
             )
-        except CompilationError as err:  # this Triton cannot build it: warn once, the two kernels instead
+        except (CompilationError, PTXASError) as err:  # this Triton cannot build it: warn once, two kernels
             gluon.note_compile_error(err)
         else:
             _fused_dq_out(dq, dq_acc, softmax_scale, varlen)

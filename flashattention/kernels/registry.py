@@ -11,7 +11,7 @@ import warnings
 import torch
 import triton
 from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from .. import _prefetch
 from . import configs, gluon, hooks, tuning
@@ -168,14 +168,32 @@ def launch(
                 continue
             try:
                 return run(kernel, grid, args, config)
-            except OutOfResources as err:  # a smaller GPU than the table's
+            except OutOfResources as err:  # a smaller GPU than the table's: the next config, with a warning
+                _note_out_of_resources(kernel.name, config, err)
                 failure = err
-            except CompilationError as err:
+            except (CompilationError, PTXASError) as err:
                 if not config.kwargs.get("GLUON_WS"):
                     raise
                 gluon.note_compile_error(err)
                 failure = err
         raise failure
+
+
+_out_of_resources: set = set()  # (kernel, config label) pairs warned about
+
+
+def _note_out_of_resources(name: str, config: triton.Config, err: Exception) -> None:
+    """A table config this GPU cannot launch (shared memory, registers): warn once a config."""
+    label = configs.label(config)
+    if (name, label) in _out_of_resources:
+        return
+    _out_of_resources.add((name, label))
+    warnings.warn(
+        f"flashattention: the {name} kernel's config {label} does not fit this GPU ({err}); the table's next "
+        "config runs instead, which may be slower. The tables are measured on H100/H200 and A100: report "
+        "your GPU model.",
+        stacklevel=5,
+    )
 
 
 def _tuned(kernel: Kernel, grid, args: dict, device, key: str, usable: list) -> triton.Config | None:
