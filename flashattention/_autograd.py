@@ -117,7 +117,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _grads(ctx, grad_out, backward_op):
     q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
+    if grad_out.dim() == 4:  # BHSD (a dense call): as api.kernel_layout takes q, k, v
+        from .api import kernel_layout
+
+        grad_out = kernel_layout(grad_out)
+    elif grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
         grad_out = grad_out.contiguous()
     varlen = (cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens)
     dq, dk, dv = backward_op(grad_out, q, k, v, out, stats, *ctx.args, *varlen)

@@ -68,7 +68,7 @@ def dense_attention(q, k, v, causal, softmax_scale, window_size, return_lse, bac
     left, right = normalise_window(left, right, q.shape[2], k.shape[2])
     requested = backend
     backend = _validation.pick_backend(backend, q.device, what)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (kernel_layout(t) for t in (q, k, v))
     if requested == "auto" and sdpa_applies(q, k, left, right, return_lse):
         out, lse = _sdpa(q, k, v, scale, causal=right == 0), None
     elif backend == "triton" and _decode_applies(q, k, v):
@@ -81,6 +81,18 @@ def dense_attention(q, k, v, causal, softmax_scale, window_size, return_lse, bac
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+ROW_SPAN_LIMIT = 2**31  # elements a (batch, head)'s rows may span: the kernels' row offsets are int32
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """A BHSD tensor as the kernels take it: as it is, or copied (contiguous) where its last dimension is
+    not contiguous or one (batch, head)'s rows span ROW_SPAN_LIMIT elements or more (a long BSHD sequence
+    with many heads: the row offsets would overflow; contiguous, a row is head_dim elements)."""
+    if t.stride(-1) == 1 and t.shape[2] * t.stride(2) < ROW_SPAN_LIMIT:
+        return t
+    return t.contiguous()
 
 
 def flash_attention_varlen(
