@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from . import _validation, api, paged_cache
-from .api import flash_attention
 from .paged_cache import PagedKVCache
 
 
@@ -220,15 +219,10 @@ def incremental_attention(
     if isinstance(kv_cache, PagedKVCache):
         mask = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, backend=backend)
         return paged_cache.attend(q, kv_cache, paged_cache.check_cache_call(what, q, kv_cache, **mask))
-    if kv_cache.cache_seqlens is None:
-        return flash_attention(
-            q,
-            kv_cache.keys,
-            kv_cache.values,
-            causal=causal,
-            softmax_scale=softmax_scale,
-            window_size=window_size,
-            backend=backend,
+    if kv_cache.cache_seqlens is None:  # flash_attention's work, its errors naming this function
+        keys, values = kv_cache.keys, kv_cache.values
+        return api.dense_attention(
+            q, keys, values, causal, softmax_scale, window_size, False, backend, "bhsd", what
         )
     # The longest row bounds the keys (and the launcher's split count) where the host knows it; inside a
     # capture, or once only the device knows the lengths, the whole storage (each row reads its own length).

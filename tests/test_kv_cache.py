@@ -188,3 +188,12 @@ def test_one_tensor_as_keys_and_values_is_refused_before_a_write(device):
         torch.randn(2, 1, 2, 16, device=device), packed[:, :, 0], packed[:, :, 1], new.transpose(1, 2),
         new.transpose(1, 2), cache_seqlens=3,
     )  # fmt: skip
+
+
+def test_errors_over_a_uniform_cache_name_incremental_attention():
+    """incremental_attention over a cache without per-row lengths checks as flash_attention does, under its
+    own name."""
+    cache = initialize_kv_cache(1, 2, 8, 16, device="cpu")
+    update_kv_cache(cache, torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    with pytest.raises(ValueError, match="^incremental_attention: `softmax_scale`"):
+        incremental_attention(torch.randn(1, 2, 1, 16), cache, softmax_scale=-1.0)
