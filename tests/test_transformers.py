@@ -193,6 +193,24 @@ def test_masks_under_inference_mode():
     assert not torch.equal(first[0, 2:], second[0, 2:])  # the rows that see the changed key
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_batch_one_mask_applies_to_every_row(backend):
+    """A 4-D mask of batch 1 (a user's, as SDPA broadcasts it) with a key range that is not the whole
+    sequence: every row of the batch takes it, and the result equals SDPA's (it failed on a size mismatch)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(2, 2, 6, 16) for _ in range(3))
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    mask = ((j >= 2) & (j <= i))[None, None]  # keys from 2 on, causal: rows 0 and 1 see none
+    out, _ = fa_hf.flashattention_forward(module, q, k, v, mask, scaling=0.25, backend=backend)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask.expand(2, -1, -1, -1), scaling=0.25)
+    rows = slice(2, None)  # SDPA gives NaN where a row sees no key, ours 0
+    torch.testing.assert_close(out[:, rows], expected[:, rows], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))
+
+
 def test_unsupported_raise():
     module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 16)
@@ -225,3 +243,12 @@ def test_generate_gpu(dtype, no_fallback):
     at = slice(ids.shape[1] - 1, full.shape[1] - 1)
     expected, same = (_logits(m, full, full_mask)[:, at] for m in (ref, sdpa))
     _assert_rule("generate logits", torch.stack(result.logits, dim=1), expected, same)
+
+
+def test_output_attentions_warns():
+    """output_attentions=True gets no weights: a warning says so (it was silent)."""
+    ours, _, _ = _models(_config(), NAMES["torch"], torch.float32, "cpu")
+    fa_hf._warn_no_weights.cache_clear()
+    with pytest.warns(UserWarning, match="output_attentions"):
+        with torch.no_grad():
+            ours(torch.randint(1, VOCAB, (1, 6)), output_attentions=True)

@@ -25,13 +25,17 @@ heads, head_dim], None). Masks:
   SDPA computes it (its top-left is_causal; with seqlen_q == seqlen_k or one query, our bottom-right rule
   is the same; a prefill into a longer static cache reads only its first seqlen_q keys, as SDPA does).
 - A 4-D mask that is exactly, per batch row b, "keys [start_b, end_b), causal bottom-right at end_b (or not
-  causal for a bidirectional module), sliding window of `sliding_window` keys" (left or right padding from
-  `generate`, a static cache's unused tail, sliding windows): our kernels, one call when every row is
+  causal for a bidirectional module), sliding window of `sliding_window` keys" (left padding from
+  `generate`, a static cache's unused tail, sliding windows; a mask of batch 1 applies to every row, as
+  SDPA broadcasts it): our kernels, one call when every row is
   [0, seqlen_k), else one varlen call (each row's queries, its key range gathered into packed K/V: one
   gather of K and of V, ~the cost of reading them once more). The mask is compared element for element with
   that pattern (one device sync per distinct mask; the layers of one forward share it).
-- Any other mask (packed sequences, custom masks, float biases): routed to transformers' SDPA attention,
-  which computes it exactly, with a one-time warning. Nothing is approximated.
+- Any other mask (right padding, whose causal diagonal starts at key 0 rather than ending at the row's
+  last key; packed sequences, custom masks, float biases): routed to transformers' SDPA attention, which
+  computes it exactly, with a one-time warning. Nothing is approximated.
+
+output_attentions=True gets no attention weights (a one-time warning says so), as with transformers' SDPA.
 
 Unsupported (NotImplementedError): dropout > 0 (train with attention_dropout=0.0), softcap, s_aux (sinks),
 position_bias.
@@ -102,6 +106,8 @@ def flashattention_forward(
         s_aux=kwargs.get("s_aux"),
         position_bias=kwargs.get("position_bias"),
     )
+    if kwargs.get("output_attentions"):
+        _warn_no_weights()
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, _, seqlen_q, _ = query.shape
     seqlen_k = key.shape[2]
@@ -125,6 +131,8 @@ def flashattention_forward(
         )
     window = (left, 0 if is_causal else -1)
     starts, ends = rows
+    if len(starts) == 1 and batch > 1:  # a mask of batch 1 applies to every row, as SDPA broadcasts it
+        starts, ends = starts * batch, ends * batch
     if all(s == 0 for s in starts) and all(e == seqlen_k for e in ends):
         out = flash_attention(query, key, value, window_size=window, **call)
         return out.transpose(1, 2), None
@@ -213,5 +221,15 @@ def _warn_fallback() -> None:
         "flashattention (transformers integration): an attention mask that is not per-row key ranges with a "
         "causal/sliding-window pattern (e.g. packed sequences) runs on transformers' SDPA attention instead "
         "(exact). This warning is shown once.",
+        stacklevel=3,
+    )
+
+
+@functools.cache
+def _warn_no_weights() -> None:
+    warnings.warn(
+        "flashattention (transformers integration): output_attentions=True returns no attention weights (the "
+        "kernels never form them); load the model with attn_implementation='eager' to get them. This warning "
+        "is shown once.",
         stacklevel=3,
     )
