@@ -21,7 +21,7 @@ def test_varlen_benchmark_runs_one_tiny_shape(tmp_path, capsys, device):
     assert saved["meta"]["suite"] == "varlen" and not saved["meta"]["partial"]
     (row,) = saved["rows"]
     assert row["tokens"] == sum(row["lens"]) <= row["padded_tokens"] and row["causal"]
-    assert row["check"].startswith("varlen vs per-sequence dense calls")
+    assert row["check"].startswith("varlen (out, dq, dk, dv) vs per-sequence dense calls")
     for name in varlen.PROVIDERS:
         result = row["results"][name]
         assert "wrong" not in result and (result["ms"] is None) == ("error" in result), f"{name}: {result}"
