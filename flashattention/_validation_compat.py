@@ -193,7 +193,18 @@ def check_kvcache(
     parts = [t for t in (seqlens, batch_idx, starts) if t is not None]
     if starts is not None:
         parts.append((seqlens if seqlens is not None else torch.full_like(starts, capacity)) - starts)
-    values = torch.stack([x for t in parts for x in (t.min(), t.max())]).tolist() if parts and batch else []
+    scalars = [x for t in parts for x in (t.min(), t.max())]
+    appending_twice = batch_idx is not None and new_tokens and batch > 1
+    if appending_twice:  # in the same sync: whether two rows of q would append to one cache row
+        ordered = batch_idx.sort().values
+        scalars.append((ordered[1:] == ordered[:-1]).any().long())
+    values = torch.stack(scalars).tolist() if parts and batch else []
+    if appending_twice and values.pop():
+        raise ValueError(
+            f"{what}: `cache_batch_idx` names one cache row for two batch rows while k/v are appended: both "
+            f"would write that row's positions, got {cache_batch_idx.tolist()}. Give each batch row its own "
+            f"cache row, or append without cache_batch_idx."
+        )
     lows_highs = iter(zip(values[0::2], values[1::2], strict=True))
     longest = capacity
     if seqlens is not None:

@@ -532,6 +532,8 @@ def test_kvcache_bad_input_raises_before_writing(device):
         flash_attn_with_kvcache(q, k_cache, v_cache, k, v)
     with pytest.raises(ValueError, match="cache_batch_idx"):
         flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1, cache_batch_idx=i32([0, 2]))
+    with pytest.raises(ValueError, match="one cache row for two batch rows"):  # both would write row 1
+        flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1, cache_batch_idx=i32([1, 1]))
     with pytest.raises(ValueError, match="cache_leftpad"):
         flash_attn_with_kvcache(
             q, k_cache, v_cache, k, v, cache_seqlens=i32([1, 4]), cache_leftpad=i32([0, 5])
