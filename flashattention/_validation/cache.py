@@ -40,14 +40,7 @@ def check_cache_dims(batch_size: object, num_heads: object, max_seq_len: object,
 def check_cache_tensors(what: str, keys: object, values: object, like: torch.Tensor | None = None) -> None:
     """keys/values of a cache or of an append: [batch, kv_heads, seqlen, head_dim], one dtype and device;
     with `like` (the cache storage), batch, heads, head_dim, dtype and device must match it."""
-    check_tensors(what, keys=keys, values=values)
-    for name, t in (("keys", keys), ("values", values)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"{what}: `{name}` must have 4 dimensions (batch, kv_heads, seqlen, head_dim), got shape "
-                f"{tuple(t.shape)}."
-            )
-    check_twins(what, "keys", keys, "values", values)
+    _check_pair(what, ("keys", "values"), keys, values, "(batch, kv_heads, seqlen, head_dim)")
     if like is None:
         return
     b, h, _, d = like.shape
@@ -65,6 +58,16 @@ def check_cache_tensors(what: str, keys: object, values: object, like: torch.Ten
         "Convert them with `.to(dtype=..., device=...)` or create the cache with "
         "initialize_kv_cache(..., dtype=..., device=...).",
     )
+
+
+def _check_pair(what: str, names: tuple[str, str], keys: object, values: object, axes: str) -> None:
+    """Keys and values (argument names `names`): tensors of 4 dimensions `axes`, one shape, dtype, device."""
+    key_name, value_name = names
+    check_tensors(what, **{key_name: keys, value_name: values})
+    for name, t in ((key_name, keys), (value_name, values)):
+        if t.dim() != 4:
+            raise ValueError(f"{what}: `{name}` must have 4 dimensions {axes}, got shape {tuple(t.shape)}.")
+    check_twins(what, key_name, keys, value_name, values)
 
 
 def check_distinct_storage(what: str, a: tuple[str, torch.Tensor], b: tuple[str, torch.Tensor]) -> None:
@@ -359,11 +362,7 @@ def check_pools(
     blocks). Returns block_size."""
     key_name, value_name = names
     axes = f"[{', '.join(dims)}]"
-    check_tensors(what, **{key_name: key_pool, value_name: value_pool})
-    for name, t in ((key_name, key_pool), (value_name, value_pool)):
-        if t.dim() != 4:
-            raise ValueError(f"{what}: `{name}` must have 4 dimensions {axes}, got shape {tuple(t.shape)}.")
-    check_twins(what, key_name, key_pool, value_name, value_pool)
+    _check_pair(what, names, key_pool, value_pool, axes)
     check_dtype(what, key_name, key_pool)
     block_size = key_pool.shape[dims.index("block_size")]
     if block_size < 1:
