@@ -115,11 +115,21 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(stats)
 
 
+ROW_SPAN_LIMIT = 2**31  # elements a (batch, head)'s rows may span: the kernels' row offsets are int32
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """A BHSD tensor as the kernels take it: as it is, or copied (contiguous) where its last dimension is
+    not contiguous or one (batch, head)'s rows span ROW_SPAN_LIMIT elements or more (a long BSHD sequence
+    with many heads: the row offsets would overflow; contiguous, a row is head_dim elements)."""
+    if t.stride(-1) == 1 and t.shape[2] * t.stride(2) < ROW_SPAN_LIMIT:
+        return t
+    return t.contiguous()
+
+
 def _grads(ctx, grad_out, backward_op):
     q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if grad_out.dim() == 4:  # BHSD (a dense call): as api.kernel_layout takes q, k, v
-        from .api import kernel_layout
-
+    if grad_out.dim() == 4:  # BHSD (a dense call): as flash_attention takes q, k, v
         grad_out = kernel_layout(grad_out)
     elif grad_out.stride(-1) != 1:  # e.g. the stride-0 gradient of out.sum()
         grad_out = grad_out.contiguous()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validation
-from ._autograd import attention, lse_of, plain
+from ._autograd import attention, kernel_layout, lse_of, plain
 
 # Up to this many queries per sequence, an inference call (no gradient) runs the split-KV decode kernel
 # (kernels/decode.py), which spreads the keys over the SMs; longer ones, and calls that need gradients,
@@ -81,18 +81,6 @@ def dense_attention(q, k, v, causal, softmax_scale, window_size, return_lse, bac
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
-
-
-ROW_SPAN_LIMIT = 2**31  # elements a (batch, head)'s rows may span: the kernels' row offsets are int32
-
-
-def kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """A BHSD tensor as the kernels take it: as it is, or copied (contiguous) where its last dimension is
-    not contiguous or one (batch, head)'s rows span ROW_SPAN_LIMIT elements or more (a long BSHD sequence
-    with many heads: the row offsets would overflow; contiguous, a row is head_dim elements)."""
-    if t.stride(-1) == 1 and t.shape[2] * t.stride(2) < ROW_SPAN_LIMIT:
-        return t
-    return t.contiguous()
 
 
 def flash_attention_varlen(

@@ -370,7 +370,7 @@ def test_rows_spanning_past_int32_are_copied(backend: str, device: str, monkeypa
     """A (batch, head) whose rows span 2^31 elements or more (a long BSHD sequence with many heads) reaches
     the kernels copied contiguous, since their row offsets are int32; the gradient of out too. Here the
     limit is lowered to 200 elements: bshd rows of 4 heads x 16 span 64 x 13 = 832."""
-    from flashattention import api
+    from flashattention import _autograd, api
 
     q, k, v, dout = (
         t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_inputs(2, 4, 2, 13, 13, 16, F32, device)
@@ -380,7 +380,7 @@ def test_rows_spanning_past_int32_are_copied(backend: str, device: str, monkeypa
     expected_grads = torch.autograd.grad(expected, leaves, dout)
     seen = []
     real = api.attention
-    monkeypatch.setattr(api, "ROW_SPAN_LIMIT", 200)
+    monkeypatch.setattr(_autograd, "ROW_SPAN_LIMIT", 200)
     monkeypatch.setattr(api, "attention", lambda *a, **kw: seen.append(a[:3]) or real(*a, **kw))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = flash_attention(*leaves, causal=True, backend=backend)
