@@ -131,10 +131,10 @@ def forward_stats(
         return out, lse2
     if k.shape[0 if varlen else 2] == 0:  # no keys: every row is empty (-inf is the same in both units)
         return out.zero_(), lse2.fill_(-math.inf)
-    varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                       max_seqlen_k=max_seqlen_k)  # fmt: skip
     parts = grid_parts(q, cu_seqlens_q, cu_seqlens_k)
     if parts is not None:  # more (batch, head) programs than a grid's second axis takes: one call a part
+        varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                           max_seqlen_k=max_seqlen_k)  # fmt: skip
         for rows, part in parts:
             q_, k_, v_, part_args = _part_inputs(rows, part, (q, k, v), varlen_args)
             out_, lse2_ = forward_stats(q_, k_, v_, softmax_scale=softmax_scale, left=left, right=right,
@@ -197,10 +197,12 @@ def attention_backward(
     dv = dev.empty(v.shape, v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:  # nothing flows: zero grads
         return dq.zero_(), dk.zero_(), dv.zero_()
-    parts = grid_parts(q, cu_seqlens_q, cu_seqlens_k)
-    if parts is not None:  # as forward_stats: one call a part of the batch (or of the sequences)
+    varlen_args = {}
+    if varlen:
         varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                            max_seqlen_k=max_seqlen_k)  # fmt: skip
+    parts = grid_parts(q, cu_seqlens_q, cu_seqlens_k)
+    if parts is not None:  # as forward_stats: one call a part of the batch (or of the sequences)
         for (q_rows, k_rows), part in parts:
             q_, k_, v_, part_args = _part_inputs((q_rows, k_rows), part, (q, k, v), varlen_args)
             lse2_ = lse2[:, q_rows].contiguous() if varlen else lse2[q_rows]
@@ -213,11 +215,8 @@ def attention_backward(
         return dq, dk, dv
     delta = torch.empty(lse2.shape, dtype=torch.float32, device=q.device)
     tensors = dict(O=out, DO=dout, DELTA=delta, Q=q, K=k, V=v, LSE2=lse2, DQ=dq, DK=dk, DV=dv)
-    varlen_args = {}
     if varlen:
         tensors.update(CU_SEQLENS_Q=cu_seqlens_q, CU_SEQLENS_K=cu_seqlens_k)
-        varlen_args = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                           max_seqlen_k=max_seqlen_k)  # fmt: skip
     kind = ("bwd_varlen", max_seqlen_q, max_seqlen_k) if varlen else "bwd"
     key = call_key(kind, tuple(tensors.values()), softmax_scale, left, right, q.dtype)
     # FUSED_DQ's zeroed accumulator (and turn counters), for its launch or a replay of it
