@@ -7,8 +7,8 @@ backward 2.5x), so padding shows up as lost speed. Outputs and gradients are com
 `equal`: ours dense on a batch of as many sequences of one length doing the same work: the root mean square
 of the lengths (the same sum of L^2), rounded to a multiple of 128 on the GPU (whole tiles, as the lengths
 of a tuned batch are). It is what varlen is measured against (varlen/equal, issue 15's 10% bound): the same
-FLOPs at one length, so the ratio is also the time ratio. (The mean length, used before, gave the equal
-batch up to 22% less work and lengths off the tiles, where the dense kernel runs ~15% slower.)
+FLOPs at one length, so the ratio is also the time ratio (the mean length, used before, gave the equal batch
+less work, off the tiles: benchmarks/NOTES.md).
 The timed varlen calls reuse one cu_seqlens tensor, whose host read is kept: a training step with new
 offsets pays that read (one sync, shared by the step's layers) once.
 

@@ -60,7 +60,7 @@ def _warn_missing() -> None:
     """On a Hopper GPU whose Triton lacks Gluon's API: warn once that the slower Triton kernels run."""
     warnings.warn(
         f"flashattention: this Triton ({triton.__version__}) lacks Gluon's Hopper API ({missing()}), so the "
-        "Triton kernels run instead of the Gluon ones (the forward ~15-25% slower on Hopper). Install "
+        "Triton kernels run instead of the Gluon ones (slower on Hopper: benchmarks/NOTES.md). Install "
         "triton 3.6 for them.",
         stacklevel=7,
     )
